@@ -1,0 +1,232 @@
+"""Capture: an ``nn.Module`` denoiser -> one aten-level ``torch.fx`` graph + its signature.
+
+The model is wrapped so that its inputs become ``(latent, timestep, *conditions)`` in
+that canonical order and its output (tensor, tuple, dict or dataclass) becomes one
+tensor, then exported with ``torch.export.export(strict=False)`` with a dynamic batch
+dimension. The result is a plain ``GraphModule`` (no pytree codegen) whose
+placeholders are named after the model's own arguments and whose nodes keep
+``nn_module_stack`` metadata for block and layer discovery.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import traceback
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import fx
+
+LATENT_NAMES = ("hidden_states", "sample", "x", "x_t", "latent", "latents")
+TIMESTEP_NAMES = ("timestep", "timesteps", "t")
+WRAPPED_MODEL_ATTRIBUTE = "model"
+
+
+class CaptureError(RuntimeError):
+    """The model could not be captured; the message says where and what to do."""
+
+
+@dataclass(frozen=True)
+class Signature:
+    """Which model input is which: ``step(latent, timestep, *conditions)``."""
+
+    latent: str
+    timestep: str
+    conditions: tuple[str, ...] = ()
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return (self.latent, self.timestep, *self.conditions)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Signature":
+        return cls(data["latent"], data["timestep"], tuple(data["conditions"]))
+
+
+@dataclass
+class CapturedGraph:
+    """A captured denoiser: ``module(latent, timestep, *conditions) -> (out,)``."""
+
+    module: fx.GraphModule
+    signature: Signature
+    model_class: str
+
+
+def first_tensor_output(output: Any) -> torch.Tensor:
+    """Normalise a denoiser's output (tensor, tuple, dict, ModelOutput, dataclass) to a tensor."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, Mapping):
+        if "sample" in output:
+            return first_tensor_output(output["sample"])
+        return first_tensor_output(next(iter(output.values())))
+    if dataclasses.is_dataclass(output):
+        return first_tensor_output(getattr(output, dataclasses.fields(output)[0].name))
+    if isinstance(output, (tuple, list)) and output:
+        return first_tensor_output(output[0])
+    raise CaptureError(f"expected the denoiser to return a tensor (or a tuple/dict/dataclass holding one), "
+                       f"found {type(output).__name__}")
+
+
+class CanonicalDenoiser(torch.nn.Module):
+    """``forward(latent, timestep, *conditions) -> tensor`` around any denoiser."""
+
+    def __init__(self, model: torch.nn.Module, signature: Signature, static_kwargs: Mapping[str, Any]):
+        super().__init__()
+        setattr(self, WRAPPED_MODEL_ATTRIBUTE, model)
+        self.signature = signature
+        self.static_kwargs = dict(static_kwargs)
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        kwargs = dict(zip(self.signature.input_names, inputs))
+        model = getattr(self, WRAPPED_MODEL_ATTRIBUTE)
+        return first_tensor_output(model(**kwargs, **self.static_kwargs))
+
+
+def _bind_example_inputs(model: torch.nn.Module, example_inputs: Sequence[Any] | Mapping[str, Any]) -> dict[str, Any]:
+    parameters = inspect.signature(model.forward).parameters
+    if isinstance(example_inputs, Mapping):
+        bound = dict(example_inputs)
+    else:
+        names = [n for n, p in parameters.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        if len(example_inputs) > len(names):
+            raise CaptureError(f"{type(model).__name__}.forward takes {len(names)} positional inputs "
+                               f"{names}, but {len(example_inputs)} example inputs were given")
+        bound = dict(zip(names, example_inputs))
+    if "return_dict" in parameters and "return_dict" not in bound:
+        bound["return_dict"] = False
+    return bound
+
+
+def infer_signature(bound: Mapping[str, Any], latent: str | None = None, timestep: str | None = None) -> Signature:
+    """Pick the latent and timestep inputs by name; every other tensor input is a condition."""
+    tensor_names = [n for n, v in bound.items() if isinstance(v, torch.Tensor)]
+
+    def pick(explicit: str | None, candidates: tuple[str, ...], role: str) -> str:
+        if explicit is not None:
+            if explicit not in tensor_names:
+                raise CaptureError(f"{role} input {explicit!r} is not among the tensor inputs {tensor_names}")
+            return explicit
+        for name in candidates:
+            if name in tensor_names:
+                return name
+        raise CaptureError(f"could not tell which input is the {role}: tensor inputs are {tensor_names}; "
+                           f"pass {role}=<name> to capture()")
+
+    latent_name = pick(latent, LATENT_NAMES, "latent")
+    timestep_name = pick(timestep, TIMESTEP_NAMES, "timestep")
+    conditions = tuple(n for n in tensor_names if n not in (latent_name, timestep_name))
+    return Signature(latent_name, timestep_name, conditions)
+
+
+def _failure_location(error: BaseException) -> str:
+    """The innermost traceback frame outside torch: where the model's code made export fail."""
+    frames = [f for f in traceback.extract_tb(error.__traceback__)
+              if "/torch/" not in f.filename and not f.filename.endswith("diffopt/capture.py")]
+    if not frames:
+        return "inside torch.export"
+    frame = frames[-1]
+    return f"{frame.filename}:{frame.lineno} ({frame.name}: {frame.line})"
+
+
+def _plain_graph_module(exported: torch.export.ExportedProgram, signature: Signature) -> fx.GraphModule:
+    """Unlift an ExportedProgram into a GraphModule with plain positional placeholders and a tuple output."""
+    unlifted = exported.module()
+    graph = fx.Graph()
+    value_map: dict[fx.Node, fx.Node] = {}
+    old_placeholders = [n for n in unlifted.graph.nodes if n.op == "placeholder"]
+    for old, name in zip(old_placeholders, signature.input_names, strict=True):
+        new = graph.placeholder(name)
+        new.meta = dict(old.meta)
+        value_map[old] = new
+    outputs = graph.graph_copy(unlifted.graph, value_map)
+    outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+    graph.output(tuple(outputs))
+    for node in list(graph.nodes):  # export's input-guard check; diffopt validates inputs itself
+        if node.op == "call_module" and node.target == "_guards_fn":
+            graph.erase_node(node)
+    module = fx.GraphModule(unlifted, graph)
+    module.graph.eliminate_dead_code()
+    module.recompile()
+    return module
+
+
+def _batch_range(exported: torch.export.ExportedProgram, latent: torch.Tensor) -> tuple[int, float] | None:
+    """The batch sizes export's guards admit, or None when the batch was specialised to a constant."""
+    placeholder = next(n for n in exported.graph.nodes if n.op == "placeholder" and n.name.startswith("inputs"))
+    size = placeholder.meta["val"].shape[0]
+    if not isinstance(size, torch.SymInt):
+        return None
+    bounds = exported.range_constraints[size.node.expr]
+    return int(bounds.lower), float(bounds.upper)
+
+
+def _check_batch_generalises(exported, wrapper: torch.nn.Module, module: fx.GraphModule,
+                             inputs: Sequence[torch.Tensor]) -> None:
+    """Make sure the graph is right for every batch size, not just the guarded range.
+
+    Export records guards such as ``batch <= 63`` when model code branches on the batch
+    size (diffusers' Upsample2D calls ``.contiguous()`` from batch 64 on). diffopt runs
+    graphs without those guards, so the graph is checked against the eager model at
+    batch 1 and just past the guarded range; a mismatch means the branch changes the
+    result, and capture refuses rather than silently computing something else.
+    """
+    bounds = _batch_range(exported, inputs[0])
+    if bounds is None:
+        raise CaptureError(f"the batch size of {type(wrapper.model).__name__} was specialised to a constant during "
+                           f"export (the model uses it as a Python int somewhere). Capture with "
+                           f"dynamic_batch=False, or make that code use tensor shapes.")
+    lower, upper = bounds
+    probes = {1} | ({int(upper) + 1} if upper != float("inf") else set())
+    batch = inputs[0].shape[0]
+    for probe in sorted(probes):
+        repeated = [v[torch.arange(probe) % batch] if v.dim() > 0 and v.shape[0] == batch else v for v in inputs]
+        with torch.no_grad():
+            expected, got = wrapper(*repeated), module(*repeated)[0]
+        if not torch.allclose(got, expected, rtol=1e-4, atol=1e-5):
+            raise CaptureError(f"{type(wrapper.model).__name__} computes differently at batch size {probe}: export "
+                               f"guarded the batch to [{lower}, {upper}] and the graph does not generalise. Capture "
+                               f"with dynamic_batch=False at the batch size you will run.")
+
+
+def capture(model: torch.nn.Module, example_inputs: Sequence[Any] | Mapping[str, Any], *,
+            latent: str | None = None, timestep: str | None = None, dynamic_batch: bool = True) -> CapturedGraph:
+    """Capture ``model`` as an aten-level graph ``(latent, timestep, *conditions) -> (out,)``.
+
+    ``example_inputs`` are positional (in ``model.forward`` order) or a dict of keyword
+    inputs. Tensor inputs become graph inputs; everything else (``None``, flags, dicts
+    of options) is baked in as a constant. Dict/dataclass outputs become one tensor.
+    With ``dynamic_batch`` the graph accepts any batch size.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise CaptureError(f"expected an nn.Module denoiser, found {type(model).__name__}")
+    bound = _bind_example_inputs(model, example_inputs)
+    signature = infer_signature(bound, latent, timestep)
+    inputs = [bound[n] for n in signature.input_names]
+    batch = inputs[0].shape[0]
+    if inputs[1].dim() == 0:
+        inputs[1] = inputs[1].expand(batch).contiguous()
+    static = {n: v for n, v in bound.items() if n not in signature.input_names}
+    wrapper = CanonicalDenoiser(model, signature, static).eval()
+    dynamic_shapes = None
+    if dynamic_batch:
+        # one entry: the wrapper's ``*inputs`` varargs, itself a tuple of per-input specs
+        auto = torch.export.Dim.AUTO
+        dynamic_shapes = (tuple({0: auto} if v.dim() > 0 and v.shape[0] == batch else None for v in inputs),)
+    try:
+        with torch.no_grad():
+            exported = torch.export.export(wrapper, tuple(inputs), dynamic_shapes=dynamic_shapes, strict=False)
+    except Exception as error:  # torch.export raises many exception types; all mean "not capturable"
+        summary = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CaptureError(f"could not capture {type(model).__module__}.{type(model).__name__}: torch.export failed "
+                           f"at {_failure_location(error)}: {type(error).__name__}: {summary}. What you can do: "
+                           f"make that code traceable (no data-dependent Python control flow on tensor values), "
+                           f"or pass the offending option as a constant.") from error
+    module = _plain_graph_module(exported, signature)
+    if dynamic_batch:
+        _check_batch_generalises(exported, wrapper, module, inputs)
+    return CapturedGraph(module, signature, f"{type(model).__module__}.{type(model).__name__}")

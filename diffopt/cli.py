@@ -1,0 +1,117 @@
+"""The ``diffopt`` command line: ``info`` (what a captured graph holds) and ``demo``."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Callable, Sequence
+
+import torch
+
+from diffopt.analysis import summarize
+from diffopt.capture import capture
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _load_model(name: str, require_weights: bool) -> tuple[torch.nn.Module, tuple, dict]:
+    """(model, example inputs, scheduler config) for a reference model or ``simple-dit``."""
+    from diffopt.models import zoo
+    from diffopt.models.simple_dit import SimpleDiT
+
+    if name == "simple-dit":
+        x, t, y = zoo.example_inputs("dit-digits")
+        return SimpleDiT().eval(), (x, t, y), {"kind": "ddpm", "beta_schedule": "squaredcos_cap_v2"}
+    spec = zoo.get_spec(name)
+    if zoo.weights_path(name).exists():
+        model, scheduler_config = zoo.load(name)
+    elif require_weights:
+        raise SystemExit(f"error: the weights of {name!r} are missing ({zoo.weights_path(name)}); "
+                         f"train them with `python scripts/train_reference.py {name}`")
+    else:
+        model, scheduler_config = zoo.build_architecture(spec).eval(), dict(spec.scheduler)
+    return model, zoo.example_inputs(name), scheduler_config
+
+
+def command_info(args: argparse.Namespace) -> None:
+    model, inputs, _ = _load_model(args.model, require_weights=False)
+    captured = capture(model, inputs)
+    summary = summarize(captured.module, tuple(v[:1] for v in inputs))
+    print(f"model      {captured.model_class}")
+    print(f"signature  latent={captured.signature.latent} timestep={captured.signature.timestep} "
+          f"conditions={list(captured.signature.conditions)}")
+    print(f"MACs/call  {summary.total_macs / 1e6:.2f} M (batch 1)")
+    linear_macs = sum(layer.macs for layer in summary.linear_layers)
+    print(f"linear     {len(summary.linear_layers)} layers, {linear_macs / 1e6:.2f} M MACs "
+          f"({100 * linear_macs / max(summary.total_macs, 1):.1f}% of all)")
+    print("blocks     " + ("; ".join(f"{c}: {len(b)}" for c, b in summary.blocks.items()) or "none found"))
+    print("\nops (top 15):")
+    print(format_table(["op", "count"], summary.op_counts.most_common(15)))
+    if args.layers:
+        print("\nlinear layers:")
+        rows = [(layer.module, layer.op, "x".join(map(str, layer.weight_shape)), f"{layer.macs / 1e3:.1f}")
+                for layer in summary.linear_layers]
+        print(format_table(["module", "op", "weight", "kMACs"], rows))
+
+
+def _timed(run: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float]:
+    started = time.perf_counter()
+    result = run()
+    return result, time.perf_counter() - started
+
+
+def command_demo(args: argparse.Namespace) -> None:
+    from diffopt.metrics.fidelity import psnr, relative_l2
+    from diffopt.models.zoo import NULL_CLASS
+    from diffopt.optimize import optimize
+    from diffopt.runtime.sampler import Sampler
+    from diffopt.runtime.schedulers import make_scheduler
+
+    torch.manual_seed(0)
+    model, inputs, scheduler_config = _load_model(args.model, require_weights=True)
+    captured = capture(model, inputs)
+    configurations = {"diffopt identity program": []}
+    labels = torch.arange(args.samples) % 10
+    shape = (args.samples, *inputs[0].shape[1:])
+    macs = summarize(captured.module, tuple(v[:1] for v in inputs)).total_macs
+    sampler = Sampler(make_scheduler(scheduler_config, num_steps=args.steps), progress=True,
+                      guidance_scale=args.guidance, null_conditions=(torch.tensor(NULL_CLASS),))
+    print(f"{args.model}: {args.samples} samples, {args.steps} steps, guidance {args.guidance}")
+    baseline, baseline_time = _timed(lambda: sampler.sample(model, (labels,), shape=shape, seed=args.seed))
+    rows = [("baseline (eager model)", f"{macs * args.steps * args.samples / 1e9:.2f}", f"{baseline_time:.2f}",
+             "1.00x", "inf", "0")]
+    for name, passes in configurations.items():
+        optimized = optimize(captured, passes)
+        samples, seconds = _timed(lambda: sampler.sample(optimized, (labels,), shape=shape, seed=args.seed))
+        rows.append((name, f"{macs * args.steps * args.samples / 1e9:.2f}", f"{seconds:.2f}",
+                     f"{baseline_time / seconds:.2f}x", f"{psnr(samples, baseline):.1f}",
+                     f"{relative_l2(samples, baseline):.1e}"))
+    print(format_table(["method", "GMACs/run", "wall s", "speed-up", "PSNR dB vs baseline", "rel-L2"], rows))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="diffopt", description="graph compiler for diffusion denoisers")
+    commands = parser.add_subparsers(dest="command", required=True)
+    info = commands.add_parser("info", help="summarise a captured denoiser graph")
+    info.add_argument("model", help="reference model name (dit-digits, unet-digits, dit-digits-flow) or simple-dit")
+    info.add_argument("--layers", action="store_true", help="list every linear layer")
+    info.set_defaults(run=command_info)
+    demo = commands.add_parser("demo", help="optimize a shipped denoiser, sample, compare before/after")
+    demo.add_argument("--model", default="dit-digits")
+    demo.add_argument("--steps", type=int, default=50)
+    demo.add_argument("--samples", type=int, default=20)
+    demo.add_argument("--guidance", type=float, default=1.0)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(run=command_demo)
+    args = parser.parse_args(argv)
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

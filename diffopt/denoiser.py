@@ -1,0 +1,86 @@
+"""``OptimizedDenoiser``: a step program on a backend, usable like the original model.
+
+Functional use (what the ``Sampler`` does)::
+
+    state = denoiser.init_state(batch_size)
+    out, state = denoiser.step(k, x, t, *conditions, state=state)
+
+Eager use: ``denoiser(x, t, *conditions)`` keeps the state itself. It starts a fresh
+run (zero state, step 0) on the first call, after ``reset()``, whenever the batch
+size changes, and when the timestep does not decrease from the previous call (every
+sampler walks from noise to data, so a timestep that does not go down means a new run).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from diffopt.program import StateError, StepProgram
+from diffopt.runtime.backends import Backend, TorchBackend
+
+
+def batched_timestep(t: torch.Tensor | float | int, batch_size: int, device: torch.device) -> torch.Tensor:
+    """A timestep as a (batch,) tensor: scalars and 0-d tensors are broadcast."""
+    t = torch.as_tensor(t, device=device)
+    if t.dim() == 0:
+        return t.expand(batch_size).contiguous()
+    if t.shape != (batch_size,):
+        raise ValueError(f"expected a scalar timestep or one of shape ({batch_size},), found {tuple(t.shape)}")
+    return t
+
+
+class OptimizedDenoiser:
+    """Runs ``program`` on ``backend`` (torch by default)."""
+
+    def __init__(self, program: StepProgram, backend: Backend | None = None):
+        self.program = program
+        self.backend = backend if backend is not None else TorchBackend(program)
+        self.reset()
+
+    @property
+    def is_stateful(self) -> bool:
+        return len(self.program.state) > 0
+
+    def reset(self) -> None:
+        """Forget the eager-mode state: the next call starts a new sampling run."""
+        self._state: tuple[torch.Tensor, ...] | None = None
+        self._step_index = 0
+        self._last_timestep: float | None = None
+
+    def init_state(self, batch_size: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
+        return self.program.state.allocate(batch_size, device)
+
+    def variant_at(self, step_index: int) -> str:
+        return self.program.schedule.variant_at(step_index)
+
+    def step(self, step_index: int, x: torch.Tensor, t: torch.Tensor | float, *conditions: torch.Tensor,
+             state: Sequence[torch.Tensor] = ()) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """Run step ``step_index``: ``(out, new_state)``; ``state`` must match the batch."""
+        if len(conditions) != len(self.program.signature.conditions):
+            raise ValueError(f"expected conditions {list(self.program.signature.conditions)}, "
+                             f"found {len(conditions)} condition tensors")
+        batch_size = x.shape[0]
+        self.program.state.check(state, batch_size)
+        t = batched_timestep(t, batch_size, x.device)
+        outputs = self.backend.run(self.variant_at(step_index), (x, t, *conditions, *state))
+        return outputs[0], tuple(outputs[1:])
+
+    def _starts_new_run(self, x: torch.Tensor, t: torch.Tensor) -> bool:
+        if self._state is None:
+            return True
+        try:
+            self.program.state.check(self._state, x.shape[0])
+        except StateError:
+            return True  # batch size (or composition) changed: never reuse stale state
+        return self._last_timestep is not None and float(t.max()) >= self._last_timestep
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor | float, *conditions: torch.Tensor) -> torch.Tensor:
+        t = batched_timestep(t, x.shape[0], x.device)
+        if self._starts_new_run(x, t):
+            self._state = self.init_state(x.shape[0], x.device)
+            self._step_index = 0
+        out, self._state = self.step(self._step_index, x, t, *conditions, state=self._state)
+        self._step_index += 1
+        self._last_timestep = float(t.max())
+        return out

@@ -1,0 +1,125 @@
+"""The reference denoisers: their architectures, training recipes and loading.
+
+Each entry names a diffusers architecture, its config, the scheduler it was trained
+with and how it is conditioned. Weights are trained by ``scripts/train_reference.py``
+and shipped in ``diffopt/models/weights`` as safetensors; loading never touches the
+network.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffopt.data import IMAGE_SIZE, NUM_CLASSES
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+NULL_CLASS = NUM_CLASSES  # index of the "no label" embedding used by classifier-free guidance
+
+
+@dataclass(frozen=True)
+class ReferenceModelSpec:
+    name: str
+    architecture: str  # "dit" or "unet"
+    objective: str  # "epsilon" (DDPM, 1000 steps) or "flow" (velocity, x_t = (1-t) x0 + t noise)
+    config: dict[str, Any]
+    scheduler: dict[str, Any]
+    training: dict[str, Any] = field(default_factory=dict)
+
+
+_DIT_CONFIG = dict(
+    num_attention_heads=4,
+    attention_head_dim=32,  # hidden 128
+    in_channels=1,
+    out_channels=1,
+    num_layers=6,
+    sample_size=IMAGE_SIZE,
+    patch_size=2,  # 64 tokens
+    num_embeds_ada_norm=NUM_CLASSES,  # +1 null class for guidance
+    norm_type="ada_norm_zero",
+)
+_UNET_CONFIG = dict(
+    sample_size=IMAGE_SIZE,
+    in_channels=1,
+    out_channels=1,
+    block_out_channels=(32, 64, 64),
+    down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    layers_per_block=1,
+    norm_num_groups=8,
+    attention_head_dim=16,
+    num_class_embeds=NUM_CLASSES + 1,  # +1 null class for guidance
+)
+_DDPM_COSINE = dict(kind="ddpm", num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
+                    prediction_type="epsilon")
+_FLOW = dict(kind="flow", timestep_scale=1000.0, prediction_type="velocity")
+_RECIPE = dict(steps=1500, batch_size=128, lr=1e-3, ema_decay=0.998, label_dropout=0.1, seed=0)
+
+REFERENCE_MODELS: dict[str, ReferenceModelSpec] = {
+    spec.name: spec
+    for spec in (
+        ReferenceModelSpec("dit-digits", "dit", "epsilon", _DIT_CONFIG, _DDPM_COSINE, _RECIPE),
+        ReferenceModelSpec("unet-digits", "unet", "epsilon", _UNET_CONFIG, _DDPM_COSINE, _RECIPE),
+        ReferenceModelSpec("dit-digits-flow", "dit", "flow", _DIT_CONFIG, _FLOW, _RECIPE),
+    )
+}
+
+
+def build_architecture(spec: ReferenceModelSpec) -> torch.nn.Module:
+    """A randomly initialised model of the spec's architecture."""
+    from diffusers import DiTTransformer2DModel, UNet2DModel
+
+    if spec.architecture == "dit":
+        return DiTTransformer2DModel(**spec.config)
+    if spec.architecture == "unet":
+        return UNet2DModel(**spec.config)
+    raise ValueError(f"unknown architecture {spec.architecture!r} in reference model {spec.name!r}")
+
+
+def weights_path(name: str) -> Path:
+    return WEIGHTS_DIR / f"{name}.safetensors"
+
+
+def get_spec(name: str) -> ReferenceModelSpec:
+    if name not in REFERENCE_MODELS:
+        raise KeyError(f"unknown reference model {name!r}: available are {sorted(REFERENCE_MODELS)}")
+    return REFERENCE_MODELS[name]
+
+
+def load(name: str) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Load a shipped reference model (eval mode, float32) and its scheduler config."""
+    from safetensors.torch import load_file
+
+    spec = get_spec(name)
+    path = weights_path(name)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"weights for {name!r} are not in {path}. Train them with "
+            f"`python scripts/train_reference.py {name}` (they ship with the repository)."
+        )
+    model = build_architecture(spec)
+    model.load_state_dict(load_file(str(path)))
+    model.eval()
+    return model, dict(spec.scheduler)
+
+
+def describe(name: str) -> str:
+    spec = get_spec(name)
+    return json.dumps({"name": spec.name, "architecture": spec.architecture, "objective": spec.objective,
+                       "config": spec.config, "scheduler": spec.scheduler}, indent=2, default=list)
+
+
+def example_inputs(name: str, batch_size: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(latent, timestep, class labels) shaped and typed as the reference model expects."""
+    spec = get_spec(name)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(batch_size, 1, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
+    if spec.objective == "flow":
+        t = torch.rand(batch_size, generator=generator) * spec.scheduler["timestep_scale"]
+    else:
+        t = torch.randint(0, spec.scheduler["num_train_timesteps"], (batch_size,), generator=generator)
+    labels = torch.randint(0, NUM_CLASSES, (batch_size,), generator=generator)
+    return x, t, labels

@@ -1,0 +1,40 @@
+"""``optimize``: model or captured graph -> passes -> ``OptimizedDenoiser``."""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from diffopt.capture import CapturedGraph, capture
+from diffopt.denoiser import OptimizedDenoiser
+from diffopt.passes.base import GraphPass, PassContext, Pipeline
+from diffopt.policy import LayerPolicy
+from diffopt.program import StepProgram
+
+
+def optimize(model_or_graph: torch.nn.Module | CapturedGraph | StepProgram, passes: Sequence[GraphPass] = (), *,
+             example_inputs: Sequence[Any] | Mapping[str, Any] | None = None, calibration: Any = None,
+             policy: LayerPolicy | None = None) -> OptimizedDenoiser:
+    """Capture (if given a module), run ``passes`` in a verifying ``Pipeline``, wrap the result.
+
+    The input is never modified: passes work on a copy of the graphs (weights are shared).
+    ``optimized.pass_records`` lists each pass and whether it changed the program.
+    """
+    if isinstance(model_or_graph, StepProgram):
+        program = model_or_graph.copy()
+    elif isinstance(model_or_graph, CapturedGraph):
+        program = StepProgram.from_captured(model_or_graph)
+    elif isinstance(model_or_graph, torch.nn.Module):
+        if example_inputs is None:
+            raise ValueError(f"optimize() needs example_inputs to capture {type(model_or_graph).__name__}; or pass "
+                             f"diffopt.capture(model, example_inputs) instead of the model")
+        program = StepProgram.from_captured(capture(model_or_graph, example_inputs))
+    else:
+        raise TypeError(f"optimize() expects an nn.Module, a CapturedGraph or a StepProgram, "
+                        f"found {type(model_or_graph).__name__}")
+    context = PassContext(calibration=calibration, policy=policy or LayerPolicy(),
+                          example_inputs=tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else None)
+    program, records = Pipeline(passes).run(program, context)
+    denoiser = OptimizedDenoiser(program)
+    denoiser.pass_records = records
+    return denoiser

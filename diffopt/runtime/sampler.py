@@ -1,0 +1,112 @@
+"""``Sampler``: drives a denoiser through one sampling run.
+
+Works with an ``OptimizedDenoiser`` (functional step program: fresh state per run,
+variant per step from the schedule, state fed back each step) or a plain model
+``model(x, t, *conditions)``. Optional classifier-free guidance runs the conditional
+and unconditional halves as one batch: ``out = u + scale * (c - u)``. A seed makes a
+run reproducible: the initial noise and every stochastic step draw from one generator.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from tqdm import tqdm
+
+from diffopt.capture import first_tensor_output
+from diffopt.denoiser import OptimizedDenoiser
+from diffopt.runtime.schedulers import Scheduler
+
+
+@dataclass
+class SamplingStats:
+    num_steps: int = 0
+    model_calls: int = 0
+    wall_time_s: float = 0.0
+    variants: list[str] = field(default_factory=list)
+
+
+class _PlainModelRunner:
+    def __init__(self, model: Callable):
+        self.model = model
+
+    def start(self, batch_size: int, device: torch.device) -> None:
+        pass
+
+    def __call__(self, step_index, x, t, conditions) -> tuple[torch.Tensor, str]:
+        with torch.no_grad():
+            return first_tensor_output(self.model(x, t, *conditions)), "model"
+
+
+class _StepProgramRunner:
+    def __init__(self, denoiser: OptimizedDenoiser):
+        self.denoiser = denoiser
+        self.state: tuple[torch.Tensor, ...] = ()
+
+    def start(self, batch_size: int, device: torch.device) -> None:
+        self.state = self.denoiser.init_state(batch_size, device)
+
+    def __call__(self, step_index, x, t, conditions) -> tuple[torch.Tensor, str]:
+        out, self.state = self.denoiser.step(step_index, x, t, *conditions, state=self.state)
+        return out, self.denoiser.variant_at(step_index)
+
+
+class Sampler:
+    """One sampling loop over any scheduler and any denoiser (optimized or plain)."""
+
+    def __init__(self, scheduler: Scheduler, *, guidance_scale: float = 1.0,
+                 null_conditions: Sequence[torch.Tensor] | None = None, progress: bool = True):
+        if guidance_scale != 1.0 and null_conditions is None:
+            raise ValueError("classifier-free guidance (guidance_scale != 1) needs null_conditions: the "
+                             "'no condition' value of each condition, e.g. (torch.tensor(10),) for a null class")
+        self.scheduler = scheduler
+        self.guidance_scale = guidance_scale
+        self.null_conditions = tuple(null_conditions) if null_conditions is not None else None
+        self.progress = progress
+        self.last_stats = SamplingStats()
+
+    def _model_inputs(self, x, t, conditions):
+        if self.guidance_scale == 1.0:
+            return x, t, conditions
+        if len(self.null_conditions) != len(conditions):
+            raise ValueError(f"expected {len(conditions)} null conditions, found {len(self.null_conditions)}")
+        nulls = [n.to(c.device, c.dtype).expand_as(c) for n, c in zip(self.null_conditions, conditions)]
+        doubled = tuple(torch.cat([c, n]) for c, n in zip(conditions, nulls))
+        return torch.cat([x, x]), torch.cat([t, t]), doubled
+
+    def _combine(self, out: torch.Tensor) -> torch.Tensor:
+        if self.guidance_scale == 1.0:
+            return out
+        conditional, unconditional = out.chunk(2)
+        return unconditional + self.guidance_scale * (conditional - unconditional)
+
+    def sample(self, denoiser: OptimizedDenoiser | Callable, conditions: Sequence[torch.Tensor] = (), *,
+               shape: Sequence[int] | None = None, noise: torch.Tensor | None = None,
+               seed: int = 0) -> torch.Tensor:
+        """Run all steps from ``noise`` (or seeded noise of ``shape``); return the final sample."""
+        if (shape is None) == (noise is None):
+            raise ValueError("pass exactly one of shape= (noise is drawn from the seed) or noise=")
+        generator = torch.Generator().manual_seed(seed)
+        x = torch.randn(tuple(shape), generator=generator) if noise is None else noise.clone()
+        conditions = tuple(conditions)
+        for c in conditions:
+            if c.shape[0] != x.shape[0]:
+                raise ValueError(f"each condition needs one entry per sample: batch {x.shape[0]}, found {c.shape[0]}")
+        runner = _StepProgramRunner(denoiser) if isinstance(denoiser, OptimizedDenoiser) else _PlainModelRunner(denoiser)
+        model_batch = x.shape[0] * (1 if self.guidance_scale == 1.0 else 2)
+        runner.start(model_batch, x.device)
+        stats = SamplingStats(num_steps=self.scheduler.num_steps)
+        started = time.perf_counter()
+        steps = tqdm(range(self.scheduler.num_steps), desc="sampling", disable=not self.progress, leave=False)
+        for k in steps:
+            t = torch.full((x.shape[0],), self.scheduler.timesteps[k].item(), dtype=self.scheduler.timesteps.dtype)
+            model_x, model_t, model_conditions = self._model_inputs(x, t, conditions)
+            out, variant = runner(k, model_x, model_t, model_conditions)
+            x = self.scheduler.step(self._combine(out), k, x, generator)
+            stats.model_calls += 1
+            stats.variants.append(variant)
+        stats.wall_time_s = time.perf_counter() - started
+        self.last_stats = stats
+        return x

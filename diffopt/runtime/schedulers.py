@@ -1,0 +1,143 @@
+"""Sampling schedulers: which timesteps a K-step run visits and how x moves between them.
+
+- ``DDPMScheduler``: ancestral sampling, x_{prev} ~ q(x_prev | x_t, x0_hat) (the DDPM
+  posterior between the two visited timesteps).
+- ``DDIMScheduler``: x_prev = sqrt(a_prev) x0_hat + sqrt(1 - a_prev - s^2) eps_hat + s z,
+  s = eta * sqrt((1 - a_prev)/(1 - a_t) * (1 - a_t/a_prev)); eta=0 is deterministic.
+- ``FlowEulerScheduler``: x_t = (1 - t) x0 + t noise, Euler steps t: 1 -> 0 on a uniform
+  grid with the predicted velocity (noise - x0).
+
+DDPM and DDIM visit K of the T training timesteps with "trailing" spacing
+(t_k = round(T - k T/K) - 1, so the first step is always t = T-1) and end at a_prev = 1.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Protocol
+
+import torch
+
+from diffopt.runtime.noise import make_alphas_cumprod
+
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+
+
+class Scheduler(Protocol):
+    timesteps: torch.Tensor  # the model's timestep input at each step
+    num_steps: int
+
+    def step(self, model_output: torch.Tensor, step_index: int, x: torch.Tensor,
+             generator: torch.Generator | None) -> torch.Tensor:
+        """x at step ``step_index`` -> x at the next step."""
+
+
+def trailing_timesteps(num_train_timesteps: int, num_steps: int) -> torch.Tensor:
+    if not 1 <= num_steps <= num_train_timesteps:
+        raise ValueError(f"num_steps must be in [1, {num_train_timesteps}], found {num_steps}")
+    steps = torch.arange(num_train_timesteps, 0, -num_train_timesteps / num_steps, dtype=torch.float64)
+    return (steps.round() - 1).to(torch.int64)
+
+
+def split_prediction(model_output: torch.Tensor, x: torch.Tensor, alpha_cumprod: float,
+                     prediction_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x0_hat, eps_hat) from a model output of the given prediction type."""
+    a = alpha_cumprod
+    if prediction_type == "epsilon":
+        eps = model_output
+        return (x - (1 - a) ** 0.5 * eps) / a**0.5, eps
+    if prediction_type == "sample":
+        x0 = model_output
+        return x0, (x - a**0.5 * x0) / (1 - a) ** 0.5
+    if prediction_type == "v_prediction":
+        return a**0.5 * x - (1 - a) ** 0.5 * model_output, a**0.5 * model_output + (1 - a) ** 0.5 * x
+    raise ValueError(f"unknown prediction type {prediction_type!r}: expected one of {PREDICTION_TYPES}")
+
+
+class _DiscreteScheduler:
+    def __init__(self, alphas_cumprod: torch.Tensor, num_steps: int, prediction_type: str = "epsilon"):
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"unknown prediction type {prediction_type!r}: expected one of {PREDICTION_TYPES}")
+        self.alphas_cumprod = alphas_cumprod.to(torch.float64)
+        self.num_steps = num_steps
+        self.prediction_type = prediction_type
+        self.timesteps = trailing_timesteps(len(alphas_cumprod), num_steps)
+
+    def alpha_pair(self, step_index: int) -> tuple[float, float]:
+        """(a_t, a_prev): cumulative alphas at this step's timestep and the next one (1.0 at the end)."""
+        a_t = float(self.alphas_cumprod[self.timesteps[step_index]])
+        last = step_index + 1 == self.num_steps
+        a_prev = 1.0 if last else float(self.alphas_cumprod[self.timesteps[step_index + 1]])
+        return a_t, a_prev
+
+
+class DDPMScheduler(_DiscreteScheduler):
+    def step(self, model_output, step_index, x, generator):
+        a_t, a_prev = self.alpha_pair(step_index)
+        x0, _ = split_prediction(model_output, x, a_t, self.prediction_type)
+        beta = 1 - a_t / a_prev
+        mean = (a_prev**0.5 * beta / (1 - a_t)) * x0 + ((1 - beta) ** 0.5 * (1 - a_prev) / (1 - a_t)) * x
+        variance = (1 - a_prev) / (1 - a_t) * beta
+        if variance == 0.0:
+            return mean
+        noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+        return mean + variance**0.5 * noise
+
+
+class DDIMScheduler(_DiscreteScheduler):
+    def __init__(self, alphas_cumprod: torch.Tensor, num_steps: int, eta: float = 0.0,
+                 prediction_type: str = "epsilon"):
+        super().__init__(alphas_cumprod, num_steps, prediction_type)
+        if eta < 0:
+            raise ValueError(f"DDIM eta must be >= 0, found {eta}")
+        self.eta = eta
+
+    def step(self, model_output, step_index, x, generator):
+        a_t, a_prev = self.alpha_pair(step_index)
+        x0, eps = split_prediction(model_output, x, a_t, self.prediction_type)
+        sigma = self.eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
+        x_prev = a_prev**0.5 * x0 + max(1 - a_prev - sigma**2, 0.0) ** 0.5 * eps
+        if sigma == 0.0:
+            return x_prev
+        return x_prev + sigma * torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+
+
+class FlowEulerScheduler:
+    """Euler on the flow-matching ODE; the model sees ``timestep_scale * t``."""
+
+    def __init__(self, num_steps: int, timestep_scale: float = 1000.0):
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, found {num_steps}")
+        self.num_steps = num_steps
+        self.timestep_scale = timestep_scale
+        self.times = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
+        self.timesteps = (self.times[:-1] * timestep_scale).to(torch.float32)
+
+    def step(self, model_output, step_index, x, generator):
+        dt = float(self.times[step_index + 1] - self.times[step_index])
+        return x + dt * model_output
+
+
+SAMPLER_KINDS = ("ddpm", "ddim", "flow-euler")
+
+
+def make_scheduler(config: Mapping[str, Any], kind: str | None = None, num_steps: int = 50,
+                   eta: float = 0.0) -> Scheduler:
+    """A scheduler for a model's scheduler config (as returned by ``diffopt.models.load``).
+
+    Discrete-time models (config ``kind="ddpm"``) sample with ``"ddim"`` (default) or
+    ``"ddpm"``; flow-matching models (``kind="flow"``) with ``"flow-euler"``.
+    """
+    model_kind = config.get("kind", "ddpm")
+    if model_kind == "flow":
+        if kind not in (None, "flow-euler"):
+            raise ValueError(f"a flow-matching model samples with 'flow-euler', not {kind!r}")
+        return FlowEulerScheduler(num_steps, config.get("timestep_scale", 1000.0))
+    if model_kind != "ddpm":
+        raise ValueError(f"unknown scheduler config kind {model_kind!r}: expected 'ddpm' or 'flow'")
+    alphas_cumprod = make_alphas_cumprod(config.get("beta_schedule", "linear"), config.get("num_train_timesteps", 1000))
+    prediction_type = config.get("prediction_type", "epsilon")
+    kind = kind or "ddim"
+    if kind == "ddim":
+        return DDIMScheduler(alphas_cumprod, num_steps, eta, prediction_type)
+    if kind == "ddpm":
+        return DDPMScheduler(alphas_cumprod, num_steps, prediction_type)
+    raise ValueError(f"unknown sampler kind {kind!r} for a DDPM-trained model: expected 'ddim' or 'ddpm'")

@@ -1,0 +1,61 @@
+"""Small random-weight denoisers the tests capture (fast to build, fresh weights each time)."""
+from __future__ import annotations
+
+import torch
+
+from diffopt.models.simple_dit import SimpleDiT
+
+NO_EXTRA_CONDITIONS = {"resolution": None, "aspect_ratio": None}
+
+
+def simple_dit(seed: int = 0):
+    torch.manual_seed(seed)
+    return SimpleDiT(hidden=32, depth=2, heads=2).eval()
+
+
+def diffusers_dit(seed: int = 0):
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(seed)
+    return DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=1,
+                                 num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10).eval()
+
+
+def diffusers_pixart(seed: int = 0):
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(seed)
+    return PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+                                    num_layers=2, cross_attention_dim=16, sample_size=8, patch_size=2,
+                                    caption_channels=32, use_additional_conditions=False,
+                                    norm_type="ada_norm_single").eval()
+
+
+def diffusers_unet(seed: int = 0):
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32),
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                       layers_per_block=1, norm_num_groups=8, attention_head_dim=8, num_class_embeds=11).eval()
+
+
+def inputs_for(kind: str, batch: int, seed: int) -> dict:
+    """Fresh random keyword inputs for one of the models above."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randint(0, 1000, (batch,), generator=g)
+    labels = torch.randint(0, 10, (batch,), generator=g)
+    if kind == "simple_dit":
+        return {"x": torch.randn(batch, 1, 16, 16, generator=g), "t": t, "y": labels}
+    if kind == "diffusers_dit":
+        return {"hidden_states": torch.randn(batch, 1, 8, 8, generator=g), "timestep": t, "class_labels": labels}
+    if kind == "diffusers_pixart":
+        return {"hidden_states": torch.randn(batch, 4, 8, 8, generator=g), "timestep": t,
+                "encoder_hidden_states": torch.randn(batch, 5, 32, generator=g), "added_cond_kwargs": NO_EXTRA_CONDITIONS}
+    if kind == "diffusers_unet":
+        return {"sample": torch.randn(batch, 1, 8, 8, generator=g), "timestep": t, "class_labels": labels}
+    raise ValueError(kind)
+
+
+MODEL_FACTORIES = {"simple_dit": simple_dit, "diffusers_dit": diffusers_dit, "diffusers_pixart": diffusers_pixart,
+                   "diffusers_unet": diffusers_unet}

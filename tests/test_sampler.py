@@ -1,0 +1,145 @@
+"""The sampler + identity program against plain reference loops written independently.
+
+The denoiser is the closed-form Gaussian mixture (16-D, shaped 1x4x4, 4 classes + null),
+captured like any model, so the runs are well conditioned and exactly comparable.
+
+DDPM and DDIM references use diffusers' own schedulers (trailing spacing, no clipping,
+final alpha 1); the flow-matching Euler reference is written out by hand.
+"""
+import pytest
+import torch
+
+from diffopt import Sampler, capture, make_scheduler, optimize
+from diffopt.runtime.noise import make_alphas_cumprod
+from diffopt.models.gaussian_mixture import GaussianMixtureDenoiser
+
+CONFIG = {"kind": "ddpm", "beta_schedule": "squaredcos_cap_v2", "num_train_timesteps": 1000}
+SHAPE = (3, 1, 4, 4)
+NULL_CLASS = 4
+
+
+def mixture(**kwargs):
+    g = torch.Generator().manual_seed(0)
+    return GaussianMixtureDenoiser(torch.randn(4, 16, generator=g), torch.tensor([0.2, 0.5, 0.3, 0.4]),
+                                   torch.ones(4), sample_shape=(1, 4, 4), **kwargs)
+
+
+@pytest.fixture(scope="module")
+def model_and_program():
+    model = mixture()
+    captured = capture(model, (torch.randn(2, 1, 4, 4), torch.tensor([999, 10]), torch.tensor([1, 2])))
+    return model, optimize(captured)
+
+
+def _diffusers_loop(scheduler, model, noise, labels, steps, seed_for_noise):
+    scheduler.set_timesteps(steps)
+    generator = torch.Generator().manual_seed(seed_for_noise)
+    x = noise.clone()
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            eps = model(x, t.expand(x.shape[0]), labels)
+            x = scheduler.step(eps, t, x, generator=generator).prev_sample
+    return x
+
+
+def _seeded_noise(seed):
+    return torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed))
+
+
+# step counts that divide 1000: diffusers' DDIM steps to t - 1000 // K rather than to the
+# next visited timestep, which only agree when K divides the training steps
+@pytest.mark.parametrize("steps", [1, 10, 50])
+def test_ddim_matches_reference_loop(model_and_program, steps):
+    from diffusers import DDIMScheduler
+
+    model, program = model_and_program
+    labels = torch.tensor([0, 3, NULL_CLASS])
+    reference_scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
+                                        clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing")
+    expected = _diffusers_loop(reference_scheduler, model, _seeded_noise(0), labels, steps, seed_for_noise=0)
+    sampler = Sampler(make_scheduler(CONFIG, "ddim", steps), progress=False)
+    for denoiser in (program, model):
+        got = sampler.sample(denoiser, (labels,), shape=SHAPE, seed=0)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("steps", [10, 100])
+def test_ddpm_matches_reference_loop(model_and_program, steps):
+    from diffusers import DDPMScheduler
+
+    model, program = model_and_program
+    labels = torch.tensor([1, 2, NULL_CLASS])
+    reference_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
+                                        clip_sample=False, timestep_spacing="trailing", variance_type="fixed_small")
+    # the sampler draws the initial noise and then each step's noise from one generator
+    generator = torch.Generator().manual_seed(4)
+    noise = torch.randn(SHAPE, generator=generator)
+    reference_scheduler.set_timesteps(steps)
+    x = noise.clone()
+    with torch.no_grad():
+        for t in reference_scheduler.timesteps:
+            x = reference_scheduler.step(model(x, t.expand(3), labels), t, x, generator=generator).prev_sample
+    got = Sampler(make_scheduler(CONFIG, "ddpm", steps), progress=False).sample(program, (labels,), shape=SHAPE, seed=4)
+    torch.testing.assert_close(got, x, rtol=1e-5, atol=1e-5)
+
+
+def test_ddim_with_eta_is_seeded_and_stochastic(model_and_program):
+    _, program = model_and_program
+    labels = torch.tensor([1, 2, 3])
+    sampler = Sampler(make_scheduler(CONFIG, "ddim", 10, eta=1.0), progress=False)
+    a = sampler.sample(program, (labels,), shape=SHAPE, seed=1)
+    b = sampler.sample(program, (labels,), shape=SHAPE, seed=1)
+    c = sampler.sample(program, (labels,), shape=SHAPE, seed=2)
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+
+
+def test_flow_euler_matches_hand_written_loop():
+    model = mixture(parametrization="flow", prediction="velocity")
+    program = optimize(model, example_inputs=(torch.randn(2, 1, 4, 4), torch.tensor([999.0, 10.0]),
+                                              torch.tensor([1, 2])))
+    labels = torch.tensor([0, 2, NULL_CLASS])
+    steps = 12
+    x = _seeded_noise(3)
+    with torch.no_grad():
+        for i in range(steps):
+            t, t_next = 1 - i / steps, 1 - (i + 1) / steps
+            v = model(x, torch.full((3,), t * 1000.0), labels)
+            x = x + (t_next - t) * v
+    sampler = Sampler(make_scheduler({"kind": "flow", "timestep_scale": 1000.0}, num_steps=steps), progress=False)
+    got = sampler.sample(program, (labels,), shape=SHAPE, seed=3)
+    torch.testing.assert_close(got, x, rtol=1e-5, atol=1e-5)
+
+
+def test_classifier_free_guidance_combines_the_two_halves(model_and_program):
+    model, program = model_and_program
+    labels, null, scale, steps = torch.tensor([1, 2, 3]), NULL_CLASS, 3.0, 5
+    scheduler = make_scheduler(CONFIG, "ddim", steps)
+    alphas = make_alphas_cumprod("squaredcos_cap_v2")
+    x = _seeded_noise(7)
+    with torch.no_grad():
+        for k, t in enumerate(scheduler.timesteps):
+            tt = t.expand(3)
+            eps_c, eps_u = model(x, tt, labels), model(x, tt, torch.full((3,), null))
+            eps = eps_u + scale * (eps_c - eps_u)
+            a = alphas[t].item()
+            a_prev = alphas[scheduler.timesteps[k + 1]].item() if k + 1 < steps else 1.0
+            x0 = (x - (1 - a) ** 0.5 * eps) / a**0.5
+            x = a_prev**0.5 * x0 + (1 - a_prev) ** 0.5 * eps
+    sampler = Sampler(scheduler, guidance_scale=scale, null_conditions=(torch.tensor(null),), progress=False)
+    got = sampler.sample(program, (labels,), shape=SHAPE, seed=7)
+    torch.testing.assert_close(got, x, rtol=1e-5, atol=1e-5)
+    assert sampler.last_stats.model_calls == steps and sampler.last_stats.variants == ["full"] * steps
+
+
+def test_guidance_without_null_conditions_is_rejected():
+    with pytest.raises(ValueError, match="null_conditions"):
+        Sampler(make_scheduler(CONFIG, "ddim", 5), guidance_scale=2.0)
+
+
+def test_bad_scheduler_arguments_are_rejected():
+    with pytest.raises(ValueError, match="num_steps"):
+        make_scheduler(CONFIG, "ddim", 0)
+    with pytest.raises(ValueError, match="sampler kind"):
+        make_scheduler(CONFIG, "euler", 10)
+    with pytest.raises(ValueError, match="flow-euler"):
+        make_scheduler({"kind": "flow"}, "ddim", 10)
