@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 from typing import Callable
 
 import torch
 from torch import fx
 
 from diffopt.capture import WRAPPED_MODEL_ATTRIBUTE
-from diffopt.program import StateEntry, StepProgram
+from diffopt.program import BATCH, StateEntry, StepProgram
 
 aten = torch.ops.aten
 
@@ -45,6 +46,16 @@ def op_type(node: fx.Node) -> str:
     return node.op
 
 
+def state_shape(node: fx.Node) -> tuple[int | str, ...]:
+    """The shape of ``node``'s value with its symbolic (batch) dimension marked ``BATCH``."""
+    shape = node.meta["val"].shape
+    dims = tuple(BATCH if isinstance(d, torch.SymInt) else int(d) for d in shape)
+    if dims.count(BATCH) > 1 or (BATCH in dims and dims[0] != BATCH):
+        raise ValueError(f"node {node.name} has shape {tuple(shape)}: only a leading batch dimension may be "
+                         f"dynamic in a state tensor")
+    return dims
+
+
 def placeholders(graph: fx.Graph) -> list[fx.Node]:
     return [n for n in graph.nodes if n.op == "placeholder"]
 
@@ -59,17 +70,17 @@ def thread_state(program: StepProgram, entry: StateEntry,
 
     ``update(variant_name, graph, state_input)`` inserts whatever the variant computes
     and returns the node holding the new state value. A variant that leaves the state
-    unchanged may return ``state_input``: it is copied (``aten.clone``), because a graph
-    output that is just an input aliases buffers in exported runtimes.
+    unchanged may return ``state_input`` (or any other input): it is copied
+    (``aten.clone``), because a graph output that is an input aliases buffers in runtimes.
     """
     for name, module in program.variants.items():
         graph = module.graph
         last_input = placeholders(graph)[-1]
         with graph.inserting_after(last_input):
-            state_input = graph.placeholder(entry.name)
+            state_input = graph.placeholder(re.sub(r"\W", "_", entry.name))  # argument names are identifiers
         new_value = update(name, graph, state_input)
         output = graph.output_node()
-        if new_value is state_input:
+        if new_value.op == "placeholder":
             with graph.inserting_before(output):
                 new_value = graph.call_function(aten.clone.default, (state_input,))
         output.args = ((*output.args[0], new_value),)

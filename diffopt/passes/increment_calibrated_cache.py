@@ -1,0 +1,162 @@
+"""Increment-calibrated caching (ICC): cached linear outputs corrected by a low-rank increment.
+
+Before: every step computes ``y = W x + b`` in each token-wise linear layer of the
+repeated blocks (attention q/k/v/out, MLP in/out).
+After: two variants. ``full`` computes as before and stores ``x_c = x``, ``y_c = y`` in
+state; ``calibrated`` computes ``y = y_c + A (B (x - x_c))`` with ``A B ~= W`` of rank r
+(no bias: it is inside ``y_c``) and leaves the cache unchanged, so the reference stays
+the last full step. Everything else (softmax, GELU, LayerNorm, adaLN modulation, gates,
+residual adds) is computed live on the corrected values. The schedule refreshes every
+``period`` steps. Rank 0 is plain reuse ``y = y_c`` (the FORA-style baseline: work that
+only fed cached layers is removed from the graph); full rank reproduces the model.
+
+Token-wise means the layer's input has a token axis (rank >= 3); modulation and
+timestep-embedding linears (batch x channels) stay live. The policy can exclude layers
+(``{"cache": False}``) or set per-layer ``rank``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from diffopt.analysis import find_blocks
+from diffopt.annotations import NodeAnnotation, annotate
+from diffopt.calibration import ActivationStatistics, layer_key
+from diffopt.graph_tools import add_variant, state_shape, thread_state
+from diffopt.passes.base import GraphPass, PassContext, PassResult
+from diffopt.passes.low_rank import low_rank_factors
+from diffopt.program import FULL, Schedule, StateEntry, StepProgram
+
+aten = torch.ops.aten
+CALIBRATED = "calibrated"
+FACTORIZATIONS = {"svd": None, "channel-aware": "input", "channel-aware-increment": "increment"}
+
+
+@dataclass(frozen=True)
+class IncrementCalibratedCachePass(GraphPass):
+    rank: int | None = 32  # None: full rank (exact); 0: plain reuse of cached outputs
+    period: int = 2
+    factorization: str = "svd"  # "svd", "channel-aware" (|activation|) or "channel-aware-increment"
+    blocks: tuple[str, ...] | None = None  # block module names (e.g. "transformer_blocks.2"); None: all
+
+    def __post_init__(self) -> None:
+        if self.factorization not in FACTORIZATIONS:
+            raise ValueError(f"unknown factorization {self.factorization!r}: expected one of {list(FACTORIZATIONS)}")
+        if self.period < 1 or (self.rank is not None and self.rank < 0):
+            raise ValueError(f"period must be >= 1 and rank >= 0 or None, found period={self.period} rank={self.rank}")
+
+    def requires(self, program: StepProgram, context: PassContext) -> None:
+        if CALIBRATED not in program.variants and set(program.variants) != {FULL}:
+            raise ValueError(f"ICC rewrites a single-variant program ({FULL!r}); this one has "
+                             f"{sorted(program.variants)}. Run it before passes that add variants.")
+        if FACTORIZATIONS[self.factorization] and not isinstance(context.calibration, ActivationStatistics):
+            raise ValueError(f"factorization {self.factorization!r} needs calibration statistics: pass "
+                             f"calibration=collect_activation_statistics(...) to optimize()")
+
+    def _block_members(self, graph: fx.Graph) -> list[str]:
+        found = [name for names in find_blocks(graph).values() for name in names]
+        if self.blocks is None:
+            return found
+        missing = sorted(set(self.blocks) - set(found))
+        if missing:
+            raise ValueError(f"blocks {missing} not found; the graph's blocks are {found}")
+        return list(self.blocks)
+
+    def _select(self, graph: fx.Graph, context: PassContext) -> list[tuple[fx.Node, int | None]]:
+        blocks = self._block_members(graph)
+        chosen = []
+        for node in graph.nodes:
+            if node.target != aten.linear.default:
+                continue
+            name = layer_key(node)
+            if not any(name.startswith(block + ".") for block in blocks):
+                continue
+            settings = context.policy.resolve(name, "linear")
+            if node.args[0].meta["val"].dim() < 3:
+                annotate(node, NodeAnnotation("original", self.name, reason="not token-wise (modulation or "
+                                                                              "embedding): computed live"))
+            elif settings.get("cache", True) is False:
+                annotate(node, NodeAnnotation("original", self.name, reason="excluded by the layer policy"))
+            else:
+                chosen.append((node, settings.get("rank", self.rank)))
+        return chosen
+
+    def _factors(self, node: fx.Node, rank: int, weight: torch.Tensor, context: PassContext):
+        kind = FACTORIZATIONS[self.factorization]
+        if kind is None:
+            return low_rank_factors(weight, rank)
+        statistics: ActivationStatistics = context.calibration
+        layer = layer_key(node)
+        return low_rank_factors(weight, rank, statistics.channel_weights(layer, kind),
+                                statistics.channel_weights(layer, "output"))
+
+    def call(self, program: StepProgram, context: PassContext) -> PassResult:
+        if CALIBRATED in program.variants:
+            return PassResult(program, False)
+        full_module = program.variants[FULL]
+        before = program.fingerprint()
+        layers = self._select(full_module.graph, context)
+        if not layers:  # nothing to cache; only "left alone" annotations may have been written
+            return PassResult(program, program.fingerprint() != before)
+        calibrated_module = add_variant(program, CALIBRATED, copy_of=FULL)
+        for index, (node, rank) in enumerate(layers):
+            weight = full_module.get_parameter(node.args[1].target) if node.args[1].op == "get_attr" else None
+            if weight is None:
+                raise ValueError(f"layer {layer_key(node)}: weight is not a graph attribute; cannot factorise it")
+            out_features, in_features = weight.shape
+            effective_rank = min(in_features, out_features) if rank is None else min(rank, in_features, out_features)
+            layer = layer_key(node)
+            inputs = StateEntry(f"{layer}.cached_input", state_shape(node.args[0]), node.args[0].meta["val"].dtype,
+                                self.name)
+            outputs = StateEntry(f"{layer}.cached_output", state_shape(node), node.meta["val"].dtype, self.name)
+            cached_input: dict[str, fx.Node] = {}
+
+            def store_input(variant, graph, state_input, node_name=node.name):
+                cached_input[variant] = state_input
+                return _named(graph, node_name).args[0] if variant == FULL else state_input
+
+            def store_output(variant, graph, state_input, node_name=node.name, index=index, rank=effective_rank,
+                             weight=weight):
+                linear = _named(graph, node_name)
+                if variant == FULL:
+                    annotate(linear, NodeAnnotation("full", self.name, rank=rank, details={"period": self.period}))
+                    return linear
+                corrected = _calibrated_output(calibrated_module, graph, linear, cached_input[variant], state_input,
+                                               self._factors(node, rank, weight, context) if rank else None, index)
+                annotate(corrected, NodeAnnotation(CALIBRATED, self.name, rank=rank,
+                                                   details={"layer": layer, "period": self.period,
+                                                            "factorization": self.factorization}))
+                return state_input
+
+            program = thread_state(program, inputs, store_input)
+            program = thread_state(program, outputs, store_output)
+        calibrated_module.graph.eliminate_dead_code()
+        calibrated_module.recompile()
+        return PassResult(dataclasses.replace(program, schedule=Schedule(FULL, CALIBRATED, self.period)), True)
+
+
+def _named(graph: fx.Graph, name: str) -> fx.Node:
+    return next(n for n in graph.nodes if n.name == name)
+
+
+def _calibrated_output(module: fx.GraphModule, graph: fx.Graph, linear: fx.Node, cached_input: fx.Node,
+                       cached_output: fx.Node, factors: tuple[torch.Tensor, torch.Tensor] | None,
+                       index: int) -> fx.Node:
+    """Replace ``linear`` by ``y_c + A (B (x - x_c))`` (or ``y_c`` without factors)."""
+    if factors is None:
+        corrected = cached_output
+    else:
+        a_name, b_name = f"icc_{index}_a", f"icc_{index}_b"
+        module.register_buffer(a_name, factors[0])
+        module.register_buffer(b_name, factors[1])
+        with graph.inserting_before(linear):
+            increment = graph.call_function(aten.sub.Tensor, (linear.args[0], cached_input))
+            reduced = graph.call_function(aten.linear.default, (increment, graph.get_attr(b_name)))
+            correction = graph.call_function(aten.linear.default, (reduced, graph.get_attr(a_name)))
+            corrected = graph.call_function(aten.add.Tensor, (cached_output, correction))
+    linear.replace_all_uses_with(corrected)
+    graph.erase_node(linear)
+    return corrected
