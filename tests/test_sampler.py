@@ -31,14 +31,14 @@ def model_and_program():
     return model, optimize(captured)
 
 
-def _diffusers_loop(scheduler, model, noise, labels, steps, seed_for_noise):
+def _diffusers_loop(scheduler, model, noise, labels, steps, seed_for_noise, **step_options):
     scheduler.set_timesteps(steps)
     generator = torch.Generator().manual_seed(seed_for_noise)
     x = noise.clone()
     with torch.no_grad():
         for t in scheduler.timesteps:
             eps = model(x, t.expand(x.shape[0]), labels)
-            x = scheduler.step(eps, t, x, generator=generator).prev_sample
+            x = scheduler.step(eps, t, x, generator=generator, **step_options).prev_sample
     return x
 
 
@@ -48,29 +48,34 @@ def _seeded_noise(seed):
 
 # step counts that divide 1000: diffusers' DDIM steps to t - 1000 // K rather than to the
 # next visited timestep, which only agree when K divides the training steps
+@pytest.mark.parametrize("clip", [None, 1.0])
 @pytest.mark.parametrize("steps", [1, 10, 50])
-def test_ddim_matches_reference_loop(model_and_program, steps):
+def test_ddim_matches_reference_loop(model_and_program, steps, clip):
     from diffusers import DDIMScheduler
 
     model, program = model_and_program
     labels = torch.tensor([0, 3, NULL_CLASS])
     reference_scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
-                                        clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing")
-    expected = _diffusers_loop(reference_scheduler, model, _seeded_noise(0), labels, steps, seed_for_noise=0)
-    sampler = Sampler(make_scheduler(CONFIG, "ddim", steps), progress=False)
+                                        clip_sample=clip is not None, set_alpha_to_one=True,
+                                        timestep_spacing="trailing")
+    expected = _diffusers_loop(reference_scheduler, model, _seeded_noise(0), labels, steps, seed_for_noise=0,
+                               use_clipped_model_output=True)
+    sampler = Sampler(make_scheduler({**CONFIG, "clip_sample": clip}, "ddim", steps), progress=False)
     for denoiser in (program, model):
         got = sampler.sample(denoiser, (labels,), shape=SHAPE, seed=0)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("clip", [None, 1.0])
 @pytest.mark.parametrize("steps", [10, 100])
-def test_ddpm_matches_reference_loop(model_and_program, steps):
+def test_ddpm_matches_reference_loop(model_and_program, steps, clip):
     from diffusers import DDPMScheduler
 
     model, program = model_and_program
     labels = torch.tensor([1, 2, NULL_CLASS])
     reference_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
-                                        clip_sample=False, timestep_spacing="trailing", variance_type="fixed_small")
+                                        clip_sample=clip is not None, timestep_spacing="trailing",
+                                        variance_type="fixed_small")
     # the sampler draws the initial noise and then each step's noise from one generator
     generator = torch.Generator().manual_seed(4)
     noise = torch.randn(SHAPE, generator=generator)
@@ -79,7 +84,8 @@ def test_ddpm_matches_reference_loop(model_and_program, steps):
     with torch.no_grad():
         for t in reference_scheduler.timesteps:
             x = reference_scheduler.step(model(x, t.expand(3), labels), t, x, generator=generator).prev_sample
-    got = Sampler(make_scheduler(CONFIG, "ddpm", steps), progress=False).sample(program, (labels,), shape=SHAPE, seed=4)
+    scheduler = make_scheduler({**CONFIG, "clip_sample": clip}, "ddpm", steps)
+    got = Sampler(scheduler, progress=False).sample(program, (labels,), shape=SHAPE, seed=4)
     torch.testing.assert_close(got, x, rtol=1e-5, atol=1e-5)
 
 

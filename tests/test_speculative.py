@@ -84,6 +84,16 @@ def test_samples_in_a_batch_are_independent_of_each_other():
     assert not torch.allclose(a[1], b[1])
 
 
+def test_clipped_drift_matches_sequential_ddpm_with_clip_sample():
+    model = two_moons_mixture()
+    clip = 1.5  # the mixture's components reach beyond it, so clipping changes the result
+    speculative = SpeculativeDDPMSampler(ALPHAS, 30, window=1, clip_sample=clip, progress=False)
+    sequential = Sampler(make_scheduler({**CONFIG, "clip_sample": clip}, "ddpm", 30), progress=False)
+    got = speculative.sample(model, shape=(32, 2), seed=2)
+    torch.testing.assert_close(got, sequential.sample(model, shape=(32, 2), seed=2), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(got, _sequential(model, 30, 32, seed=2), atol=1e-2)
+
+
 def test_guidance_is_folded_into_the_drift():
     model = two_moons_mixture()
     labels = torch.tensor([0, 1, 2, 3])

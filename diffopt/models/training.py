@@ -12,6 +12,7 @@ than fp32 for these small models (1.13 s vs 0.98 s per batch of 128), so it is o
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import torch
@@ -74,7 +75,14 @@ def train_reference_model(spec: ReferenceModelSpec, checkpoint_path: Path, steps
     data = load_digits_split("train")
     alphas_cumprod = (make_alphas_cumprod(spec.scheduler["beta_schedule"], spec.scheduler["num_train_timesteps"])
                       if spec.objective == "epsilon" else None)
-    lr_schedule = lambda step: recipe["lr"] * min(1.0, (step + 1) / 200)  # noqa: E731 - linear warm-up
+
+    def lr_schedule(step: int) -> float:
+        """Linear warm-up (200 steps), constant until decay_start, cosine decay to lr_min at the end."""
+        warm = min(1.0, (step + 1) / 200)
+        if step < recipe["decay_start"] or steps <= recipe["decay_start"]:
+            return recipe["lr"] * warm
+        progress = (step - recipe["decay_start"]) / (steps - recipe["decay_start"])
+        return recipe["lr_min"] + 0.5 * (recipe["lr"] - recipe["lr_min"]) * (1 + math.cos(math.pi * progress))
     bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"train {spec.name}")
     for step in bar:
         idx = torch.randint(0, len(data.labels), (recipe["batch_size"],), generator=generator)

@@ -53,17 +53,23 @@ _UNET_CONFIG = dict(
     attention_head_dim=16,
     num_class_embeds=NUM_CLASSES + 1,  # +1 null class for guidance
 )
+# clip_sample: x0 predictions are clamped to the data range [-1, 1] (and epsilon re-derived);
+# needed because the cosine schedule's last training step has abar ~ 2e-9
 _DDPM_COSINE = dict(kind="ddpm", num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
-                    prediction_type="epsilon")
+                    prediction_type="epsilon", clip_sample=1.0)
 _FLOW = dict(kind="flow", timestep_scale=1000.0, prediction_type="velocity")
-_RECIPE = dict(steps=1500, batch_size=128, lr=1e-3, ema_decay=0.998, label_dropout=0.1, seed=0)
+# constant learning rate after warm-up until decay_start, then cosine decay to lr_min at `steps`
+_RECIPE = dict(steps=1500, batch_size=128, lr=1e-3, lr_min=1e-5, decay_start=1500, ema_decay=0.998,
+               label_dropout=0.1, seed=0)
 
 REFERENCE_MODELS: dict[str, ReferenceModelSpec] = {
     spec.name: spec
     for spec in (
-        ReferenceModelSpec("dit-digits", "dit", "epsilon", _DIT_CONFIG, _DDPM_COSINE, _RECIPE),
+        ReferenceModelSpec("dit-digits", "dit", "epsilon", _DIT_CONFIG, _DDPM_COSINE,
+                           {**_RECIPE, "steps": 3500, "decay_start": 1500}),
         ReferenceModelSpec("unet-digits", "unet", "epsilon", _UNET_CONFIG, _DDPM_COSINE, _RECIPE),
-        ReferenceModelSpec("dit-digits-flow", "dit", "flow", _DIT_CONFIG, _FLOW, _RECIPE),
+        ReferenceModelSpec("dit-digits-flow", "dit", "flow", _DIT_CONFIG, _FLOW,
+                           {**_RECIPE, "steps": 1500, "decay_start": 500}),
     )
 }
 

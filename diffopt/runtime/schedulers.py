@@ -7,6 +7,11 @@
 - ``FlowEulerScheduler``: x_t = (1 - t) x0 + t noise, Euler steps t: 1 -> 0 on a uniform
   grid with the predicted velocity (noise - x0).
 
+``clip_sample=r`` clamps the x0 prediction to [-r, r] and re-derives epsilon from it
+(diffusers' ``clip_sample`` with ``use_clipped_model_output``): with schedules whose
+first visited step has abar ~ 0, x0 = (x - sqrt(1 - abar) eps) / sqrt(abar) otherwise
+amplifies the model's epsilon error by 1/sqrt(abar).
+
 DDPM and DDIM visit K of the T training timesteps with "trailing" spacing
 (t_k = round(T - k T/K) - 1, so the first step is always t = T-1) and end at a_prev = 1.
 """
@@ -52,14 +57,29 @@ def split_prediction(model_output: torch.Tensor, x: torch.Tensor, alpha_cumprod:
     raise ValueError(f"unknown prediction type {prediction_type!r}: expected one of {PREDICTION_TYPES}")
 
 
+def clipped_prediction(x0: torch.Tensor, x: torch.Tensor, alpha_cumprod, clip_sample: float | None):
+    """(x0, eps) with x0 clamped to [-clip_sample, clip_sample] and eps consistent with it."""
+    x0 = x0.clamp(-clip_sample, clip_sample)
+    return x0, (x - alpha_cumprod**0.5 * x0) / (1 - alpha_cumprod) ** 0.5
+
+
 class _DiscreteScheduler:
-    def __init__(self, alphas_cumprod: torch.Tensor, num_steps: int, prediction_type: str = "epsilon"):
+    def __init__(self, alphas_cumprod: torch.Tensor, num_steps: int, prediction_type: str = "epsilon",
+                 clip_sample: float | None = None):
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"unknown prediction type {prediction_type!r}: expected one of {PREDICTION_TYPES}")
         self.alphas_cumprod = alphas_cumprod.to(torch.float64)
         self.num_steps = num_steps
         self.prediction_type = prediction_type
+        self.clip_sample = clip_sample
         self.timesteps = trailing_timesteps(len(alphas_cumprod), num_steps)
+
+    def predict(self, model_output: torch.Tensor, x: torch.Tensor, alpha_cumprod: float):
+        """(x0_hat, eps_hat), clipped when the scheduler clips."""
+        x0, eps = split_prediction(model_output, x, alpha_cumprod, self.prediction_type)
+        if self.clip_sample is None:
+            return x0, eps
+        return clipped_prediction(x0, x, alpha_cumprod, self.clip_sample)
 
     def alpha_pair(self, step_index: int) -> tuple[float, float]:
         """(a_t, a_prev): cumulative alphas at this step's timestep and the next one (1.0 at the end)."""
@@ -72,7 +92,7 @@ class _DiscreteScheduler:
 class DDPMScheduler(_DiscreteScheduler):
     def step(self, model_output, step_index, x, generator):
         a_t, a_prev = self.alpha_pair(step_index)
-        x0, _ = split_prediction(model_output, x, a_t, self.prediction_type)
+        x0, _ = self.predict(model_output, x, a_t)
         beta = 1 - a_t / a_prev
         mean = (a_prev**0.5 * beta / (1 - a_t)) * x0 + ((1 - beta) ** 0.5 * (1 - a_prev) / (1 - a_t)) * x
         variance = (1 - a_prev) / (1 - a_t) * beta
@@ -84,15 +104,15 @@ class DDPMScheduler(_DiscreteScheduler):
 
 class DDIMScheduler(_DiscreteScheduler):
     def __init__(self, alphas_cumprod: torch.Tensor, num_steps: int, eta: float = 0.0,
-                 prediction_type: str = "epsilon"):
-        super().__init__(alphas_cumprod, num_steps, prediction_type)
+                 prediction_type: str = "epsilon", clip_sample: float | None = None):
+        super().__init__(alphas_cumprod, num_steps, prediction_type, clip_sample)
         if eta < 0:
             raise ValueError(f"DDIM eta must be >= 0, found {eta}")
         self.eta = eta
 
     def step(self, model_output, step_index, x, generator):
         a_t, a_prev = self.alpha_pair(step_index)
-        x0, eps = split_prediction(model_output, x, a_t, self.prediction_type)
+        x0, eps = self.predict(model_output, x, a_t)
         sigma = self.eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
         x_prev = a_prev**0.5 * x0 + max(1 - a_prev - sigma**2, 0.0) ** 0.5 * eps
         if sigma == 0.0:
@@ -135,9 +155,10 @@ def make_scheduler(config: Mapping[str, Any], kind: str | None = None, num_steps
         raise ValueError(f"unknown scheduler config kind {model_kind!r}: expected 'ddpm' or 'flow'")
     alphas_cumprod = make_alphas_cumprod(config.get("beta_schedule", "linear"), config.get("num_train_timesteps", 1000))
     prediction_type = config.get("prediction_type", "epsilon")
+    clip_sample = config.get("clip_sample")
     kind = kind or "ddim"
     if kind == "ddim":
-        return DDIMScheduler(alphas_cumprod, num_steps, eta, prediction_type)
+        return DDIMScheduler(alphas_cumprod, num_steps, eta, prediction_type, clip_sample)
     if kind == "ddpm":
-        return DDPMScheduler(alphas_cumprod, num_steps, prediction_type)
+        return DDPMScheduler(alphas_cumprod, num_steps, prediction_type, clip_sample)
     raise ValueError(f"unknown sampler kind {kind!r} for a DDPM-trained model: expected 'ddim' or 'ddpm'")

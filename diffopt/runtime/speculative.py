@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from diffopt.capture import first_tensor_output
 from diffopt.denoiser import OptimizedDenoiser
-from diffopt.runtime.schedulers import PREDICTION_TYPES, trailing_timesteps
+from diffopt.runtime.schedulers import PREDICTION_TYPES, split_prediction, trailing_timesteps
 
 
 @dataclass
@@ -75,7 +75,8 @@ class SpeculativeDDPMSampler:
 
     def __init__(self, alphas_cumprod: torch.Tensor, num_steps: int, *, window: int | None = None,
                  prediction_type: str = "epsilon", guidance_scale: float = 1.0,
-                 null_conditions: Sequence[torch.Tensor] | None = None, progress: bool = True):
+                 null_conditions: Sequence[torch.Tensor] | None = None, clip_sample: float | None = None,
+                 progress: bool = True):
         if window is not None and window < 1:
             raise ValueError(f"window must be >= 1 or None (speculate until the first rejection), found {window}")
         if prediction_type not in PREDICTION_TYPES:
@@ -87,6 +88,7 @@ class SpeculativeDDPMSampler:
         self.prediction_type = prediction_type
         self.guidance_scale = guidance_scale
         self.null_conditions = tuple(null_conditions or ())
+        self.clip_sample = clip_sample  # clamp the drift (x0-prediction), as the sequential scheduler does
         self.progress = progress
         self.timesteps = trailing_timesteps(len(alphas_cumprod), num_steps)
         self.abar = alphas_cumprod.double()[self.timesteps]  # (K,)
@@ -108,12 +110,8 @@ class SpeculativeDDPMSampler:
             out = unconditional + self.guidance_scale * (conditional - unconditional)
         else:
             out = _model_call(denoiser, x, t, conditions).double()
-        x = x.double()
-        if self.prediction_type == "epsilon":
-            return (x - (1 - abar).sqrt() * out) / abar.sqrt()
-        if self.prediction_type == "sample":
-            return out
-        return abar.sqrt() * x - (1 - abar).sqrt() * out  # v_prediction
+        x0, _ = split_prediction(out, x.double(), abar, self.prediction_type)
+        return x0 if self.clip_sample is None else x0.clamp(-self.clip_sample, self.clip_sample)
 
     def sample(self, denoiser: OptimizedDenoiser | Callable, conditions: Sequence[torch.Tensor] = (), *,
                shape: Sequence[int] | None = None, noise: torch.Tensor | None = None,
