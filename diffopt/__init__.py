@@ -2,6 +2,12 @@
 
 capture -> passes -> step program (explicit state, variants, schedule) -> runtime.
 """
+import os
+
+# OpenMP spin-waiting made 2-thread torch forwards up to 4x slower on shared CPUs; passive
+# waiting is the better default for sampling loops (set before torch loads OpenMP; an
+# explicit user setting wins).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from diffopt.capture import CaptureError, CapturedGraph, Signature, capture
 from diffopt.denoiser import OptimizedDenoiser
 from diffopt.optimize import optimize

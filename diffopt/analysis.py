@@ -115,3 +115,16 @@ def summarize(module: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> GraphSu
         for n in module.graph.nodes if n.op == "call_function" and n.target in LINEAR_OPS
     ]
     return GraphSummary(ops, sum(macs.values()), layers, find_blocks(module.graph))
+
+
+def variant_macs(program, inputs: Sequence[torch.Tensor]) -> dict[str, int]:
+    """MACs of one call of each variant of a step program at the inputs' batch size."""
+    state = program.state.allocate(inputs[0].shape[0], inputs[0].device)
+    return {name: sum(macs_per_node(module, (*inputs, *state)).values())
+            for name, module in program.variants.items()}
+
+
+def macs_per_run(program, inputs: Sequence[torch.Tensor], num_steps: int) -> int:
+    """MACs of a whole sampling run: each step's variant, as the schedule picks it."""
+    per_variant = variant_macs(program, inputs)
+    return sum(per_variant[program.schedule.variant_at(k)] for k in range(num_steps))

@@ -46,11 +46,11 @@ def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> floa
     a, b = features_a.double().numpy(), features_b.double().numpy()
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    root, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
-    if not np.isfinite(root).all():
+    root = linalg.sqrtm(cov_a @ cov_b)
+    if not np.isfinite(root).all():  # singular product: regularise both covariances slightly
         offset = np.eye(len(mu_a)) * 1e-6
         root = linalg.sqrtm((cov_a + offset) @ (cov_b + offset))
-    root = root.real
+    root = np.real(root)
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root))
 
 

@@ -69,7 +69,7 @@ REFERENCE_MODELS: dict[str, ReferenceModelSpec] = {
                            {**_RECIPE, "steps": 3500, "decay_start": 1500}),
         ReferenceModelSpec("unet-digits", "unet", "epsilon", _UNET_CONFIG, _DDPM_COSINE, _RECIPE),
         ReferenceModelSpec("dit-digits-flow", "dit", "flow", _DIT_CONFIG, _FLOW,
-                           {**_RECIPE, "steps": 1500, "decay_start": 500}),
+                           {**_RECIPE, "steps": 1200, "decay_start": 400}),
     )
 }
 
