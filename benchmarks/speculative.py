@@ -43,7 +43,8 @@ def _compare(model, config, steps, windows, n, conditions, repeats, quality):
     rows = []
     for window in windows:
         speculative = SpeculativeDDPMSampler(alphas, steps, window=window, progress=False,
-                                             prediction_type=config.get("prediction_type", "epsilon"))
+                                             prediction_type=config.get("prediction_type", "epsilon"),
+                                             clip_sample=config.get("clip_sample"))
         seq_times, spec_times = [], []
         for repeat in range(repeats):  # interleaved A B A B
             seq_samples, t = _timed(lambda: sequential.sample(model, conditions, shape=shape, seed=repeat), 1)
@@ -102,16 +103,16 @@ def to_markdown(results) -> str:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="mixture only, fewer repeats")
-    parser.add_argument("--digits-samples", type=int, default=300)
+    parser.add_argument("--digits-samples", type=int, default=100)
     args = parser.parse_args()
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
     sections = {}
     mixture = two_moons_mixture()
     config = {"kind": "ddpm", "beta_schedule": "squaredcos_cap_v2"}
-    sections["closed-form Gaussian mixture (2-D), 2000 samples"] = [
+    sections["closed-form Gaussian mixture (2-D), 1000 samples"] = [
         row for steps in (50, 100, 1000)
-        for row in _compare(mixture, config, steps, (4, 16, None), 2000, (), 3, mixture_quality)]
+        for row in _compare(mixture, config, steps, (4, 16, None), 1000, (), 2, mixture_quality)]
     if not args.quick:
         from diffopt.models import load
 
@@ -122,7 +123,8 @@ def main():
         for steps, windows in ((50, (4, 16, None)), (100, (4, 16, None)), (1000, (16,))):
             section += _compare(model, config, steps, windows, n, (labels,), 1, digits_quality(labels))
         sections[f"dit-digits, {n} class-conditional samples"] = section
-    results = {"command": "python benchmarks/speculative.py" + (" --quick" if args.quick else ""),
+    results = {"command": "python benchmarks/speculative.py" + (" --quick" if args.quick else "")
+               + (f" --digits-samples {args.digits_samples}" if not args.quick else ""),
                "threads": threads, "sections": sections}
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "speculative.json").write_text(json.dumps(results, indent=2))
