@@ -155,7 +155,7 @@ def _plain_graph_module(exported: torch.export.ExportedProgram, signature: Signa
     return module
 
 
-def _batch_range(exported: torch.export.ExportedProgram, latent: torch.Tensor) -> tuple[int, float] | None:
+def _batch_range(exported: torch.export.ExportedProgram) -> tuple[int, float] | None:
     """The batch sizes export's guards admit, or None when the batch was specialised to a constant."""
     placeholder = next(n for n in exported.graph.nodes if n.op == "placeholder" and n.name.startswith("inputs"))
     size = placeholder.meta["val"].shape[0]
@@ -175,7 +175,7 @@ def _check_batch_generalises(exported, wrapper: torch.nn.Module, module: fx.Grap
     batch 1 and just past the guarded range; a mismatch means the branch changes the
     result, and capture refuses rather than silently computing something else.
     """
-    bounds = _batch_range(exported, inputs[0])
+    bounds = _batch_range(exported)
     if bounds is None:
         raise CaptureError(f"the batch size of {type(wrapper.model).__name__} was specialised to a constant during "
                            f"export (the model uses it as a Python int somewhere). Capture with "

@@ -28,6 +28,26 @@ class SamplingStats:
     variants: list[str] = field(default_factory=list)
 
 
+def guidance_inputs(x: torch.Tensor, t: torch.Tensor, conditions: Sequence[torch.Tensor], scale: float,
+                    null_conditions: Sequence[torch.Tensor] | None):
+    """Classifier-free guidance as one batch: (x, t, conditions), doubled with the null
+    conditions as the second half when ``scale != 1``."""
+    if scale == 1.0:
+        return x, t, tuple(conditions)
+    if len(null_conditions) != len(conditions):
+        raise ValueError(f"expected {len(conditions)} null conditions, found {len(null_conditions)}")
+    nulls = [n.to(c.device, c.dtype).expand_as(c) for n, c in zip(null_conditions, conditions)]
+    return torch.cat([x, x]), torch.cat([t, t]), tuple(torch.cat([c, n]) for c, n in zip(conditions, nulls))
+
+
+def combine_guidance(out: torch.Tensor, scale: float) -> torch.Tensor:
+    """``u + scale (c - u)`` from a batch laid out by ``guidance_inputs``."""
+    if scale == 1.0:
+        return out
+    conditional, unconditional = out.chunk(2)
+    return unconditional + scale * (conditional - unconditional)
+
+
 class _PlainModelRunner:
     def __init__(self, model: Callable):
         self.model = model
@@ -67,21 +87,6 @@ class Sampler:
         self.progress = progress
         self.last_stats = SamplingStats()
 
-    def _model_inputs(self, x, t, conditions):
-        if self.guidance_scale == 1.0:
-            return x, t, conditions
-        if len(self.null_conditions) != len(conditions):
-            raise ValueError(f"expected {len(conditions)} null conditions, found {len(self.null_conditions)}")
-        nulls = [n.to(c.device, c.dtype).expand_as(c) for n, c in zip(self.null_conditions, conditions)]
-        doubled = tuple(torch.cat([c, n]) for c, n in zip(conditions, nulls))
-        return torch.cat([x, x]), torch.cat([t, t]), doubled
-
-    def _combine(self, out: torch.Tensor) -> torch.Tensor:
-        if self.guidance_scale == 1.0:
-            return out
-        conditional, unconditional = out.chunk(2)
-        return unconditional + self.guidance_scale * (conditional - unconditional)
-
     def sample(self, denoiser: OptimizedDenoiser | Callable, conditions: Sequence[torch.Tensor] = (), *,
                shape: Sequence[int] | None = None, noise: torch.Tensor | None = None,
                seed: int = 0) -> torch.Tensor:
@@ -102,9 +107,10 @@ class Sampler:
         steps = tqdm(range(self.scheduler.num_steps), desc="sampling", disable=not self.progress, leave=False)
         for k in steps:
             t = torch.full((x.shape[0],), self.scheduler.timesteps[k].item(), dtype=self.scheduler.timesteps.dtype)
-            model_x, model_t, model_conditions = self._model_inputs(x, t, conditions)
+            model_x, model_t, model_conditions = guidance_inputs(x, t, conditions, self.guidance_scale,
+                                                                 self.null_conditions)
             out, variant = runner(k, model_x, model_t, model_conditions)
-            x = self.scheduler.step(self._combine(out), k, x, generator)
+            x = self.scheduler.step(combine_guidance(out, self.guidance_scale), k, x, generator)
             stats.model_calls += 1
             stats.variants.append(variant)
         stats.wall_time_s = time.perf_counter() - started

@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from diffopt.capture import first_tensor_output
 from diffopt.denoiser import OptimizedDenoiser
+from diffopt.runtime.sampler import combine_guidance, guidance_inputs
 from diffopt.runtime.schedulers import PREDICTION_TYPES, split_prediction, trailing_timesteps
 
 
@@ -102,14 +103,8 @@ class SpeculativeDDPMSampler:
         tau, abar = self.tau[steps].view(shape), self.abar[steps].view(shape)
         x = (y / (tau * (1 + tau)).sqrt()).float()
         t = self.timesteps[steps]
-        if self.guidance_scale != 1.0:
-            nulls = [n.to(c.dtype).expand_as(c) for n, c in zip(self.null_conditions, conditions)]
-            both = _model_call(denoiser, torch.cat([x, x]), torch.cat([t, t]),
-                               tuple(torch.cat([c, n]) for c, n in zip(conditions, nulls)))
-            conditional, unconditional = both.double().chunk(2)
-            out = unconditional + self.guidance_scale * (conditional - unconditional)
-        else:
-            out = _model_call(denoiser, x, t, conditions).double()
+        out = _model_call(denoiser, *guidance_inputs(x, t, conditions, self.guidance_scale, self.null_conditions))
+        out = combine_guidance(out.double(), self.guidance_scale)
         x0, _ = split_prediction(out, x.double(), abar, self.prediction_type)
         return x0 if self.clip_sample is None else x0.clamp(-self.clip_sample, self.clip_sample)
 
