@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import torch
 from torch import fx
 
-from diffopt.graph_tools import module_class, module_path, op_type
+from diffopt.graph_tools import module_class, module_path, module_scopes, op_type
 
 aten = torch.ops.aten
 LINEAR_OPS = (aten.linear.default, aten.conv1d.default, aten.conv2d.default)
@@ -85,11 +85,10 @@ def find_blocks(graph: fx.Graph) -> dict[str, list[str]]:
     ``down_blocks.1``) in the nodes' module stacks, plus top-level ``mid_block``."""
     found: dict[str, list[str]] = {}
     for node in graph.nodes:
-        paths = [path for path, _ in (node.meta.get("nn_module_stack") or {}).values()]
-        for depth, path in enumerate(paths):
-            name = path.split(".", 1)[1] if "." in path else ""
+        scopes = module_scopes(node)
+        for depth, name in enumerate(scopes):
             match = INDEXED_CHILD.match(name)
-            is_leaf = depth == len(paths) - 1  # a single layer (e.g. Sequential's Linear) is not a block
+            is_leaf = depth == len(scopes) - 1  # a single layer (e.g. Sequential's Linear) is not a block
             if match and not is_leaf and not any(INDEXED_CHILD.match(p) for p in _ancestors(name)):
                 found.setdefault(match["container"], [])
                 if name not in found[match["container"]]:
@@ -124,7 +123,18 @@ def variant_macs(program, inputs: Sequence[torch.Tensor]) -> dict[str, int]:
             for name, module in program.variants.items()}
 
 
-def macs_per_run(program, inputs: Sequence[torch.Tensor], num_steps: int) -> int:
-    """MACs of a whole sampling run: each step's variant, as the schedule picks it."""
+def macs_per_run(program, inputs: Sequence[torch.Tensor], num_steps: int | None = None,
+                 variants_run: Sequence[str] | None = None) -> int:
+    """MACs of a whole sampling run: each step's variant, as a periodic schedule picks it
+    for ``num_steps`` steps, or as a run used them (``variants_run``, e.g.
+    ``SamplingStats.variants``; needed for an ``AdaptiveSchedule``, whose probe runs every step)."""
+    if (num_steps is None) == (variants_run is None):
+        raise ValueError("pass exactly one of num_steps= (periodic schedules) or variants_run=")
     per_variant = variant_macs(program, inputs)
-    return sum(per_variant[program.schedule.variant_at(k)] for k in range(num_steps))
+    probe = getattr(program.schedule, "probe", None)
+    if variants_run is None:
+        if probe is not None:
+            raise ValueError("an adaptive schedule picks variants at run time: pass variants_run=stats.variants "
+                             "from a sampling run instead of num_steps=")
+        variants_run = [program.schedule.variant_at(k) for k in range(num_steps)]
+    return sum(per_variant[name] + (per_variant[probe] if probe else 0) for name in variants_run)

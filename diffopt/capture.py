@@ -133,8 +133,12 @@ def _failure_location(error: BaseException) -> str:
     return f"{frame.filename}:{frame.lineno} ({frame.name}: {frame.line})"
 
 
+_EXPORT_ASSERTIONS = (torch.ops.aten._assert_tensor_metadata.default, torch.ops.aten._assert_scalar.default)
+
+
 def _plain_graph_module(exported: torch.export.ExportedProgram, signature: Signature) -> fx.GraphModule:
-    """Unlift an ExportedProgram into a GraphModule with plain positional placeholders and a tuple output."""
+    """Unlift an ExportedProgram into a GraphModule with plain positional placeholders and a
+    tuple output, without export's guard and metadata assertions and without inference-mode dropout."""
     unlifted = exported.module()
     graph = fx.Graph()
     value_map: dict[fx.Node, fx.Node] = {}
@@ -146,8 +150,13 @@ def _plain_graph_module(exported: torch.export.ExportedProgram, signature: Signa
     outputs = graph.graph_copy(unlifted.graph, value_map)
     outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
     graph.output(tuple(outputs))
-    for node in list(graph.nodes):  # export's input-guard check; diffopt validates inputs itself
-        if node.op == "call_module" and node.target == "_guards_fn":
+    for node in list(graph.nodes):
+        if (node.op == "call_module" and node.target == "_guards_fn") or node.target in _EXPORT_ASSERTIONS:
+            graph.erase_node(node)  # diffopt checks inputs itself; assertions would keep cut-off work alive
+        elif node.target == torch.ops.aten.dropout.default and node.args[2] is False:
+            # inference dropout is the identity, but dead-code elimination keeps it (it is "random"),
+            # and with it everything it reads: passes that cut graphs need it gone
+            node.replace_all_uses_with(node.args[0])
             graph.erase_node(node)
     module = fx.GraphModule(unlifted, graph)
     module.graph.eliminate_dead_code()

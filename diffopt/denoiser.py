@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from diffopt.program import StateError, StepProgram
+from diffopt.program import AdaptiveSchedule, StateError, StepProgram
 from diffopt.runtime.backends import Backend, TorchBackend
 
 
@@ -36,6 +36,7 @@ class OptimizedDenoiser:
     def __init__(self, program: StepProgram, backend: Backend | None = None):
         self.program = program
         self.backend = backend if backend is not None else TorchBackend(program)
+        self.last_variant: str | None = None
         self.reset()
 
     @property
@@ -51,19 +52,25 @@ class OptimizedDenoiser:
     def init_state(self, batch_size: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
         return self.program.state.allocate(batch_size, device)
 
-    def variant_at(self, step_index: int) -> str:
-        return self.program.schedule.variant_at(step_index)
-
     def step(self, step_index: int, x: torch.Tensor, t: torch.Tensor | float, *conditions: torch.Tensor,
              state: Sequence[torch.Tensor] = ()) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        """Run step ``step_index``: ``(out, new_state)``; ``state`` must match the batch."""
+        """Run step ``step_index``: ``(out, new_state)``; ``state`` must match the batch.
+
+        The variant that ran is in ``last_variant`` (with an ``AdaptiveSchedule`` the probe
+        ran first and chose it)."""
         if len(conditions) != len(self.program.signature.conditions):
             raise ValueError(f"expected conditions {list(self.program.signature.conditions)}, "
                              f"found {len(conditions)} condition tensors")
         batch_size = x.shape[0]
         self.program.state.check(state, batch_size)
         t = batched_timestep(t, batch_size, x.device)
-        outputs = self.backend.run(self.variant_at(step_index), (x, t, *conditions, *state))
+        schedule = self.program.schedule
+        if isinstance(schedule, AdaptiveSchedule):
+            signal, *state = self.backend.run(schedule.probe, (x, t, *conditions, *state))
+            self.last_variant = schedule.choose(step_index, float(signal))
+        else:
+            self.last_variant = schedule.variant_at(step_index)
+        outputs = self.backend.run(self.last_variant, (x, t, *conditions, *state))
         return outputs[0], tuple(outputs[1:])
 
     def _starts_new_run(self, x: torch.Tensor, t: torch.Tensor) -> bool:

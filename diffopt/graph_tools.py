@@ -32,6 +32,12 @@ def module_path(node: fx.Node) -> str:
     return path.removeprefix(prefix)
 
 
+def module_scopes(node: fx.Node) -> list[str]:
+    """Names of every module ``node`` was produced inside, outermost first (``""`` for the model)."""
+    paths = [path for path, _ in (node.meta.get("nn_module_stack") or {}).values()]
+    return [path.split(".", 1)[1] if "." in path else "" for path in paths]
+
+
 def module_class(node: fx.Node) -> str:
     stack = node.meta.get("nn_module_stack") or {}
     return list(stack.values())[-1][1].rsplit(".", 1)[-1] if stack else ""
@@ -54,6 +60,46 @@ def state_shape(node: fx.Node) -> tuple[int | str, ...]:
         raise ValueError(f"node {node.name} has shape {tuple(shape)}: only a leading batch dimension may be "
                          f"dynamic in a state tensor")
     return dims
+
+
+def node_named(graph: fx.Graph, name: str) -> fx.Node:
+    """The node called ``name`` (variants copied with ``add_variant`` keep node names)."""
+    for node in graph.nodes:
+        if node.name == name:
+            return node
+    raise KeyError(f"no node named {name!r} in the graph")
+
+
+def insert_relative_change(graph: fx.Graph, value: fx.Node, reference: fx.Node) -> fx.Node:
+    """Insert ``mean|value - reference| / mean|reference|`` (a 0-d tensor over the whole
+    batch) before the graph's output; infinite or NaN while ``reference`` is still zero."""
+    with graph.inserting_before(graph.output_node()):
+        change = graph.call_function(aten.sub.Tensor, (value, reference))
+        numerator = graph.call_function(aten.mean.default, (graph.call_function(aten.abs.default, (change,)),))
+        denominator = graph.call_function(aten.mean.default, (graph.call_function(aten.abs.default, (reference,)),))
+        return graph.call_function(aten.div.Tensor, (numerator, denominator))
+
+
+def finish_probe(module: fx.GraphModule, signal: fx.Node) -> None:
+    """Make ``module`` a probe variant: its first output becomes ``signal``, and the work
+    that only fed the old first output is removed."""
+    output = module.graph.output_node()
+    output.args = ((signal, *output.args[0][1:]),)
+    remove_dead_code(module)
+
+
+def remove_dead_code(module: fx.GraphModule) -> None:
+    """Drop every node whose value is unused, then recompile. Unlike fx's default, ops
+    tagged random (attention: its optional dropout) count as removable; only mutating
+    ops are kept (export graphs are functional, so there are none in practice)."""
+    module.graph.eliminate_dead_code(is_impure_node=_mutates)
+    module.recompile()
+
+
+def _mutates(node: fx.Node) -> bool:
+    if node.op in ("placeholder", "output"):
+        return True
+    return isinstance(node.target, torch._ops.OpOverload) and node.target._schema.is_mutable
 
 
 def placeholders(graph: fx.Graph) -> list[fx.Node]:
@@ -82,7 +128,7 @@ def thread_state(program: StepProgram, entry: StateEntry,
         output = graph.output_node()
         if new_value.op == "placeholder":
             with graph.inserting_before(output):
-                new_value = graph.call_function(aten.clone.default, (state_input,))
+                new_value = graph.call_function(aten.clone.default, (new_value,))
         output.args = ((*output.args[0], new_value),)
         module.recompile()
     return dataclasses.replace(program, state=program.state.with_entry(entry))

@@ -4,14 +4,16 @@ Every variant of a program is a plain graph with one signature::
 
     variant(latent, timestep, *conditions, *state) -> (out, *new_state)
 
-``StateSpec`` describes the state tensors, ``Schedule`` picks the variant for step k,
-and ``OptimizedDenoiser`` runs the program on a backend: functionally (``step``) or
+``StateSpec`` describes the state tensors, ``Schedule`` picks the variant for step k
+(``AdaptiveSchedule``: from a probe's signal at run time), and ``OptimizedDenoiser``
+runs the program on a backend: functionally (``step``) or
 like the original model (``__call__``, keeping the state itself).
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -22,6 +24,7 @@ from diffopt.capture import CapturedGraph, Signature
 
 BATCH = "batch"  # marks the batch dimension in a StateEntry shape
 FULL = "full"  # the name of the variant that computes the unmodified model
+PROBE = "probe"  # the usual name of an AdaptiveSchedule's probe variant
 
 
 class StateError(ValueError):
@@ -117,7 +120,41 @@ class Schedule:
         return (self.refresh,) if self.between is None else (self.refresh, self.between)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {"kind": "periodic", **dataclasses.asdict(self)}
+
+
+@dataclass(frozen=True)
+class AdaptiveSchedule:
+    """Which variant runs at step k, decided at run time by a probe.
+
+    Every step first runs the ``probe`` variant,
+    ``probe(latent, timestep, *conditions, *state) -> (signal, *new_state)``: a cheap cut
+    of the model that measures (as one scalar for the whole batch) how far this step has
+    moved from the last refresh. Step 0, and every step whose signal exceeds
+    ``threshold`` or is not finite, then runs ``refresh``; the others run ``between``.
+    The chosen variant gets the probe's new state, so work the probe did is not repeated.
+    """
+
+    probe: str
+    threshold: float
+    refresh: str = FULL
+    between: str = "cached"
+
+    def __post_init__(self) -> None:
+        if not self.threshold >= 0:
+            raise ValueError(f"adaptive schedule threshold must be >= 0, found {self.threshold}")
+
+    def choose(self, step_index: int, signal: float) -> str:
+        if step_index == 0 or not math.isfinite(signal) or signal > self.threshold:
+            return self.refresh
+        return self.between
+
+    @property
+    def variants(self) -> tuple[str, ...]:
+        return (self.probe, self.refresh, self.between)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "adaptive", **dataclasses.asdict(self)}
 
 
 @dataclass
@@ -127,7 +164,7 @@ class StepProgram:
     signature: Signature
     variants: dict[str, fx.GraphModule]
     state: StateSpec = field(default_factory=StateSpec)
-    schedule: Schedule = field(default_factory=Schedule)
+    schedule: Schedule | AdaptiveSchedule = field(default_factory=Schedule)
     model_class: str = ""
 
     @classmethod

@@ -13,12 +13,12 @@ def simple_dit(seed: int = 0):
     return SimpleDiT(hidden=32, depth=2, heads=2).eval()
 
 
-def diffusers_dit(seed: int = 0):
+def diffusers_dit(seed: int = 0, num_layers: int = 2):
     from diffusers import DiTTransformer2DModel
 
     torch.manual_seed(seed)
     return DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=1,
-                                 num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10).eval()
+                                 num_layers=num_layers, sample_size=8, patch_size=2, num_embeds_ada_norm=10).eval()
 
 
 def diffusers_pixart(seed: int = 0):

@@ -8,7 +8,7 @@ from diffopt.graph_tools import module_path
 from diffopt.calibration import ActivationStatistics, collect_activation_statistics
 from diffopt.passes.increment_calibrated_cache import CALIBRATED, IncrementCalibratedCachePass
 from diffopt.passes.low_rank import low_rank_factors
-from diffopt.program import FULL, StepProgram
+from diffopt.program import FULL, PROBE, AdaptiveSchedule, StepProgram
 from models import simple_dit
 
 aten = torch.ops.aten
@@ -72,6 +72,34 @@ def test_full_rank_reproduces_the_uncached_model_every_step(model_and_graph):
     cached = sampler.sample(optimized, (LABELS,), shape=SHAPE, seed=0)
     exact = sampler.sample(model, (LABELS,), shape=SHAPE, seed=0)
     assert float((cached - exact).norm() / exact.norm()) < 1e-4
+
+
+def test_adaptive_refresh_follows_the_first_layers_relative_increment(model_and_graph):
+    model, captured = model_and_graph
+    threshold = 0.05
+    optimized = optimize(captured, [IncrementCalibratedCachePass(rank=None, refresh_threshold=threshold)])
+    assert optimized.program.schedule == AdaptiveSchedule(PROBE, threshold, FULL, CALIBRATED)
+    g = torch.Generator().manual_seed(5)
+    x0, direction = torch.randn(SHAPE, generator=g), torch.randn(SHAPE, generator=g)
+    first_inputs = []  # independent record of the first cached layer's input, by a hook
+    handle = model.blocks[0].qkv.register_forward_pre_hook(lambda module, args: first_inputs.append(args[0]))
+    variants, expected_variants, reference = [], [], None
+    try:
+        for k in range(8):
+            x, t = x0 + 0.02 * k * direction, torch.full((3,), 900 - 10 * k)
+            out = optimized(x, t, LABELS)
+            variants.append(optimized.last_variant)
+            with torch.no_grad():
+                expected = model(x, t, LABELS)
+            assert float((out - expected).norm() / expected.norm()) < 1e-4  # full rank: exact on every step
+            increment = None if reference is None else float((first_inputs[-1] - reference).abs().mean()
+                                                              / reference.abs().mean())
+            refresh = increment is None or increment > threshold
+            expected_variants.append(FULL if refresh else CALIBRATED)
+            reference = first_inputs[-1] if refresh else reference
+    finally:
+        handle.remove()
+    assert variants == expected_variants and CALIBRATED in variants and FULL in variants[1:]
 
 
 @pytest.mark.parametrize("rank", [0, 4])

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from diffopt import Schedule, StateEntry, StateError, StateSpec, capture, optimize
-from diffopt.program import BATCH
+from diffopt.program import AdaptiveSchedule, BATCH
 from models import simple_dit
 from toy_passes import CarryActivationPass, StepCounterPass
 
@@ -43,6 +43,15 @@ def test_schedule_picks_variants():
     assert [periodic.variant_at(k) for k in range(7)] == ["full", "cached", "cached", "full", "cached", "cached", "full"]
     with pytest.raises(ValueError):
         Schedule(period=0)
+
+
+def test_adaptive_schedule_refreshes_on_large_or_undefined_signals():
+    adaptive = AdaptiveSchedule("probe", threshold=0.1, refresh="full", between="cached")
+    assert adaptive.variants == ("probe", "full", "cached")
+    assert [adaptive.choose(k, s) for k, s in enumerate([0.0, 0.05, 0.1, 0.2, float("inf"), float("nan"), 0.0])] == \
+        ["full", "cached", "cached", "full", "full", "full", "cached"]
+    with pytest.raises(ValueError):
+        AdaptiveSchedule("probe", threshold=-1.0)
 
 
 def test_state_spec_rejects_mismatched_state():

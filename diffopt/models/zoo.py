@@ -67,7 +67,8 @@ REFERENCE_MODELS: dict[str, ReferenceModelSpec] = {
     for spec in (
         ReferenceModelSpec("dit-digits", "dit", "epsilon", _DIT_CONFIG, _DDPM_COSINE,
                            {**_RECIPE, "steps": 3500, "decay_start": 1500}),
-        ReferenceModelSpec("unet-digits", "unet", "epsilon", _UNET_CONFIG, _DDPM_COSINE, _RECIPE),
+        ReferenceModelSpec("unet-digits", "unet", "epsilon", _UNET_CONFIG, _DDPM_COSINE,
+                           {**_RECIPE, "steps": 3500, "decay_start": 1500}),
         ReferenceModelSpec("dit-digits-flow", "dit", "flow", _DIT_CONFIG, _FLOW,
                            {**_RECIPE, "steps": 1200, "decay_start": 400}),
     )

@@ -7,7 +7,10 @@ state; ``calibrated`` computes ``y = y_c + A (B (x - x_c))`` with ``A B ~= W`` o
 (no bias: it is inside ``y_c``) and leaves the cache unchanged, so the reference stays
 the last full step. Everything else (softmax, GELU, LayerNorm, adaLN modulation, gates,
 residual adds) is computed live on the corrected values. The schedule refreshes every
-``period`` steps. Rank 0 is plain reuse ``y = y_c`` (the FORA-style baseline: work that
+``period`` steps, or, with ``refresh_threshold``, adaptively: a ``probe`` variant computes
+the first cached layer's input and its relative increment ``mean|x - x_c| / mean|x_c|``
+(the quantity the low-rank correction linearises, so its error grows with it), and the
+step refreshes when that exceeds the threshold. Rank 0 is plain reuse ``y = y_c`` (the FORA-style baseline: work that
 only fed cached layers is removed from the graph); full rank reproduces the model.
 
 Token-wise means the layer's input has a token axis (rank >= 3); modulation and
@@ -25,10 +28,11 @@ from torch import fx
 from diffopt.analysis import find_blocks
 from diffopt.annotations import NodeAnnotation, annotate
 from diffopt.calibration import ActivationStatistics, layer_key
-from diffopt.graph_tools import add_variant, state_shape, thread_state
+from diffopt.graph_tools import (add_variant, finish_probe, insert_relative_change, node_named, remove_dead_code,
+                                 state_shape, thread_state)
 from diffopt.passes.base import GraphPass, PassContext, PassResult
 from diffopt.passes.low_rank import low_rank_factors
-from diffopt.program import FULL, Schedule, StateEntry, StepProgram
+from diffopt.program import FULL, PROBE, AdaptiveSchedule, Schedule, StateEntry, StepProgram
 
 aten = torch.ops.aten
 CALIBRATED = "calibrated"
@@ -41,12 +45,15 @@ class IncrementCalibratedCachePass(GraphPass):
     period: int = 2
     factorization: str = "svd"  # "svd", "channel-aware" (|activation|) or "channel-aware-increment"
     blocks: tuple[str, ...] | None = None  # block module names (e.g. "transformer_blocks.2"); None: all
+    refresh_threshold: float | None = None  # adaptive schedule instead of `period` (see the module docstring)
 
     def __post_init__(self) -> None:
         if self.factorization not in FACTORIZATIONS:
             raise ValueError(f"unknown factorization {self.factorization!r}: expected one of {list(FACTORIZATIONS)}")
         if self.period < 1 or (self.rank is not None and self.rank < 0):
             raise ValueError(f"period must be >= 1 and rank >= 0 or None, found period={self.period} rank={self.rank}")
+        if self.refresh_threshold is not None and not self.refresh_threshold >= 0:
+            raise ValueError(f"refresh_threshold must be >= 0 or None, found {self.refresh_threshold}")
 
     def requires(self, program: StepProgram, context: PassContext) -> None:
         if CALIBRATED not in program.variants and set(program.variants) != {FULL}:
@@ -102,6 +109,8 @@ class IncrementCalibratedCachePass(GraphPass):
         if not layers:  # nothing to cache; only "left alone" annotations may have been written
             return PassResult(program, program.fingerprint() != before)
         calibrated_module = add_variant(program, CALIBRATED, copy_of=FULL)
+        probe = add_variant(program, PROBE, copy_of=FULL) if self.refresh_threshold is not None else None
+        probe_increment: list[fx.Node] = []  # (x, x_c) of the first cached layer in the probe
         for index, (node, rank) in enumerate(layers):
             weight = full_module.get_parameter(node.args[1].target) if node.args[1].op == "get_attr" else None
             if weight is None:
@@ -116,11 +125,15 @@ class IncrementCalibratedCachePass(GraphPass):
 
             def store_input(variant, graph, state_input, node_name=node.name):
                 cached_input[variant] = state_input
-                return _named(graph, node_name).args[0] if variant == FULL else state_input
+                if variant == PROBE and not probe_increment:
+                    probe_increment.extend((node_named(graph, node_name).args[0], state_input))
+                return node_named(graph, node_name).args[0] if variant == FULL else state_input
 
             def store_output(variant, graph, state_input, node_name=node.name, index=index, rank=effective_rank,
                              weight=weight):
-                linear = _named(graph, node_name)
+                linear = node_named(graph, node_name)
+                if variant == PROBE:
+                    return state_input
                 if variant == FULL:
                     annotate(linear, NodeAnnotation("full", self.name, rank=rank, details={"period": self.period}))
                     return linear
@@ -133,13 +146,12 @@ class IncrementCalibratedCachePass(GraphPass):
 
             program = thread_state(program, inputs, store_input)
             program = thread_state(program, outputs, store_output)
-        calibrated_module.graph.eliminate_dead_code()
-        calibrated_module.recompile()
-        return PassResult(dataclasses.replace(program, schedule=Schedule(FULL, CALIBRATED, self.period)), True)
-
-
-def _named(graph: fx.Graph, name: str) -> fx.Node:
-    return next(n for n in graph.nodes if n.name == name)
+        remove_dead_code(calibrated_module)
+        schedule = Schedule(FULL, CALIBRATED, self.period)
+        if probe is not None:
+            finish_probe(probe, insert_relative_change(probe.graph, *probe_increment))
+            schedule = AdaptiveSchedule(PROBE, self.refresh_threshold, refresh=FULL, between=CALIBRATED)
+        return PassResult(dataclasses.replace(program, schedule=schedule), True)
 
 
 def _calibrated_output(module: fx.GraphModule, graph: fx.Graph, linear: fx.Node, cached_input: fx.Node,

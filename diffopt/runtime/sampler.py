@@ -70,7 +70,7 @@ class _StepProgramRunner:
 
     def __call__(self, step_index, x, t, conditions) -> tuple[torch.Tensor, str]:
         out, self.state = self.denoiser.step(step_index, x, t, *conditions, state=self.state)
-        return out, self.denoiser.variant_at(step_index)
+        return out, self.denoiser.last_variant
 
 
 class Sampler:
