@@ -13,7 +13,7 @@ from diffopt.denoiser import OptimizedDenoiser
 from diffopt.optimize import optimize
 from diffopt.passes.base import GraphPass, PassContext, PassError, PassResult, Pipeline
 from diffopt.policy import LayerPolicy
-from diffopt.program import Schedule, StateEntry, StateError, StateSpec, StepProgram
+from diffopt.program import AdaptiveSchedule, Schedule, StateEntry, StateError, StateSpec, StepProgram
 from diffopt.runtime.sampler import Sampler
 from diffopt.runtime.schedulers import DDIMScheduler, DDPMScheduler, FlowEulerScheduler, make_scheduler
 
@@ -21,7 +21,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CaptureError", "CapturedGraph", "Signature", "capture", "OptimizedDenoiser", "optimize", "GraphPass",
-    "PassContext", "PassError", "PassResult", "Pipeline", "LayerPolicy", "Schedule", "StateEntry", "StateError",
+    "PassContext", "PassError", "PassResult", "Pipeline", "LayerPolicy", "AdaptiveSchedule", "Schedule", "StateEntry", "StateError",
     "StateSpec", "StepProgram", "Sampler", "DDIMScheduler", "DDPMScheduler", "FlowEulerScheduler",
     "make_scheduler", "__version__",
 ]

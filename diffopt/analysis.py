@@ -138,3 +138,35 @@ def macs_per_run(program, inputs: Sequence[torch.Tensor], num_steps: int | None 
                              "from a sampling run instead of num_steps=")
         variants_run = [program.schedule.variant_at(k) for k in range(num_steps)]
     return sum(per_variant[name] + (per_variant[probe] if probe else 0) for name in variants_run)
+
+
+class count_macs:
+    """Context manager: multiply-accumulates of every matmul, convolution and attention
+    that runs inside it, whatever runs it (fx graphs, eager modules, hooks patched in
+    Python): torch's ``FlopCounterMode`` / 2, with CPU attention counted as well
+    (torch only counts the CUDA attention kernels). ``.macs`` holds the total."""
+
+    def __enter__(self) -> "count_macs":
+        from torch.utils.flop_counter import FlopCounterMode
+
+        _register_cpu_attention_flops()
+        self._mode = FlopCounterMode(display=False)
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._mode.__exit__(*exc_info)
+        self.macs = self._mode.get_total_flops() // 2
+
+
+def _register_cpu_attention_flops() -> None:
+    from torch.utils import flop_counter
+
+    cpu_attention = aten._scaled_dot_product_flash_attention_for_cpu
+    if cpu_attention in flop_counter.flop_registry:
+        return
+
+    def attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    flop_counter.register_flop_formula(cpu_attention)(attention_flops)

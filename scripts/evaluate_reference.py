@@ -2,6 +2,7 @@
 
     python scripts/evaluate_reference.py            # writes benchmarks/results/reference_quality.json,
                                                     # docs/metrics.md and docs/images/<model>.png
+    python scripts/evaluate_reference.py --models unet-digits   # re-measure one model, keep the other rows
 
 Every model is sampled class-conditionally (equal counts per class) from seeded noise.
 digits FD is measured against the real train split; "real held-out" is the floor a
@@ -25,6 +26,7 @@ from diffopt.metrics.grid import save_grid
 from diffopt.models import NULL_CLASS, load
 
 RESULTS = Path("benchmarks/results/reference_quality.json")
+MODELS = ("dit-digits", "unet-digits", "dit-digits-flow")
 DOC = Path("docs/metrics.md")
 
 
@@ -42,42 +44,58 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=600)
     parser.add_argument("--seeds", type=int, default=5, help="seeds for the FD spread of dit-digits at 50 steps")
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS),
+                        help="re-measure only these models (e.g. after retraining one); the other rows are kept "
+                             f"from {RESULTS}")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
-    rows = []
-
-    def record(what: str, images: torch.Tensor, labels: torch.Tensor | None, **extra) -> dict:
-        row = {"what": what, "fd": digits_fd(images),
-               "accuracy": class_accuracy(images, labels) if labels is not None else None, **extra}
-        rows.append(row)
-        print(json.dumps(row))
-        return row
-
+    previous = json.loads(RESULTS.read_text()) if set(args.models) != set(MODELS) else None
+    if previous is not None and previous["samples"] != args.samples:
+        raise SystemExit(f"{RESULTS} was measured with {previous['samples']} samples; re-measure all models "
+                         f"or pass --samples {previous['samples']}")
     test = load_digits_split("test")
-    record("real held-out (600) vs real train", test.images, test.labels)
-    record("pure noise", torch.randn(args.samples, 1, 16, 16, generator=torch.Generator().manual_seed(0)), None)
-    spread = []
-    for name in ("dit-digits", "unet-digits", "dit-digits-flow"):
-        for steps in (50, 10):
-            started = time.perf_counter()
-            images, labels = generate(name, steps, args.samples, seed=0)
-            row = record(f"{name}, {steps} steps", images, labels, model=name, steps=steps, seed=0,
-                         seconds=time.perf_counter() - started)
-            if steps == 50:
-                save_grid(images[:100], Path("docs/images") / f"{name}.png")
-                if name == "dit-digits":
-                    spread.append(row["fd"])
-    for seed in range(1, args.seeds):
-        images, labels = generate("dit-digits", 50, args.samples, seed=seed)
-        spread.append(record("dit-digits, 50 steps", images, labels, model="dit-digits", steps=50, seed=seed)["fd"])
-    images, labels = generate("dit-digits", 50, args.samples, seed=0, guidance=3.0)
-    record("dit-digits, 50 steps, guidance 3", images, labels, model="dit-digits", steps=50, guidance=3.0)
+    rows = [measure("real held-out (600) vs real train", test.images, test.labels),
+            measure("pure noise", torch.randn(args.samples, 1, 16, 16, generator=torch.Generator().manual_seed(0)),
+                    None)]
+    for name in MODELS:
+        if name in args.models:
+            rows += model_rows(name, args.samples, args.seeds)
+        else:
+            rows += [row for row in previous["rows"] if row.get("model") == name]
+    spread = [row["fd"] for row in rows if row.get("model") == "dit-digits" and row["steps"] == 50
+              and "guidance" not in row]
     summary = {"samples": args.samples, "rows": rows,
                "dit_digits_fd_seed_spread": {"mean": statistics.mean(spread), "stdev": statistics.stdev(spread),
                                              "min": min(spread), "max": max(spread), "seeds": len(spread)}}
     RESULTS.write_text(json.dumps(summary, indent=2))
     DOC.write_text(to_markdown(summary))
     print(f"wrote {RESULTS} and {DOC}")
+
+
+def measure(what: str, images: torch.Tensor, labels: torch.Tensor | None, **extra) -> dict:
+    row = {"what": what, "fd": digits_fd(images),
+           "accuracy": class_accuracy(images, labels) if labels is not None else None, **extra}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def model_rows(name: str, samples: int, seeds: int) -> list[dict]:
+    """50 and 10 steps (grid from the 50-step samples); for dit-digits also more seeds and guidance."""
+    rows = []
+    for steps in (50, 10):
+        started = time.perf_counter()
+        images, labels = generate(name, steps, samples, seed=0)
+        rows.append(measure(f"{name}, {steps} steps", images, labels, model=name, steps=steps, seed=0,
+                            seconds=time.perf_counter() - started))
+        if steps == 50:
+            save_grid(images[:100], Path("docs/images") / f"{name}.png")
+    if name == "dit-digits":
+        for seed in range(1, seeds):
+            images, labels = generate(name, 50, samples, seed=seed)
+            rows.append(measure(f"{name}, 50 steps", images, labels, model=name, steps=50, seed=seed))
+        images, labels = generate(name, 50, samples, seed=0, guidance=3.0)
+        rows.append(measure(f"{name}, 50 steps, guidance 3", images, labels, model=name, steps=50, guidance=3.0))
+    return rows
 
 
 def to_markdown(summary: dict) -> str:
