@@ -136,9 +136,18 @@ def _failure_location(error: BaseException) -> str:
 _EXPORT_ASSERTIONS = (torch.ops.aten._assert_tensor_metadata.default, torch.ops.aten._assert_scalar.default)
 
 
+def _is_noop_squeeze(node: fx.Node) -> bool:
+    if node.target not in (torch.ops.aten.squeeze.dim, torch.ops.aten.squeeze.dims):
+        return False
+    shape = node.args[0].meta["val"].shape
+    dims = node.args[1] if isinstance(node.args[1], (list, tuple)) else [node.args[1]]
+    return all(isinstance(shape[d], int) and shape[d] != 1 for d in dims)
+
+
 def _plain_graph_module(exported: torch.export.ExportedProgram, signature: Signature) -> fx.GraphModule:
     """Unlift an ExportedProgram into a GraphModule with plain positional placeholders and a
-    tuple output, without export's guard and metadata assertions and without inference-mode dropout."""
+    tuple output, without export's guard and metadata assertions, inference-mode dropout
+    and squeezes of dimensions that are not 1 (all identities)."""
     unlifted = exported.module()
     graph = fx.Graph()
     value_map: dict[fx.Node, fx.Node] = {}
@@ -153,9 +162,10 @@ def _plain_graph_module(exported: torch.export.ExportedProgram, signature: Signa
     for node in list(graph.nodes):
         if (node.op == "call_module" and node.target == "_guards_fn") or node.target in _EXPORT_ASSERTIONS:
             graph.erase_node(node)  # diffopt checks inputs itself; assertions would keep cut-off work alive
-        elif node.target == torch.ops.aten.dropout.default and node.args[2] is False:
-            # inference dropout is the identity, but dead-code elimination keeps it (it is "random"),
-            # and with it everything it reads: passes that cut graphs need it gone
+        elif (node.target == torch.ops.aten.dropout.default and node.args[2] is False) or _is_noop_squeeze(node):
+            # inference dropout is the identity, but dead-code elimination keeps it (it is "random"), and
+            # with it everything it reads; a squeeze of non-1 dimensions (PixArt) is the identity in torch
+            # but an invalid ONNX Squeeze
             node.replace_all_uses_with(node.args[0])
             graph.erase_node(node)
     module = fx.GraphModule(unlifted, graph)

@@ -157,6 +157,16 @@ class AdaptiveSchedule:
         return {"kind": "adaptive", **dataclasses.asdict(self)}
 
 
+def schedule_from_dict(data: Mapping[str, Any]) -> Schedule | AdaptiveSchedule:
+    """Inverse of ``Schedule.to_dict`` / ``AdaptiveSchedule.to_dict``."""
+    fields = {key: value for key, value in data.items() if key != "kind"}
+    if data.get("kind") == "adaptive":
+        return AdaptiveSchedule(**fields)
+    if data.get("kind") == "periodic":
+        return Schedule(**fields)
+    raise ValueError(f"unknown schedule kind {data.get('kind')!r}: expected 'periodic' or 'adaptive'")
+
+
 @dataclass
 class StepProgram:
     """Variants (name -> graph) sharing one signature, the state they thread, and a schedule."""

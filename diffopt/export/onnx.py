@@ -1,0 +1,175 @@
+"""Export a step program to ONNX: one graph per variant, weights stored once, a manifest.
+
+Before: an ``OptimizedDenoiser`` (fx graphs run by torch). After: a bundle directory with
+``<variant>.onnx`` per variant, each ``(latent, timestep, *conditions, *state) ->
+(out, *next_state)`` (a probe returns its signal first) with a dynamic batch axis; every
+weight that several variants share lives once in ``weights.bin`` (ONNX external data);
+``manifest.json`` describes the rest (``diffopt.export.manifest``). Every file passes the
+full ``onnx.checker``.
+
+Profiles: ``"onnxruntime"``, and ``"tensorrt"``, which also checks that each graph uses
+only operators on TensorRT's ONNX parser list (``tensorrt_onnx_ops.txt``) and that no
+state output aliases an input. Building TensorRT engines needs an NVIDIA GPU and is not
+done here.
+"""
+from __future__ import annotations
+
+import hashlib
+import warnings
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+import diffopt
+from diffopt.denoiser import OptimizedDenoiser
+from diffopt.export.manifest import MANIFEST_NAME, Manifest, TensorSpec, VariantFile
+from diffopt.graph_tools import placeholders, state_shape
+from diffopt.program import BATCH, StepProgram
+
+PROFILES = ("onnxruntime", "tensorrt")
+WEIGHTS_FILE = "weights.bin"
+INLINE_LIMIT = 1024  # bytes: smaller tensors stay inside the graph files
+ALIGNMENT = 64
+
+
+class ExportError(RuntimeError):
+    """A variant cannot be exported for the requested profile."""
+
+
+def to_onnx(optimized: OptimizedDenoiser | StepProgram, directory: str | Path, *, profile: str = "onnxruntime",
+            export_batch: int = 2, scheduler_config: Mapping[str, Any] | None = None) -> Manifest:
+    """Write the bundle for ``optimized`` into ``directory`` and return its manifest.
+
+    ``directory`` is created; the files of a bundle already there are replaced, other files
+    are left alone. ``scheduler_config`` (the model's ``make_scheduler`` config) travels in
+    the manifest so the bundle can be sampled without the model's code."""
+    import onnx
+
+    program = optimized.program if isinstance(optimized, OptimizedDenoiser) else optimized
+    if profile not in PROFILES:
+        raise ValueError(f"unknown export profile {profile!r}: expected one of {PROFILES}")
+    if not program.variants:
+        raise ValueError("this program has no graphs (was it loaded from a bundle?); export the optimized model")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    _remove_previous_bundle(directory)
+    input_specs = _input_specs(program)
+    example = [torch.zeros(tuple(export_batch if d == BATCH else d for d in spec.shape), dtype=getattr(torch, spec.dtype))
+               for spec in input_specs]
+    probe = getattr(program.schedule, "probe", None)
+    models, variant_files = {}, {}
+    for name, module in program.variants.items():
+        output_names = ["signal" if name == probe else "out", *(f"next.{n}" for n in program.state.names)]
+        models[name] = _export_variant(module, example, input_specs, output_names, name)
+        variant_files[name] = VariantFile(f"{name}.onnx", tuple(input_specs), _output_specs(models[name]))
+    _store_weights_once(models, directory / WEIGHTS_FILE)
+    for name, model in models.items():
+        path = directory / variant_files[name].file
+        onnx.save(model, str(path))
+        onnx.checker.check_model(str(path), full_check=True)
+        if profile == "tensorrt":
+            check_tensorrt_ready(model, name)
+    manifest = Manifest(program.signature, program.state, program.schedule, variant_files, profile, WEIGHTS_FILE,
+                        diffopt.__version__, program.model_class, _opset(next(iter(models.values()))),
+                        scheduler=dict(scheduler_config) if scheduler_config is not None else None)
+    manifest.save(directory)
+    return manifest
+
+
+def _remove_previous_bundle(directory: Path) -> None:
+    if not (directory / MANIFEST_NAME).exists():
+        return
+    previous = Manifest.load(directory)
+    for name in [*(v.file for v in previous.variants.values()), previous.weights_file, MANIFEST_NAME]:
+        (directory / name).unlink(missing_ok=True)
+
+
+def _input_specs(program: StepProgram) -> list[TensorSpec]:
+    """Model inputs from the captured graph's placeholders, state from the state spec."""
+    full = next(iter(program.variants.values()))
+    model_inputs = placeholders(full.graph)[:program.num_inputs]
+    specs = [TensorSpec(name, state_shape(node), str(node.meta["val"].dtype).removeprefix("torch."))
+             for name, node in zip(program.signature.input_names, model_inputs)]
+    specs += [TensorSpec(e.name, e.shape, str(e.dtype).removeprefix("torch.")) for e in program.state.entries]
+    return specs
+
+
+def _export_variant(module: torch.fx.GraphModule, example: Sequence[torch.Tensor], input_specs: Sequence[TensorSpec],
+                    output_names: Sequence[str], name: str):
+    batch = torch.export.Dim("batch", min=1, max=1 << 20)
+    dynamic = tuple({0: batch} if spec.shape and spec.shape[0] == BATCH else None for spec in input_specs)
+    module.eval()  # the graphs have no train-mode behaviour; this only silences the exporter's warning
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*axis name.*will not be used")  # all inputs share "batch"
+            warnings.filterwarnings("ignore", category=FutureWarning)  # torch-internal deprecations
+            exported = torch.onnx.export(module, tuple(example), dynamo=True,
+                                         input_names=[s.name for s in input_specs], output_names=list(output_names),
+                                         dynamic_shapes=dynamic, optimize=True, verbose=False)
+    except Exception as error:
+        raise ExportError(f"variant {name!r} could not be exported to ONNX: {type(error).__name__}: {error}") from error
+    return exported.model_proto
+
+
+def _output_specs(model) -> tuple[TensorSpec, ...]:
+    from onnx import helper
+
+    specs = []
+    for value in model.graph.output:
+        tensor_type = value.type.tensor_type
+        dims = tuple(BATCH if d.dim_param else d.dim_value for d in tensor_type.shape.dim)
+        specs.append(TensorSpec(value.name, dims, str(helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))))
+    return tuple(specs)
+
+
+def _opset(model) -> int:
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def _store_weights_once(models: dict, path: Path) -> None:
+    """Move every initializer of at least ``INLINE_LIMIT`` bytes into one external-data file,
+    writing identical tensors (same type, shape and bytes) once for all variants."""
+    import onnx
+    from onnx import external_data_helper, numpy_helper
+
+    stored: dict[tuple, tuple[int, int]] = {}
+    with open(path, "wb") as weights:
+        for model in models.values():
+            for tensor in model.graph.initializer:
+                data = tensor.raw_data if tensor.HasField("raw_data") else numpy_helper.to_array(tensor).tobytes()
+                if len(data) < INLINE_LIMIT:
+                    continue
+                key = (tensor.data_type, tuple(tensor.dims), hashlib.sha256(data).hexdigest())
+                if key not in stored:
+                    weights.write(b"\0" * (-weights.tell() % ALIGNMENT))
+                    stored[key] = (weights.tell(), len(data))
+                    weights.write(data)
+                for typed in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+                    tensor.ClearField(typed)
+                tensor.raw_data = data  # set_external_data insists on raw data being present
+                offset, length = stored[key]
+                external_data_helper.set_external_data(tensor, path.name, offset, length)
+                tensor.ClearField("raw_data")
+                tensor.data_location = onnx.TensorProto.EXTERNAL
+
+
+def tensorrt_supported_ops() -> frozenset[str]:
+    text = resources.files("diffopt.export").joinpath("tensorrt_onnx_ops.txt").read_text()
+    return frozenset(line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#"))
+
+
+def check_tensorrt_ready(model, variant: str) -> None:
+    """Raise ``ExportError`` unless every operator is on TensorRT's list and no output aliases an input."""
+    used = {node.op_type for node in model.graph.node if node.domain in ("", "ai.onnx")}
+    custom = sorted({f"{node.domain}::{node.op_type}" for node in model.graph.node if node.domain not in ("", "ai.onnx")})
+    unsupported = sorted(used - tensorrt_supported_ops()) + custom
+    if unsupported:
+        raise ExportError(f"variant {variant!r} uses operators TensorRT's ONNX parser does not support: "
+                          f"{unsupported}; export with profile='onnxruntime' or change the passes that add them")
+    aliased = sorted({o.name for o in model.graph.output} & {i.name for i in model.graph.input})
+    if aliased:
+        raise ExportError(f"variant {variant!r} returns its inputs {aliased} unchanged; TensorRT needs distinct "
+                          f"state bindings")
+
