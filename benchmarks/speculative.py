@@ -84,6 +84,20 @@ def digits_quality(labels):
     return measure
 
 
+def fd_seed_noise(model, config, labels, seeds: int) -> dict:
+    """How much digits FD moves between seeds at this sample count: the yardstick for
+    "FD within seed noise" (FD is biased upwards and noisy at small sample counts)."""
+    from diffopt.metrics.digits import digits_fd
+
+    sampler = Sampler(make_scheduler(config, "ddpm", 50), progress=False)
+    shape = (len(labels), *model_shape(model))
+    fds = [digits_fd(sampler.sample(model, (labels,), shape=shape, seed=1000 + seed)) for seed in range(seeds)]
+    row = {"seeds": seeds, "fd_mean": statistics.mean(fds), "fd_stdev": statistics.stdev(fds),
+           "fd_min": min(fds), "fd_max": max(fds)}
+    print(json.dumps(row))
+    return row
+
+
 def to_markdown(results) -> str:
     lines = ["# Autospeculative DDPM vs sequential DDPM", "",
              f"Command: `{results['command']}`. CPU: {results['threads']} threads. Wall times are medians of "
@@ -123,6 +137,8 @@ def main():
         for steps, windows in ((50, (4, 16, None)), (100, (4, 16, None)), (1000, (16,))):
             section += _compare(model, config, steps, windows, n, (labels,), 1, digits_quality(labels))
         sections[f"dit-digits, {n} class-conditional samples"] = section
+        sections[f"dit-digits FD seed noise at {n} samples (sequential DDPM, 50 steps)"] = [
+            fd_seed_noise(model, config, labels, seeds=5)]
     results = {"command": "python benchmarks/speculative.py" + (" --quick" if args.quick else "")
                + (f" --digits-samples {args.digits_samples}" if not args.quick else ""),
                "threads": threads, "sections": sections}

@@ -7,7 +7,7 @@ from diffopt.annotations import annotation_of
 from diffopt.graph_tools import module_path
 from diffopt.calibration import ActivationStatistics, collect_activation_statistics
 from diffopt.passes.increment_calibrated_cache import CALIBRATED, IncrementCalibratedCachePass
-from diffopt.passes.low_rank import low_rank_factors
+from diffopt.passes.low_rank import low_rank_factors, ranks_under_budget
 from diffopt.program import FULL, PROBE, AdaptiveSchedule, StepProgram
 from models import simple_dit
 
@@ -143,6 +143,35 @@ def test_calibrated_steps_cost_r_times_m_plus_n_per_token(model_and_graph):
     shapes = [(hidden, 3 * hidden), (hidden, hidden), (hidden, 4 * hidden), (4 * hidden, hidden)]
     saved = 2 * sum(tokens * (m * n - rank * (m + n)) for m, n in shapes)  # 2 blocks
     assert full - calibrated == saved
+
+
+def test_ranks_under_a_mac_budget_follow_the_spectrum_and_respect_the_budget():
+    g = torch.Generator().manual_seed(0)
+    low_rank = torch.randn(48, 2, generator=g) @ torch.randn(2, 32, generator=g)  # energy in 2 directions
+    spread = torch.randn(48, 32, generator=g)  # energy in all 32
+    assert ranks_under_budget([(low_rank, None, None), (spread, None, None)], 0.05) == [1, 0]  # room for one
+    for budget in (0.2, 0.5):
+        ranks = ranks_under_budget([(low_rank, None, None), (spread, None, None)], budget)
+        assert sum(r * (48 + 32) for r in ranks) <= budget * 2 * 48 * 32
+        assert ranks[0] == 2 < ranks[1]  # nothing is spent past the low-rank layer's 2 directions
+    with pytest.raises(ValueError, match="fraction"):
+        ranks_under_budget([(spread, None, None)], 1.5)
+
+
+def test_icc_under_a_mac_budget_spends_at_most_the_budget(model_and_graph):
+    _, captured = model_and_graph
+    budget = 0.25
+    program = optimize(captured, [IncrementCalibratedCachePass(mac_budget=budget)]).program
+    ranks = {annotation_of(n).details["layer"]: annotation_of(n).rank
+             for n in program.variants[CALIBRATED].graph.nodes
+             if annotation_of(n) is not None and annotation_of(n).mode == CALIBRATED}
+    hidden = 32
+    shapes = {"qkv": (3 * hidden, hidden), "proj": (hidden, hidden), "fc1": (4 * hidden, hidden),
+              "fc2": (hidden, 4 * hidden)}
+    spent = sum(rank * sum(shapes[layer.rsplit(".", 1)[1]]) for layer, rank in ranks.items())
+    full = 2 * sum(m * n for m, n in shapes.values())
+    assert len(ranks) == 8 and len(set(ranks.values())) > 1  # per-layer choices
+    assert budget * full * 0.9 < spent <= budget * full
 
 
 def test_second_run_changes_nothing_and_plain_models_are_left_alone(model_and_graph):

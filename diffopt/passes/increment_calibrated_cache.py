@@ -15,7 +15,9 @@ only fed cached layers is removed from the graph); full rank reproduces the mode
 
 Token-wise means the layer's input has a token axis (rank >= 3); modulation and
 timestep-embedding linears (batch x channels) stay live. The policy can exclude layers
-(``{"cache": False}``) or set per-layer ``rank``.
+(``{"cache": False}``) or set per-layer ``rank``; ``mac_budget`` instead chooses each
+layer's rank so that the low-rank paths cost a given fraction of the cached layers' full
+MACs, spending ranks where they keep the most spectral energy.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ from diffopt.calibration import ActivationStatistics, layer_key
 from diffopt.graph_tools import (add_variant, finish_probe, insert_relative_change, node_named, remove_dead_code,
                                  state_shape, thread_state)
 from diffopt.passes.base import GraphPass, PassContext, PassResult
-from diffopt.passes.low_rank import low_rank_factors
+from diffopt.passes.low_rank import low_rank_factors, ranks_under_budget
 from diffopt.program import FULL, PROBE, AdaptiveSchedule, Schedule, StateEntry, StepProgram
 
 aten = torch.ops.aten
@@ -46,12 +48,16 @@ class IncrementCalibratedCachePass(GraphPass):
     factorization: str = "svd"  # "svd", "channel-aware" (|activation|) or "channel-aware-increment"
     blocks: tuple[str, ...] | None = None  # block module names (e.g. "transformer_blocks.2"); None: all
     refresh_threshold: float | None = None  # adaptive schedule instead of `period` (see the module docstring)
+    mac_budget: float | None = None  # ranks chosen per layer so the low-rank paths cost this fraction of the
+    #                                  cached layers' full MACs; replaces `rank` where the policy sets none
 
     def __post_init__(self) -> None:
         if self.factorization not in FACTORIZATIONS:
             raise ValueError(f"unknown factorization {self.factorization!r}: expected one of {list(FACTORIZATIONS)}")
         if self.period < 1 or (self.rank is not None and self.rank < 0):
             raise ValueError(f"period must be >= 1 and rank >= 0 or None, found period={self.period} rank={self.rank}")
+        if self.mac_budget is not None and not 0 < self.mac_budget <= 1:
+            raise ValueError(f"mac_budget is a fraction in (0, 1], found {self.mac_budget}")
         if self.refresh_threshold is not None and not self.refresh_threshold >= 0:
             raise ValueError(f"refresh_threshold must be >= 0 or None, found {self.refresh_threshold}")
 
@@ -88,17 +94,30 @@ class IncrementCalibratedCachePass(GraphPass):
             elif settings.get("cache", True) is False:
                 annotate(node, NodeAnnotation("original", self.name, reason="excluded by the layer policy"))
             else:
-                chosen.append((node, settings.get("rank", self.rank)))
+                chosen.append((node, settings.get("rank", _BUDGET if self.mac_budget is not None else self.rank)))
         return chosen
 
-    def _factors(self, node: fx.Node, rank: int, weight: torch.Tensor, context: PassContext):
+    def _budget_ranks(self, module: fx.GraphModule, layers: list, context: PassContext) -> list:
+        """Replace the placeholder ranks of budgeted layers by ``ranks_under_budget``'s choice."""
+        budgeted = [i for i, (_, rank) in enumerate(layers) if rank is _BUDGET]
+        if not budgeted:
+            return layers
+        ranks = ranks_under_budget([(_weight(module, layers[i][0]), *self._channel_weights(layers[i][0], context))
+                                    for i in budgeted], self.mac_budget)
+        chosen = dict(zip(budgeted, ranks))
+        return [(node, chosen.get(i, rank)) for i, (node, rank) in enumerate(layers)]
+
+    def _channel_weights(self, node: fx.Node, context: PassContext):
+        """(input channel weights, output channel weights) for channel-aware SVD; (None, None) for plain SVD."""
         kind = FACTORIZATIONS[self.factorization]
         if kind is None:
-            return low_rank_factors(weight, rank)
+            return None, None
         statistics: ActivationStatistics = context.calibration
         layer = layer_key(node)
-        return low_rank_factors(weight, rank, statistics.channel_weights(layer, kind),
-                                statistics.channel_weights(layer, "output"))
+        return statistics.channel_weights(layer, kind), statistics.channel_weights(layer, "output")
+
+    def _factors(self, node: fx.Node, rank: int, weight: torch.Tensor, context: PassContext):
+        return low_rank_factors(weight, rank, *self._channel_weights(node, context))
 
     def call(self, program: StepProgram, context: PassContext) -> PassResult:
         if CALIBRATED in program.variants:
@@ -108,13 +127,12 @@ class IncrementCalibratedCachePass(GraphPass):
         layers = self._select(full_module.graph, context)
         if not layers:  # nothing to cache; only "left alone" annotations may have been written
             return PassResult(program, program.fingerprint() != before)
+        layers = self._budget_ranks(full_module, layers, context)
         calibrated_module = add_variant(program, CALIBRATED, copy_of=FULL)
         probe = add_variant(program, PROBE, copy_of=FULL) if self.refresh_threshold is not None else None
         probe_increment: list[fx.Node] = []  # (x, x_c) of the first cached layer in the probe
         for index, (node, rank) in enumerate(layers):
-            weight = full_module.get_parameter(node.args[1].target) if node.args[1].op == "get_attr" else None
-            if weight is None:
-                raise ValueError(f"layer {layer_key(node)}: weight is not a graph attribute; cannot factorise it")
+            weight = _weight(full_module, node)
             out_features, in_features = weight.shape
             effective_rank = min(in_features, out_features) if rank is None else min(rank, in_features, out_features)
             layer = layer_key(node)
@@ -152,6 +170,15 @@ class IncrementCalibratedCachePass(GraphPass):
             finish_probe(probe, insert_relative_change(probe.graph, *probe_increment))
             schedule = AdaptiveSchedule(PROBE, self.refresh_threshold, refresh=FULL, between=CALIBRATED)
         return PassResult(dataclasses.replace(program, schedule=schedule), True)
+
+
+_BUDGET = object()  # marks a layer whose rank the MAC budget decides
+
+
+def _weight(module: fx.GraphModule, node: fx.Node) -> torch.Tensor:
+    if node.args[1].op != "get_attr":
+        raise ValueError(f"layer {layer_key(node)}: weight is not a graph attribute; cannot factorise it")
+    return module.get_parameter(node.args[1].target)
 
 
 def _calibrated_output(module: fx.GraphModule, graph: fx.Graph, linear: fx.Node, cached_input: fx.Node,
