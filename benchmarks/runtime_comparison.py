@@ -1,6 +1,6 @@
 """torch vs onnxruntime on CPU, for the unoptimized dit-digits and each caching pass.
 
-    python benchmarks/onnxruntime.py      # writes benchmarks/results/onnxruntime.{json,md}
+    python benchmarks/runtime_comparison.py      # writes benchmarks/results/runtime_comparison.{json,md}
 
 For each configuration the program is exported to an ONNX bundle and loaded back with
 ``load_bundle`` (onnxruntime CPU, IOBinding, spinning off). Measured, at each batch size:
@@ -124,13 +124,13 @@ def main() -> None:
     summary = {"model": "dit-digits", "steps": args.steps, "repeats": args.repeats, "threads": threads,
                "torch": torch.__version__, "onnxruntime": __import__("onnxruntime").__version__,
                "machine": platform.processor() or platform.machine(), "export_s": export_seconds,
-               "command": f"python benchmarks/onnxruntime.py --batch-sizes {' '.join(map(str, args.batch_sizes))} "
+               "command": f"python benchmarks/runtime_comparison.py --batch-sizes {' '.join(map(str, args.batch_sizes))} "
                           f"--steps {args.steps} --repeats {args.repeats} --step-repeats {args.step_repeats}",
                "per_step": per_step, "per_run": per_run}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "onnxruntime.json").write_text(json.dumps(summary, indent=2))
-    (RESULTS / "onnxruntime.md").write_text(to_markdown(summary))
-    print(f"wrote {RESULTS}/onnxruntime.json and .md")
+    (RESULTS / "runtime_comparison.json").write_text(json.dumps(summary, indent=2))
+    (RESULTS / "runtime_comparison.md").write_text(to_markdown(summary))
+    print(f"wrote {RESULTS}/runtime_comparison.json and .md")
 
 
 def to_markdown(summary: dict) -> str:
