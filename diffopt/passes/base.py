@@ -14,7 +14,7 @@ from typing import Any, Sequence
 from diffopt.annotations import META_KEY, NodeAnnotation
 from diffopt.graph_tools import output_values, placeholders
 from diffopt.policy import LayerPolicy
-from diffopt.program import StepProgram
+from diffopt.program import FULL, StepProgram
 
 
 class PassError(RuntimeError):
@@ -124,3 +124,10 @@ class Pipeline:
             program = result.program
             records.append(PassRecord(graph_pass.name, result.modified))
         return program, records
+
+
+def require_single_variant(pass_name: str, program: StepProgram) -> None:
+    """For passes that turn the ``full`` graph into variants: refuse programs that already have some."""
+    if set(program.variants) != {FULL}:
+        raise ValueError(f"{pass_name} rewrites a single-variant program ({FULL!r}); this one has "
+                         f"{sorted(program.variants)}. Run it on the captured model, before passes that add variants.")

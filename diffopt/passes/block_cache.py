@@ -28,7 +28,7 @@ from diffopt.analysis import find_blocks
 from diffopt.annotations import NodeAnnotation, annotate
 from diffopt.graph_tools import (add_variant, finish_probe, insert_relative_change, module_scopes, remove_dead_code,
                                  state_shape, thread_state)
-from diffopt.passes.base import GraphPass, PassContext, PassResult
+from diffopt.passes.base import GraphPass, PassContext, PassResult, require_single_variant
 from diffopt.program import FULL, PROBE, AdaptiveSchedule, Schedule, StateEntry, StepProgram
 
 aten = torch.ops.aten
@@ -67,12 +67,6 @@ def _all_blocks(graph: fx.Graph) -> list[str]:
     return [name for names in find_blocks(graph).values() for name in names]
 
 
-def _require_single_variant(pass_name: str, program: StepProgram) -> None:
-    if set(program.variants) != {FULL}:
-        raise ValueError(f"{pass_name} rewrites a single-variant program ({FULL!r}); this one has "
-                         f"{sorted(program.variants)}. Run it on the captured model, before passes that add variants.")
-
-
 @dataclass(frozen=True)
 class BlockCachePass(GraphPass):
     blocks: tuple[str, ...] | None = None  # e.g. ("transformer_blocks.1", ...); None: every block with one output
@@ -84,7 +78,7 @@ class BlockCachePass(GraphPass):
 
     def requires(self, program: StepProgram, context: PassContext) -> None:
         if CACHED not in program.variants:
-            _require_single_variant(self.name, program)
+            require_single_variant(self.name, program)
 
     def _selected(self, graph: fx.Graph) -> list[str]:
         found = _all_blocks(graph)
@@ -146,7 +140,7 @@ class FirstBlockCachePass(GraphPass):
 
     def requires(self, program: StepProgram, context: PassContext) -> None:
         if PROBE not in program.variants:
-            _require_single_variant(self.name, program)
+            require_single_variant(self.name, program)
 
     def _chain(self, graph: fx.Graph) -> tuple[str, str]:
         chains = {name: blocks for name, blocks in find_blocks(graph).items() if len(blocks) >= 2}

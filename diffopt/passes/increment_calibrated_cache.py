@@ -32,7 +32,7 @@ from diffopt.annotations import NodeAnnotation, annotate
 from diffopt.calibration import ActivationStatistics, layer_key
 from diffopt.graph_tools import (add_variant, finish_probe, insert_relative_change, node_named, remove_dead_code,
                                  state_shape, thread_state)
-from diffopt.passes.base import GraphPass, PassContext, PassResult
+from diffopt.passes.base import GraphPass, PassContext, PassResult, require_single_variant
 from diffopt.passes.low_rank import low_rank_factors, ranks_under_budget
 from diffopt.program import FULL, PROBE, AdaptiveSchedule, Schedule, StateEntry, StepProgram
 
@@ -62,9 +62,8 @@ class IncrementCalibratedCachePass(GraphPass):
             raise ValueError(f"refresh_threshold must be >= 0 or None, found {self.refresh_threshold}")
 
     def requires(self, program: StepProgram, context: PassContext) -> None:
-        if CALIBRATED not in program.variants and set(program.variants) != {FULL}:
-            raise ValueError(f"ICC rewrites a single-variant program ({FULL!r}); this one has "
-                             f"{sorted(program.variants)}. Run it before passes that add variants.")
+        if CALIBRATED not in program.variants:
+            require_single_variant(self.name, program)
         if FACTORIZATIONS[self.factorization] and not isinstance(context.calibration, ActivationStatistics):
             raise ValueError(f"factorization {self.factorization!r} needs calibration statistics: pass "
                              f"calibration=collect_activation_statistics(...) to optimize()")
