@@ -37,6 +37,17 @@ def layer_key(node: fx.Node) -> str:
     return module_path(node) or node.name
 
 
+def unique_layer_keys(graph: fx.Graph, nodes: list[fx.Node]) -> dict[fx.Node, str]:
+    """``layer_key`` of each of ``nodes``, made unique in graph order: a module called twice
+    gets ``#2`` on its second call (DiT's block-0 embedder also conditions the output layer)."""
+    keys, seen = {}, {}
+    for node in nodes:
+        key = layer_key(node)
+        seen[key] = seen.get(key, 0) + 1
+        keys[node] = key if seen[key] == 1 else f"{key}#{seen[key]}"
+    return keys
+
+
 @dataclass
 class ActivationStatistics:
     """Per layer and magnitude kind: summed normalised channel magnitudes and their count."""

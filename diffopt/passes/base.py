@@ -2,7 +2,7 @@
 
 A pass is a frozen dataclass (options as fields) with ``call(program, context) ->
 PassResult(program, modified)`` and optional ``requires`` / ``ensures`` checks, after
-onnx-ir's pass infrastructure. The ``Pipeline`` runs passes in order, verifies the
+onnx-ir's pass infrastructure. The ``Pipeline`` runs passes in order, recompiles and verifies the
 program after each one (``graph.lint()`` plus the step-program invariants), checks that
 ``modified`` is truthful, and names the failing pass and the passes before it.
 """
@@ -113,6 +113,8 @@ class Pipeline:
             try:
                 graph_pass.requires(program, context)
                 result = graph_pass.call(program, context)
+                for module in result.program.variants.values():
+                    module.recompile()
                 verify_program(result.program)
                 graph_pass.ensures(result.program, context)
             except Exception as error:

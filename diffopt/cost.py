@@ -1,0 +1,171 @@
+"""Cost accounting of sampling runs: per step and per run, MACs, bit-operations, state bytes
+and peak activation memory, counted while the program really runs.
+
+``CostCountingBackend`` runs each variant with an fx Interpreter. MACs come from
+``analysis.node_macs`` on the real shapes (row skipping shows up as smaller matmuls).
+Bit-operations of a linear op are ``MACs x activation bits x weight bits``: a matmul a
+quantization pass annotated with ``activation_bits="codes"`` is charged per code by its
+width (``quantization.WIDTH_BITS``: zero codes skipped, 4 / 8 / 16 bits), counted on the
+values that ran; other annotated matmuls by their declared bits; unannotated ones by their
+dtype (32 x 32 for float32). Peak memory is the largest total of live intermediate
+tensors (inputs and state included, weights not) during a step.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import fx
+
+from diffopt.analysis import LINEAR_OPS, node_macs
+from diffopt.annotations import annotation_of
+from diffopt.denoiser import OptimizedDenoiser
+from diffopt.passes.linear_ops import attribute
+from diffopt.program import StepProgram
+from diffopt.quantization import code_width_fractions, mean_operand_bits
+from diffopt.runtime.sampler import Sampler
+
+
+@dataclass
+class StepCost:
+    variant: str
+    macs: int = 0
+    linear_macs: int = 0
+    linear_bit_operations: float = 0.0
+    peak_activation_bytes: int = 0
+
+
+@dataclass
+class RunCost:
+    steps: list[StepCost] = field(default_factory=list)
+    state_bytes: int = 0
+    weight_bytes: int = 0
+
+    @property
+    def macs(self) -> int:
+        return sum(s.macs for s in self.steps)
+
+    @property
+    def linear_bit_operations(self) -> float:
+        return sum(s.linear_bit_operations for s in self.steps)
+
+    @property
+    def peak_activation_bytes(self) -> int:
+        return max((s.peak_activation_bytes for s in self.steps), default=0)
+
+    def summary(self) -> dict[str, Any]:
+        return {"macs": self.macs, "linear_bit_operations": self.linear_bit_operations,
+                "state_bytes": self.state_bytes, "peak_activation_bytes": self.peak_activation_bytes,
+                "weight_bytes": self.weight_bytes, "steps": [asdict(s) for s in self.steps]}
+
+
+def operand_bits_of(node: fx.Node, activation: torch.Tensor) -> float:
+    """Activation bits x weight bits charged per MAC of linear op ``node``."""
+    annotation = annotation_of(node)
+    details = annotation.details if annotation is not None else {}
+    if "activation_bits" not in details:
+        bits = activation.element_size() * 8
+        return float(bits * bits)
+    if details["activation_bits"] == "codes":
+        codes = torch.round(activation / details["code_scale"])
+        return mean_operand_bits(code_width_fractions(codes)) * details["weight_bits"]
+    return float(details["activation_bits"] * details["weight_bits"])
+
+
+def _storage_key(value: Any) -> tuple[int, int] | None:
+    if not isinstance(value, torch.Tensor) or value.numel() == 0:
+        return None
+    storage = value.untyped_storage()
+    return storage.data_ptr(), storage.nbytes()
+
+
+class _CostInterpreter(fx.Interpreter):
+    """Counts MACs / bit-operations per node and tracks live tensor bytes (by storage)."""
+
+    def __init__(self, module: fx.GraphModule, cost: StepCost):
+        super().__init__(module, garbage_collect_values=True)
+        self.cost = cost
+        self.live: dict[int, list[int]] = {}  # storage pointer -> [bytes, nodes holding it]
+        self.holders: dict[fx.Node, int] = {}
+        self.live_bytes = 0
+
+    def run_node(self, node: fx.Node) -> Any:
+        result = super().run_node(node)
+        if node.op == "call_function":
+            args, _ = self.fetch_args_kwargs_from_env(node)
+            macs = node_macs(node, args, result)
+            self.cost.macs += macs
+            if node.target in LINEAR_OPS and macs:
+                self.cost.linear_macs += macs
+                self.cost.linear_bit_operations += macs * operand_bits_of(node, args[0])
+        if node.op != "get_attr":
+            self._hold(node, result)
+        self.cost.peak_activation_bytes = max(self.cost.peak_activation_bytes, self.live_bytes)
+        for used in self.user_to_last_uses.get(node, []):
+            self._release(used)
+        return result
+
+    def _hold(self, node: fx.Node, value: Any) -> None:
+        key = _storage_key(value)
+        if key is None:
+            return
+        pointer, nbytes = key
+        entry = self.live.setdefault(pointer, [nbytes, 0])
+        if entry[1] == 0:
+            self.live_bytes += nbytes
+        entry[1] += 1
+        self.holders[node] = pointer
+
+    def _release(self, node: fx.Node) -> None:
+        pointer = self.holders.pop(node, None)
+        if pointer is None:
+            return
+        entry = self.live[pointer]
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.live_bytes -= entry[0]
+            del self.live[pointer]
+
+
+class CostCountingBackend:
+    """A torch backend that records a ``StepCost`` for every variant it runs."""
+
+    name = "torch-cost-counting"
+
+    def __init__(self, program: StepProgram):
+        self.program = program
+        self.steps: list[StepCost] = []
+
+    def run(self, variant: str, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        cost = StepCost(variant)
+        with torch.no_grad():
+            outputs = tuple(_CostInterpreter(self.program.variants[variant], cost).run(*inputs))
+        self.steps.append(cost)
+        return outputs
+
+
+def state_bytes(program: StepProgram, batch_size: int) -> int:
+    return sum(math.prod(e.shape_for(batch_size)) * torch.empty((), dtype=e.dtype).element_size()
+               for e in program.state.entries)
+
+
+def weight_bytes(program: StepProgram) -> int:
+    """Bytes of the distinct parameters and buffers the variants' graphs read (``get_attr``)."""
+    seen: dict[int, int] = {}
+    for module in program.variants.values():
+        for node in module.graph.nodes:
+            if node.op == "get_attr":
+                tensor = attribute(module, node.target)
+                if isinstance(tensor, torch.Tensor):
+                    seen[tensor.data_ptr()] = tensor.numel() * tensor.element_size()
+    return sum(seen.values())
+
+
+def measure_run_cost(program: StepProgram, sampler: Sampler, conditions: Sequence[torch.Tensor],
+                     shape: Sequence[int], seed: int = 0) -> RunCost:
+    """Sample once with cost counting (a probe of an adaptive schedule counts as a step of its own)."""
+    backend = CostCountingBackend(program)
+    sampler.sample(OptimizedDenoiser(program, backend=backend), conditions, shape=shape, seed=seed)
+    return RunCost(backend.steps, state_bytes(program, shape[0]), weight_bytes(program))

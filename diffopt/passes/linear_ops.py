@@ -1,0 +1,88 @@
+"""Graph helpers for passes that rewrite linear ops (``aten.linear``, ``aten.conv1d/2d``):
+which ops are eligible, how to call one with other operands, and integer (A8W8) arithmetic.
+
+Integer arithmetic keeps codes in float64: products of int8 codes summed over any
+realistic reduction stay far below 2**53, so float64 accumulation is exact and the
+same in every order: an integer identity holds bit for bit, not within a tolerance.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import fx
+
+from diffopt.analysis import LINEAR_OPS
+from diffopt.calibration import unique_layer_keys
+from diffopt.quantization import quantize_weight_per_channel
+
+aten = torch.ops.aten
+WEIGHT_BITS = 8
+
+
+def linear_layers(graph: fx.Graph) -> dict[fx.Node, str]:
+    """Linear / conv nodes whose weight is a graph attribute (a parameter of the model),
+    with their layer names (``calibration.unique_layer_keys``, as calibration names them)."""
+    ops = [n for n in graph.nodes if n.op == "call_function" and n.target in LINEAR_OPS]
+    return {node: key for node, key in unique_layer_keys(graph, ops).items()
+            if getattr(node.args[1], "op", None) == "get_attr"}
+
+
+def op_name(node: fx.Node) -> str:
+    return node.target.overloadpacket.__name__
+
+
+def call_like(graph: fx.Graph, op: fx.Node, activation: fx.Node, weight: fx.Node,
+              bias: fx.Node | None = None) -> fx.Node:
+    """``op`` (linear or conv, same stride/padding/...) applied to other operands."""
+    return graph.call_function(op.target, (activation, weight, bias, *op.args[3:]), dict(op.kwargs))
+
+
+def constant(module: fx.GraphModule, graph: fx.Graph, name: str, value: torch.Tensor) -> fx.Node:
+    """A ``get_attr`` of buffer ``name`` (registered on ``module`` if it is not yet)."""
+    if not hasattr(module, name):
+        module.register_buffer(name, value)
+    return graph.get_attr(name)
+
+
+def to_dtype(graph: fx.Graph, value: fx.Node, dtype: torch.dtype) -> fx.Node:
+    return graph.call_function(aten._to_copy.default, (value,), {"dtype": dtype})
+
+
+def attribute(module: fx.GraphModule, target: str) -> torch.Tensor:
+    """The tensor a ``get_attr`` node with ``target`` reads."""
+    return functools.reduce(getattr, target.split("."), module)
+
+
+def output_broadcast_shape(op: fx.Node, channels: int) -> tuple[int, ...]:
+    """Shape that broadcasts a per-output-channel vector over the op's output."""
+    return (channels, *[1] * {"linear": 0, "conv1d": 1, "conv2d": 2}[op_name(op)])
+
+
+class IntegerLinear:
+    """The A8W8 form of one linear op: int8 per-output-channel weight codes and a static
+    activation scale. ``accumulate(codes) = op(codes, W_codes)`` exactly (float64);
+    ``dequantize(acc) = acc * s_x * s_w + bias`` in the op's dtype. Built once from the
+    op; the graph methods take the op's node in the variant being edited."""
+
+    def __init__(self, module: fx.GraphModule, op: fx.Node, activation_scale: float, prefix: str):
+        weight = attribute(module, op.args[1].target)
+        codes, weight_scale = quantize_weight_per_channel(weight, WEIGHT_BITS)
+        self.shape = output_broadcast_shape(op, weight.shape[0])
+        self.weight_codes = codes.double()
+        self.output_scale = (weight_scale.double() * activation_scale).reshape(self.shape)
+        self.dtype = weight.dtype
+        self.prefix = prefix
+
+    def accumulate(self, module: fx.GraphModule, graph: fx.Graph, op: fx.Node, codes64: fx.Node) -> fx.Node:
+        weight = constant(module, graph, f"{self.prefix}_weight_codes", self.weight_codes)
+        return call_like(graph, op, codes64, weight)
+
+    def dequantize(self, module: fx.GraphModule, graph: fx.Graph, op: fx.Node, accumulator: fx.Node) -> fx.Node:
+        scale = constant(module, graph, f"{self.prefix}_output_scale", self.output_scale)
+        value = to_dtype(graph, graph.call_function(aten.mul.Tensor, (accumulator, scale)), self.dtype)
+        bias = op.args[2] if len(op.args) > 2 else None
+        if bias is None:
+            return value
+        return graph.call_function(aten.add.Tensor, (value, graph.call_function(aten.view.default,
+                                                                                 (bias, list(self.shape)))))

@@ -1,0 +1,83 @@
+"""Static per-layer activation quantization: the plain int8 baselines Ditto is measured against.
+
+Before: ``y = op(x, W, b)`` for every Linear / Conv with a parameter weight.
+After, ``weight_bits=8`` (A8W8): ``c = Q(x; s_x)``, ``y = op(c, W_c) * s_x * s_w + b`` with
+int8 weight codes per output channel and exact integer accumulation (float64);
+``weight_bits=None`` (A8, fp weights): ``y = op(Q(x; s_x) * s_x, W, b)``. ``s_x`` is one static
+scale per layer from temporal calibration (``TemporalStatistics.input_scale``). The
+policy can exclude layers (``{"quantize": False}``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from diffopt.annotations import NodeAnnotation, annotate, annotation_of
+from diffopt.graph_tools import remove_dead_code
+from diffopt.passes.base import GraphPass, PassContext, PassResult
+from diffopt.passes.linear_ops import WEIGHT_BITS, IntegerLinear, call_like, linear_layers, op_name, to_dtype
+from diffopt.program import StepProgram
+from diffopt.quantization import insert_quantize
+from diffopt.temporal_calibration import TemporalStatistics
+
+aten = torch.ops.aten
+
+
+def require_temporal_statistics(pass_name: str, context: PassContext) -> TemporalStatistics:
+    if not isinstance(context.calibration, TemporalStatistics):
+        raise ValueError(f"{pass_name} needs static activation scales: pass calibration=calibrate_temporal(...) "
+                         f"(or TemporalStatistics.load(path)) to optimize()")
+    return context.calibration
+
+
+def operand_bits(activation_bits: int | str, weight_bits: int, code_scale: float = 1.0) -> dict:
+    """Annotation details cost accounting reads: operand widths of a matmul. ``"codes"``:
+    the activation holds integer codes times ``code_scale``; their widths are counted at run time."""
+    return {"activation_bits": activation_bits, "weight_bits": weight_bits, "code_scale": code_scale}
+
+
+@dataclass(frozen=True)
+class StaticQuantizationPass(GraphPass):
+    activation_bits: int = 8
+    weight_bits: int | None = WEIGHT_BITS  # None: keep float weights (activation-only quantization)
+
+    def __post_init__(self) -> None:
+        if self.weight_bits not in (None, WEIGHT_BITS):
+            raise ValueError(f"weight_bits must be {WEIGHT_BITS} or None, found {self.weight_bits}")
+        if self.weight_bits is not None and self.activation_bits != 8:
+            raise ValueError("integer accumulation (weight_bits=8) is implemented for 8-bit activations only")
+
+    def requires(self, program: StepProgram, context: PassContext) -> None:
+        require_temporal_statistics(self.name, context)
+
+    def call(self, program: StepProgram, context: PassContext) -> PassResult:
+        statistics = require_temporal_statistics(self.name, context)
+        modified = False
+        for module in program.variants.values():
+            graph = module.graph
+            for index, (op, layer) in enumerate(linear_layers(graph).items()):
+                if annotation_of(op) is not None:
+                    continue  # decided by an earlier pass (or by this one: a second run changes nothing)
+                if context.policy.resolve(layer, op_name(op)).get("quantize", True) is False:
+                    annotate(op, NodeAnnotation("original", self.name, reason="excluded by the layer policy"))
+                    modified = True
+                    continue
+                scale = statistics.input_scale(layer, self.activation_bits)
+                with graph.inserting_before(op):
+                    codes = insert_quantize(graph, op.args[0], scale, self.activation_bits)
+                    if self.weight_bits is None:
+                        matmul = call_like(graph, op, graph.call_function(aten.mul.Tensor, (codes, scale)),
+                                           op.args[1], op.args[2] if len(op.args) > 2 else None)
+                        result, bits = matmul, operand_bits(self.activation_bits, 32)
+                    else:
+                        integer = IntegerLinear(module, op, scale, f"a8w8_{index}")
+                        matmul = integer.accumulate(module, graph, op, to_dtype(graph, codes, torch.float64))
+                        result, bits = integer.dequantize(module, graph, op, matmul), operand_bits("codes", 8)
+                annotate(matmul, NodeAnnotation("quantized", self.name, bits=self.activation_bits,
+                                                details={"layer": layer, **bits}))
+                op.replace_all_uses_with(result)
+                graph.erase_node(op)
+                modified = True
+            remove_dead_code(module)
+        return PassResult(program, modified)

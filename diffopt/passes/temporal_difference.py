@@ -1,0 +1,222 @@
+"""Temporal-difference linear layers (Ditto): process the change of an input, not the input.
+
+Before: every step computes ``y = op(x, W) + b`` (Linear / Conv).
+After: variant ``full`` (step 0) computes as before and stores the layer's previous
+input and output in state; variant ``delta`` (every later step) computes
+``y = y_prev + op(d, W)`` without bias (it is inside ``y_prev``), where, per ``mode``:
+
+- ``exact``: ``d = x - x_prev``; equals the model up to float rounding.
+- ``integer`` (Ditto's identity): ``c = Q(x; s_x)`` with ONE static per-layer scale,
+  ``d = c - c_prev`` in integers, and the accumulator ``acc = acc_prev + op(d, W_c)`` is
+  exact (``linear_ops.IntegerLinear``), so the output equals the A8W8 model
+  (``StaticQuantizationPass``) bit for bit while most codes of ``d`` are zero or small.
+- ``difference``: ``d = Q(x - x̂_prev; s_d) * s_d`` with its own static scale (the
+  difference's range is ~10x narrower than the input's, so ``bits`` codes on it are
+  far more accurate than on ``x``); error feedback stores ``x̂ = x̂_prev + d``, the input
+  for which ``y = op(x̂, W) + b`` holds, so quantization errors do not accumulate.
+
+Layers that share an input (attention q/k/v) share one previous-input state and one
+difference. ``row_threshold`` (linear ops): token rows whose difference has
+``max|d| <= row_threshold * (calibrated max |x_t - x_prev| of the layer)`` are skipped
+(gather the active rows, a smaller matmul, scatter-add into ``y_prev``); the previous
+input then only advances on active rows, so skipped changes are applied once they grow.
+``row_threshold=0`` skips only rows that are exactly zero (lossless). The policy can
+keep layers in full mode (``{"mode": "full"}``); ``DefoPass`` decides that per layer.
+``refresh_period`` recomputes a full step every that many steps (None: step 0 only).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from diffopt.annotations import NodeAnnotation, annotate
+from diffopt.graph_tools import add_variant, node_named, remove_dead_code, state_shape, thread_state
+from diffopt.passes.base import GraphPass, PassContext, PassResult, require_single_variant
+from diffopt.passes.linear_ops import IntegerLinear, call_like, linear_layers, op_name, to_dtype
+from diffopt.passes.static_quantization import operand_bits, require_temporal_statistics
+from diffopt.program import FULL, Schedule, StateEntry, StepProgram
+from diffopt.quantization import insert_quantize
+
+aten = torch.ops.aten
+DELTA = "delta"
+MODES = ("exact", "integer", "difference")
+
+
+@dataclass(frozen=True)
+class TemporalDifferencePass(GraphPass):
+    mode: str = "exact"
+    bits: int = 8  # integer: activation code bits (8 only); difference: bits of the difference codes
+    row_threshold: float | None = None  # linear ops: skip token rows with small differences (module docstring)
+    refresh_period: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r}: expected one of {MODES}")
+        if self.mode == "integer" and self.bits != 8:
+            raise ValueError("integer mode is the A8W8 identity: bits must be 8")
+        if self.row_threshold is not None and (self.row_threshold < 0 or self.mode == "integer"):
+            raise ValueError("row_threshold must be >= 0, and row skipping applies to the exact and difference modes")
+        if self.refresh_period is not None and self.refresh_period < 1:
+            raise ValueError(f"refresh_period must be >= 1 or None, found {self.refresh_period}")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.mode != "exact" or self.row_threshold is not None
+
+    def requires(self, program: StepProgram, context: PassContext) -> None:
+        if DELTA not in program.variants:
+            require_single_variant(self.name, program)
+        if self.needs_calibration:
+            require_temporal_statistics(self.name, context)
+
+    def selected_layers(self, graph: fx.Graph, context: PassContext) -> dict[fx.Node, str]:
+        """Ops to rewrite (with their layer names); the others are annotated with the
+        reason they stay full."""
+        chosen = {}
+        for op, layer in linear_layers(graph).items():
+            settings = context.policy.resolve(layer, op_name(op))
+            if settings.get("mode", DELTA) == FULL:
+                annotate(op, NodeAnnotation(FULL, self.name, reason=settings.get("reason", "the layer policy says full"),
+                                            details={"layer": layer}))
+            else:
+                chosen[op] = layer
+        return chosen
+
+    def call(self, program: StepProgram, context: PassContext) -> PassResult:
+        if DELTA in program.variants:
+            return PassResult(program, False)
+        before = program.fingerprint()
+        full_module = program.variants[FULL]
+        layers = self.selected_layers(full_module.graph, context)
+        if not layers:
+            return PassResult(program, program.fingerprint() != before)
+        add_variant(program, DELTA, copy_of=FULL)
+        groups: dict[str, dict[fx.Node, str]] = {}
+        for op, layer in layers.items():
+            groups.setdefault(op.args[0].name, {})[op] = layer
+        # every group reads its shapes before any is rewritten (one op's output can be another's input)
+        for group in [_LayerGroup(self, context, program, ops, index) for index, ops in enumerate(groups.values())]:
+            program = group.rewrite(program)
+        for module in program.variants.values():
+            remove_dead_code(module)
+        schedule = Schedule(FULL, DELTA, self.refresh_period)
+        return PassResult(dataclasses.replace(program, schedule=schedule), True)
+
+
+class _LayerGroup:
+    """Ops reading the same input: one previous-input state, one difference, and one
+    previous-output state per op."""
+
+    def __init__(self, spec: TemporalDifferencePass, context: PassContext, program: StepProgram,
+                 layers: dict[fx.Node, str], index: int):
+        self.spec, self.program = spec, program
+        self.ops, self.names = list(layers), list(layers.values())
+        self.full_module = program.variants[FULL]
+        self.layer = self.names[0]
+        source = self.ops[0].args[0]
+        self.input_shape, self.input_dtype = state_shape(source), source.meta["val"].dtype
+        self.row_skip = spec.row_threshold is not None and all(op.target == aten.linear.default for op in self.ops)
+        statistics = require_temporal_statistics(spec.name, context) if spec.needs_calibration else None
+        if spec.mode == "integer":
+            self.input_scale = statistics.input_scale(self.layer, 8)
+            self.integer = [IntegerLinear(self.full_module, op, self.input_scale, f"ditto_{index}_{i}")
+                            for i, op in enumerate(self.ops)]
+        if spec.mode == "difference":
+            self.difference_scale = statistics.difference_scale(self.layer, spec.bits)
+        if self.row_skip:
+            self.row_limit = spec.row_threshold * statistics.difference_absmax[self.layer]
+        self.shared: dict[str, dict[str, fx.Node]] = {}  # variant -> named nodes built for the group
+
+    def rewrite(self, program: StepProgram) -> StepProgram:
+        self.program = program
+        stored_dtype = torch.int8 if self.spec.mode == "integer" else self.input_dtype
+        entry = StateEntry(f"{self.layer}.previous_input", self.input_shape, stored_dtype, self.spec.name)
+        program = thread_state(program, entry, self._update_input)
+        for position, op in enumerate(self.ops):
+            dtype = torch.float64 if self.spec.mode == "integer" else op.meta["val"].dtype
+            name = "previous_accumulator" if self.spec.mode == "integer" else "previous_output"
+            entry = StateEntry(f"{self.names[position]}.{name}", state_shape(op), dtype, self.spec.name)
+            program = thread_state(program, entry, lambda variant, graph, previous, position=position:
+                                   self._update_output(variant, graph, previous, position))
+        return program
+
+    def _first_op(self, graph: fx.Graph) -> fx.Node:
+        return node_named(graph, self.ops[0].name)
+
+    def _update_input(self, variant: str, graph: fx.Graph, previous: fx.Node) -> fx.Node:
+        """Build the group's shared nodes; return the new previous input."""
+        x = self._first_op(graph).args[0]
+        nodes = self.shared.setdefault(variant, {})
+        with graph.inserting_before(self._first_op(graph)):
+            if self.spec.mode == "integer":
+                codes = insert_quantize(graph, x, self.input_scale, 8)
+                nodes["codes"] = to_dtype(graph, codes, torch.float64)
+                if variant == DELTA:
+                    previous_codes = to_dtype(graph, previous, torch.float64)
+                    nodes["difference"] = graph.call_function(aten.sub.Tensor, (nodes["codes"], previous_codes))
+                return to_dtype(graph, codes, torch.int8)
+            if variant == FULL:
+                return x
+            difference = graph.call_function(aten.sub.Tensor, (x, previous))
+            if self.spec.mode == "difference":
+                codes = insert_quantize(graph, difference, self.difference_scale, self.spec.bits)
+                difference = graph.call_function(aten.mul.Tensor, (codes, self.difference_scale))
+            nodes["difference"] = difference
+            if self.row_skip:
+                return self._gather_active_rows(graph, nodes, previous)
+            return x if self.spec.mode == "exact" else graph.call_function(aten.add.Tensor, (previous, difference))
+
+    def _gather_active_rows(self, graph: fx.Graph, nodes: dict[str, fx.Node], previous: fx.Node) -> fx.Node:
+        """Rows of the difference above the limit; returns the previous input advanced on them."""
+        channels = self.input_shape[-1]
+        rows = graph.call_function(aten.view.default, (nodes["difference"], [-1, channels]))
+        largest = graph.call_function(aten.amax.default, (graph.call_function(aten.abs.default, (rows,)), [1]))
+        active = graph.call_function(aten.gt.Scalar, (largest, self.row_limit))
+        nodes["rows"] = graph.call_function(aten.view.default, (graph.call_function(aten.nonzero.default, (active,)),
+                                                                [-1]))
+        nodes["active_difference"] = graph.call_function(aten.index_select.default, (rows, 0, nodes["rows"]))
+        flat_previous = graph.call_function(aten.view.default, (previous, [-1, channels]))
+        advanced = graph.call_function(aten.index_add.default,
+                                       (flat_previous, 0, nodes["rows"], nodes["active_difference"]))
+        return graph.call_function(aten.view_as.default, (advanced, previous))
+
+    def _update_output(self, variant: str, graph: fx.Graph, previous: fx.Node, position: int) -> fx.Node:
+        op = node_named(graph, self.ops[position].name)
+        module = self.program.variants[variant]
+        nodes = self.shared[variant]
+        details = {"layer": self.names[position], "mode": self.spec.mode, "row_threshold": self.spec.row_threshold}
+        with graph.inserting_before(op):
+            if self.spec.mode == "integer":
+                integer = self.integer[position]
+                operand = nodes["codes"] if variant == FULL else nodes["difference"]
+                matmul = integer.accumulate(module, graph, op, operand)
+                accumulator = matmul if variant == FULL else graph.call_function(aten.add.Tensor, (previous, matmul))
+                annotate(matmul, NodeAnnotation(variant, self.spec.name, bits=8,
+                                                details={**details, **operand_bits("codes", 8)}))
+                op.replace_all_uses_with(integer.dequantize(module, graph, op, accumulator))
+                graph.erase_node(op)
+                return accumulator
+            if variant == FULL:
+                annotate(op, NodeAnnotation(FULL, self.spec.name, details=details))
+                return op
+            output = self._delta_output(graph, op, nodes, previous)
+        bits = operand_bits("codes", 32, self.difference_scale) if self.spec.mode == "difference" else {}
+        annotate(output[1], NodeAnnotation(DELTA, self.spec.name, bits=self.spec.bits if bits else None,
+                                           details={**details, **bits}))
+        op.replace_all_uses_with(output[0])
+        graph.erase_node(op)
+        return output[0]
+
+    def _delta_output(self, graph: fx.Graph, op: fx.Node, nodes: dict[str, fx.Node],
+                      previous: fx.Node) -> tuple[fx.Node, fx.Node]:
+        """(``y_prev + op(d, W)``, the matmul node), over the active rows only when skipping rows."""
+        if not self.row_skip:
+            matmul = call_like(graph, op, nodes["difference"], op.args[1])
+            return graph.call_function(aten.add.Tensor, (previous, matmul)), matmul
+        matmul = call_like(graph, op, nodes["active_difference"], op.args[1])
+        flat_previous = graph.call_function(aten.view.default, (previous, [-1, op.meta["val"].shape[-1]]))
+        updated = graph.call_function(aten.index_add.default, (flat_previous, 0, nodes["rows"], matmul))
+        return graph.call_function(aten.view_as.default, (updated, previous)), matmul
