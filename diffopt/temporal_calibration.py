@@ -37,7 +37,8 @@ from diffopt.runtime.sampler import Sampler
 aten = torch.ops.aten
 ATTENTION_OPERANDS = ("query", "key", "value")
 PAPER = {"cosine": 0.983, "zero": 0.445, "within_4bit": 0.960, "range_ratio": 1 / 9}  # Ditto, METHODS.md
-STEP_METRICS = ("cosine", "range_ratio", *WIDTH_CLASSES, "zero_rows")
+ROW_THRESHOLDS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5)  # row skipping limits, relative to a layer's max |difference|
+STEP_METRICS = ("cosine", "range_ratio", *WIDTH_CLASSES, "zero_rows", *(f"rows_below_{r:g}" for r in ROW_THRESHOLDS))
 
 
 def observed_operands(graph: fx.Graph) -> list[tuple[str, str, fx.Node, int]]:
@@ -159,7 +160,10 @@ class TemporalStatistics:
                  f"{'code differences exactly zero':34}{self.model_mean('zero'):10.1%}{PAPER['zero']:14.1%}",
                  f"{'code differences within 4 bits':34}{within4():10.1%}{PAPER['within_4bit']:14.1%}",
                  f"{'code differences wider than 8 bits':34}{self.model_mean('wider'):10.1%}{'':>14}",
-                 f"{'token rows entirely zero':34}{self.model_mean('zero_rows'):10.1%}{'':>14}"]
+                 f"{'token rows entirely zero':34}{self.model_mean('zero_rows'):10.1%}{'':>14}",
+                 "rows skippable at threshold (x max |difference|): " + "  ".join(
+                     f"{r:g}: {self.model_mean(f'rows_below_{r:g}', 'linear'):.1%}" for r in ROW_THRESHOLDS)
+                 + "  (linear layers)"]
         for op in sorted(set(self.ops.values())):
             lines.append(f"  {op:12} cos {self.model_mean('cosine', op):.3f}  zero {self.model_mean('zero', op):6.1%}"
                          f"  within 4 bits {self.model_mean('zero', op) + self.model_mean('4bit', op):6.1%}")
@@ -220,9 +224,13 @@ class TemporalRecorder:
         difference = flat - flat_previous
         ranges = (difference.amax(1) - difference.amin(1)) / (flat.amax(1) - flat.amin(1)).clamp_min(1e-12)
         code_difference = codes - previous_codes
+        op = self.ops[layer]
+        row_change = rows(value - previous_value, op).abs().amax(1)
+        limit = self.statistics.difference_absmax.get(layer, 0.0)
         metrics = {"cosine": float(cosine), "range_ratio": float(ranges.mean()),
                    **code_width_fractions(code_difference),
-                   "zero_rows": float((rows(code_difference, self.ops[layer]).abs().amax(1) == 0).float().mean())}
+                   "zero_rows": float((rows(code_difference, op).abs().amax(1) == 0).float().mean()),
+                   **{f"rows_below_{r:g}": float((row_change <= r * limit).float().mean()) for r in ROW_THRESHOLDS}}
         self.statistics.add_step(layer, step, metrics, batch)
 
 

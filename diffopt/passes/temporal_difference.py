@@ -42,6 +42,8 @@ from diffopt.quantization import insert_quantize
 
 aten = torch.ops.aten
 DELTA = "delta"
+GROUP_KEY = "diffopt_layer_group"  # node meta: the layer group (first layer's name) a delta node computes for
+GROUP_INPUT_KEY = "diffopt_layer_group_input"  # node meta: the group whose layers read this node
 MODES = ("exact", "integer", "difference")
 
 
@@ -112,7 +114,7 @@ class _LayerGroup:
 
     def __init__(self, spec: TemporalDifferencePass, context: PassContext, program: StepProgram,
                  layers: dict[fx.Node, str], index: int):
-        self.spec, self.program = spec, program
+        self.spec, self.program, self.context = spec, program, context
         self.ops, self.names = list(layers), list(layers.values())
         self.full_module = program.variants[FULL]
         self.layer = self.names[0]
@@ -134,14 +136,26 @@ class _LayerGroup:
         self.program = program
         stored_dtype = torch.int8 if self.spec.mode == "integer" else self.input_dtype
         entry = StateEntry(f"{self.layer}.previous_input", self.input_shape, stored_dtype, self.spec.name)
-        program = thread_state(program, entry, self._update_input)
+        program = thread_state(program, entry, self._tagged(self._update_input))
         for position, op in enumerate(self.ops):
             dtype = torch.float64 if self.spec.mode == "integer" else op.meta["val"].dtype
             name = "previous_accumulator" if self.spec.mode == "integer" else "previous_output"
             entry = StateEntry(f"{self.names[position]}.{name}", state_shape(op), dtype, self.spec.name)
-            program = thread_state(program, entry, lambda variant, graph, previous, position=position:
-                                   self._update_output(variant, graph, previous, position))
+            program = thread_state(program, entry, self._tagged(
+                lambda variant, graph, previous, position=position: self._update_output(variant, graph, previous,
+                                                                                        position)))
         return program
+
+    def _tagged(self, update):
+        """``update``, with every node it creates tagged ``meta[GROUP_KEY] = the group's first layer``."""
+        def tagging_update(variant: str, graph: fx.Graph, previous: fx.Node) -> fx.Node:
+            before = set(graph.nodes)
+            result = update(variant, graph, previous)
+            for node in graph.nodes:
+                if node not in before:
+                    node.meta[GROUP_KEY] = self.layer
+            return result
+        return tagging_update
 
     def _first_op(self, graph: fx.Graph) -> fx.Node:
         return node_named(graph, self.ops[0].name)
@@ -149,6 +163,7 @@ class _LayerGroup:
     def _update_input(self, variant: str, graph: fx.Graph, previous: fx.Node) -> fx.Node:
         """Build the group's shared nodes; return the new previous input."""
         x = self._first_op(graph).args[0]
+        x.meta[GROUP_INPUT_KEY] = self.layer
         nodes = self.shared.setdefault(variant, {})
         with graph.inserting_before(self._first_op(graph)):
             if self.spec.mode == "integer":
@@ -188,23 +203,24 @@ class _LayerGroup:
         module = self.program.variants[variant]
         nodes = self.shared[variant]
         details = {"layer": self.names[position], "mode": self.spec.mode, "row_threshold": self.spec.row_threshold}
+        reason = self.context.policy.resolve(self.names[position], op_name(op)).get("reason")
         with graph.inserting_before(op):
             if self.spec.mode == "integer":
                 integer = self.integer[position]
                 operand = nodes["codes"] if variant == FULL else nodes["difference"]
                 matmul = integer.accumulate(module, graph, op, operand)
                 accumulator = matmul if variant == FULL else graph.call_function(aten.add.Tensor, (previous, matmul))
-                annotate(matmul, NodeAnnotation(variant, self.spec.name, bits=8,
+                annotate(matmul, NodeAnnotation(variant, self.spec.name, reason=reason, bits=8,
                                                 details={**details, **operand_bits("codes", 8)}))
                 op.replace_all_uses_with(integer.dequantize(module, graph, op, accumulator))
                 graph.erase_node(op)
                 return accumulator
             if variant == FULL:
-                annotate(op, NodeAnnotation(FULL, self.spec.name, details=details))
+                annotate(op, NodeAnnotation(FULL, self.spec.name, reason=reason, details=details))
                 return op
             output = self._delta_output(graph, op, nodes, previous)
         bits = operand_bits("codes", 32, self.difference_scale) if self.spec.mode == "difference" else {}
-        annotate(output[1], NodeAnnotation(DELTA, self.spec.name, bits=self.spec.bits if bits else None,
+        annotate(output[1], NodeAnnotation(DELTA, self.spec.name, reason=reason, bits=self.spec.bits if bits else None,
                                            details={**details, **bits}))
         op.replace_all_uses_with(output[0])
         graph.erase_node(op)
