@@ -1,6 +1,8 @@
 """The ``diffopt`` command line: ``info`` (what a captured graph holds), ``demo``,
-``export`` (a reference model, optionally cached, to an ONNX bundle) and ``sample``
-(an exported bundle on onnxruntime, without the model's code)."""
+``export`` (a reference model, optionally cached, to an ONNX bundle), ``sample``
+(an exported bundle on onnxruntime, without the model's code), ``calibrate`` (temporal
+statistics of a reference model) and ``report`` (a temporal-difference program's
+per-layer decisions and cost per run)."""
 from __future__ import annotations
 
 import argparse
@@ -157,6 +159,57 @@ def command_sample(args: argparse.Namespace) -> None:
           f"{sorted(set(sampler.last_stats.variants))}); grid written to {args.out}")
 
 
+def _digits_run(args: argparse.Namespace):
+    """(baseline program, DDIM sampler, class-label conditions, latent shape) for a reference model."""
+    from diffopt.optimize import optimize
+    from diffopt.runtime.sampler import Sampler
+    from diffopt.runtime.schedulers import make_scheduler
+
+    model, inputs, scheduler_config = _load_model(args.model, require_weights=True)
+    program = optimize(capture(model, inputs)).program
+    sampler = Sampler(make_scheduler(scheduler_config, "ddim", args.steps), progress=False)
+    return program, sampler, (torch.arange(args.samples) % 10,), (args.samples, *inputs[0].shape[1:])
+
+
+def command_calibrate(args: argparse.Namespace) -> None:
+    from diffopt.temporal_calibration import calibrate_temporal
+
+    program, sampler, conditions, shape = _digits_run(args)
+    statistics = calibrate_temporal(program, sampler, conditions, shape, seeds=tuple(args.seeds))
+    statistics.save(args.out)
+    print(statistics.report(per_layer=args.layers))
+    print(f"\ncalibration of {args.model} ({args.samples} samples x {len(args.seeds)} runs, {args.steps} DDIM steps) "
+          f"written to {args.out}")
+
+
+def command_report(args: argparse.Namespace) -> None:
+    from diffopt.cost import measure_run_cost
+    from diffopt.optimize import optimize
+    from diffopt.passes.defo import DefoPass, profile_layers
+    from diffopt.passes.temporal_difference import TemporalDifferencePass, layer_decisions
+    from diffopt.temporal_calibration import TemporalStatistics
+
+    program, sampler, conditions, shape = _digits_run(args)
+    calibration = TemporalStatistics.load(args.calibration) if args.calibration else None
+    difference = TemporalDifferencePass(args.mode, bits=args.bits, row_threshold=args.row_threshold)
+    passes = [difference]
+    if args.defo:
+        print(f"profiling every layer group in full and delta form at batch {args.samples} ...")
+        profile = profile_layers(program, difference, sampler, conditions, shape, calibration=calibration)
+        passes = [DefoPass(profile, difference, cost=args.defo)]
+        print(f"cost model agrees with the measured latencies on {profile.agreement():.0%} of layers")
+    optimized = optimize(program, passes, calibration=calibration).program
+    rows = [(layer, mode, reason or "") for layer, (mode, reason) in layer_decisions(optimized).items()]
+    print(format_table(["layer", "mode", "reason"], rows))
+    costs = {"unoptimized": measure_run_cost(program, sampler, conditions, shape),
+             str(difference): measure_run_cost(optimized, sampler, conditions, shape)}
+    print(f"\ncost per sampling run ({args.steps} DDIM steps, batch {args.samples}):")
+    print(format_table(["program", "GMACs", "linear G-bit-ops", "state MB", "peak activations MB"],
+                       [(name, f"{c.macs / 1e9:.2f}", f"{c.linear_bit_operations / 1e9:.0f}",
+                         f"{c.state_bytes / 1e6:.2f}", f"{c.peak_activation_bytes / 1e6:.2f}")
+                        for name, c in costs.items()]))
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="diffopt", description="graph compiler for diffusion denoisers")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -187,6 +240,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--out", default="samples.png", help="PNG grid of the samples")
     sample.set_defaults(run=command_sample)
+    calibrate = commands.add_parser("calibrate", help="temporal calibration: how much linear-op inputs change "
+                                                      "between steps (Ditto statistics, static scales)")
+    calibrate.add_argument("model", help="reference model name")
+    calibrate.add_argument("--out", default="calibration.json")
+    calibrate.add_argument("--samples", type=int, default=8, help="samples per calibration run")
+    calibrate.add_argument("--steps", type=int, default=50)
+    calibrate.add_argument("--seeds", type=int, nargs="+", default=[0], help="one calibration run per seed")
+    calibrate.add_argument("--layers", action="store_true", help="one line per layer")
+    calibrate.set_defaults(run=command_calibrate)
+    report = commands.add_parser("report", help="temporal-difference program: each layer's mode and why, and "
+                                                "the cost per run (MACs, bit-operations, state, peak memory)")
+    report.add_argument("model", help="reference model name")
+    report.add_argument("--calibration", help="from `diffopt calibrate` (needed by every mode but exact)")
+    report.add_argument("--mode", choices=("exact", "integer", "difference"), default="exact")
+    report.add_argument("--bits", type=int, default=8)
+    report.add_argument("--row-threshold", type=float, default=None)
+    report.add_argument("--defo", choices=("model", "measured"), help="decide full/delta per layer (Defo)")
+    report.add_argument("--samples", type=int, default=4, help="batch size of the costed run")
+    report.add_argument("--steps", type=int, default=50)
+    report.set_defaults(run=command_report)
     args = parser.parse_args(argv)
     args.run(args)
 

@@ -28,3 +28,17 @@ def test_demo_prints_a_before_after_table(capsys):
 def test_unknown_command_exits_with_usage():
     with pytest.raises(SystemExit):
         main(["frobnicate"])
+
+
+def test_calibrate_then_report_a_temporal_difference_program(capsys, tmp_path):
+    calibration = tmp_path / "calibration.json"
+    main(["calibrate", "dit-digits", "--out", str(calibration), "--samples", "2", "--steps", "4"])
+    out = capsys.readouterr().out
+    assert "Ditto paper" in out and "0.983" in out and calibration.exists()
+    main(["report", "dit-digits", "--calibration", str(calibration), "--mode", "integer", "--samples", "2",
+          "--steps", "4"])
+    out = capsys.readouterr().out
+    assert "transformer_blocks.0.attn1.to_q" in out and "delta" in out
+    unoptimized = next(line for line in out.splitlines() if line.startswith("unoptimized"))
+    integer = next(line for line in out.splitlines() if line.startswith("TemporalDifferencePass"))
+    assert float(integer.split()[-3]) < float(unoptimized.split()[-3])  # fewer bit-operations than fp32

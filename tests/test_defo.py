@@ -4,9 +4,8 @@ import pytest
 import torch
 
 from diffopt import LayerPolicy, Sampler, capture, make_scheduler, optimize
-from diffopt.annotations import annotation_of
 from diffopt.passes.defo import DefoPass, GroupCost, LayerProfile, MachineModel, profile_layers
-from diffopt.passes.temporal_difference import DELTA, TemporalDifferencePass
+from diffopt.passes.temporal_difference import DELTA, TemporalDifferencePass, layer_decisions
 from diffopt.program import FULL
 from models import simple_dit
 
@@ -22,13 +21,6 @@ def graph_and_profile():
                       progress=False)
     profile = profile_layers(optimize(graph).program, EXACT, sampler, (LABELS,), SHAPE, repeats=15)
     return graph, profile
-
-
-def _decided(program):
-    """layer -> (mode, reason) from the annotations of the delta variant (full when there is none)."""
-    variant = program.variants.get(DELTA, program.variants[FULL])
-    return {annotation_of(n).details["layer"]: (annotation_of(n).mode, annotation_of(n).reason)
-            for n in variant.graph.nodes if annotation_of(n) is not None and "layer" in annotation_of(n).details}
 
 
 def test_profile_covers_every_layer_and_models_the_extra_work_of_a_float_difference(graph_and_profile):
@@ -61,12 +53,12 @@ def test_decisions_follow_the_profile_with_reasons_and_the_policy_overrides(grap
     cheap = next(name for name, g in groups.items() if "fc1" in name)
     groups[cheap] = dataclasses.replace(groups[cheap], delta_model_s=0.0)  # pretend its delta is free
     rigged = dataclasses.replace(profile, groups=groups)
-    decided = _decided(optimize(graph, [DefoPass(rigged, EXACT)]).program)
+    decided = layer_decisions(optimize(graph, [DefoPass(rigged, EXACT)]).program)
     assert decided[cheap][0] == DELTA and decided[cheap][1].startswith("Defo (model): delta 0.0 us <")
     others = [mode for layer, (mode, _) in decided.items() if layer != cheap]
     assert others and all(mode == FULL for mode in others)
     policy = LayerPolicy(exact_names={cheap: {"mode": "full"}, "blocks.0.fc2": {"mode": DELTA}})
-    overridden = _decided(optimize(graph, [DefoPass(rigged, EXACT)], policy=policy).program)
+    overridden = layer_decisions(optimize(graph, [DefoPass(rigged, EXACT)], policy=policy).program)
     assert overridden[cheap] == (FULL, "policy override")
     assert overridden["blocks.0.fc2"] == (DELTA, "policy override")
 

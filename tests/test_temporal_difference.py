@@ -6,7 +6,7 @@ from diffopt.annotations import annotation_of
 from diffopt.cost import measure_run_cost
 from diffopt.models import zoo
 from diffopt.passes.static_quantization import StaticQuantizationPass
-from diffopt.passes.temporal_difference import DELTA, TemporalDifferencePass
+from diffopt.passes.temporal_difference import DELTA, TemporalDifferencePass, layer_decisions
 from diffopt.program import FULL
 from diffopt.temporal_calibration import calibrate_temporal
 from models import MODEL_FACTORIES, inputs_for
@@ -162,3 +162,16 @@ def test_row_skipping_at_threshold_zero_is_lossless_and_skips_work(dit_digits):
     full_cost = measure_run_cost(optimize(graph).program, _sampler(config, 10), conditions, shape)
     coarse_cost = measure_run_cost(coarse.program, _sampler(config, 10), conditions, shape)
     assert coarse_cost.steps[-1].linear_macs < 0.95 * full_cost.steps[-1].linear_macs
+
+
+def test_integer_mode_keeps_full_layers_in_a8w8_so_it_still_equals_a8w8(dit_digits):
+    _, graph, calibration = dit_digits
+    policy = LayerPolicy(module_patterns=[(r".*attn1.*", {"mode": "full"})])
+    partial = optimize(graph, [TemporalDifferencePass("integer")], calibration=calibration, policy=policy)
+    decided = layer_decisions(partial.program)
+    assert decided["transformer_blocks.0.attn1.to_q"][0] == FULL and decided["transformer_blocks.0.ff.net.2"][0] == DELTA
+    a8w8 = optimize(graph, [StaticQuantizationPass()], calibration=calibration)
+    conditions, shape = _conditions_and_shape("dit-digits", 2)
+    calls = _recorded_inputs(optimize(graph), conditions, shape, steps=6)
+    for actual, expected in zip(_stepwise(partial, calls, conditions), _stepwise(a8w8, calls, conditions)):
+        assert torch.equal(actual, expected)

@@ -30,7 +30,6 @@ from torch import fx
 
 from diffopt.analysis import node_macs
 from diffopt.denoiser import OptimizedDenoiser
-from diffopt.graph_tools import node_named
 from diffopt.passes.base import GraphPass, PassContext, PassResult, require_single_variant
 from diffopt.passes.linear_ops import linear_layers, op_name
 from diffopt.passes.temporal_difference import DELTA, GROUP_INPUT_KEY, GROUP_KEY, TemporalDifferencePass
@@ -223,8 +222,9 @@ def profile_layers(program: StepProgram, difference: TemporalDifferencePass, sam
         delta_inputs = [backend.values[n.name] for n in inputs]
         layers = list(dict.fromkeys(n.meta["diffopt"].details["layer"] for n in members[group]
                                     if "diffopt" in n.meta and "layer" in n.meta["diffopt"].details))
-        full_graph, full_inputs = _cut(full_module, [node_named(full_module.graph, layer_ops[layer].name)
-                                                     for layer in layers])
+        op_names = {layer_ops[layer].name for layer in layers}  # the ops in full form, or their integer form:
+        full_graph, full_inputs = _cut(full_module, [n for n in full_module.graph.nodes
+                                                     if n.name in op_names or n.meta.get(GROUP_KEY) == group])
         full_values = [backend.values[sources[group]]] * len(full_inputs)  # the ops of a group read one input
         with torch.no_grad():
             full_s, delta_s = _interleaved_medians([lambda: full_graph(*full_values),

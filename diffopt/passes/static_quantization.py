@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import fx
 
 from diffopt.annotations import NodeAnnotation, annotate, annotation_of
 from diffopt.graph_tools import remove_dead_code
@@ -35,6 +36,27 @@ def operand_bits(activation_bits: int | str, weight_bits: int, code_scale: float
     """Annotation details cost accounting reads: operand widths of a matmul. ``"codes"``:
     the activation holds integer codes times ``code_scale``; their widths are counted at run time."""
     return {"activation_bits": activation_bits, "weight_bits": weight_bits, "code_scale": code_scale}
+
+
+def quantize_op(module: fx.GraphModule, op: fx.Node, layer: str, scale: float, activation_bits: int,
+                weight_bits: int | None, prefix: str, owner: str, mode: str = "quantized",
+                reason: str | None = None) -> None:
+    """Replace linear op ``op`` by its statically quantized form (module docstring)."""
+    graph = module.graph
+    with graph.inserting_before(op):
+        codes = insert_quantize(graph, op.args[0], scale, activation_bits)
+        if weight_bits is None:
+            matmul = call_like(graph, op, graph.call_function(aten.mul.Tensor, (codes, scale)),
+                               op.args[1], op.args[2] if len(op.args) > 2 else None)
+            result, bits = matmul, operand_bits(activation_bits, 32)
+        else:
+            integer = IntegerLinear(module, op, scale, prefix)
+            matmul = integer.accumulate(module, graph, op, to_dtype(graph, codes, torch.float64))
+            result, bits = integer.dequantize(module, graph, op, matmul), operand_bits("codes", 8)
+    annotate(matmul, NodeAnnotation(mode, owner, reason=reason, bits=activation_bits,
+                                    details={"layer": layer, **bits}))
+    op.replace_all_uses_with(result)
+    graph.erase_node(op)
 
 
 @dataclass(frozen=True)
@@ -63,21 +85,8 @@ class StaticQuantizationPass(GraphPass):
                     annotate(op, NodeAnnotation("original", self.name, reason="excluded by the layer policy"))
                     modified = True
                     continue
-                scale = statistics.input_scale(layer, self.activation_bits)
-                with graph.inserting_before(op):
-                    codes = insert_quantize(graph, op.args[0], scale, self.activation_bits)
-                    if self.weight_bits is None:
-                        matmul = call_like(graph, op, graph.call_function(aten.mul.Tensor, (codes, scale)),
-                                           op.args[1], op.args[2] if len(op.args) > 2 else None)
-                        result, bits = matmul, operand_bits(self.activation_bits, 32)
-                    else:
-                        integer = IntegerLinear(module, op, scale, f"a8w8_{index}")
-                        matmul = integer.accumulate(module, graph, op, to_dtype(graph, codes, torch.float64))
-                        result, bits = integer.dequantize(module, graph, op, matmul), operand_bits("codes", 8)
-                annotate(matmul, NodeAnnotation("quantized", self.name, bits=self.activation_bits,
-                                                details={"layer": layer, **bits}))
-                op.replace_all_uses_with(result)
-                graph.erase_node(op)
+                quantize_op(module, op, layer, statistics.input_scale(layer, self.activation_bits),
+                            self.activation_bits, self.weight_bits, f"a8w8_{index}", self.name)
                 modified = True
             remove_dead_code(module)
         return PassResult(program, modified)

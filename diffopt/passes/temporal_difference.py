@@ -21,7 +21,8 @@ difference. ``row_threshold`` (linear ops): token rows whose difference has
 (gather the active rows, a smaller matmul, scatter-add into ``y_prev``); the previous
 input then only advances on active rows, so skipped changes are applied once they grow.
 ``row_threshold=0`` skips only rows that are exactly zero (lossless). The policy can
-keep layers in full mode (``{"mode": "full"}``); ``DefoPass`` decides that per layer.
+keep layers in full mode (``{"mode": "full"}``; in integer mode they are A8W8, so the
+program still equals the A8W8 model); ``DefoPass`` decides that per layer.
 ``refresh_period`` recomputes a full step every that many steps (None: step 0 only).
 """
 from __future__ import annotations
@@ -32,11 +33,11 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from diffopt.annotations import NodeAnnotation, annotate
+from diffopt.annotations import NodeAnnotation, annotate, annotation_of
 from diffopt.graph_tools import add_variant, node_named, remove_dead_code, state_shape, thread_state
 from diffopt.passes.base import GraphPass, PassContext, PassResult, require_single_variant
 from diffopt.passes.linear_ops import IntegerLinear, call_like, linear_layers, op_name, to_dtype
-from diffopt.passes.static_quantization import operand_bits, require_temporal_statistics
+from diffopt.passes.static_quantization import operand_bits, quantize_op, require_temporal_statistics
 from diffopt.program import FULL, Schedule, StateEntry, StepProgram
 from diffopt.quantization import insert_quantize
 
@@ -93,7 +94,8 @@ class TemporalDifferencePass(GraphPass):
         before = program.fingerprint()
         full_module = program.variants[FULL]
         layers = self.selected_layers(full_module.graph, context)
-        if not layers:
+        kept = {op.name: layer for op, layer in linear_layers(full_module.graph).items() if op not in layers}
+        if not layers and self.mode != "integer":  # nothing to rewrite; only "kept full" annotations were added
             return PassResult(program, program.fingerprint() != before)
         add_variant(program, DELTA, copy_of=FULL)
         groups: dict[str, dict[fx.Node, str]] = {}
@@ -102,10 +104,22 @@ class TemporalDifferencePass(GraphPass):
         # every group reads its shapes before any is rewritten (one op's output can be another's input)
         for group in [_LayerGroup(self, context, program, ops, index) for index, ops in enumerate(groups.values())]:
             program = group.rewrite(program)
+        if self.mode == "integer":
+            self._quantize_full_layers(program, context, kept)
         for module in program.variants.values():
             remove_dead_code(module)
         schedule = Schedule(FULL, DELTA, self.refresh_period)
         return PassResult(dataclasses.replace(program, schedule=schedule), True)
+
+    def _quantize_full_layers(self, program: StepProgram, context: PassContext, kept: dict[str, str]) -> None:
+        """Integer mode computes the A8W8 model: the layers ``kept`` full (node name -> layer)
+        are A8W8 too, not float."""
+        statistics = require_temporal_statistics(self.name, context)
+        for module in program.variants.values():
+            for index, (node_name, layer) in enumerate(kept.items()):
+                op = node_named(module.graph, node_name)
+                quantize_op(module, op, layer, statistics.input_scale(layer, 8), 8, 8, f"a8w8_{index}", self.name,
+                            mode=FULL, reason=annotation_of(op).reason)
 
 
 class _LayerGroup:
@@ -236,3 +250,15 @@ class _LayerGroup:
         flat_previous = graph.call_function(aten.view.default, (previous, [-1, op.meta["val"].shape[-1]]))
         updated = graph.call_function(aten.index_add.default, (flat_previous, 0, nodes["rows"], matmul))
         return graph.call_function(aten.view_as.default, (updated, previous)), matmul
+
+
+def layer_decisions(program: StepProgram) -> dict[str, tuple[str, str | None]]:
+    """Per layer: (mode, reason) as the annotations of the ``delta`` variant (or of ``full``
+    when no layer was rewritten) record them; what ``diffopt report`` prints."""
+    variant = program.variants.get(DELTA, program.variants[FULL])
+    decided = {}
+    for node in variant.graph.nodes:
+        annotation = annotation_of(node)
+        if annotation is not None and "layer" in annotation.details:
+            decided[annotation.details["layer"]] = (annotation.mode, annotation.reason)
+    return decided
