@@ -31,6 +31,7 @@ from typing import Callable
 
 import torch
 
+from common import generate, time_runs
 from diffopt import Sampler, capture, make_scheduler, optimize
 from diffopt.analysis import count_macs
 from diffopt.baselines import DiffusersCacheHook
@@ -42,7 +43,6 @@ from diffopt.passes.block_cache import BlockCachePass, FirstBlockCachePass
 from diffopt.passes.increment_calibrated_cache import IncrementCalibratedCachePass
 
 RESULTS = Path("benchmarks/results")
-CHUNK = 200  # samples per sampling call in the quality runs
 # TaylorSeer's default module patterns ("^transformer_blocks.*attn", matched with re.fullmatch) miss DiT's
 # "attn1" and hook nothing; name the attention and feed-forward modules of every block explicitly
 TAYLORSEER_MODULES = [r"transformer_blocks\.\d+\.(attn1|ff)"]
@@ -106,27 +106,6 @@ def unet_methods(model, graph, calibration) -> list[Method]:
     return methods
 
 
-def generate(denoiser, config, steps: int, n: int, seed: int) -> torch.Tensor:
-    labels = torch.arange(n) % 10
-    sampler = Sampler(make_scheduler(config, "ddim", steps), progress=False)
-    return torch.cat([sampler.sample(denoiser, (labels[i:i + CHUNK],), shape=(len(labels[i:i + CHUNK]), 1, 16, 16),
-                                     seed=seed + i) for i in range(0, n, CHUNK)])
-
-
-def time_runs(methods, denoisers, config, batch: int, repeats: int) -> dict[str, list[float]]:
-    labels = torch.arange(batch) % 10
-    times: dict[str, list[float]] = {m.name: [] for m in methods}
-    for repeat in range(repeats + 1):  # round 0 warms every method up and is discarded
-        for method in methods:
-            sampler = Sampler(make_scheduler(config, "ddim", method.steps), progress=False)
-            started = time.perf_counter()
-            sampler.sample(denoisers[method.name], (labels,), shape=(batch, 1, 16, 16), seed=10_000 + repeat)
-            if repeat:
-                times[method.name].append(time.perf_counter() - started)
-        print(f"timing round {repeat}/{repeats} done", flush=True)
-    return times
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="dit-digits", choices=["dit-digits", "unet-digits"])
@@ -160,7 +139,8 @@ def main() -> None:
                "quality_run_s": time.perf_counter() - started}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    times = time_runs(methods, denoisers, config, args.timing_batch, args.repeats)
+    times = time_runs({m.name: (denoisers[m.name], m.steps) for m in methods}, config, args.timing_batch,
+                      args.repeats)
     base_macs, base_time = rows[0]["macs_per_sample"], statistics.median(times[methods[0].name])
     for row in rows:
         row["mac_fraction_of_ddim50"] = row["macs_per_sample"] / base_macs

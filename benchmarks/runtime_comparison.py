@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from common import Bf16Autocast
 from diffopt import Sampler, capture, make_scheduler, optimize
 from diffopt.export import to_onnx
 from diffopt.metrics.fidelity import psnr, relative_l2
@@ -42,17 +43,6 @@ CONFIGURATIONS = {
     "block reuse 1-4 p2": [BlockCachePass(blocks=MIDDLE_BLOCKS, period=2)],
     "first-block cache 0.1": [FirstBlockCachePass(0.1)],
 }
-
-
-class Bf16Autocast:
-    """The plain model under CPU bf16 autocast."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def __call__(self, x, t, *conditions):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return self.model(x, t, *conditions, return_dict=False)[0].float()
 
 
 def median_call_seconds(function, repeats: int) -> float:

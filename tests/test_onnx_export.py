@@ -13,6 +13,7 @@ from diffopt.export import ExportError, Manifest, to_onnx
 from diffopt.export.onnx import WEIGHTS_FILE, check_tensorrt_ready
 from diffopt.passes.block_cache import BlockCachePass, FirstBlockCachePass
 from diffopt.passes.increment_calibrated_cache import IncrementCalibratedCachePass
+from diffopt.passes.temporal_difference import TemporalDifferencePass
 from diffopt.runtime.onnxruntime_backend import load_bundle
 from models import MODEL_FACTORIES, diffusers_dit, inputs_for
 
@@ -23,6 +24,7 @@ PASSES = {
     "icc adaptive": [IncrementCalibratedCachePass(rank=None, refresh_threshold=0.05)],
     "block cache": [BlockCachePass(period=3)],
     "first-block cache": [FirstBlockCachePass(0.1)],
+    "temporal difference exact": [TemporalDifferencePass("exact")],
 }
 
 

@@ -1,0 +1,49 @@
+"""Helpers the benchmark scripts share: class-conditional digit generation, interleaved
+per-run timing, and the bf16-autocast baseline. Scripts import it as ``common`` (Python
+puts the script's folder on the path)."""
+from __future__ import annotations
+
+import time
+from typing import Callable, Mapping
+
+import torch
+
+from diffopt import Sampler, make_scheduler
+
+CHUNK = 200  # samples per sampling call in the quality runs
+DIGIT_SHAPE = (1, 16, 16)
+
+
+def generate(denoiser, config, steps: int, n: int, seed: int) -> torch.Tensor:
+    """``n`` class-conditional digits (labels 0..9 cycling), DDIM with ``steps`` steps."""
+    labels = torch.arange(n) % 10
+    sampler = Sampler(make_scheduler(config, "ddim", steps), progress=False)
+    return torch.cat([sampler.sample(denoiser, (labels[i:i + CHUNK],), shape=(len(labels[i:i + CHUNK]), *DIGIT_SHAPE),
+                                     seed=seed + i) for i in range(0, n, CHUNK)])
+
+
+def time_runs(runners: Mapping[str, tuple[Callable, int]], config, batch: int, repeats: int) -> dict[str, list[float]]:
+    """Wall seconds of one DDIM run of ``batch`` samples per runner (``name -> (denoiser,
+    steps)``): all runners interleaved, ``repeats`` rounds after a discarded warm-up round."""
+    labels = torch.arange(batch) % 10
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for repeat in range(repeats + 1):
+        for name, (denoiser, steps) in runners.items():
+            sampler = Sampler(make_scheduler(config, "ddim", steps), progress=False)
+            started = time.perf_counter()
+            sampler.sample(denoiser, (labels,), shape=(batch, *DIGIT_SHAPE), seed=10_000 + repeat)
+            if repeat:
+                times[name].append(time.perf_counter() - started)
+        print(f"timing round {repeat}/{repeats} done", flush=True)
+    return times
+
+
+class Bf16Autocast:
+    """The plain model under CPU bf16 autocast."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, x, t, *conditions):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.model(x, t, *conditions, return_dict=False)[0].float()
