@@ -107,7 +107,7 @@ def main() -> None:
     parser.add_argument("--calibration-samples", type=int, default=16)
     parser.add_argument("--timing-batch", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--row-thresholds", type=float, nargs="+", default=[0.2, 0.3])
+    parser.add_argument("--row-thresholds", type=float, nargs="+", default=[0.1, 0.2])
     parser.add_argument("--onnxruntime", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)

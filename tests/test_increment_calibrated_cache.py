@@ -242,3 +242,31 @@ def test_channel_aware_svd_minimises_the_weighted_error():
 
     aware, plain = low_rank_factors(weight, 4, right, left), low_rank_factors(weight, 4)
     assert weighted_error(aware) < weighted_error(plain)
+
+
+def test_torch_backend_carries_unchanged_caches_without_copies(model_and_graph):
+    _, graph = model_and_graph
+    optimized = optimize(graph, [IncrementCalibratedCachePass(rank=4, period=2)])
+    program = optimized.program
+    calibrated_outputs = program.variants[CALIBRATED].graph.output_node().args[0][1:]
+    assert all(v.target == aten.clone.default for v in calibrated_outputs)  # the program itself copies
+    state = optimized.init_state(3)
+    x, t = torch.randn(SHAPE), torch.full((3,), 500)
+    _, state = optimized.step(0, x, t, LABELS, state=state)
+    out, carried = optimized.step(1, x, t, LABELS, state=state)
+    assert optimized.last_variant == CALIBRATED
+    assert all(new is old for new, old in zip(carried, state))  # the backend hands the same tensors on
+    with torch.no_grad():
+        expected, *copied = program.variants[CALIBRATED](x, t, LABELS, *state)  # the graph as the program holds it
+    assert torch.equal(out, expected) and all(torch.equal(a, b) for a, b in zip(carried, copied))
+
+
+def test_query_key_and_value_share_one_cached_input():
+    from models import diffusers_dit, inputs_for
+
+    graph = capture(diffusers_dit(seed=1), inputs_for("diffusers_dit", 2, seed=0))
+    names = optimize(graph, [IncrementCalibratedCachePass(rank=4, period=2)]).program.state.names
+    attention = [n for n in names if ".attn1." in n and n.startswith("transformer_blocks.0.")]
+    assert attention == ["transformer_blocks.0.attn1.to_q.cached_input"] + [
+        f"transformer_blocks.0.attn1.{layer}.cached_output" for layer in ("to_q", "to_k", "to_v")] + [
+        "transformer_blocks.0.attn1.to_out.0.cached_input", "transformer_blocks.0.attn1.to_out.0.cached_output"]

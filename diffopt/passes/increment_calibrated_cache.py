@@ -5,8 +5,9 @@ repeated blocks (attention q/k/v/out, MLP in/out).
 After: two variants. ``full`` computes as before and stores ``x_c = x``, ``y_c = y`` in
 state; ``calibrated`` computes ``y = y_c + A (B (x - x_c))`` with ``A B ~= W`` of rank r
 (no bias: it is inside ``y_c``) and leaves the cache unchanged, so the reference stays
-the last full step. Everything else (softmax, GELU, LayerNorm, adaLN modulation, gates,
-residual adds) is computed live on the corrected values. The schedule refreshes every
+the last full step; layers that read one input (q, k, v) share one cached input.
+Everything else (softmax, GELU, LayerNorm, adaLN modulation, gates, residual adds) is
+computed live on the corrected values. The schedule refreshes every
 ``period`` steps, or, with ``refresh_threshold``, adaptively: a ``probe`` variant computes
 the first cached layer's input and its relative increment ``mean|x - x_c| / mean|x_c|``
 (the quantity the low-rank correction linearises, so its error grows with it), and the
@@ -130,6 +131,7 @@ class IncrementCalibratedCachePass(GraphPass):
         calibrated_module = add_variant(program, CALIBRATED, copy_of=FULL)
         probe = add_variant(program, PROBE, copy_of=FULL) if self.refresh_threshold is not None else None
         probe_increment: list[fx.Node] = []  # (x, x_c) of the first cached layer in the probe
+        shared_inputs: dict[str, dict[str, fx.Node]] = {}  # input node name -> variant -> its cached input
         for index, (node, rank) in enumerate(layers):
             weight = _weight(full_module, node)
             out_features, in_features = weight.shape
@@ -138,7 +140,8 @@ class IncrementCalibratedCachePass(GraphPass):
             inputs = StateEntry(f"{layer}.cached_input", state_shape(node.args[0]), node.args[0].meta["val"].dtype,
                                 self.name)
             outputs = StateEntry(f"{layer}.cached_output", state_shape(node), node.meta["val"].dtype, self.name)
-            cached_input: dict[str, fx.Node] = {}
+            reused = node.args[0].name in shared_inputs  # q, k and v read one input: one cached copy
+            cached_input = shared_inputs.setdefault(node.args[0].name, {})
 
             def store_input(variant, graph, state_input, node_name=node.name):
                 cached_input[variant] = state_input
@@ -161,7 +164,8 @@ class IncrementCalibratedCachePass(GraphPass):
                                                             "factorization": self.factorization}))
                 return state_input
 
-            program = thread_state(program, inputs, store_input)
+            if not reused:
+                program = thread_state(program, inputs, store_input)
             program = thread_state(program, outputs, store_output)
         remove_dead_code(calibrated_module)
         schedule = Schedule(FULL, CALIBRATED, self.period)
