@@ -113,6 +113,8 @@ def main() -> None:
     parser.add_argument("--timing-batch", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", nargs="*", help="run only these method names (plus the 50-step baseline)")
+    parser.add_argument("--timing-only", action="store_true",
+                        help="skip the quality runs; write caching_<model>_timing.{json,md} (wall time only)")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     model, config = load(args.model)
@@ -124,6 +126,9 @@ def main() -> None:
     if args.only:
         methods = [m for m in methods if m.name == "DDIM 50" or m.name in args.only]
     denoisers = {m.name: m.build() for m in methods}
+    if args.timing_only:
+        write_timing(args, methods, denoisers, config)
+        return
     rows, baseline = [], None
     for method in methods:
         started = time.perf_counter()
@@ -159,6 +164,31 @@ def main() -> None:
     stem.with_suffix(".md").write_text(to_markdown(summary))
     plot(summary, stem.with_suffix(".png"))
     print(f"wrote {stem}.json/.md/.png")
+
+
+def write_timing(args, methods, denoisers, config) -> None:
+    """Wall time per run only (interleaved, medians), for re-timing without the quality runs."""
+    times = time_runs({m.name: (denoisers[m.name], m.steps) for m in methods}, config, args.timing_batch,
+                      args.repeats)
+    base = statistics.median(times[methods[0].name])
+    rows = [{"method": m.name, "steps": m.steps, "wall_s_median": statistics.median(times[m.name]),
+             "wall_s_all": times[m.name], "speedup_vs_ddim50": base / statistics.median(times[m.name])}
+            for m in methods]
+    command = (f"python benchmarks/caching.py --model {args.model} --timing-only --timing-batch {args.timing_batch} "
+               f"--repeats {args.repeats}" + (" --only " + " ".join(f'"{name}"' for name in args.only)
+                                              if args.only else ""))
+    summary = {"model": args.model, "timing_batch": args.timing_batch, "repeats": args.repeats,
+               "threads": torch.get_num_threads(), "torch": torch.__version__, "command": command, "rows": rows}
+    stem = RESULTS / f"caching_{args.model}_timing"
+    stem.with_suffix(".json").write_text(json.dumps(summary, indent=2))
+    lines = [f"# Wall time per run on {args.model} (timing only)", "", f"`{command}` — median of {args.repeats} "
+             f"interleaved runs of {args.timing_batch} samples after a warm-up round, torch {torch.__version__} "
+             f"eager, {torch.get_num_threads()} CPU threads. Quality and MACs: caching_{args.model}.md.", "",
+             "| method | steps | wall s (median) | all runs (s) | speedup vs DDIM 50 |", "|---|---|---|---|---|"]
+    lines += [f"| {r['method']} | {r['steps']} | {r['wall_s_median']:.2f} | "
+              f"{', '.join(f'{t:.2f}' for t in r['wall_s_all'])} | {r['speedup_vs_ddim50']:.2f}x |" for r in rows]
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {stem}.json/.md")
 
 
 def to_markdown(summary: dict) -> str:
