@@ -175,3 +175,13 @@ def test_integer_mode_keeps_full_layers_in_a8w8_so_it_still_equals_a8w8(dit_digi
     calls = _recorded_inputs(optimize(graph), conditions, shape, steps=6)
     for actual, expected in zip(_stepwise(partial, calls, conditions), _stepwise(a8w8, calls, conditions)):
         assert torch.equal(actual, expected)
+
+
+def test_row_skipping_works_on_a_unet_whose_attention_inputs_are_not_contiguous():
+    graph = capture(MODEL_FACTORIES["diffusers_unet"](seed=4), inputs_for("diffusers_unet", 2, seed=0))
+    conditions, shape = _conditions_and_shape("diffusers_unet", 2)
+    calibration = calibrate_temporal(optimize(graph).program, _sampler(steps=6), conditions, shape, progress=False)
+    skipping = optimize(graph, [TemporalDifferencePass("exact", row_threshold=0.0)], calibration=calibration)
+    calls = _recorded_inputs(optimize(graph), conditions, shape, steps=6)
+    for actual, expected in zip(_stepwise(skipping, calls, conditions), _stepwise(optimize(graph), calls, conditions)):
+        assert _relative(actual, expected) < 1e-5

@@ -201,13 +201,13 @@ class _LayerGroup:
     def _gather_active_rows(self, graph: fx.Graph, nodes: dict[str, fx.Node], previous: fx.Node) -> fx.Node:
         """Rows of the difference above the limit; returns the previous input advanced on them."""
         channels = self.input_shape[-1]
-        rows = graph.call_function(aten.view.default, (nodes["difference"], [-1, channels]))
+        rows = graph.call_function(aten.reshape.default, (nodes["difference"], [-1, channels]))
         largest = graph.call_function(aten.amax.default, (graph.call_function(aten.abs.default, (rows,)), [1]))
         active = graph.call_function(aten.gt.Scalar, (largest, self.row_limit))
         nodes["rows"] = graph.call_function(aten.view.default, (graph.call_function(aten.nonzero.default, (active,)),
                                                                 [-1]))
         nodes["active_difference"] = graph.call_function(aten.index_select.default, (rows, 0, nodes["rows"]))
-        flat_previous = graph.call_function(aten.view.default, (previous, [-1, channels]))
+        flat_previous = graph.call_function(aten.reshape.default, (previous, [-1, channels]))
         advanced = graph.call_function(aten.index_add.default,
                                        (flat_previous, 0, nodes["rows"], nodes["active_difference"]))
         return graph.call_function(aten.view_as.default, (advanced, previous))
@@ -247,7 +247,7 @@ class _LayerGroup:
             matmul = call_like(graph, op, nodes["difference"], op.args[1])
             return graph.call_function(aten.add.Tensor, (previous, matmul)), matmul
         matmul = call_like(graph, op, nodes["active_difference"], op.args[1])
-        flat_previous = graph.call_function(aten.view.default, (previous, [-1, op.meta["val"].shape[-1]]))
+        flat_previous = graph.call_function(aten.reshape.default, (previous, [-1, op.meta["val"].shape[-1]]))
         updated = graph.call_function(aten.index_add.default, (flat_previous, 0, nodes["rows"], matmul))
         return graph.call_function(aten.view_as.default, (updated, previous)), matmul
 
