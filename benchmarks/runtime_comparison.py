@@ -1,4 +1,4 @@
-"""torch vs onnxruntime on CPU, for the unoptimized dit-digits and each caching pass.
+"""torch vs onnxruntime on CPU, for the unoptimized dit-digits, each caching pass and Ditto.
 
     python benchmarks/runtime_comparison.py      # writes benchmarks/results/runtime_comparison.{json,md}
 
@@ -8,7 +8,8 @@ For each configuration the program is exported to an ONNX bundle and loaded back
 - per run: a 50-step DDIM sampling run, all runners interleaved (A B C A B C ...),
   ``--repeats`` rounds after a warm-up round, median;
 - agreement: relative L2 between the onnxruntime and torch samples of the same
-  configuration from the same noise (must be float noise).
+  configuration from the same noise (float noise, except for quantized modes: a rounding
+  difference upstream of a quantizer flips a code now and then).
 Runners: the plain diffusers model in torch eager fp32 (the baseline users have), the
 same in torch eager with bf16 autocast (faster matmuls, lossy: its PSNR is reported),
 diffopt's program run by torch (fx graphs), and the exported bundle on onnxruntime.
@@ -33,6 +34,7 @@ from diffopt.metrics.fidelity import psnr, relative_l2
 from diffopt.models import example_inputs, load
 from diffopt.passes.block_cache import BlockCachePass, FirstBlockCachePass
 from diffopt.passes.increment_calibrated_cache import IncrementCalibratedCachePass
+from diffopt.passes.temporal_difference import TemporalDifferencePass
 from diffopt.runtime.onnxruntime_backend import load_bundle
 
 RESULTS = Path("benchmarks/results")
@@ -42,6 +44,8 @@ CONFIGURATIONS = {
     "ICC svd r16 p3": [IncrementCalibratedCachePass(rank=16, period=3)],
     "block reuse 1-4 p2": [BlockCachePass(blocks=MIDDLE_BLOCKS, period=2)],
     "first-block cache 0.1": [FirstBlockCachePass(0.1)],
+    "Ditto exact": [TemporalDifferencePass("exact")],
+    "Ditto dynamic int8": [TemporalDifferencePass("dynamic")],  # onnxruntime: MatMulIntegerToFloat
 }
 
 

@@ -14,6 +14,7 @@ import torch
 
 from diffopt.analysis import summarize
 from diffopt.capture import capture
+from diffopt.passes.temporal_difference import MODES
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -127,12 +128,20 @@ def command_export(args: argparse.Namespace) -> None:
     from diffopt.export import to_onnx
     from diffopt.optimize import optimize
 
+    from diffopt.passes.temporal_difference import TemporalDifferencePass
+    from diffopt.temporal_calibration import TemporalStatistics
+
     model, inputs, scheduler_config = _load_model(args.model, require_weights=True)
-    optimized = optimize(capture(model, inputs), _cache_passes(args))
+    passes = _cache_passes(args)
+    if args.temporal_difference:
+        passes.append(TemporalDifferencePass(args.temporal_difference))
+    calibration = TemporalStatistics.load(args.calibration) if args.calibration else None
+    optimized = optimize(capture(model, inputs), passes, calibration=calibration)
     started = time.perf_counter()
     manifest = to_onnx(optimized, args.out, profile=args.profile, scheduler_config=scheduler_config)
-    print(f"exported {args.model} ({args.cache}) to {args.out} in {time.perf_counter() - started:.1f} s: "
-          f"variants {list(manifest.variants)}, {len(manifest.state)} state tensors, profile {manifest.profile}")
+    print(f"exported {args.model} (cache {args.cache}, temporal difference {args.temporal_difference}) to {args.out} "
+          f"in {time.perf_counter() - started:.1f} s: variants {list(manifest.variants)}, {len(manifest.state)} state "
+          f"tensors, profile {manifest.profile}")
 
 
 def command_sample(args: argparse.Namespace) -> None:
@@ -232,6 +241,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     export.add_argument("--period", type=int, default=3, help="ICC / block cache refresh period")
     export.add_argument("--threshold", type=float, default=0.1, help="first-block cache threshold")
     export.add_argument("--profile", choices=("onnxruntime", "tensorrt"), default="onnxruntime")
+    export.add_argument("--temporal-difference", choices=("exact", "dynamic", "difference"),
+                        help="Ditto layers: dynamic = int8 differences on onnxruntime's integer kernels; "
+                             "difference = static int8 scales (TensorRT profile), needs --calibration")
+    export.add_argument("--calibration", help="from `diffopt calibrate` (for --temporal-difference difference)")
     export.set_defaults(run=command_export)
     sample = commands.add_parser("sample", help="sample class-conditional digits from a bundle on onnxruntime")
     sample.add_argument("bundle")
@@ -253,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                                                 "the cost per run (MACs, bit-operations, state, peak memory)")
     report.add_argument("model", help="reference model name")
     report.add_argument("--calibration", help="from `diffopt calibrate` (needed by every mode but exact)")
-    report.add_argument("--mode", choices=("exact", "integer", "difference"), default="exact")
+    report.add_argument("--mode", choices=MODES, default="exact")
     report.add_argument("--bits", type=int, default=8)
     report.add_argument("--row-threshold", type=float, default=None)
     report.add_argument("--defo", choices=("model", "measured"), help="decide full/delta per layer (Defo)")

@@ -61,10 +61,15 @@ class RunCost:
                 "weight_bytes": self.weight_bytes, "steps": [asdict(s) for s in self.steps]}
 
 
-def operand_bits_of(node: fx.Node, activation: torch.Tensor) -> float:
-    """Activation bits x weight bits charged per MAC of linear op ``node``."""
+def _details(node: fx.Node) -> dict:
     annotation = annotation_of(node)
-    details = annotation.details if annotation is not None else {}
+    return annotation.details if annotation is not None else {}
+
+
+def operand_bits_of(node: fx.Node, activation: torch.Tensor) -> float:
+    """Activation bits x weight bits charged per MAC of linear op ``node`` (or of a matmul a
+    pass annotated with its operand bits)."""
+    details = _details(node)
     if "activation_bits" not in details:
         bits = activation.element_size() * 8
         return float(bits * bits)
@@ -97,7 +102,7 @@ class _CostInterpreter(fx.Interpreter):
             args, _ = self.fetch_args_kwargs_from_env(node)
             macs = node_macs(node, args, result)
             self.cost.macs += macs
-            if node.target in LINEAR_OPS and macs:
+            if macs and (node.target in LINEAR_OPS or "activation_bits" in _details(node)):
                 self.cost.linear_macs += macs
                 self.cost.linear_bit_operations += macs * operand_bits_of(node, args[0])
         if node.op != "get_attr":

@@ -64,7 +64,7 @@ class Manifest:
     diffopt_version: str
     model_class: str = ""
     opset: int | None = None
-    quantization: dict[str, Any] = field(default_factory=dict)  # per layer scales; empty without quantization
+    quantization: dict[str, Any] = field(default_factory=dict)  # quantized_ops.quantization_summary; {} without
     scheduler: dict[str, Any] | None = None  # the model's noise-schedule config (make_scheduler), if given
 
     def program(self) -> StepProgram:

@@ -4,8 +4,11 @@ Before: an ``OptimizedDenoiser`` (fx graphs run by torch). After: a bundle direc
 ``<variant>.onnx`` per variant, each ``(latent, timestep, *conditions, *state) ->
 (out, *next_state)`` (a probe returns its signal first) with a dynamic batch axis; every
 weight that several variants share lives once in ``weights.bin`` (ONNX external data);
-``manifest.json`` describes the rest (``diffopt.export.manifest``). Every file passes the
-full ``onnx.checker``.
+``manifest.json`` describes the rest (``diffopt.export.manifest``), including every
+quantization step. Every file passes the full ``onnx.checker``. Quantize / dequantize
+custom ops become ONNX Q/DQ operators (``diffopt.quantized_ops.ONNX_TRANSLATIONS``);
+programs that compute in float64 (exact integer emulation) are refused. Intermediate
+``value_info`` is dropped (onnxruntime's quantization tools fail on stale shapes).
 
 Profiles: ``"onnxruntime"``, and ``"tensorrt"``, which also checks that each graph uses
 only operators on TensorRT's ONNX parser list (``tensorrt_onnx_ops.txt``) and that no
@@ -26,7 +29,9 @@ import diffopt
 from diffopt.denoiser import OptimizedDenoiser
 from diffopt.export.manifest import MANIFEST_NAME, Manifest, TensorSpec, VariantFile
 from diffopt.graph_tools import placeholders, state_shape
+from diffopt.passes.linear_ops import attribute
 from diffopt.program import BATCH, StepProgram
+from diffopt.quantized_ops import ONNX_TRANSLATIONS, quantization_summary
 
 PROFILES = ("onnxruntime", "tensorrt")
 WEIGHTS_FILE = "weights.bin"
@@ -55,6 +60,7 @@ def to_onnx(optimized: OptimizedDenoiser | StepProgram, directory: str | Path, *
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     _remove_previous_bundle(directory)
+    _require_no_float64(program)
     input_specs = _input_specs(program)
     example = [torch.zeros(tuple(export_batch if d == BATCH else d for d in spec.shape), dtype=getattr(torch, spec.dtype))
                for spec in input_specs]
@@ -66,6 +72,7 @@ def to_onnx(optimized: OptimizedDenoiser | StepProgram, directory: str | Path, *
         variant_files[name] = VariantFile(f"{name}.onnx", tuple(input_specs), _output_specs(models[name]))
     _store_weights_once(models, directory / WEIGHTS_FILE)
     for name, model in models.items():
+        model.graph.ClearField("value_info")  # stale intermediate shapes break onnxruntime.quantization's tools
         path = directory / variant_files[name].file
         onnx.save(model, str(path))
         onnx.checker.check_model(str(path), full_check=True)
@@ -73,6 +80,7 @@ def to_onnx(optimized: OptimizedDenoiser | StepProgram, directory: str | Path, *
             check_tensorrt_ready(model, name)
     manifest = Manifest(program.signature, program.state, program.schedule, variant_files, profile, WEIGHTS_FILE,
                         diffopt.__version__, program.model_class, _opset(next(iter(models.values()))),
+                        quantization_summary({name: module.graph for name, module in program.variants.items()}),
                         scheduler=dict(scheduler_config) if scheduler_config is not None else None)
     manifest.save(directory)
     return manifest
@@ -84,6 +92,20 @@ def _remove_previous_bundle(directory: Path) -> None:
     previous = Manifest.load(directory)
     for name in [*(v.file for v in previous.variants.values()), previous.weights_file, MANIFEST_NAME]:
         (directory / name).unlink(missing_ok=True)
+
+
+def _require_no_float64(program: StepProgram) -> None:
+    """Integer emulation (TemporalDifferencePass integer mode, A8W8 static quantization)
+    accumulates in float64, which neither onnxruntime's CPU Conv nor TensorRT runs."""
+    for name, module in program.variants.items():
+        for node in module.graph.nodes:
+            value = attribute(module, node.target) if node.op == "get_attr" else node.meta.get("val")
+            dtypes = {getattr(value, "dtype", None), node.kwargs.get("dtype")}
+            if torch.float64 in dtypes:
+                raise ExportError(f"variant {name!r} computes in float64 ({node.name}): the exact integer emulation "
+                                  f"of integer mode / A8W8 is for verification in torch and does not export; "
+                                  f"export TemporalDifferencePass mode 'dynamic' (onnxruntime integer kernels) or "
+                                  f"'difference' (static int8 scales for TensorRT)")
 
 
 def _input_specs(program: StepProgram) -> list[TensorSpec]:
@@ -107,7 +129,8 @@ def _export_variant(module: torch.fx.GraphModule, example: Sequence[torch.Tensor
             warnings.filterwarnings("ignore", category=FutureWarning)  # torch-internal deprecations
             exported = torch.onnx.export(module, tuple(example), dynamo=True,
                                          input_names=[s.name for s in input_specs], output_names=list(output_names),
-                                         dynamic_shapes=dynamic, optimize=True, verbose=False)
+                                         dynamic_shapes=dynamic, optimize=True, verbose=False,
+                                         custom_translation_table=ONNX_TRANSLATIONS)
     except Exception as error:
         raise ExportError(f"variant {name!r} could not be exported to ONNX: {type(error).__name__}: {error}") from error
     return exported.model_proto

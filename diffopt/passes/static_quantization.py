@@ -5,7 +5,9 @@ After, ``weight_bits=8`` (A8W8): ``c = Q(x; s_x)``, ``y = op(c, W_c) * s_x * s_w
 int8 weight codes per output channel and exact integer accumulation (float64);
 ``weight_bits=None`` (A8, fp weights): ``y = op(Q(x; s_x) * s_x, W, b)``. ``s_x`` is one static
 scale per layer from temporal calibration (``TemporalStatistics.input_scale``). The
-policy can exclude layers (``{"quantize": False}``).
+policy can exclude layers (``{"quantize": False}``). A8 exports as QuantizeLinear /
+DequantizeLinear with constant scales (``quantized_ops.fake_quantize``); A8W8's float64
+integer emulation is for verification in torch and does not export.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from diffopt.passes.base import GraphPass, PassContext, PassResult
 from diffopt.passes.linear_ops import WEIGHT_BITS, IntegerLinear, call_like, linear_layers, op_name, to_dtype
 from diffopt.program import StepProgram
 from diffopt.quantization import insert_quantize
+from diffopt.quantized_ops import insert_fake_quantize
 from diffopt.temporal_calibration import TemporalStatistics
 
 aten = torch.ops.aten
@@ -44,12 +47,12 @@ def quantize_op(module: fx.GraphModule, op: fx.Node, layer: str, scale: float, a
     """Replace linear op ``op`` by its statically quantized form (module docstring)."""
     graph = module.graph
     with graph.inserting_before(op):
-        codes = insert_quantize(graph, op.args[0], scale, activation_bits)
         if weight_bits is None:
-            matmul = call_like(graph, op, graph.call_function(aten.mul.Tensor, (codes, scale)),
+            matmul = call_like(graph, op, insert_fake_quantize(graph, op.args[0], scale, activation_bits, layer),
                                op.args[1], op.args[2] if len(op.args) > 2 else None)
             result, bits = matmul, operand_bits(activation_bits, 32)
         else:
+            codes = insert_quantize(graph, op.args[0], scale, activation_bits)
             integer = IntegerLinear(module, op, scale, prefix)
             matmul = integer.accumulate(module, graph, op, to_dtype(graph, codes, torch.float64))
             result, bits = integer.dequantize(module, graph, op, matmul), operand_bits("codes", 8)

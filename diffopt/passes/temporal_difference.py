@@ -14,6 +14,11 @@ input and output in state; variant ``delta`` (every later step) computes
   difference's range is ~10x narrower than the input's, so ``bits`` codes on it are
   far more accurate than on ``x``); error feedback stores ``x̂ = x̂_prev + d``, the input
   for which ``y = op(x̂, W) + b`` holds, so quantization errors do not accumulate.
+- ``dynamic`` (linear layers; convolutions stay full): as ``difference``, but the
+  difference is quantized per call to uint8 with its own range (onnxruntime's
+  ``DynamicQuantizeLinear``; no calibration) and the delta matmul uses int8 weights per
+  output channel: ``y = y_prev + d @ W8``. Exported, this is the pattern onnxruntime fuses
+  into its integer GEMM kernels (``quantized_ops``).
 
 Layers that share an input (attention q/k/v) share one previous-input state and one
 difference. ``row_threshold`` (linear ops): token rows whose difference has
@@ -36,38 +41,41 @@ from torch import fx
 from diffopt.annotations import NodeAnnotation, annotate, annotation_of
 from diffopt.graph_tools import add_variant, node_named, remove_dead_code, state_shape, thread_state
 from diffopt.passes.base import GraphPass, PassContext, PassResult, require_single_variant
-from diffopt.passes.linear_ops import IntegerLinear, call_like, linear_layers, op_name, to_dtype
+from diffopt.passes.linear_ops import (WEIGHT_BITS, IntegerLinear, attribute, call_like, constant, linear_layers,
+                                      op_name, to_dtype)
 from diffopt.passes.static_quantization import operand_bits, quantize_op, require_temporal_statistics
 from diffopt.program import FULL, Schedule, StateEntry, StepProgram
-from diffopt.quantization import insert_quantize
+from diffopt.quantization import insert_quantize, quantize_weight_per_channel
+from diffopt.quantized_ops import insert_dequantize_weight, insert_fake_quantize
 
 aten = torch.ops.aten
 DELTA = "delta"
 GROUP_KEY = "diffopt_layer_group"  # node meta: the layer group (first layer's name) a delta node computes for
 GROUP_INPUT_KEY = "diffopt_layer_group_input"  # node meta: the group whose layers read this node
-MODES = ("exact", "integer", "difference")
+MODES = ("exact", "integer", "difference", "dynamic")
+CALIBRATION_FREE_MODES = ("exact", "dynamic")
 
 
 @dataclass(frozen=True)
 class TemporalDifferencePass(GraphPass):
     mode: str = "exact"
-    bits: int = 8  # integer: activation code bits (8 only); difference: bits of the difference codes
+    bits: int = 8  # integer / dynamic: 8 only; difference: bits of the difference codes
     row_threshold: float | None = None  # linear ops: skip token rows with small differences (module docstring)
     refresh_period: int | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}: expected one of {MODES}")
-        if self.mode == "integer" and self.bits != 8:
-            raise ValueError("integer mode is the A8W8 identity: bits must be 8")
-        if self.row_threshold is not None and (self.row_threshold < 0 or self.mode == "integer"):
+        if self.mode in ("integer", "dynamic") and self.bits != 8:
+            raise ValueError(f"{self.mode} mode quantizes to 8 bits: bits must be 8")
+        if self.row_threshold is not None and (self.row_threshold < 0 or self.mode not in ("exact", "difference")):
             raise ValueError("row_threshold must be >= 0, and row skipping applies to the exact and difference modes")
         if self.refresh_period is not None and self.refresh_period < 1:
             raise ValueError(f"refresh_period must be >= 1 or None, found {self.refresh_period}")
 
     @property
     def needs_calibration(self) -> bool:
-        return self.mode != "exact" or self.row_threshold is not None
+        return self.mode not in CALIBRATION_FREE_MODES or self.row_threshold is not None
 
     def requires(self, program: StepProgram, context: PassContext) -> None:
         if DELTA not in program.variants:
@@ -81,6 +89,8 @@ class TemporalDifferencePass(GraphPass):
         chosen = {}
         for op, layer in linear_layers(graph).items():
             settings = context.policy.resolve(layer, op_name(op))
+            if self.mode == "dynamic" and op.target != aten.linear.default:
+                settings = {"mode": FULL, "reason": "dynamic mode covers matmuls (onnxruntime's integer kernels)"}
             if settings.get("mode", DELTA) == FULL:
                 annotate(op, NodeAnnotation(FULL, self.name, reason=settings.get("reason", "the layer policy says full"),
                                             details={"layer": layer}))
@@ -131,7 +141,7 @@ class _LayerGroup:
         self.spec, self.program, self.context = spec, program, context
         self.ops, self.names = list(layers), list(layers.values())
         self.full_module = program.variants[FULL]
-        self.layer = self.names[0]
+        self.layer, self.index = self.names[0], index
         source = self.ops[0].args[0]
         self.input_shape, self.input_dtype = state_shape(source), source.meta["val"].dtype
         self.row_skip = spec.row_threshold is not None and all(op.target == aten.linear.default for op in self.ops)
@@ -142,6 +152,12 @@ class _LayerGroup:
                             for i, op in enumerate(self.ops)]
         if spec.mode == "difference":
             self.difference_scale = statistics.difference_scale(self.layer, spec.bits)
+        if spec.mode == "dynamic":
+            self.difference_scale = None  # computed per call
+            self.weights = [_int8_weight_columns(self.full_module, op) for op in self.ops]
+        # onnxruntime turns a 2-D MatMul + Add into a float Gemm before its integer fusions run, so
+        # dynamic mode quantizes a (batch, channels) difference as (batch, 1, channels)
+        self.rows_as_matrix = spec.mode == "dynamic" and len(self.input_shape) == 2
         if self.row_skip:
             self.row_limit = spec.row_threshold * statistics.difference_absmax[self.layer]
         self.shared: dict[str, dict[str, fx.Node]] = {}  # variant -> named nodes built for the group
@@ -190,10 +206,13 @@ class _LayerGroup:
             if variant == FULL:
                 return x
             difference = graph.call_function(aten.sub.Tensor, (x, previous))
-            if self.spec.mode == "difference":
-                codes = insert_quantize(graph, difference, self.difference_scale, self.spec.bits)
-                difference = graph.call_function(aten.mul.Tensor, (codes, self.difference_scale))
+            if self.rows_as_matrix:
+                difference = graph.call_function(aten.unsqueeze.default, (difference, 1))
+            if self.spec.mode in ("difference", "dynamic"):
+                difference = insert_fake_quantize(graph, difference, self.difference_scale, self.spec.bits, self.layer)
             nodes["difference"] = difference
+            if self.rows_as_matrix:
+                difference = graph.call_function(aten.squeeze.dim, (difference, 1))
             if self.row_skip:
                 return self._gather_active_rows(graph, nodes, previous)
             return x if self.spec.mode == "exact" else graph.call_function(aten.add.Tensor, (previous, difference))
@@ -232,17 +251,31 @@ class _LayerGroup:
             if variant == FULL:
                 annotate(op, NodeAnnotation(FULL, self.spec.name, reason=reason, details=details))
                 return op
-            output = self._delta_output(graph, op, nodes, previous)
-        bits = operand_bits("codes", 32, self.difference_scale) if self.spec.mode == "difference" else {}
+            output = self._delta_output(graph, op, nodes, previous, position)
+        bits = self._delta_operand_bits()
         annotate(output[1], NodeAnnotation(DELTA, self.spec.name, reason=reason, bits=self.spec.bits if bits else None,
                                            details={**details, **bits}))
         op.replace_all_uses_with(output[0])
         graph.erase_node(op)
         return output[0]
 
-    def _delta_output(self, graph: fx.Graph, op: fx.Node, nodes: dict[str, fx.Node],
-                      previous: fx.Node) -> tuple[fx.Node, fx.Node]:
+    def _delta_operand_bits(self) -> dict:
+        """Operand widths of a delta matmul, for cost accounting (``operand_bits``)."""
+        if self.spec.mode == "dynamic":
+            return operand_bits(8, 8)
+        return operand_bits("codes", 32, self.difference_scale) if self.spec.mode == "difference" else {}
+
+    def _delta_output(self, graph: fx.Graph, op: fx.Node, nodes: dict[str, fx.Node], previous: fx.Node,
+                      position: int) -> tuple[fx.Node, fx.Node]:
         """(``y_prev + op(d, W)``, the matmul node), over the active rows only when skipping rows."""
+        if self.spec.mode == "dynamic":
+            module = self.program.variants[DELTA]
+            codes, scale = (constant(module, graph, f"ditto_{self.index}_{position}_{name}", value)
+                            for name, value in zip(("weight_codes", "weight_scale"), self.weights[position]))
+            weight = insert_dequantize_weight(graph, codes, scale, self.names[position])
+            matmul = graph.call_function(aten.matmul.default, (nodes["difference"], weight))
+            product = graph.call_function(aten.squeeze.dim, (matmul, 1)) if self.rows_as_matrix else matmul
+            return graph.call_function(aten.add.Tensor, (previous, product)), matmul
         if not self.row_skip:
             matmul = call_like(graph, op, nodes["difference"], op.args[1])
             return graph.call_function(aten.add.Tensor, (previous, matmul)), matmul
@@ -262,3 +295,11 @@ def layer_decisions(program: StepProgram) -> dict[str, tuple[str, str | None]]:
         if annotation is not None and "layer" in annotation.details:
             decided[annotation.details["layer"]] = (annotation.mode, annotation.reason)
     return decided
+
+
+def _int8_weight_columns(module: fx.GraphModule, op: fx.Node) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 codes K x N, scale per column) of linear op ``op``'s weight: the right operand
+    of ``d @ W8`` stored as onnxruntime's integer GEMM reads it (no transpose)."""
+    weight = attribute(module, op.args[1].target)
+    codes, scale = quantize_weight_per_channel(weight, WEIGHT_BITS)
+    return codes.t().contiguous().to(torch.int8), scale.to(weight.dtype)
