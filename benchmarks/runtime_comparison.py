@@ -13,6 +13,8 @@ For each configuration the program is exported to an ONNX bundle and loaded back
 Runners: the plain diffusers model in torch eager fp32 (the baseline users have), the
 same in torch eager with bf16 autocast (faster matmuls, lossy: its PSNR is reported),
 diffopt's program run by torch (fx graphs), and the exported bundle on onnxruntime.
+Static quantization scales (Ditto's difference mode) come from one 50-sample temporal
+calibration run on a seed the timed runs do not use.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ from diffopt.passes.block_cache import BlockCachePass, FirstBlockCachePass
 from diffopt.passes.increment_calibrated_cache import IncrementCalibratedCachePass
 from diffopt.passes.temporal_difference import TemporalDifferencePass
 from diffopt.runtime.onnxruntime_backend import load_bundle
+from diffopt.temporal_calibration import TemporalStatistics, calibrate_temporal
 
 RESULTS = Path("benchmarks/results")
 MIDDLE_BLOCKS = tuple(f"transformer_blocks.{i}" for i in range(1, 5))
@@ -46,7 +49,9 @@ CONFIGURATIONS = {
     "first-block cache 0.1": [FirstBlockCachePass(0.1)],
     "Ditto exact": [TemporalDifferencePass("exact")],
     "Ditto dynamic int8": [TemporalDifferencePass("dynamic")],  # onnxruntime: MatMulIntegerToFloat
+    "Ditto difference int8 (static scales)": [TemporalDifferencePass("difference")],  # Q/DQ, float matmuls
 }
+CALIBRATION_SAMPLES = 50  # temporal calibration (static scales): one 50-step run, seed 1000
 
 
 def median_call_seconds(function, repeats: int) -> float:
@@ -57,6 +62,16 @@ def median_call_seconds(function, repeats: int) -> float:
         function()
         times.append(time.perf_counter() - started)
     return statistics.median(times)
+
+
+def needs_calibration(passes) -> bool:
+    return any(getattr(p, "needs_calibration", False) for p in passes)
+
+
+def temporal_calibration(graph, config) -> TemporalStatistics:
+    sampler = Sampler(make_scheduler(config, "ddim", 50), progress=False)
+    return calibrate_temporal(optimize(graph).program, sampler, (torch.arange(CALIBRATION_SAMPLES) % 10,),
+                              (CALIBRATION_SAMPLES, 1, 16, 16), seeds=(1000,), progress=False)
 
 
 def main() -> None:
@@ -70,12 +85,13 @@ def main() -> None:
     torch.set_num_threads(threads)
     model, config = load("dit-digits")
     graph = capture(model, example_inputs("dit-digits"))
+    calibration = temporal_calibration(graph, config) if any(map(needs_calibration, CONFIGURATIONS.values())) else None
     runners, agreement_pairs, per_step, export_seconds = {}, [], [], {}
     workdir = Path(tempfile.mkdtemp(prefix="diffopt-bench-"))
     runners["torch eager fp32 (diffusers model)"] = model
     runners["torch eager bf16 autocast (diffusers model)"] = Bf16Autocast(model)
     for name, passes in CONFIGURATIONS.items():
-        optimized = optimize(graph, passes)
+        optimized = optimize(graph, passes, calibration=calibration if needs_calibration(passes) else None)
         started = time.perf_counter()
         to_onnx(optimized, workdir / name.replace(" ", "_"))
         export_seconds[name] = time.perf_counter() - started

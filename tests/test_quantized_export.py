@@ -27,6 +27,19 @@ def dit_digits():
     model, config = zoo.load("dit-digits")
     return config, capture(model, zoo.example_inputs("dit-digits"))
 
+BATCH = 8
+
+
+def _sample(config, runner):
+    sampler = Sampler(make_scheduler(config, "ddim", 50), progress=False)
+    return sampler.sample(runner, (torch.arange(BATCH) % 10,), shape=(BATCH, 1, 16, 16), seed=1)
+
+
+@pytest.fixture(scope="module")
+def fp32_run(dit_digits):
+    config, graph = dit_digits
+    return _sample(config, optimize(graph))
+
 
 def _relative(a, b):
     return float((a - b).norm() / b.norm())
@@ -63,15 +76,12 @@ def _optimized_onnxruntime_graph(path, tmp_path):
     return onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False).graph
 
 
-def _assert_onnxruntime_runs_the_same_lossy_method(config, graph, optimized, exported, batch=8):
+def _assert_onnxruntime_runs_the_same_lossy_method(config, fp32, optimized, exported):
     """A quantized mode is not reproduced within float noise: a float-rounding difference
     upstream of a quantizer moves a value across a rounding boundary now and then, and the
     change spreads through later quantizers. What must hold over a 50-step run: onnxruntime
     is closer to the torch run than either is to fp32, with the same error to fp32."""
-    sampler = Sampler(make_scheduler(config, "ddim", 50), progress=False)
-    labels = (torch.arange(batch) % 10,)
-    fp32, torch_run, onnxruntime_run = (sampler.sample(runner, labels, shape=(batch, 1, 16, 16), seed=1)
-                                        for runner in (optimize(graph), optimized, exported))
+    torch_run, onnxruntime_run = _sample(config, optimized), _sample(config, exported)
     quantization_error = _relative(torch_run, fp32)
     print(f"error to fp32: torch {quantization_error:.2e}, onnxruntime {_relative(onnxruntime_run, fp32):.2e}; "
           f"onnxruntime to torch {_relative(onnxruntime_run, torch_run):.2e}")
@@ -80,7 +90,7 @@ def _assert_onnxruntime_runs_the_same_lossy_method(config, graph, optimized, exp
     assert _relative(onnxruntime_run, torch_run) < quantization_error
 
 
-def test_dynamic_int8_differences_run_on_onnxruntime_integer_kernels(dit_digits, tmp_path):
+def test_dynamic_int8_differences_run_on_onnxruntime_integer_kernels(dit_digits, fp32_run, tmp_path):
     config, graph = dit_digits
     optimized = optimize(graph, [TemporalDifferencePass("dynamic")])
     delta = optimized.program.variants[DELTA].graph
@@ -98,7 +108,7 @@ def test_dynamic_int8_differences_run_on_onnxruntime_integer_kernels(dit_digits,
     int8_weights = {t.name for t in fused.initializer if t.data_type == onnx.TensorProto.INT8}
     assert not [n for n in fused.node if n.op_type == "DequantizeLinear" and n.input[0] in int8_weights]
 
-    _assert_onnxruntime_runs_the_same_lossy_method(config, graph, optimized, load_bundle(tmp_path / "bundle"))
+    _assert_onnxruntime_runs_the_same_lossy_method(config, fp32_run, optimized, load_bundle(tmp_path / "bundle"))
 
     # the float variant can go through onnxruntime's own quantization tools (stale intermediate
     # shapes left by the exporter would make their shape inference fail)
@@ -108,7 +118,7 @@ def test_dynamic_int8_differences_run_on_onnxruntime_integer_kernels(dit_digits,
     assert ops["DynamicQuantizeLinear"] > 0
 
 
-def test_tensorrt_profile_carries_static_symmetric_int8_scales(dit_digits, tmp_path):
+def test_tensorrt_profile_carries_static_symmetric_int8_scales(dit_digits, fp32_run, tmp_path):
     config, graph = dit_digits
     sampler = Sampler(make_scheduler(config, "ddim", 50), progress=False)
     calibration = calibrate_temporal(optimize(graph).program, sampler, (torch.arange(4),), (4, 1, 16, 16),
@@ -129,7 +139,7 @@ def test_tensorrt_profile_carries_static_symmetric_int8_scales(dit_digits, tmp_p
         assert scale.shape == () and zero_point.dtype == np.int8 and zero_point == 0
         assert min(abs(float(scale) - s) for s in scales) <= 1e-7 * float(scale)
 
-    _assert_onnxruntime_runs_the_same_lossy_method(config, graph, optimized, load_bundle(tmp_path / "bundle"))
+    _assert_onnxruntime_runs_the_same_lossy_method(config, fp32_run, optimized, load_bundle(tmp_path / "bundle"))
 
 
 def test_integer_emulation_is_refused_with_a_clear_error(dit_digits, tmp_path):
