@@ -33,11 +33,11 @@ import torch
 
 from common import generate, time_runs
 from diffopt import Sampler, capture, make_scheduler, optimize
-from diffopt.analysis import count_macs
-from diffopt.baselines import DiffusersCacheHook
-from diffopt.calibration import collect_activation_statistics
-from diffopt.metrics.digits import class_accuracy, digits_fd, label_agreement
-from diffopt.metrics.fidelity import psnr, relative_l2
+from diffopt.measure.macs import count_macs
+from diffopt.evaluation.baselines import DiffusersCacheHook
+from diffopt.measure.calibration import calibrate
+from diffopt.evaluation.metrics.digits import class_accuracy, digits_fd, label_agreement
+from diffopt.evaluation.metrics.fidelity import psnr, relative_l2
 from diffopt.models import example_inputs, load
 from diffopt.passes.block_cache import BlockCachePass, FirstBlockCachePass
 from diffopt.passes.increment_calibrated_cache import IncrementCalibratedCachePass
@@ -120,7 +120,7 @@ def main() -> None:
     model, config = load(args.model)
     graph = capture(model, example_inputs(args.model))
     calibration_sampler = Sampler(make_scheduler(config, "ddim", 50), progress=False)
-    calibration = collect_activation_statistics(optimize(graph).program, calibration_sampler,
+    calibration = calibrate(optimize(graph).program, calibration_sampler,
                                                 (torch.arange(20) % 10,), (20, 1, 16, 16), seeds=(777, 778))
     methods = (dit_methods if args.model == "dit-digits" else unet_methods)(model, graph, calibration)
     if args.only:

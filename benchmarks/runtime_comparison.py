@@ -32,13 +32,14 @@ import torch
 from common import Bf16Autocast
 from diffopt import Sampler, capture, make_scheduler, optimize
 from diffopt.export import to_onnx
-from diffopt.metrics.fidelity import psnr, relative_l2
+from diffopt.evaluation.metrics.fidelity import psnr, relative_l2
 from diffopt.models import example_inputs, load
 from diffopt.passes.block_cache import BlockCachePass, FirstBlockCachePass
 from diffopt.passes.increment_calibrated_cache import IncrementCalibratedCachePass
 from diffopt.passes.temporal_difference import TemporalDifferencePass
 from diffopt.runtime.onnxruntime_backend import load_bundle
-from diffopt.temporal_calibration import TemporalStatistics, calibrate_temporal
+from diffopt.ir.statistics import CalibrationStatistics
+from diffopt.measure.calibration import calibrate
 
 RESULTS = Path("benchmarks/results")
 MIDDLE_BLOCKS = tuple(f"transformer_blocks.{i}" for i in range(1, 5))
@@ -68,9 +69,9 @@ def needs_calibration(passes) -> bool:
     return any(getattr(p, "needs_calibration", False) for p in passes)
 
 
-def temporal_calibration(graph, config) -> TemporalStatistics:
+def temporal_calibration(graph, config) -> CalibrationStatistics:
     sampler = Sampler(make_scheduler(config, "ddim", 50), progress=False)
-    return calibrate_temporal(optimize(graph).program, sampler, (torch.arange(CALIBRATION_SAMPLES) % 10,),
+    return calibrate(optimize(graph).program, sampler, (torch.arange(CALIBRATION_SAMPLES) % 10,),
                               (CALIBRATION_SAMPLES, 1, 16, 16), seeds=(1000,), progress=False)
 
 

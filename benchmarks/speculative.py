@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from diffopt import Sampler, make_scheduler
-from diffopt.metrics.two_sample import energy_test
+from diffopt.evaluation.metrics.two_sample import energy_test
 from diffopt.models.gaussian_mixture import two_moons_mixture
 from diffopt.runtime.noise import make_alphas_cumprod
 from diffopt.runtime.speculative import SpeculativeDDPMSampler
@@ -75,7 +75,7 @@ def mixture_quality(sequential, speculative):
 
 
 def digits_quality(labels):
-    from diffopt.metrics.digits import class_accuracy, digits_fd
+    from diffopt.evaluation.metrics.digits import class_accuracy, digits_fd
 
     def measure(sequential, speculative):
         return {"fd_sequential": digits_fd(sequential), "fd_speculative": digits_fd(speculative),
@@ -87,7 +87,7 @@ def digits_quality(labels):
 def fd_seed_noise(model, config, labels, seeds: int) -> dict:
     """How much digits FD moves between seeds at this sample count: the yardstick for
     "FD within seed noise" (FD is biased upwards and noisy at small sample counts)."""
-    from diffopt.metrics.digits import digits_fd
+    from diffopt.evaluation.metrics.digits import digits_fd
 
     sampler = Sampler(make_scheduler(config, "ddpm", 50), progress=False)
     shape = (len(labels), *model_shape(model))

@@ -37,14 +37,15 @@ import torch
 
 from common import Bf16Autocast, generate, time_runs
 from diffopt import Sampler, capture, make_scheduler, optimize
-from diffopt.cost import measure_run_cost
-from diffopt.metrics.digits import class_accuracy, digits_fd
-from diffopt.metrics.fidelity import psnr, relative_l2
+from diffopt.measure.cost import measure_run_cost
+from diffopt.evaluation.metrics.digits import class_accuracy, digits_fd
+from diffopt.evaluation.metrics.fidelity import psnr, relative_l2
 from diffopt.models import example_inputs, load
-from diffopt.passes.defo import DefoPass, profile_layers
+from diffopt.passes.defo import DefoPass
+from diffopt.measure.defo_profile import profile_layers
 from diffopt.passes.static_quantization import StaticQuantizationPass
 from diffopt.passes.temporal_difference import DELTA, TemporalDifferencePass, layer_decisions
-from diffopt.temporal_calibration import calibrate_temporal
+from diffopt.measure.calibration import calibrate
 
 RESULTS = Path("benchmarks/results")
 STEPS = 50
@@ -116,9 +117,9 @@ def main() -> None:
     fp32 = optimize(graph)
     sampler = Sampler(make_scheduler(config, "ddim", STEPS), progress=False)
     calibration_labels = torch.arange(args.calibration_samples) % 10
-    calibration = calibrate_temporal(fp32.program, sampler, (calibration_labels,),
+    calibration = calibrate(fp32.program, sampler, (calibration_labels,),
                                      (args.calibration_samples, 1, 16, 16), seeds=(777,))
-    print(calibration.report())
+    print(calibration.temporal.report())
     timing_labels = torch.arange(args.timing_batch) % 10
     timing_shape = (args.timing_batch, 1, 16, 16)
     defo_context = (fp32.program, sampler, (timing_labels,), timing_shape)
@@ -170,7 +171,7 @@ def main() -> None:
                "machine": platform.processor() or platform.machine(),
                "command": f"python benchmarks/temporal_difference.py --model {args.model} --samples {args.samples} "
                           f"--timing-batch {args.timing_batch} --repeats {args.repeats}",
-               "calibration_report": calibration.report(),
+               "calibration_report": calibration.temporal.report(),
                "defo": {name: {"agreement": p.agreement(), "machine": dataclasses.asdict(p.machine),
                                "groups": {g: dataclasses.asdict(c) for g, c in p.groups.items()}}
                         for name, p in profiles.items()},

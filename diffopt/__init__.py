@@ -1,27 +1,40 @@
 """diffopt: a graph compiler for diffusion denoisers.
 
 capture -> passes -> step program (explicit state, variants, schedule) -> runtime.
-"""
-import os
 
-# OpenMP spin-waiting made 2-thread torch forwards up to 4x slower on shared CPUs; passive
-# waiting is the better default for sampling loops (set before torch loads OpenMP; an
-# explicit user setting wins).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-from diffopt.capture import CaptureError, CapturedGraph, Signature, capture
-from diffopt.denoiser import OptimizedDenoiser
+Layers, each importing only those below it (``tests/test_layers.py`` checks it):
+``ir`` (program, signature, layers, annotations, policy, statistics) < ``quant`` <
+``capture`` < ``passes`` / ``runtime`` < ``measure`` < ``export`` < ``optimize``, ``cli``;
+``models`` (reference models) and ``evaluation`` (metrics, data, training, baselines:
+``pip install diffopt[eval]``) sit on top and are never imported by the core.
+"""
+from diffopt.capture import CaptureError, capture
+from diffopt.ir.policy import LayerPolicy
+from diffopt.ir.program import (
+    AdaptiveSchedule,
+    ComposedSchedule,
+    Role,
+    Schedule,
+    StateEntry,
+    StateError,
+    StateSpec,
+    StepProgram,
+)
+from diffopt.ir.signature import CapturedGraph, Signature
+from diffopt.ir.statistics import CalibrationStatistics
+from diffopt.measure.calibration import calibrate
 from diffopt.optimize import optimize
-from diffopt.passes.base import GraphPass, PassContext, PassError, PassResult, Pipeline
-from diffopt.policy import LayerPolicy
-from diffopt.program import AdaptiveSchedule, Schedule, StateEntry, StateError, StateSpec, StepProgram
+from diffopt.passes.base import GraphPass, PassContext, PassError, PassNotApplicable, PassResult, Pipeline
+from diffopt.runtime.denoiser import OptimizedDenoiser
 from diffopt.runtime.sampler import Sampler
 from diffopt.runtime.schedulers import DDIMScheduler, DDPMScheduler, FlowEulerScheduler, make_scheduler
+from diffopt.version import __version__
 
-__version__ = "0.1.0"
 
 __all__ = [
-    "CaptureError", "CapturedGraph", "Signature", "capture", "OptimizedDenoiser", "optimize", "GraphPass",
-    "PassContext", "PassError", "PassResult", "Pipeline", "LayerPolicy", "AdaptiveSchedule", "Schedule", "StateEntry", "StateError",
+    "CaptureError", "CapturedGraph", "Signature", "capture", "OptimizedDenoiser", "optimize", "calibrate",
+    "CalibrationStatistics", "GraphPass", "PassContext", "PassError", "PassNotApplicable", "PassResult", "Pipeline",
+    "LayerPolicy", "AdaptiveSchedule", "ComposedSchedule", "Role", "Schedule", "StateEntry", "StateError",
     "StateSpec", "StepProgram", "Sampler", "DDIMScheduler", "DDPMScheduler", "FlowEulerScheduler",
     "make_scheduler", "__version__",
 ]

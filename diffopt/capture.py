@@ -9,67 +9,21 @@ placeholders are named after the model's own arguments and whose nodes keep
 """
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import traceback
-from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import torch
 from torch import fx
 
+from diffopt.ir.signature import WRAPPED_MODEL_ATTRIBUTE, CapturedGraph, Signature, first_tensor_output
+
 LATENT_NAMES = ("hidden_states", "sample", "x", "x_t", "latent", "latents")
 TIMESTEP_NAMES = ("timestep", "timesteps", "t")
-WRAPPED_MODEL_ATTRIBUTE = "model"
 
 
 class CaptureError(RuntimeError):
     """The model could not be captured; the message says where and what to do."""
-
-
-@dataclass(frozen=True)
-class Signature:
-    """Which model input is which: ``step(latent, timestep, *conditions)``."""
-
-    latent: str
-    timestep: str
-    conditions: tuple[str, ...] = ()
-
-    @property
-    def input_names(self) -> tuple[str, ...]:
-        return (self.latent, self.timestep, *self.conditions)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "Signature":
-        return cls(data["latent"], data["timestep"], tuple(data["conditions"]))
-
-
-@dataclass
-class CapturedGraph:
-    """A captured denoiser: ``module(latent, timestep, *conditions) -> (out,)``."""
-
-    module: fx.GraphModule
-    signature: Signature
-    model_class: str
-
-
-def first_tensor_output(output: Any) -> torch.Tensor:
-    """Normalise a denoiser's output (tensor, tuple, dict, ModelOutput, dataclass) to a tensor."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, Mapping):
-        if "sample" in output:
-            return first_tensor_output(output["sample"])
-        return first_tensor_output(next(iter(output.values())))
-    if dataclasses.is_dataclass(output):
-        return first_tensor_output(getattr(output, dataclasses.fields(output)[0].name))
-    if isinstance(output, (tuple, list)) and output:
-        return first_tensor_output(output[0])
-    raise CaptureError(f"expected the denoiser to return a tensor (or a tuple/dict/dataclass holding one), "
-                       f"found {type(output).__name__}")
 
 
 class CanonicalDenoiser(torch.nn.Module):

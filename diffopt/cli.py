@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from diffopt.analysis import summarize
+from diffopt.measure.macs import summarize
 from diffopt.capture import capture
 from diffopt.passes.temporal_difference import MODES
 
@@ -72,9 +72,9 @@ def _timed(run: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float]:
 
 
 def command_demo(args: argparse.Namespace) -> None:
-    from diffopt.metrics.fidelity import psnr, relative_l2
+    from diffopt.evaluation.metrics.fidelity import psnr, relative_l2
     from diffopt.models.zoo import NULL_CLASS
-    from diffopt.analysis import macs_per_run
+    from diffopt.measure.macs import macs_per_run
     from diffopt.optimize import optimize
     from diffopt.passes.increment_calibrated_cache import IncrementCalibratedCachePass
     from diffopt.runtime.sampler import Sampler
@@ -129,13 +129,13 @@ def command_export(args: argparse.Namespace) -> None:
     from diffopt.optimize import optimize
 
     from diffopt.passes.temporal_difference import TemporalDifferencePass
-    from diffopt.temporal_calibration import TemporalStatistics
+    from diffopt.ir.statistics import CalibrationStatistics
 
     model, inputs, scheduler_config = _load_model(args.model, require_weights=True)
     passes = _cache_passes(args)
     if args.temporal_difference:
         passes.append(TemporalDifferencePass(args.temporal_difference))
-    calibration = TemporalStatistics.load(args.calibration) if args.calibration else None
+    calibration = CalibrationStatistics.load(args.calibration) if args.calibration else None
     optimized = optimize(capture(model, inputs), passes, calibration=calibration)
     started = time.perf_counter()
     manifest = to_onnx(optimized, args.out, profile=args.profile, scheduler_config=scheduler_config)
@@ -145,7 +145,7 @@ def command_export(args: argparse.Namespace) -> None:
 
 
 def command_sample(args: argparse.Namespace) -> None:
-    from diffopt.metrics.grid import save_grid
+    from diffopt.evaluation.metrics.grid import save_grid
     from diffopt.runtime.onnxruntime_backend import load_bundle
     from diffopt.runtime.sampler import Sampler
     from diffopt.runtime.schedulers import make_scheduler
@@ -154,7 +154,7 @@ def command_sample(args: argparse.Namespace) -> None:
     manifest = denoiser.backend.manifest
     if manifest.scheduler is None:
         raise SystemExit("error: this bundle has no noise-schedule config; export it with scheduler_config=...")
-    latent, *_ = manifest.variants[manifest.schedule.refresh].inputs
+    latent, *_ = next(iter(manifest.variants.values())).inputs
     if len(manifest.signature.conditions) != 1:
         raise SystemExit(f"error: `diffopt sample` draws class-conditional samples (one class-label condition); "
                          f"this bundle takes {list(manifest.signature.conditions)}: drive it from Python with "
@@ -181,25 +181,26 @@ def _digits_run(args: argparse.Namespace):
 
 
 def command_calibrate(args: argparse.Namespace) -> None:
-    from diffopt.temporal_calibration import calibrate_temporal
+    from diffopt.measure.calibration import calibrate
 
     program, sampler, conditions, shape = _digits_run(args)
-    statistics = calibrate_temporal(program, sampler, conditions, shape, seeds=tuple(args.seeds))
+    statistics = calibrate(program, sampler, conditions, shape, seeds=tuple(args.seeds))
     statistics.save(args.out)
-    print(statistics.report(per_layer=args.layers))
+    print(statistics.temporal.report(per_layer=args.layers))
     print(f"\ncalibration of {args.model} ({args.samples} samples x {len(args.seeds)} runs, {args.steps} DDIM steps) "
           f"written to {args.out}")
 
 
 def command_report(args: argparse.Namespace) -> None:
-    from diffopt.cost import measure_run_cost
+    from diffopt.measure.cost import measure_run_cost
     from diffopt.optimize import optimize
-    from diffopt.passes.defo import DefoPass, profile_layers
+    from diffopt.passes.defo import DefoPass
+    from diffopt.measure.defo_profile import profile_layers
     from diffopt.passes.temporal_difference import TemporalDifferencePass, layer_decisions
-    from diffopt.temporal_calibration import TemporalStatistics
+    from diffopt.ir.statistics import CalibrationStatistics
 
     program, sampler, conditions, shape = _digits_run(args)
-    calibration = TemporalStatistics.load(args.calibration) if args.calibration else None
+    calibration = CalibrationStatistics.load(args.calibration) if args.calibration else None
     difference = TemporalDifferencePass(args.mode, bits=args.bits, row_threshold=args.row_threshold)
     passes = [difference]
     if args.defo:

@@ -5,15 +5,17 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from diffopt.capture import CapturedGraph, capture
-from diffopt.denoiser import OptimizedDenoiser
+from diffopt.ir.signature import CapturedGraph
+from diffopt.capture import capture
+from diffopt.runtime.denoiser import OptimizedDenoiser
 from diffopt.passes.base import GraphPass, PassContext, Pipeline
-from diffopt.policy import LayerPolicy
-from diffopt.program import StepProgram
+from diffopt.ir.policy import LayerPolicy
+from diffopt.ir.statistics import CalibrationStatistics
+from diffopt.ir.program import StepProgram
 
 
 def optimize(model_or_graph: torch.nn.Module | CapturedGraph | StepProgram, passes: Sequence[GraphPass] = (), *,
-             example_inputs: Sequence[Any] | Mapping[str, Any] | None = None, calibration: Any = None,
+             example_inputs: Sequence[Any] | Mapping[str, Any] | None = None, calibration: CalibrationStatistics | None = None,
              policy: LayerPolicy | None = None) -> OptimizedDenoiser:
     """Capture (if given a module), run ``passes`` in a verifying ``Pipeline``, wrap the result.
 
@@ -32,7 +34,7 @@ def optimize(model_or_graph: torch.nn.Module | CapturedGraph | StepProgram, pass
     else:
         raise TypeError(f"optimize() expects an nn.Module, a CapturedGraph or a StepProgram, "
                         f"found {type(model_or_graph).__name__}")
-    context = PassContext(calibration=calibration, policy=policy or LayerPolicy(),
+    context = PassContext(statistics=calibration, policy=policy or LayerPolicy(),
                           example_inputs=tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else None)
     program, records = Pipeline(passes).run(program, context)
     denoiser = OptimizedDenoiser(program)

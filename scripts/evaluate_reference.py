@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 
 from diffopt import Sampler, make_scheduler
-from diffopt.data import load_digits_split
-from diffopt.metrics.digits import class_accuracy, digits_fd
-from diffopt.metrics.grid import save_grid
+from diffopt.evaluation.data import load_digits_split
+from diffopt.evaluation.metrics.digits import class_accuracy, digits_fd
+from diffopt.evaluation.metrics.grid import save_grid
 from diffopt.models import NULL_CLASS, load
 
 RESULTS = Path("benchmarks/results/reference_quality.json")

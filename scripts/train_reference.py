@@ -29,13 +29,13 @@ def main() -> None:
     CHECKPOINTS.mkdir(exist_ok=True)
     for name in args.names:
         if name == "classifier":
-            from diffopt.metrics.classifier import CLASSIFIER_WEIGHTS, train_classifier
+            from diffopt.evaluation.metrics.classifier import CLASSIFIER_WEIGHTS, train_classifier
 
             classifier = train_classifier()
             save_file(classifier.state_dict(), str(CLASSIFIER_WEIGHTS))
             print(f"saved {CLASSIFIER_WEIGHTS}")
             continue
-        from diffopt.models.training import train_reference_model
+        from diffopt.evaluation.training import train_reference_model
 
         ema = train_reference_model(get_spec(name), CHECKPOINTS / f"{name}.pt", steps=args.steps)
         save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(weights_path(name)))

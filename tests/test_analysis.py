@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from diffopt import capture, optimize
-from diffopt.analysis import count_macs, macs_per_node, macs_per_run, variant_macs
+from diffopt.measure.macs import count_macs, macs_per_node, macs_per_run, variant_macs
 from diffopt.passes.block_cache import FirstBlockCachePass
 from models import diffusers_dit, inputs_for
 

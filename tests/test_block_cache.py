@@ -2,12 +2,12 @@ import pytest
 import torch
 
 from diffopt import PassError, capture, optimize
-from diffopt.baselines import DiffusersCacheHook
-from diffopt.annotations import annotation_of
-from diffopt.graph_tools import module_scopes
+from diffopt.evaluation.baselines import DiffusersCacheHook
+from diffopt.ir.annotations import annotation_of
+from diffopt.ir.graph_tools import module_scopes
 from diffopt.passes.block_cache import CACHED, BlockCachePass, FirstBlockCachePass
 from diffopt.passes.increment_calibrated_cache import IncrementCalibratedCachePass
-from diffopt.program import FULL, PROBE, AdaptiveSchedule, Schedule
+from diffopt.ir.program import FULL, PROBE, AdaptiveSchedule, Schedule
 from models import diffusers_dit, diffusers_unet, inputs_for
 
 aten = torch.ops.aten
@@ -107,17 +107,23 @@ def test_unet_up_block_reuse_keeps_only_the_outer_blocks():
         optimize(graph, [BlockCachePass(blocks=("down_blocks.0",))])  # it also feeds a skip connection
 
 
-def test_block_passes_refuse_multi_variant_programs_and_run_once(dit_and_graph):
+def test_block_passes_refuse_other_caches_and_run_once(dit_and_graph):
     _, graph = dit_and_graph
     icc = optimize(graph, [IncrementCalibratedCachePass(rank=4)]).program
-    for block_pass in (BlockCachePass(), FirstBlockCachePass()):
-        with pytest.raises(PassError, match="single-variant program"):
+    for block_pass, other in ((BlockCachePass(), FirstBlockCachePass()), (FirstBlockCachePass(), BlockCachePass())):
+        with pytest.raises(PassError, match="already has cache variants from IncrementCalibratedCachePass"):
             optimize(icc, [block_pass])
         once = optimize(graph, [block_pass])
         twice = optimize(once.program, [block_pass])
         assert [r.modified for r in once.pass_records + twice.pass_records] == [True, False]
+        with pytest.raises(PassError, match=f"{other.name} cannot apply: the program already has cache variants"):
+            optimize(once.program, [other])
     with pytest.raises(PassError, match="not found"):
         optimize(graph, [BlockCachePass(blocks=("transformer_blocks.9",))])
+    with pytest.raises(ValueError, match=r"BlockCachePass.blocks must be a tuple of block names"):
+        BlockCachePass(blocks="transformer_blocks.1")
+    with pytest.raises(ValueError, match=r"BlockCachePass.period must be an int >= 1, found 2.5"):
+        BlockCachePass(period=2.5)
 
 
 def test_first_block_cache_matches_diffusers_first_block_cache(dit_and_graph):

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from diffopt import CaptureError, capture, optimize
-from diffopt.capture import first_tensor_output
+from diffopt.ir.signature import first_tensor_output
 from models import MODEL_FACTORIES, inputs_for
 
 

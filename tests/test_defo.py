@@ -4,9 +4,11 @@ import pytest
 import torch
 
 from diffopt import LayerPolicy, Sampler, capture, make_scheduler, optimize
-from diffopt.passes.defo import DefoPass, GroupCost, LayerProfile, MachineModel, profile_layers
+from diffopt.passes.defo import DefoPass
+from diffopt.ir.profile import GroupCost, LayerProfile, MachineModel
+from diffopt.measure.defo_profile import node_seconds, profile_layers
 from diffopt.passes.temporal_difference import DELTA, TemporalDifferencePass, layer_decisions
-from diffopt.program import FULL
+from diffopt.ir.program import FULL
 from models import simple_dit
 
 LABELS = torch.arange(32) % 10
@@ -43,8 +45,8 @@ def test_cost_model_charges_overhead_plus_the_slower_of_compute_and_memory():
     moved = (800 + 32 + 400) * 4
     compute_bound = MachineModel(overhead_s=1e-6, bytes_per_s=1e12, macs_per_s={"float32": 1e6})
     memory_bound = MachineModel(overhead_s=1e-6, bytes_per_s=1e3, macs_per_s={"float32": 1e12})
-    assert compute_bound.node_seconds(node, args, out) == pytest.approx(1e-6 + 3200 / 1e6)
-    assert memory_bound.node_seconds(node, args, out) == pytest.approx(1e-6 + moved / 1e3)
+    assert node_seconds(compute_bound, node, args, out) == pytest.approx(1e-6 + 3200 / 1e6)
+    assert node_seconds(memory_bound, node, args, out) == pytest.approx(1e-6 + moved / 1e3)
 
 
 def test_decisions_follow_the_profile_with_reasons_and_the_policy_overrides(graph_and_profile):

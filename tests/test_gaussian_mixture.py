@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from diffopt import Sampler, make_scheduler
-from diffopt.metrics.two_sample import energy_test
+from diffopt.evaluation.metrics.two_sample import energy_test
 from diffopt.models.gaussian_mixture import two_moons_mixture
 
 

@@ -2,13 +2,13 @@ import pytest
 import torch
 
 from diffopt import LayerPolicy, PassError, Sampler, capture, make_scheduler, optimize
-from diffopt.analysis import macs_per_node
-from diffopt.annotations import annotation_of
-from diffopt.graph_tools import module_path
-from diffopt.calibration import ActivationStatistics, collect_activation_statistics
+from diffopt.measure.macs import macs_per_node
+from diffopt.ir.annotations import annotation_of
+from diffopt.ir.graph_tools import module_path
+from diffopt.measure.calibration import calibrate
 from diffopt.passes.increment_calibrated_cache import CALIBRATED, IncrementCalibratedCachePass
 from diffopt.passes.low_rank import low_rank_factors, ranks_under_budget
-from diffopt.program import FULL, PROBE, AdaptiveSchedule, StepProgram
+from diffopt.ir.program import FULL, PROBE, AdaptiveSchedule, StepProgram
 from models import simple_dit
 
 aten = torch.ops.aten
@@ -174,11 +174,13 @@ def test_icc_under_a_mac_budget_spends_at_most_the_budget(model_and_graph):
     assert budget * full * 0.9 < spent <= budget * full
 
 
-def test_second_run_changes_nothing_and_plain_models_are_left_alone(model_and_graph):
+def test_second_run_changes_nothing_and_a_pass_that_cannot_apply_says_why(model_and_graph):
     _, captured = model_and_graph
     once = optimize(captured, [IncrementCalibratedCachePass()])
     twice = optimize(once.program, [IncrementCalibratedCachePass()])
     assert twice.pass_records[0].modified is False
+    with pytest.raises(PassError, match="already has cache variants from IncrementCalibratedCachePass"):
+        optimize(once.program, [IncrementCalibratedCachePass(rank=4)])
 
     class NoBlocks(torch.nn.Module):
         def __init__(self):
@@ -188,8 +190,8 @@ def test_second_run_changes_nothing_and_plain_models_are_left_alone(model_and_gr
         def forward(self, x, t):
             return self.inner(x) * t[:, None, None]
 
-    plain = optimize(NoBlocks(), [IncrementCalibratedCachePass()], example_inputs=(torch.randn(2, 3, 4), torch.ones(2)))
-    assert set(plain.program.variants) == {FULL} and plain.pass_records[0].modified is False
+    with pytest.raises(PassError, match="no token-wise linear layer in blocks"):
+        optimize(NoBlocks(), [IncrementCalibratedCachePass()], example_inputs=(torch.randn(2, 3, 4), torch.ones(2)))
 
 
 def test_policy_excludes_layers_with_a_reason(model_and_graph):
@@ -212,22 +214,32 @@ def test_channel_aware_factorisation_needs_and_uses_calibration(model_and_graph)
         optimize(captured, [IncrementCalibratedCachePass(factorization="channel-aware")])
     program = StepProgram.from_captured(captured)
     sampler = Sampler(make_scheduler(CONFIG, "ddim", 6), progress=False)
-    statistics = collect_activation_statistics(program, sampler, (LABELS,), SHAPE, seeds=(0,))
-    assert statistics.counts["blocks.0.fc2"]["input"] == 6 * 3 and statistics.counts["blocks.0.fc2"]["increment"] == 5 * 3
+    statistics = calibrate(program, sampler, (LABELS,), SHAPE, seeds=(0,))
+    counts = statistics.activations.counts["blocks.0.fc2"]
+    assert counts["input"] == 6 * 3 and counts["increment"] == 5 * 3 and counts["output"] == 6 * 3
     optimized = optimize(captured, [IncrementCalibratedCachePass(rank=8, factorization="channel-aware")],
                          calibration=statistics)
     assert optimized.pass_records[0].modified
 
 
-def test_activation_statistics_round_trip(tmp_path, model_and_graph):
-    _, captured = model_and_graph
+def test_channel_statistics_match_an_independent_hook_on_the_eager_model(model_and_graph):
+    model, captured = model_and_graph
     sampler = Sampler(make_scheduler(CONFIG, "ddim", 3), progress=False)
-    statistics = collect_activation_statistics(StepProgram.from_captured(captured), sampler, (LABELS,), SHAPE)
-    statistics.save(tmp_path / "calibration")
-    loaded = ActivationStatistics.load(tmp_path / "calibration")
-    assert loaded.counts == statistics.counts
-    torch.testing.assert_close(loaded.channel_weights("blocks.1.qkv", "input"),
-                               statistics.channel_weights("blocks.1.qkv", "input"))
+    statistics = calibrate(StepProgram.from_captured(captured), sampler, (LABELS,), SHAPE, progress=False)
+    seen = []
+    handle = model.blocks[1].qkv.register_forward_hook(lambda module, args, out: seen.append(args[0].detach()))
+    try:
+        sampler.sample(model, (LABELS,), shape=SHAPE, seed=0)
+    finally:
+        handle.remove()
+    magnitudes = []
+    for x in seen:  # per sample: mean |x| over tokens, min-max normalised over channels
+        magnitude = x.abs().mean(1).double()
+        low, high = magnitude.min(1, keepdim=True).values, magnitude.max(1, keepdim=True).values
+        magnitudes.append((magnitude - low) / (high - low))
+    expected = torch.cat(magnitudes).mean(0).sqrt()
+    expected = expected.clamp_min(float(expected.max()) / 1000)
+    torch.testing.assert_close(statistics.activations.channel_weights("blocks.1.qkv", "input"), expected)
 
 
 def test_channel_aware_svd_minimises_the_weighted_error():

@@ -2,13 +2,15 @@ import dataclasses
 from dataclasses import dataclass
 
 import pytest
+
+from diffopt.ir.statistics import CalibrationStatistics
 import torch
 
 from diffopt import LayerPolicy, PassError, Pipeline, StepProgram, capture, optimize
-from diffopt.annotations import NodeAnnotation, annotate, annotation_of
-from diffopt.graph_tools import module_path, op_type
+from diffopt.ir.annotations import NodeAnnotation, annotate, annotation_of
+from diffopt.ir.graph_tools import module_path, op_type
 from diffopt.passes.base import GraphPass, PassResult
-from diffopt.program import FULL
+from diffopt.ir.program import FULL
 from models import simple_dit
 from toy_passes import CarryActivationPass, StepCounterPass
 
@@ -64,8 +66,7 @@ class AliasingPass(GraphPass):
 @dataclass(frozen=True)
 class NeedsCalibrationPass(GraphPass):
     def requires(self, program, context):
-        if context.calibration is None:
-            raise ValueError("run calibration first")
+        context.require_statistics(self.name)
 
     def call(self, program, context):
         return PassResult(program, False)
@@ -107,9 +108,11 @@ def test_invariant_violation_after_a_pass_is_reported():
 
 
 def test_requires_is_checked_before_the_pass_runs():
-    with pytest.raises(PassError, match="run calibration first"):
+    with pytest.raises(PassError, match="NeedsCalibrationPass needs calibration statistics"):
         optimize(_program(), [NeedsCalibrationPass()])
-    optimize(_program(), [NeedsCalibrationPass()], calibration={"ready": True})
+    with pytest.raises(TypeError, match="calibration must be the CalibrationStatistics"):
+        optimize(_program(), [NeedsCalibrationPass()], calibration={"ready": True})
+    optimize(_program(), [NeedsCalibrationPass()], calibration=CalibrationStatistics())
 
 
 def test_non_pass_objects_are_rejected():

@@ -14,9 +14,9 @@ from diffopt import Sampler, capture, make_scheduler, optimize
 from diffopt.export import ExportError, to_onnx
 from diffopt.models import zoo
 from diffopt.passes.temporal_difference import DELTA, TemporalDifferencePass
-from diffopt.quantized_ops import ONNX_TRANSLATIONS
+from diffopt.quant.ops import ONNX_TRANSLATIONS
 from diffopt.runtime.onnxruntime_backend import load_bundle
-from diffopt.temporal_calibration import calibrate_temporal
+from diffopt.measure.calibration import calibrate
 
 FUSED_INTEGER_MATMULS = {"MatMulIntegerToFloat", "DynamicQuantizeMatMul"}
 SLOW_OR_WEIGHT_ONLY = {"MatMulInteger", "QLinearMatMul", "MatMulNBits"}  # s8 x s8 paths, float activations
@@ -121,7 +121,7 @@ def test_dynamic_int8_differences_run_on_onnxruntime_integer_kernels(dit_digits,
 def test_tensorrt_profile_carries_static_symmetric_int8_scales(dit_digits, fp32_run, tmp_path):
     config, graph = dit_digits
     sampler = Sampler(make_scheduler(config, "ddim", 50), progress=False)
-    calibration = calibrate_temporal(optimize(graph).program, sampler, (torch.arange(4),), (4, 1, 16, 16),
+    calibration = calibrate(optimize(graph).program, sampler, (torch.arange(4),), (4, 1, 16, 16),
                                      seeds=(5,), progress=False)
     optimized = optimize(graph, [TemporalDifferencePass("difference")], calibration=calibration)
     manifest = to_onnx(optimized, tmp_path / "bundle", profile="tensorrt")  # checks the TensorRT operator list
@@ -145,7 +145,7 @@ def test_tensorrt_profile_carries_static_symmetric_int8_scales(dit_digits, fp32_
 def test_integer_emulation_is_refused_with_a_clear_error(dit_digits, tmp_path):
     config, graph = dit_digits
     sampler = Sampler(make_scheduler(config, "ddim", 10), progress=False)
-    calibration = calibrate_temporal(optimize(graph).program, sampler, (torch.arange(2),), (2, 1, 16, 16),
+    calibration = calibrate(optimize(graph).program, sampler, (torch.arange(2),), (2, 1, 16, 16),
                                      seeds=(5,), progress=False)
     with pytest.raises(ExportError, match="float64.*'dynamic'"):
         to_onnx(optimize(graph, [TemporalDifferencePass("integer")], calibration=calibration), tmp_path)

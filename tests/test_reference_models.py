@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from diffopt import Sampler, capture, make_scheduler
-from diffopt.data import load_digits_split
-from diffopt.metrics.digits import class_accuracy, digits_fd, frechet_distance, label_agreement
-from diffopt.metrics.fidelity import psnr, relative_l2
+from diffopt.evaluation.data import load_digits_split
+from diffopt.evaluation.metrics.digits import class_accuracy, digits_fd, frechet_distance, label_agreement
+from diffopt.evaluation.metrics.fidelity import psnr, relative_l2
 from diffopt.models import REFERENCE_MODELS, example_inputs, load
 
 

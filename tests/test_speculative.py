@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from diffopt import Sampler, capture, make_scheduler, optimize
-from diffopt.metrics.two_sample import energy_test
+from diffopt.evaluation.metrics.two_sample import energy_test
 from diffopt.models.gaussian_mixture import two_moons_mixture
 from diffopt.runtime.noise import make_alphas_cumprod
 from diffopt.runtime.speculative import SpeculativeDDPMSampler

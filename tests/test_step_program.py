@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from diffopt import Schedule, StateEntry, StateError, StateSpec, capture, optimize
-from diffopt.program import AdaptiveSchedule, BATCH
+from diffopt.ir.program import BATCH, AdaptiveSchedule
 from models import simple_dit
 from toy_passes import CarryActivationPass, StepCounterPass
 
@@ -48,7 +48,7 @@ def test_schedule_picks_variants():
 def test_adaptive_schedule_refreshes_on_large_or_undefined_signals():
     adaptive = AdaptiveSchedule("probe", threshold=0.1, refresh="full", between="cached")
     assert adaptive.variants == ("probe", "full", "cached")
-    assert [adaptive.choose(k, s) for k, s in enumerate([0.0, 0.05, 0.1, 0.2, float("inf"), float("nan"), 0.0])] == \
+    assert [adaptive.variant_at(k, s) for k, s in enumerate([0.0, 0.05, 0.1, 0.2, float("inf"), float("nan"), 0.0])] == \
         ["full", "cached", "cached", "full", "full", "full", "cached"]
     with pytest.raises(ValueError):
         AdaptiveSchedule("probe", threshold=-1.0)

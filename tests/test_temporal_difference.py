@@ -2,13 +2,13 @@ import pytest
 import torch
 
 from diffopt import LayerPolicy, PassError, Sampler, capture, make_scheduler, optimize
-from diffopt.annotations import annotation_of
-from diffopt.cost import measure_run_cost
+from diffopt.ir.annotations import annotation_of
+from diffopt.measure.cost import measure_run_cost
 from diffopt.models import zoo
 from diffopt.passes.static_quantization import StaticQuantizationPass
 from diffopt.passes.temporal_difference import DELTA, TemporalDifferencePass, layer_decisions
-from diffopt.program import FULL
-from diffopt.temporal_calibration import calibrate_temporal
+from diffopt.ir.program import FULL
+from diffopt.measure.calibration import calibrate
 from models import MODEL_FACTORIES, inputs_for
 
 aten = torch.ops.aten
@@ -50,7 +50,7 @@ def _reference(name):
 @pytest.fixture(scope="module")
 def dit_digits():
     model, config, graph = _reference("dit-digits")
-    calibration = calibrate_temporal(optimize(graph).program, _sampler(config), (torch.arange(4) % 10,),
+    calibration = calibrate(optimize(graph).program, _sampler(config), (torch.arange(4) % 10,),
                                      (4, 1, 16, 16), seeds=(5,), progress=False)
     return config, graph, calibration
 
@@ -113,7 +113,7 @@ def test_policy_keeps_layers_full_and_says_why(dit_digits):
 
 def test_modes_other_than_exact_need_calibration_and_valid_options(dit_digits):
     _, graph, _ = dit_digits
-    with pytest.raises(PassError, match="calibrate_temporal"):
+    with pytest.raises(PassError, match="TemporalDifferencePass needs calibration statistics"):
         optimize(graph, [TemporalDifferencePass("integer")])
     with pytest.raises(ValueError, match="unknown mode"):
         TemporalDifferencePass("fuzzy")
@@ -181,7 +181,7 @@ def test_integer_mode_keeps_full_layers_in_a8w8_so_it_still_equals_a8w8(dit_digi
 def test_row_skipping_works_on_a_unet_whose_attention_inputs_are_not_contiguous():
     graph = capture(MODEL_FACTORIES["diffusers_unet"](seed=4), inputs_for("diffusers_unet", 2, seed=0))
     conditions, shape = _conditions_and_shape("diffusers_unet", 2)
-    calibration = calibrate_temporal(optimize(graph).program, _sampler(steps=6), conditions, shape, progress=False)
+    calibration = calibrate(optimize(graph).program, _sampler(steps=6), conditions, shape, progress=False)
     skipping = optimize(graph, [TemporalDifferencePass("exact", row_threshold=0.0)], calibration=calibration)
     calls = _recorded_inputs(optimize(graph), conditions, shape, steps=6)
     for actual, expected in zip(_stepwise(skipping, calls, conditions), _stepwise(optimize(graph), calls, conditions)):

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from diffopt.graph_tools import add_variant, output_values, thread_state
+from diffopt.ir.graph_tools import add_variant, output_values, thread_state
 from diffopt.passes.base import GraphPass, PassResult
-from diffopt.program import BATCH, FULL, Schedule, StateEntry
+from diffopt.ir.program import BATCH, FULL, Schedule, StateEntry
 
 aten = torch.ops.aten
 

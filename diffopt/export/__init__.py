@@ -1,5 +1,5 @@
 """Export step programs: ONNX bundles (one graph per variant + manifest) for onnxruntime and TensorRT."""
-from diffopt.export.manifest import Manifest
+from diffopt.runtime.bundle import Manifest
 from diffopt.export.onnx import ExportError, to_onnx
 
 __all__ = ["ExportError", "Manifest", "to_onnx"]

@@ -25,13 +25,13 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-import diffopt
-from diffopt.denoiser import OptimizedDenoiser
-from diffopt.export.manifest import MANIFEST_NAME, Manifest, TensorSpec, VariantFile
-from diffopt.graph_tools import placeholders, state_shape
-from diffopt.passes.linear_ops import attribute
-from diffopt.program import BATCH, StepProgram
-from diffopt.quantized_ops import ONNX_TRANSLATIONS, quantization_summary
+from diffopt.version import __version__
+from diffopt.runtime.denoiser import OptimizedDenoiser
+from diffopt.runtime.bundle import MANIFEST_NAME, Manifest, TensorSpec, VariantFile
+from diffopt.ir.graph_tools import placeholders, state_shape
+from diffopt.ir.graph_tools import attribute
+from diffopt.ir.program import BATCH, StepProgram
+from diffopt.quant.ops import ONNX_TRANSLATIONS, quantization_summary
 
 PROFILES = ("onnxruntime", "tensorrt")
 WEIGHTS_FILE = "weights.bin"
@@ -55,8 +55,10 @@ def to_onnx(optimized: OptimizedDenoiser | StepProgram, directory: str | Path, *
     program = optimized.program if isinstance(optimized, OptimizedDenoiser) else optimized
     if profile not in PROFILES:
         raise ValueError(f"unknown export profile {profile!r}: expected one of {PROFILES}")
-    if not program.variants:
-        raise ValueError("this program has no graphs (was it loaded from a bundle?); export the optimized model")
+    if not isinstance(program, StepProgram):
+        raise TypeError(f"to_onnx exports a StepProgram (or an OptimizedDenoiser running one), found "
+                        f"{type(program).__name__}: a denoiser loaded from a bundle has no graphs; export the "
+                        f"optimized model instead")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     _remove_previous_bundle(directory)
@@ -64,10 +66,10 @@ def to_onnx(optimized: OptimizedDenoiser | StepProgram, directory: str | Path, *
     input_specs = _input_specs(program)
     example = [torch.zeros(tuple(export_batch if d == BATCH else d for d in spec.shape), dtype=getattr(torch, spec.dtype))
                for spec in input_specs]
-    probe = getattr(program.schedule, "probe", None)
+    probes = program.schedule.probes
     models, variant_files = {}, {}
     for name, module in program.variants.items():
-        output_names = ["signal" if name == probe else "out", *(f"next.{n}" for n in program.state.names)]
+        output_names = ["signal" if name in probes else "out", *(f"next.{n}" for n in program.state.names)]
         models[name] = _export_variant(module, example, input_specs, output_names, name)
         variant_files[name] = VariantFile(f"{name}.onnx", tuple(input_specs), _output_specs(models[name]))
     _store_weights_once(models, directory / WEIGHTS_FILE)
@@ -79,7 +81,7 @@ def to_onnx(optimized: OptimizedDenoiser | StepProgram, directory: str | Path, *
         if profile == "tensorrt":
             check_tensorrt_ready(model, name)
     manifest = Manifest(program.signature, program.state, program.schedule, variant_files, profile, WEIGHTS_FILE,
-                        diffopt.__version__, program.model_class, _opset(next(iter(models.values()))),
+                        __version__, program.model_class, _opset(next(iter(models.values()))),
                         quantization_summary({name: module.graph for name, module in program.variants.items()}),
                         scheduler=dict(scheduler_config) if scheduler_config is not None else None)
     manifest.save(directory)

@@ -14,9 +14,10 @@ from typing import Any
 
 import torch
 
-from diffopt.data import IMAGE_SIZE, NUM_CLASSES
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
+IMAGE_SIZE = 16  # the digits are upsampled from 8x8 to 16x16
+NUM_CLASSES = 10
 NULL_CLASS = NUM_CLASSES  # index of the "no label" embedding used by classifier-free guidance
 
 
@@ -70,7 +71,7 @@ REFERENCE_MODELS: dict[str, ReferenceModelSpec] = {
         ReferenceModelSpec("unet-digits", "unet", "epsilon", _UNET_CONFIG, _DDPM_COSINE,
                            {**_RECIPE, "steps": 3500, "decay_start": 1500}),
         ReferenceModelSpec("dit-digits-flow", "dit", "flow", _DIT_CONFIG, _FLOW,
-                           {**_RECIPE, "steps": 1200, "decay_start": 400}),
+                           {**_RECIPE, "steps": 3500, "decay_start": 1500}),
     )
 }
 

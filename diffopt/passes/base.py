@@ -8,17 +8,24 @@ program after each one (``graph.lint()`` plus the step-program invariants), chec
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import ClassVar, Sequence
 
-from diffopt.annotations import META_KEY, NodeAnnotation
-from diffopt.graph_tools import output_values, placeholders
-from diffopt.policy import LayerPolicy
-from diffopt.program import FULL, StepProgram
+from diffopt.ir.annotations import META_KEY, NodeAnnotation
+from diffopt.ir.graph_tools import output_values, placeholders
+from diffopt.ir.policy import LayerPolicy
+from diffopt.ir.program import StepProgram
+from diffopt.ir.statistics import CalibrationStatistics
 
 
 class PassError(RuntimeError):
     """A pass failed, broke an invariant, or misreported ``modified``."""
+
+
+class PassNotApplicable(ValueError):
+    """A pass cannot apply to the program it was given; the message says why and what to do."""
 
 
 class ProgramInvariantError(ValueError):
@@ -33,19 +40,64 @@ class PassResult:
 
 @dataclass
 class PassContext:
-    """What passes may read besides the program: calibration, the per-layer policy, inputs."""
+    """What passes may read besides the program: calibration statistics, the per-layer
+    policy, example inputs."""
 
-    calibration: Any = None
+    statistics: CalibrationStatistics | None = None
     policy: LayerPolicy = field(default_factory=LayerPolicy)
     example_inputs: tuple | None = None
 
+    def __post_init__(self) -> None:
+        if self.statistics is not None and not isinstance(self.statistics, CalibrationStatistics):
+            raise TypeError(f"calibration must be the CalibrationStatistics of diffopt.measure.calibration.calibrate "
+                            f"(or CalibrationStatistics.load(path)), found {type(self.statistics).__name__}")
+
+    def require_statistics(self, pass_name: str) -> CalibrationStatistics:
+        if self.statistics is None:
+            raise PassNotApplicable(f"{pass_name} needs calibration statistics: pass calibration=calibrate(...) "
+                                    f"(diffopt.measure.calibration) or CalibrationStatistics.load(path) to optimize()")
+        return self.statistics
+
 
 class GraphPass:
-    """Base of every pass; subclasses are ``@dataclass(frozen=True)``."""
+    """Base of every pass; subclasses are ``@dataclass(frozen=True)``.
+
+    A pass that creates variants names its ``kind`` (``"cache"``, ``"temporal-difference"``)
+    and calls ``already_applied`` first: the same pass again changes nothing, another pass
+    of the same kind (or a cache after temporal differences) is refused with the reason."""
+
+    kind: ClassVar[str | None] = None  # set by passes that create variants
+    after: ClassVar[tuple[str, ...]] = ()  # kinds that must not have been applied before this one
 
     @property
     def name(self) -> str:
         return type(self).__name__
+
+    def already_applied(self, program: StepProgram) -> bool:
+        """True if this very pass made the program's variants; raise ``PassNotApplicable`` if
+        the program cannot take it."""
+        if (self.kind, repr(self)) in program.applied:
+            return True
+        for kind, other in program.applied:
+            if kind == self.kind:
+                raise PassNotApplicable(f"{self.name} cannot apply: the program already has {kind} variants from "
+                                        f"{other}; {kind} passes do not stack, so keep one of them")
+            if kind in self.after:
+                raise PassNotApplicable(f"{self.name} cannot apply after {other}: run {kind} passes after "
+                                        f"{self.kind} passes (they compose over its variants, not the reverse)")
+        return False
+
+    def require_one_variant(self, program: StepProgram) -> None:
+        """For passes that make the first variants of a program."""
+        if len(program.variants) != 1:
+            applied = [other for _, other in program.applied] or "none"
+            raise PassNotApplicable(f"{self.name} rewrites a program with one variant; this one has "
+                                    f"{sorted(map(str, program.variants))} (variant-creating passes before it: "
+                                    f"{applied}). Run it first.")
+
+    def record(self, program: StepProgram) -> StepProgram:
+        """``program`` with this pass recorded as applied."""
+        return dataclasses.replace(program, applied=(*program.applied, (self.kind, repr(self))))
 
     def requires(self, program: StepProgram, context: PassContext) -> None:
         """Raise if the program or context is not ready for this pass."""
@@ -55,6 +107,42 @@ class GraphPass:
 
     def ensures(self, program: StepProgram, context: PassContext) -> None:
         """Raise if the pass did not establish what it promises."""
+
+
+def require_int(owner: str, field: str, value, minimum: int | None = None, optional: bool = False) -> None:
+    """Raise ``ValueError`` naming ``owner.field`` unless ``value`` is an int (>= ``minimum``)."""
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
+        expected = "an int" + (f" >= {minimum}" if minimum is not None else "") + (" or None" if optional else "")
+        raise ValueError(f"{owner}.{field} must be {expected}, found {value!r}")
+
+
+def require_number(owner: str, field: str, value, minimum: float | None = None, maximum: float | None = None,
+                   optional: bool = False) -> None:
+    """Raise ``ValueError`` naming ``owner.field`` unless ``value`` is a finite number in range."""
+    if optional and value is None:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (minimum is None or value >= minimum) and (maximum is None or value <= maximum)
+    if not ok:
+        bounds = " ".join(part for part in (f">= {minimum}" if minimum is not None else "",
+                                            f"<= {maximum}" if maximum is not None else "") if part)
+        expected = f"a finite number {bounds}".rstrip() + (" or None" if optional else "")
+        raise ValueError(f"{owner}.{field} must be {expected}, found {value!r}")
+
+
+def block_names(owner: str, blocks) -> tuple[str, ...] | None:
+    """``blocks`` as a tuple of block names (None stays None); a bare string is refused,
+    since iterating it would give its characters."""
+    if blocks is None:
+        return None
+    if isinstance(blocks, str) or not all(isinstance(block, str) for block in blocks):
+        raise ValueError(f"{owner}.blocks must be a tuple of block names such as ('transformer_blocks.1',), "
+                         f"found {blocks!r}")
+    if not blocks:
+        raise ValueError(f"{owner}.blocks is empty: pass None for every block, or name some")
+    return tuple(blocks)
 
 
 def verify_program(program: StepProgram) -> None:
@@ -128,8 +216,3 @@ class Pipeline:
         return program, records
 
 
-def require_single_variant(pass_name: str, program: StepProgram) -> None:
-    """For passes that turn the ``full`` graph into variants: refuse programs that already have some."""
-    if set(program.variants) != {FULL}:
-        raise ValueError(f"{pass_name} rewrites a single-variant program ({FULL!r}); this one has "
-                         f"{sorted(program.variants)}. Run it on the captured model, before passes that add variants.")

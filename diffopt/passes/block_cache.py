@@ -20,19 +20,20 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import fx
 
-from diffopt.analysis import find_blocks
-from diffopt.annotations import NodeAnnotation, annotate
-from diffopt.graph_tools import (add_variant, finish_probe, insert_relative_change, module_scopes, remove_dead_code,
-                                 state_shape, thread_state)
-from diffopt.passes.base import GraphPass, PassContext, PassResult, require_single_variant
-from diffopt.program import FULL, PROBE, AdaptiveSchedule, Schedule, StateEntry, StepProgram
+from diffopt.ir.layers import find_blocks
+from diffopt.ir.annotations import NodeAnnotation, annotate
+from diffopt.ir.graph_tools import (
+    add_variant, finish_probe, insert_relative_change, module_scopes, remove_dead_code, state_shape, thread_state,
+)
+from diffopt.passes.base import GraphPass, PassContext, PassNotApplicable, PassResult, block_names, require_int, require_number
+from diffopt.ir.program import CACHED, FULL, PROBE, AdaptiveSchedule, Schedule, StateEntry, StepProgram
 
 aten = torch.ops.aten
-CACHED = "cached"
 
 
 @dataclass(frozen=True)
@@ -69,16 +70,15 @@ def _all_blocks(graph: fx.Graph) -> list[str]:
 
 @dataclass(frozen=True)
 class BlockCachePass(GraphPass):
+    kind: ClassVar[str] = "cache"
+    after: ClassVar[tuple[str, ...]] = ("temporal-difference",)
+
     blocks: tuple[str, ...] | None = None  # e.g. ("transformer_blocks.1", ...); None: every block with one output
     period: int = 2
 
     def __post_init__(self) -> None:
-        if self.period < 1:
-            raise ValueError(f"period must be >= 1, found {self.period}")
-
-    def requires(self, program: StepProgram, context: PassContext) -> None:
-        if CACHED not in program.variants:
-            require_single_variant(self.name, program)
+        require_int(self.name, "period", self.period, minimum=1)
+        object.__setattr__(self, "blocks", block_names(self.name, self.blocks))
 
     def _selected(self, graph: fx.Graph) -> list[str]:
         found = _all_blocks(graph)
@@ -90,11 +90,13 @@ class BlockCachePass(GraphPass):
         return [block for block in found if block in self.blocks]  # graph order
 
     def call(self, program: StepProgram, context: PassContext) -> PassResult:
-        if CACHED in program.variants:
+        if self.already_applied(program):
             return PassResult(program, False)
+        self.require_one_variant(program)
         blocks = self._selected(program.variants[FULL].graph)
         if not blocks:
-            return PassResult(program, False)
+            raise PassNotApplicable(f"{self.name}: no block of this model has exactly one output; blocks: "
+                                    f"{_all_blocks(program.variants[FULL].graph)}")
         add_variant(program, CACHED, copy_of=FULL)
         for block in blocks:
             boundary = block_boundary(program.variants[FULL].graph, block)
@@ -122,7 +124,7 @@ class BlockCachePass(GraphPass):
 
             program = thread_state(program, entry, update)
         remove_dead_code(program.variants[CACHED])
-        return PassResult(dataclasses.replace(program, schedule=Schedule(FULL, CACHED, self.period)), True)
+        return PassResult(self.record(dataclasses.replace(program, schedule=Schedule(FULL, CACHED, self.period))), True)
 
 
 def _has_single_output(graph: fx.Graph, block: str) -> bool:
@@ -135,12 +137,14 @@ def _has_single_output(graph: fx.Graph, block: str) -> bool:
 
 @dataclass(frozen=True)
 class FirstBlockCachePass(GraphPass):
+    kind: ClassVar[str] = "cache"
+    after: ClassVar[tuple[str, ...]] = ("temporal-difference",)
+
     threshold: float = 0.05
     container: str | None = None  # which chain of blocks (e.g. "transformer_blocks"); None: the only chain
 
-    def requires(self, program: StepProgram, context: PassContext) -> None:
-        if PROBE not in program.variants:
-            require_single_variant(self.name, program)
+    def __post_init__(self) -> None:
+        require_number(self.name, "threshold", self.threshold, minimum=0.0)
 
     def _chain(self, graph: fx.Graph) -> tuple[str, str]:
         chains = {name: blocks for name, blocks in find_blocks(graph).items() if len(blocks) >= 2}
@@ -155,8 +159,9 @@ class FirstBlockCachePass(GraphPass):
         return blocks[0], blocks[-1]
 
     def call(self, program: StepProgram, context: PassContext) -> PassResult:
-        if PROBE in program.variants:
+        if self.already_applied(program):
             return PassResult(program, False)
+        self.require_one_variant(program)
         graph = program.variants[FULL].graph
         first, last = self._chain(graph)
         head, tail = block_boundary(graph, first), block_boundary(graph, last)
@@ -219,5 +224,5 @@ class FirstBlockCachePass(GraphPass):
         for variant in (FULL, CACHED):
             remove_dead_code(program.variants[variant])
         schedule = AdaptiveSchedule(PROBE, self.threshold, refresh=FULL, between=CACHED)
-        return PassResult(dataclasses.replace(program, schedule=schedule), True)
+        return PassResult(self.record(dataclasses.replace(program, schedule=schedule)), True)
 

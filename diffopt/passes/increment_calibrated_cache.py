@@ -24,26 +24,30 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import fx
 
-from diffopt.analysis import find_blocks
-from diffopt.annotations import NodeAnnotation, annotate
-from diffopt.calibration import ActivationStatistics, layer_key
-from diffopt.graph_tools import (add_variant, finish_probe, insert_relative_change, node_named, remove_dead_code,
-                                 state_shape, thread_state)
-from diffopt.passes.base import GraphPass, PassContext, PassResult, require_single_variant
+from diffopt.ir.annotations import NodeAnnotation, annotate
+from diffopt.ir.graph_tools import (
+    add_variant, finish_probe, insert_relative_change, node_named, remove_dead_code, state_shape, thread_state,
+)
+from diffopt.ir.layers import find_blocks, linear_layers
+from diffopt.passes.base import (GraphPass, PassContext, PassNotApplicable, PassResult, block_names, require_int,
+                                 require_number)
 from diffopt.passes.low_rank import low_rank_factors, ranks_under_budget
-from diffopt.program import FULL, PROBE, AdaptiveSchedule, Schedule, StateEntry, StepProgram
+from diffopt.ir.program import CALIBRATED, FULL, PROBE, AdaptiveSchedule, Schedule, StateEntry, StepProgram
 
 aten = torch.ops.aten
-CALIBRATED = "calibrated"
 FACTORIZATIONS = {"svd": None, "channel-aware": "input", "channel-aware-increment": "increment"}
 
 
 @dataclass(frozen=True)
 class IncrementCalibratedCachePass(GraphPass):
+    kind: ClassVar[str] = "cache"
+    after: ClassVar[tuple[str, ...]] = ("temporal-difference",)
+
     rank: int | None = 32  # None: full rank (exact); 0: plain reuse of cached outputs
     period: int = 2
     factorization: str = "svd"  # "svd", "channel-aware" (|activation|) or "channel-aware-increment"
@@ -55,19 +59,17 @@ class IncrementCalibratedCachePass(GraphPass):
     def __post_init__(self) -> None:
         if self.factorization not in FACTORIZATIONS:
             raise ValueError(f"unknown factorization {self.factorization!r}: expected one of {list(FACTORIZATIONS)}")
-        if self.period < 1 or (self.rank is not None and self.rank < 0):
-            raise ValueError(f"period must be >= 1 and rank >= 0 or None, found period={self.period} rank={self.rank}")
-        if self.mac_budget is not None and not 0 < self.mac_budget <= 1:
-            raise ValueError(f"mac_budget is a fraction in (0, 1], found {self.mac_budget}")
-        if self.refresh_threshold is not None and not self.refresh_threshold >= 0:
-            raise ValueError(f"refresh_threshold must be >= 0 or None, found {self.refresh_threshold}")
+        require_int(self.name, "rank", self.rank, minimum=0, optional=True)
+        require_int(self.name, "period", self.period, minimum=1)
+        require_number(self.name, "refresh_threshold", self.refresh_threshold, minimum=0.0, optional=True)
+        require_number(self.name, "mac_budget", self.mac_budget, minimum=0.0, maximum=1.0, optional=True)
+        if self.mac_budget == 0:
+            raise ValueError(f"{self.name}.mac_budget is a fraction in (0, 1], found 0")
+        object.__setattr__(self, "blocks", block_names(self.name, self.blocks))
 
     def requires(self, program: StepProgram, context: PassContext) -> None:
-        if CALIBRATED not in program.variants:
-            require_single_variant(self.name, program)
-        if FACTORIZATIONS[self.factorization] and not isinstance(context.calibration, ActivationStatistics):
-            raise ValueError(f"factorization {self.factorization!r} needs calibration statistics: pass "
-                             f"calibration=collect_activation_statistics(...) to optimize()")
+        if FACTORIZATIONS[self.factorization]:
+            context.require_statistics(self.name)
 
     def _block_members(self, graph: fx.Graph) -> list[str]:
         found = [name for names in find_blocks(graph).values() for name in names]
@@ -78,13 +80,12 @@ class IncrementCalibratedCachePass(GraphPass):
             raise ValueError(f"blocks {missing} not found; the graph's blocks are {found}")
         return list(self.blocks)
 
-    def _select(self, graph: fx.Graph, context: PassContext) -> list[tuple[fx.Node, int | None]]:
+    def _select(self, graph: fx.Graph, context: PassContext) -> list[tuple[fx.Node, str, int | None]]:
         blocks = self._block_members(graph)
         chosen = []
-        for node in graph.nodes:
+        for node, name in linear_layers(graph).items():
             if node.target != aten.linear.default:
                 continue
-            name = layer_key(node)
             if not any(name.startswith(block + ".") for block in blocks):
                 continue
             settings = context.policy.resolve(name, "linear")
@@ -94,49 +95,48 @@ class IncrementCalibratedCachePass(GraphPass):
             elif settings.get("cache", True) is False:
                 annotate(node, NodeAnnotation("original", self.name, reason="excluded by the layer policy"))
             else:
-                chosen.append((node, settings.get("rank", _BUDGET if self.mac_budget is not None else self.rank)))
+                chosen.append((node, name, settings.get("rank", _BUDGET if self.mac_budget is not None else self.rank)))
         return chosen
 
     def _budget_ranks(self, module: fx.GraphModule, layers: list, context: PassContext) -> list:
         """Replace the placeholder ranks of budgeted layers by ``ranks_under_budget``'s choice."""
-        budgeted = [i for i, (_, rank) in enumerate(layers) if rank is _BUDGET]
+        budgeted = [i for i, (_, _, rank) in enumerate(layers) if rank is _BUDGET]
         if not budgeted:
             return layers
-        ranks = ranks_under_budget([(_weight(module, layers[i][0]), *self._channel_weights(layers[i][0], context))
+        ranks = ranks_under_budget([(_weight(module, layers[i][0]), *self._channel_weights(layers[i][1], context))
                                     for i in budgeted], self.mac_budget)
         chosen = dict(zip(budgeted, ranks))
-        return [(node, chosen.get(i, rank)) for i, (node, rank) in enumerate(layers)]
+        return [(node, layer, chosen.get(i, rank)) for i, (node, layer, rank) in enumerate(layers)]
 
-    def _channel_weights(self, node: fx.Node, context: PassContext):
+    def _channel_weights(self, layer: str, context: PassContext):
         """(input channel weights, output channel weights) for channel-aware SVD; (None, None) for plain SVD."""
         kind = FACTORIZATIONS[self.factorization]
         if kind is None:
             return None, None
-        statistics: ActivationStatistics = context.calibration
-        layer = layer_key(node)
+        statistics = context.require_statistics(self.name).activations
         return statistics.channel_weights(layer, kind), statistics.channel_weights(layer, "output")
 
-    def _factors(self, node: fx.Node, rank: int, weight: torch.Tensor, context: PassContext):
-        return low_rank_factors(weight, rank, *self._channel_weights(node, context))
+    def _factors(self, layer: str, rank: int, weight: torch.Tensor, context: PassContext):
+        return low_rank_factors(weight, rank, *self._channel_weights(layer, context))
 
     def call(self, program: StepProgram, context: PassContext) -> PassResult:
-        if CALIBRATED in program.variants:
+        if self.already_applied(program):
             return PassResult(program, False)
+        self.require_one_variant(program)
         full_module = program.variants[FULL]
-        before = program.fingerprint()
         layers = self._select(full_module.graph, context)
-        if not layers:  # nothing to cache; only "left alone" annotations may have been written
-            return PassResult(program, program.fingerprint() != before)
+        if not layers:
+            raise PassNotApplicable(f"{self.name}: no token-wise linear layer in blocks {self._block_members(full_module.graph)} "
+                                    f"is left to cache (the policy excluded them, or the blocks have none)")
         layers = self._budget_ranks(full_module, layers, context)
         calibrated_module = add_variant(program, CALIBRATED, copy_of=FULL)
         probe = add_variant(program, PROBE, copy_of=FULL) if self.refresh_threshold is not None else None
         probe_increment: list[fx.Node] = []  # (x, x_c) of the first cached layer in the probe
         shared_inputs: dict[str, dict[str, fx.Node]] = {}  # input node name -> variant -> its cached input
-        for index, (node, rank) in enumerate(layers):
+        for index, (node, layer, rank) in enumerate(layers):
             weight = _weight(full_module, node)
             out_features, in_features = weight.shape
             effective_rank = min(in_features, out_features) if rank is None else min(rank, in_features, out_features)
-            layer = layer_key(node)
             inputs = StateEntry(f"{layer}.cached_input", state_shape(node.args[0]), node.args[0].meta["val"].dtype,
                                 self.name)
             outputs = StateEntry(f"{layer}.cached_output", state_shape(node), node.meta["val"].dtype, self.name)
@@ -158,7 +158,7 @@ class IncrementCalibratedCachePass(GraphPass):
                     annotate(linear, NodeAnnotation("full", self.name, rank=rank, details={"period": self.period}))
                     return linear
                 corrected = _calibrated_output(calibrated_module, graph, linear, cached_input[variant], state_input,
-                                               self._factors(node, rank, weight, context) if rank else None, index)
+                                               self._factors(layer, rank, weight, context) if rank else None, index)
                 annotate(corrected, NodeAnnotation(CALIBRATED, self.name, rank=rank,
                                                    details={"layer": layer, "period": self.period,
                                                             "factorization": self.factorization}))
@@ -172,7 +172,7 @@ class IncrementCalibratedCachePass(GraphPass):
         if probe is not None:
             finish_probe(probe, insert_relative_change(probe.graph, *probe_increment))
             schedule = AdaptiveSchedule(PROBE, self.refresh_threshold, refresh=FULL, between=CALIBRATED)
-        return PassResult(dataclasses.replace(program, schedule=schedule), True)
+        return PassResult(self.record(dataclasses.replace(program, schedule=schedule)), True)
 
 
 _BUDGET = object()  # marks a layer whose rank the MAC budget decides
@@ -180,7 +180,7 @@ _BUDGET = object()  # marks a layer whose rank the MAC budget decides
 
 def _weight(module: fx.GraphModule, node: fx.Node) -> torch.Tensor:
     if node.args[1].op != "get_attr":
-        raise ValueError(f"layer {layer_key(node)}: weight is not a graph attribute; cannot factorise it")
+        raise ValueError(f"layer {node.name}: weight is not a graph attribute; cannot factorise it")
     return module.get_parameter(node.args[1].target)
 
 

@@ -7,29 +7,15 @@ same in every order: an integer identity holds bit for bit, not within a toleran
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import fx
 
-from diffopt.analysis import LINEAR_OPS
-from diffopt.calibration import unique_layer_keys
-from diffopt.quantization import quantize_weight_per_channel
+from diffopt.ir.graph_tools import attribute
+from diffopt.ir.layers import op_name
+from diffopt.quant.arithmetic import quantize_weight_per_channel
 
 aten = torch.ops.aten
 WEIGHT_BITS = 8
-
-
-def linear_layers(graph: fx.Graph) -> dict[fx.Node, str]:
-    """Linear / conv nodes whose weight is a graph attribute (a parameter of the model),
-    with their layer names (``calibration.unique_layer_keys``, as calibration names them)."""
-    ops = [n for n in graph.nodes if n.op == "call_function" and n.target in LINEAR_OPS]
-    return {node: key for node, key in unique_layer_keys(graph, ops).items()
-            if getattr(node.args[1], "op", None) == "get_attr"}
-
-
-def op_name(node: fx.Node) -> str:
-    return node.target.overloadpacket.__name__
 
 
 def call_like(graph: fx.Graph, op: fx.Node, activation: fx.Node, weight: fx.Node,
@@ -47,11 +33,6 @@ def constant(module: fx.GraphModule, graph: fx.Graph, name: str, value: torch.Te
 
 def to_dtype(graph: fx.Graph, value: fx.Node, dtype: torch.dtype) -> fx.Node:
     return graph.call_function(aten._to_copy.default, (value,), {"dtype": dtype})
-
-
-def attribute(module: fx.GraphModule, target: str) -> torch.Tensor:
-    """The tensor a ``get_attr`` node with ``target`` reads."""
-    return functools.reduce(getattr, target.split("."), module)
 
 
 def output_broadcast_shape(op: fx.Node, channels: int) -> tuple[int, ...]:

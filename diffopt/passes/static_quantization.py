@@ -4,7 +4,7 @@ Before: ``y = op(x, W, b)`` for every Linear / Conv with a parameter weight.
 After, ``weight_bits=8`` (A8W8): ``c = Q(x; s_x)``, ``y = op(c, W_c) * s_x * s_w + b`` with
 int8 weight codes per output channel and exact integer accumulation (float64);
 ``weight_bits=None`` (A8, fp weights): ``y = op(Q(x; s_x) * s_x, W, b)``. ``s_x`` is one static
-scale per layer from temporal calibration (``TemporalStatistics.input_scale``). The
+scale per layer from calibration (``quant.symmetric_scale`` of ``TemporalStatistics.input_range``). The
 policy can exclude layers (``{"quantize": False}``). A8 exports as QuantizeLinear /
 DequantizeLinear with constant scales (``quantized_ops.fake_quantize``); A8W8's float64
 integer emulation is for verification in torch and does not export.
@@ -16,23 +16,16 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from diffopt.annotations import NodeAnnotation, annotate, annotation_of
-from diffopt.graph_tools import remove_dead_code
+from diffopt.ir.annotations import NodeAnnotation, annotate, annotation_of
+from diffopt.ir.graph_tools import remove_dead_code
 from diffopt.passes.base import GraphPass, PassContext, PassResult
-from diffopt.passes.linear_ops import WEIGHT_BITS, IntegerLinear, call_like, linear_layers, op_name, to_dtype
-from diffopt.program import StepProgram
-from diffopt.quantization import insert_quantize
-from diffopt.quantized_ops import insert_fake_quantize
-from diffopt.temporal_calibration import TemporalStatistics
+from diffopt.passes.linear_ops import WEIGHT_BITS, IntegerLinear, call_like, to_dtype
+from diffopt.ir.layers import linear_layers, op_name
+from diffopt.ir.program import StepProgram
+from diffopt.quant.arithmetic import insert_quantize, symmetric_scale
+from diffopt.quant.ops import insert_fake_quantize
 
 aten = torch.ops.aten
-
-
-def require_temporal_statistics(pass_name: str, context: PassContext) -> TemporalStatistics:
-    if not isinstance(context.calibration, TemporalStatistics):
-        raise ValueError(f"{pass_name} needs static activation scales: pass calibration=calibrate_temporal(...) "
-                         f"(or TemporalStatistics.load(path)) to optimize()")
-    return context.calibration
 
 
 def operand_bits(activation_bits: int | str, weight_bits: int, code_scale: float = 1.0) -> dict:
@@ -74,22 +67,29 @@ class StaticQuantizationPass(GraphPass):
             raise ValueError("integer accumulation (weight_bits=8) is implemented for 8-bit activations only")
 
     def requires(self, program: StepProgram, context: PassContext) -> None:
-        require_temporal_statistics(self.name, context)
+        context.require_statistics(self.name)
 
     def call(self, program: StepProgram, context: PassContext) -> PassResult:
-        statistics = require_temporal_statistics(self.name, context)
+        statistics = context.require_statistics(self.name).temporal
         modified = False
         for module in program.variants.values():
             graph = module.graph
             for index, (op, layer) in enumerate(linear_layers(graph).items()):
-                if annotation_of(op) is not None:
-                    continue  # decided by an earlier pass (or by this one: a second run changes nothing)
+                if _quantized(op):
+                    continue  # quantized by an earlier pass (or by this one: a second run changes nothing)
                 if context.policy.resolve(layer, op_name(op)).get("quantize", True) is False:
-                    annotate(op, NodeAnnotation("original", self.name, reason="excluded by the layer policy"))
-                    modified = True
+                    if annotation_of(op) is None:
+                        annotate(op, NodeAnnotation("original", self.name, reason="excluded by the layer policy"))
+                        modified = True
                     continue
-                quantize_op(module, op, layer, statistics.input_scale(layer, self.activation_bits),
+                quantize_op(module, op, layer, symmetric_scale(statistics.input_range(layer), self.activation_bits),
                             self.activation_bits, self.weight_bits, f"a8w8_{index}", self.name)
                 modified = True
             remove_dead_code(module)
         return PassResult(program, modified)
+
+
+def _quantized(op: fx.Node) -> bool:
+    """Whether a pass already quantized ``op`` (or this pass left it alone on purpose)."""
+    annotation = annotation_of(op)
+    return annotation is not None and (annotation.bits is not None or annotation.owner == StaticQuantizationPass.__name__)

@@ -34,22 +34,23 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import fx
 
-from diffopt.annotations import NodeAnnotation, annotate, annotation_of
-from diffopt.graph_tools import add_variant, node_named, remove_dead_code, state_shape, thread_state
-from diffopt.passes.base import GraphPass, PassContext, PassResult, require_single_variant
-from diffopt.passes.linear_ops import (WEIGHT_BITS, IntegerLinear, attribute, call_like, constant, linear_layers,
-                                      op_name, to_dtype)
-from diffopt.passes.static_quantization import operand_bits, quantize_op, require_temporal_statistics
-from diffopt.program import FULL, Schedule, StateEntry, StepProgram
-from diffopt.quantization import insert_quantize, quantize_weight_per_channel
-from diffopt.quantized_ops import insert_dequantize_weight, insert_fake_quantize
+from diffopt.ir.annotations import NodeAnnotation, annotate, annotation_of
+from diffopt.ir.graph_tools import add_variant, attribute, node_named, remove_dead_code, state_shape, thread_state
+from diffopt.ir.layers import linear_layers, op_name
+from diffopt.ir.program import DELTA, FULL, Schedule, StateEntry, StepProgram
+from diffopt.passes.base import GraphPass, PassContext, PassResult
+from diffopt.passes.composition import rewrite_every_variant
+from diffopt.passes.linear_ops import WEIGHT_BITS, IntegerLinear, call_like, constant, to_dtype
+from diffopt.passes.static_quantization import operand_bits, quantize_op
+from diffopt.quant.arithmetic import insert_quantize, quantize_weight_per_channel, symmetric_scale
+from diffopt.quant.ops import insert_dequantize_weight, insert_fake_quantize
 
 aten = torch.ops.aten
-DELTA = "delta"
 GROUP_KEY = "diffopt_layer_group"  # node meta: the layer group (first layer's name) a delta node computes for
 GROUP_INPUT_KEY = "diffopt_layer_group_input"  # node meta: the group whose layers read this node
 MODES = ("exact", "integer", "difference", "dynamic")
@@ -58,6 +59,8 @@ CALIBRATION_FREE_MODES = ("exact", "dynamic")
 
 @dataclass(frozen=True)
 class TemporalDifferencePass(GraphPass):
+    kind: ClassVar[str] = "temporal-difference"
+
     mode: str = "exact"
     bits: int = 8  # integer / dynamic: 8 only; difference: bits of the difference codes
     row_threshold: float | None = None  # linear ops: skip token rows with small differences (module docstring)
@@ -78,10 +81,8 @@ class TemporalDifferencePass(GraphPass):
         return self.mode not in CALIBRATION_FREE_MODES or self.row_threshold is not None
 
     def requires(self, program: StepProgram, context: PassContext) -> None:
-        if DELTA not in program.variants:
-            require_single_variant(self.name, program)
         if self.needs_calibration:
-            require_temporal_statistics(self.name, context)
+            context.require_statistics(self.name)
 
     def selected_layers(self, graph: fx.Graph, context: PassContext) -> dict[fx.Node, str]:
         """Ops to rewrite (with their layer names); the others are annotated with the
@@ -99,18 +100,25 @@ class TemporalDifferencePass(GraphPass):
         return chosen
 
     def call(self, program: StepProgram, context: PassContext) -> PassResult:
-        if DELTA in program.variants:
+        if self.already_applied(program):
             return PassResult(program, False)
         before = program.fingerprint()
+        selected = [self.selected_layers(module.graph, context) for module in program.variants.values()]
+        if not any(selected) and self.mode != "integer":  # nothing to rewrite; only "kept full" annotations
+            return PassResult(program, program.fingerprint() != before)
+        apart = _layers_reading_inputs_shared_differently(program)
+        program = rewrite_every_variant(program, lambda single: self._rewrite(single, context, apart))
+        return PassResult(self.record(program), True)
+
+    def _rewrite(self, program: StepProgram, context: PassContext, apart: set[str]) -> StepProgram:
+        """One-variant program -> ``full`` / ``delta`` (module docstring)."""
         full_module = program.variants[FULL]
         layers = self.selected_layers(full_module.graph, context)
         kept = {op.name: layer for op, layer in linear_layers(full_module.graph).items() if op not in layers}
-        if not layers and self.mode != "integer":  # nothing to rewrite; only "kept full" annotations were added
-            return PassResult(program, program.fingerprint() != before)
         add_variant(program, DELTA, copy_of=FULL)
         groups: dict[str, dict[fx.Node, str]] = {}
         for op, layer in layers.items():
-            groups.setdefault(op.args[0].name, {})[op] = layer
+            groups.setdefault(layer if layer in apart else op.args[0].name, {})[op] = layer
         # every group reads its shapes before any is rewritten (one op's output can be another's input)
         for group in [_LayerGroup(self, context, program, ops, index) for index, ops in enumerate(groups.values())]:
             program = group.rewrite(program)
@@ -118,17 +126,16 @@ class TemporalDifferencePass(GraphPass):
             self._quantize_full_layers(program, context, kept)
         for module in program.variants.values():
             remove_dead_code(module)
-        schedule = Schedule(FULL, DELTA, self.refresh_period)
-        return PassResult(dataclasses.replace(program, schedule=schedule), True)
+        return dataclasses.replace(program, schedule=Schedule(FULL, DELTA, self.refresh_period))
 
     def _quantize_full_layers(self, program: StepProgram, context: PassContext, kept: dict[str, str]) -> None:
         """Integer mode computes the A8W8 model: the layers ``kept`` full (node name -> layer)
         are A8W8 too, not float."""
-        statistics = require_temporal_statistics(self.name, context)
+        statistics = context.require_statistics(self.name).temporal
         for module in program.variants.values():
             for index, (node_name, layer) in enumerate(kept.items()):
                 op = node_named(module.graph, node_name)
-                quantize_op(module, op, layer, statistics.input_scale(layer, 8), 8, 8, f"a8w8_{index}", self.name,
+                quantize_op(module, op, layer, symmetric_scale(statistics.input_range(layer), 8), 8, 8, f"a8w8_{index}", self.name,
                             mode=FULL, reason=annotation_of(op).reason)
 
 
@@ -145,13 +152,13 @@ class _LayerGroup:
         source = self.ops[0].args[0]
         self.input_shape, self.input_dtype = state_shape(source), source.meta["val"].dtype
         self.row_skip = spec.row_threshold is not None and all(op.target == aten.linear.default for op in self.ops)
-        statistics = require_temporal_statistics(spec.name, context) if spec.needs_calibration else None
+        statistics = context.require_statistics(spec.name).temporal if spec.needs_calibration else None
         if spec.mode == "integer":
-            self.input_scale = statistics.input_scale(self.layer, 8)
+            self.input_scale = symmetric_scale(statistics.input_range(self.layer), 8)
             self.integer = [IntegerLinear(self.full_module, op, self.input_scale, f"ditto_{index}_{i}")
                             for i, op in enumerate(self.ops)]
         if spec.mode == "difference":
-            self.difference_scale = statistics.difference_scale(self.layer, spec.bits)
+            self.difference_scale = symmetric_scale(statistics.difference_range(self.layer), spec.bits)
         if spec.mode == "dynamic":
             self.difference_scale = None  # computed per call
             self.weights = [_int8_weight_columns(self.full_module, op) for op in self.ops]
@@ -159,7 +166,7 @@ class _LayerGroup:
         # dynamic mode quantizes a (batch, channels) difference as (batch, 1, channels)
         self.rows_as_matrix = spec.mode == "dynamic" and len(self.input_shape) == 2
         if self.row_skip:
-            self.row_limit = spec.row_threshold * statistics.difference_absmax[self.layer]
+            self.row_limit = spec.row_threshold * statistics.difference_range(self.layer)
         self.shared: dict[str, dict[str, fx.Node]] = {}  # variant -> named nodes built for the group
 
     def rewrite(self, program: StepProgram) -> StepProgram:
@@ -283,6 +290,21 @@ class _LayerGroup:
         flat_previous = graph.call_function(aten.reshape.default, (previous, [-1, op.meta["val"].shape[-1]]))
         updated = graph.call_function(aten.index_add.default, (flat_previous, 0, nodes["rows"], matmul))
         return graph.call_function(aten.view_as.default, (updated, previous)), matmul
+
+
+def _layers_reading_inputs_shared_differently(program: StepProgram) -> set[str]:
+    """Layers that share their input with different layers in different variants (a cache
+    removed some of them). They get a previous input of their own: a shared one would be
+    advanced by a variant in which some of the sharing layers do not run."""
+    readers: dict[str, set[frozenset[str]]] = {}
+    for module in program.variants.values():
+        by_input: dict[str, set[str]] = {}
+        for op, layer in linear_layers(module.graph).items():
+            by_input.setdefault(op.args[0].name, set()).add(layer)
+        for layers in by_input.values():
+            for layer in layers:
+                readers.setdefault(layer, set()).add(frozenset(layers))
+    return {layer for layer, groups in readers.items() if len(groups) > 1}
 
 
 def layer_decisions(program: StepProgram) -> dict[str, tuple[str, str | None]]:

@@ -12,7 +12,7 @@ from typing import Protocol, Sequence
 import torch
 from torch import fx
 
-from diffopt.program import StepProgram
+from diffopt.ir.program import StepProgram
 
 
 class Backend(Protocol):

@@ -19,13 +19,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from diffopt.denoiser import OptimizedDenoiser
-from diffopt.export.manifest import Manifest, TensorSpec
-from diffopt.program import BATCH
-
-
-def _shape(spec: TensorSpec, batch_size: int) -> tuple[int, ...]:
-    return tuple(batch_size if d == BATCH else int(d) for d in spec.shape)
+from diffopt.runtime.denoiser import OptimizedDenoiser
+from diffopt.runtime.bundle import Manifest
+from diffopt.ir.program import concrete_shape
 
 
 class OnnxRuntimeBackend:
@@ -60,7 +56,7 @@ class OnnxRuntimeBackend:
             binding.bind_input(tensor_spec.name, "cpu", 0, np.dtype(tensor_spec.dtype), list(tensor.shape),
                                tensor.data_ptr())
         state_in = bound[len(self.manifest.signature.input_names):]
-        first = torch.empty(_shape(spec.outputs[0], batch_size), dtype=getattr(torch, spec.outputs[0].dtype))
+        first = torch.empty(concrete_shape(spec.outputs[0].shape, batch_size), dtype=getattr(torch, spec.outputs[0].dtype))
         outputs = (first, *self._next_state_buffers(batch_size, state_in))
         for tensor_spec, tensor in zip(spec.outputs, outputs, strict=True):
             binding.bind_output(tensor_spec.name, "cpu", 0, np.dtype(tensor_spec.dtype), list(tensor.shape),
@@ -84,4 +80,4 @@ def load_bundle(bundle: str | Path, *, threads: int | None = None,
                 providers: Sequence[str] = ("CPUExecutionProvider",)) -> OptimizedDenoiser:
     """An ``OptimizedDenoiser`` that runs the exported bundle in ``bundle`` on onnxruntime."""
     backend = OnnxRuntimeBackend(bundle, threads=threads, providers=providers)
-    return OptimizedDenoiser(backend.manifest.program(), backend=backend)
+    return OptimizedDenoiser(backend.manifest.interface(), backend=backend)

@@ -15,8 +15,8 @@ from typing import Callable, Sequence
 import torch
 from tqdm import tqdm
 
-from diffopt.capture import first_tensor_output
-from diffopt.denoiser import OptimizedDenoiser
+from diffopt.ir.signature import first_tensor_output
+from diffopt.runtime.denoiser import OptimizedDenoiser
 from diffopt.runtime.schedulers import Scheduler
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import fx
 
-from diffopt.quantization import largest_code, quantize
+from diffopt.quant.arithmetic import largest_code, quantize
 
 UINT8_LEVELS = 255
 INT8 = 3  # onnx.TensorProto.INT8

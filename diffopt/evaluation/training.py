@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from diffopt.data import load_digits_split
+from diffopt.evaluation.data import load_digits_split
 from diffopt.models.zoo import NULL_CLASS, ReferenceModelSpec, build_architecture
 from diffopt.runtime.noise import make_alphas_cumprod
 

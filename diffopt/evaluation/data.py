@@ -13,8 +13,8 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-IMAGE_SIZE = 16
-NUM_CLASSES = 10
+from diffopt.models.zoo import IMAGE_SIZE
+
 HELD_OUT = 600
 SPLIT_SEED = 0
 

@@ -1,13 +1,12 @@
 """Read-only analysis of a captured graph: op counts, MACs per call, linear layers, blocks.
 
-MACs are counted by running the graph once on concrete inputs (an fx Interpreter that
-sees every node's real input and output shapes): linear = out.numel() * in_features,
+MACs are counted by running the graph once on concrete inputs (``measure.interpreter``:
+every node's real input and output shapes): linear = out.numel() * in_features,
 conv = out.numel() * in_channels/groups * kernel area, matmul-like = out.numel() * K,
 attention = batch * heads * L * S * (E_qk + E_v).
 """
 from __future__ import annotations
 
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -15,11 +14,11 @@ from typing import Any, Sequence
 import torch
 from torch import fx
 
-from diffopt.graph_tools import module_class, module_path, module_scopes, op_type
+from diffopt.ir.graph_tools import module_class, module_path, op_type
+from diffopt.ir.layers import LINEAR_OPS, find_blocks
+from diffopt.measure.interpreter import NodeHook, run_with_hooks
 
 aten = torch.ops.aten
-LINEAR_OPS = (aten.linear.default, aten.conv1d.default, aten.conv2d.default)
-INDEXED_CHILD = re.compile(r"^(?P<container>.+)\.(?P<index>\d+)$")
 
 
 def node_macs(node: fx.Node, args: Sequence[Any], out: Any) -> int:
@@ -41,25 +40,22 @@ def node_macs(node: fx.Node, args: Sequence[Any], out: Any) -> int:
     return 0
 
 
-class _MacCounter(fx.Interpreter):
-    def __init__(self, module: fx.GraphModule):
-        super().__init__(module)
+class MacCounter(NodeHook):
+    """Records the MACs of every node that does any."""
+
+    def __init__(self):
         self.macs: dict[fx.Node, int] = {}
 
-    def run_node(self, node: fx.Node) -> Any:
-        result = super().run_node(node)
+    def on_node(self, node: fx.Node, args: Sequence[Any], result: Any, released: Sequence[fx.Node]) -> None:
         if node.op == "call_function":
-            args, _ = self.fetch_args_kwargs_from_env(node)
             macs = node_macs(node, args, result)
             if macs:
                 self.macs[node] = macs
-        return result
 
 
 def macs_per_node(module: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> dict[fx.Node, int]:
-    counter = _MacCounter(module)
-    with torch.no_grad():
-        counter.run(*inputs)
+    counter = MacCounter()
+    run_with_hooks(module, inputs, [counter])
     return counter.macs
 
 
@@ -78,31 +74,6 @@ class GraphSummary:
     total_macs: int
     linear_layers: list[LinearLayer]
     blocks: dict[str, list[str]] = field(default_factory=dict)  # container -> block module names
-
-
-def find_blocks(graph: fx.Graph) -> dict[str, list[str]]:
-    """Repeated blocks: the outermost indexed children (``transformer_blocks.3``,
-    ``down_blocks.1``) in the nodes' module stacks, plus top-level ``mid_block``."""
-    found: dict[str, list[str]] = {}
-    for node in graph.nodes:
-        scopes = module_scopes(node)
-        for depth, name in enumerate(scopes):
-            match = INDEXED_CHILD.match(name)
-            is_leaf = depth == len(scopes) - 1  # a single layer (e.g. Sequential's Linear) is not a block
-            if match and not is_leaf and not any(INDEXED_CHILD.match(p) for p in _ancestors(name)):
-                found.setdefault(match["container"], [])
-                if name not in found[match["container"]]:
-                    found[match["container"]].append(name)
-                break
-            if name == "mid_block":
-                found.setdefault("mid_block", ["mid_block"])
-                break
-    return found
-
-
-def _ancestors(name: str) -> list[str]:
-    parts = name.split(".")
-    return [".".join(parts[:i]) for i in range(1, len(parts))]
 
 
 def summarize(module: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> GraphSummary:
@@ -125,19 +96,21 @@ def variant_macs(program, inputs: Sequence[torch.Tensor]) -> dict[str, int]:
 
 def macs_per_run(program, inputs: Sequence[torch.Tensor], num_steps: int | None = None,
                  variants_run: Sequence[str] | None = None) -> int:
-    """MACs of a whole sampling run: each step's variant, as a periodic schedule picks it
-    for ``num_steps`` steps, or as a run used them (``variants_run``, e.g.
-    ``SamplingStats.variants``; needed for an ``AdaptiveSchedule``, whose probe runs every step)."""
+    """MACs of a whole sampling run: each step's variant (and probe, where the schedule has
+    one), as the schedule picks it for ``num_steps`` steps, or as a run used them
+    (``variants_run``, e.g. ``SamplingStats.variants``; needed where a probe decides)."""
     if (num_steps is None) == (variants_run is None):
-        raise ValueError("pass exactly one of num_steps= (periodic schedules) or variants_run=")
-    per_variant = variant_macs(program, inputs)
-    probe = getattr(program.schedule, "probe", None)
+        raise ValueError("pass exactly one of num_steps= (schedules without a probe) or variants_run=")
+    schedule = program.schedule
     if variants_run is None:
-        if probe is not None:
-            raise ValueError("an adaptive schedule picks variants at run time: pass variants_run=stats.variants "
+        if schedule.probes:
+            raise ValueError("a probe picks variants at run time: pass variants_run=stats.variants "
                              "from a sampling run instead of num_steps=")
-        variants_run = [program.schedule.variant_at(k) for k in range(num_steps)]
-    return sum(per_variant[name] + (per_variant[probe] if probe else 0) for name in variants_run)
+        variants_run = [schedule.variant_at(k) for k in range(num_steps)]
+    per_variant = variant_macs(program, inputs)
+    probes = [schedule.probe_at(k) for k in range(len(variants_run))]
+    return sum(per_variant[name] + (per_variant[probe] if probe is not None else 0)
+               for name, probe in zip(variants_run, probes))
 
 
 class count_macs:

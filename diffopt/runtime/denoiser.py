@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from diffopt.program import AdaptiveSchedule, StateError, StepProgram
+from diffopt.ir.program import ProgramInterface, StateError, StepProgram
 from diffopt.runtime.backends import Backend, TorchBackend
 
 
@@ -31,9 +31,12 @@ def batched_timestep(t: torch.Tensor | float | int, batch_size: int, device: tor
 
 
 class OptimizedDenoiser:
-    """Runs ``program`` on ``backend`` (torch by default)."""
+    """Runs ``program`` on ``backend`` (torch by default). A ``ProgramInterface`` (a loaded
+    bundle: no graphs) needs the backend that holds its variants."""
 
-    def __init__(self, program: StepProgram, backend: Backend | None = None):
+    def __init__(self, program: StepProgram | ProgramInterface, backend: Backend | None = None):
+        if backend is None and not isinstance(program, StepProgram):
+            raise TypeError(f"OptimizedDenoiser needs a backend to run a {type(program).__name__} (it has no graphs)")
         self.program = program
         self.backend = backend if backend is not None else TorchBackend(program)
         self.last_variant: str | None = None
@@ -56,7 +59,7 @@ class OptimizedDenoiser:
              state: Sequence[torch.Tensor] = ()) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """Run step ``step_index``: ``(out, new_state)``; ``state`` must match the batch.
 
-        The variant that ran is in ``last_variant`` (with an ``AdaptiveSchedule`` the probe
+        The variant that ran is in ``last_variant`` (where the schedule has a probe, the probe
         ran first and chose it)."""
         if len(conditions) != len(self.program.signature.conditions):
             raise ValueError(f"expected conditions {list(self.program.signature.conditions)}, "
@@ -65,11 +68,11 @@ class OptimizedDenoiser:
         self.program.state.check(state, batch_size)
         t = batched_timestep(t, batch_size, x.device)
         schedule = self.program.schedule
-        if isinstance(schedule, AdaptiveSchedule):
-            signal, *state = self.backend.run(schedule.probe, (x, t, *conditions, *state))
-            self.last_variant = schedule.choose(step_index, float(signal))
-        else:
-            self.last_variant = schedule.variant_at(step_index)
+        probe, signal = schedule.probe_at(step_index), None
+        if probe is not None:
+            signal, *state = self.backend.run(probe, (x, t, *conditions, *state))
+            signal = float(signal)
+        self.last_variant = schedule.variant_at(step_index, signal)
         outputs = self.backend.run(self.last_variant, (x, t, *conditions, *state))
         return outputs[0], tuple(outputs[1:])
 

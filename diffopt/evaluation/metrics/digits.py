@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from scipy import linalg
 
-from diffopt.data import load_digits_split
-from diffopt.metrics.classifier import load_classifier
+from diffopt.evaluation.data import load_digits_split
+from diffopt.evaluation.metrics.classifier import load_classifier
 
 
 def classifier_features(images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from diffopt.data import NUM_CLASSES, load_digits_split
+from diffopt.models.zoo import NUM_CLASSES
+from diffopt.evaluation.data import load_digits_split
 
 CLASSIFIER_WEIGHTS = Path(__file__).parent / "weights" / "digits-classifier.safetensors"
 FEATURE_DIM = 64

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import re
 from typing import Callable
 
 import torch
 from torch import fx
 
-from diffopt.capture import WRAPPED_MODEL_ATTRIBUTE
-from diffopt.program import BATCH, StateEntry, StepProgram
+from diffopt.ir.signature import WRAPPED_MODEL_ATTRIBUTE
+from diffopt.ir.program import BATCH, StateEntry, StepProgram
 
 aten = torch.ops.aten
 
@@ -100,6 +101,11 @@ def _mutates(node: fx.Node) -> bool:
     if node.op in ("placeholder", "output"):
         return True
     return isinstance(node.target, torch._ops.OpOverload) and node.target._schema.is_mutable
+
+
+def attribute(module: fx.GraphModule, target: str) -> torch.Tensor:
+    """The tensor a ``get_attr`` node with ``target`` reads."""
+    return functools.reduce(getattr, target.split("."), module)
 
 
 def placeholders(graph: fx.Graph) -> list[fx.Node]:

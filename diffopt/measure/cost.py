@@ -1,8 +1,9 @@
 """Cost accounting of sampling runs: per step and per run, MACs, bit-operations, state bytes
 and peak activation memory, counted while the program really runs.
 
-``CostCountingBackend`` runs each variant with an fx Interpreter. MACs come from
-``analysis.node_macs`` on the real shapes (row skipping shows up as smaller matmuls).
+A ``CostCounter`` hook sees every node of every variant run (``measure.interpreter``;
+unchanged state is carried without copies, as on the torch backend). MACs come from
+``macs.node_macs`` on the real shapes (row skipping shows up as smaller matmuls).
 Bit-operations of a linear op are ``MACs x activation bits x weight bits``: a matmul a
 quantization pass annotated with ``activation_bits="codes"`` is charged per code by its
 width (``quantization.WIDTH_BITS``: zero codes skipped, 4 / 8 / 16 bits), counted on the
@@ -19,12 +20,14 @@ from typing import Any, Sequence
 import torch
 from torch import fx
 
-from diffopt.analysis import LINEAR_OPS, node_macs
-from diffopt.annotations import annotation_of
-from diffopt.denoiser import OptimizedDenoiser
-from diffopt.passes.linear_ops import attribute
-from diffopt.program import StepProgram
-from diffopt.quantization import code_width_fractions, mean_operand_bits
+from diffopt.ir.annotations import annotation_of
+from diffopt.ir.graph_tools import attribute
+from diffopt.ir.layers import LINEAR_OPS
+from diffopt.ir.program import StepProgram
+from diffopt.measure.interpreter import InstrumentedBackend, NodeHook
+from diffopt.measure.macs import node_macs
+from diffopt.quant.arithmetic import code_width_fractions, mean_operand_bits
+from diffopt.runtime.denoiser import OptimizedDenoiser
 from diffopt.runtime.sampler import Sampler
 
 
@@ -86,31 +89,32 @@ def _storage_key(value: Any) -> tuple[int, int] | None:
     return storage.data_ptr(), storage.nbytes()
 
 
-class _CostInterpreter(fx.Interpreter):
-    """Counts MACs / bit-operations per node and tracks live tensor bytes (by storage)."""
+class CostCounter(NodeHook):
+    """Counts MACs / bit-operations per node and tracks live tensor bytes (by storage) into
+    one ``StepCost`` per variant run."""
 
-    def __init__(self, module: fx.GraphModule, cost: StepCost):
-        super().__init__(module, garbage_collect_values=True)
-        self.cost = cost
+    def __init__(self):
+        self.steps: list[StepCost] = []
+
+    def begin(self, variant: str, step_index: int) -> None:
+        self.steps.append(StepCost(variant))
         self.live: dict[int, list[int]] = {}  # storage pointer -> [bytes, nodes holding it]
         self.holders: dict[fx.Node, int] = {}
         self.live_bytes = 0
 
-    def run_node(self, node: fx.Node) -> Any:
-        result = super().run_node(node)
+    def on_node(self, node: fx.Node, args: Sequence[Any], result: Any, released: Sequence[fx.Node]) -> None:
+        cost = self.steps[-1]
         if node.op == "call_function":
-            args, _ = self.fetch_args_kwargs_from_env(node)
             macs = node_macs(node, args, result)
-            self.cost.macs += macs
+            cost.macs += macs
             if macs and (node.target in LINEAR_OPS or "activation_bits" in _details(node)):
-                self.cost.linear_macs += macs
-                self.cost.linear_bit_operations += macs * operand_bits_of(node, args[0])
+                cost.linear_macs += macs
+                cost.linear_bit_operations += macs * operand_bits_of(node, args[0])
         if node.op != "get_attr":
             self._hold(node, result)
-        self.cost.peak_activation_bytes = max(self.cost.peak_activation_bytes, self.live_bytes)
-        for used in self.user_to_last_uses.get(node, []):
+        cost.peak_activation_bytes = max(cost.peak_activation_bytes, self.live_bytes)
+        for used in released:
             self._release(used)
-        return result
 
     def _hold(self, node: fx.Node, value: Any) -> None:
         key = _storage_key(value)
@@ -134,23 +138,6 @@ class _CostInterpreter(fx.Interpreter):
             del self.live[pointer]
 
 
-class CostCountingBackend:
-    """A torch backend that records a ``StepCost`` for every variant it runs."""
-
-    name = "torch-cost-counting"
-
-    def __init__(self, program: StepProgram):
-        self.program = program
-        self.steps: list[StepCost] = []
-
-    def run(self, variant: str, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        cost = StepCost(variant)
-        with torch.no_grad():
-            outputs = tuple(_CostInterpreter(self.program.variants[variant], cost).run(*inputs))
-        self.steps.append(cost)
-        return outputs
-
-
 def state_bytes(program: StepProgram, batch_size: int) -> int:
     return sum(math.prod(e.shape_for(batch_size)) * torch.empty((), dtype=e.dtype).element_size()
                for e in program.state.entries)
@@ -171,6 +158,7 @@ def weight_bytes(program: StepProgram) -> int:
 def measure_run_cost(program: StepProgram, sampler: Sampler, conditions: Sequence[torch.Tensor],
                      shape: Sequence[int], seed: int = 0) -> RunCost:
     """Sample once with cost counting (a probe of an adaptive schedule counts as a step of its own)."""
-    backend = CostCountingBackend(program)
-    sampler.sample(OptimizedDenoiser(program, backend=backend), conditions, shape=shape, seed=seed)
-    return RunCost(backend.steps, state_bytes(program, shape[0]), weight_bytes(program))
+    counter = CostCounter()
+    sampler.sample(OptimizedDenoiser(program, backend=InstrumentedBackend(program, [counter])), conditions,
+                   shape=shape, seed=seed)
+    return RunCost(counter.steps, state_bytes(program, shape[0]), weight_bytes(program))

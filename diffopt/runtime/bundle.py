@@ -2,7 +2,7 @@
 
 A bundle is a directory: one ONNX file per step variant, one shared weights file, and
 ``manifest.json`` (signature, input and output tensors per variant, state spec,
-schedule, export profile, quantization scales, noise-schedule config, diffopt version). ``Manifest.program()``
+schedule, export profile, quantization scales, noise-schedule config, diffopt version). ``Manifest.interface()``
 rebuilds the step program's interface (no graphs), which is all ``OptimizedDenoiser``
 and the samplers need; no model code is imported.
 """
@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from diffopt.capture import Signature
-from diffopt.program import AdaptiveSchedule, Schedule, StateEntry, StateSpec, StepProgram, schedule_from_dict
+from diffopt.ir.signature import Signature
+from diffopt.ir.program import AnySchedule, ProgramInterface, StateEntry, StateSpec, schedule_from_dict
 
 FORMAT = "diffopt-bundle"
 FORMAT_VERSION = 1
@@ -57,7 +57,7 @@ class VariantFile:
 class Manifest:
     signature: Signature
     state: StateSpec
-    schedule: Schedule | AdaptiveSchedule
+    schedule: AnySchedule
     variants: dict[str, VariantFile]
     profile: str  # "onnxruntime" or "tensorrt"
     weights_file: str
@@ -67,9 +67,9 @@ class Manifest:
     quantization: dict[str, Any] = field(default_factory=dict)  # quantized_ops.quantization_summary; {} without
     scheduler: dict[str, Any] | None = None  # the model's noise-schedule config (make_scheduler), if given
 
-    def program(self) -> StepProgram:
+    def interface(self) -> ProgramInterface:
         """The step program's interface (signature, state, schedule) without graphs."""
-        return StepProgram(self.signature, {}, self.state, self.schedule, self.model_class)
+        return ProgramInterface(self.signature, self.state, self.schedule, self.model_class)
 
     def save(self, directory: Path) -> Path:
         path = Path(directory) / MANIFEST_NAME

@@ -1,0 +1,330 @@
+"""Step programs: a denoiser whose step k may depend on earlier steps, made explicit.
+
+Every variant of a program is a plain graph with one signature::
+
+    variant(latent, timestep, *conditions, *state) -> (out, *new_state)
+
+``StateSpec`` describes the state tensors, ``Schedule`` picks the variant for step k
+(``AdaptiveSchedule``: from a probe's signal at run time; ``ComposedSchedule``: two
+schedules of composed passes at once), and ``OptimizedDenoiser`` runs the program on a
+backend: functionally (``step``) or like the original model (``__call__``, keeping the
+state itself).
+
+Every schedule answers the same two questions for step k: ``probe_at(k)`` (the variant
+to run first for a signal, or None) and ``variant_at(k, signal)``.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from enum import Enum
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import fx
+
+from diffopt.ir.signature import CapturedGraph, Signature
+
+BATCH = "batch"  # marks the batch dimension in a StateEntry shape
+
+
+class Role(str, Enum):
+    """What a variant does for the pass that made it; a variant's name is its roles joined
+    by ``+`` in pass order (``cached+delta``), the refresh role of a later pass adding nothing."""
+
+    FULL = "full"  # computes the unmodified model (and, after passes, refreshes their state)
+    PROBE = "probe"  # computes an AdaptiveSchedule's signal
+    CACHED = "cached"  # reuses cached block outputs
+    CALIBRATED = "calibrated"  # cached linear outputs corrected by a low-rank increment
+    DELTA = "delta"  # temporal-difference linear layers
+
+    def __str__(self) -> str:
+        return self.value
+
+
+FULL, PROBE, CACHED, CALIBRATED, DELTA = Role.FULL, Role.PROBE, Role.CACHED, Role.CALIBRATED, Role.DELTA
+
+
+def combined_name(variant: str, role: str, refresh: str) -> str:
+    """The name of ``variant`` rewritten by a later pass into ``role``: the later pass's
+    refresh role keeps the name, ``full`` becomes the role, others get ``+role``."""
+    if role == refresh:
+        return str(variant)
+    return str(role) if variant == FULL else f"{variant}+{role}"
+
+
+def concrete_shape(shape: Sequence[int | str], batch_size: int) -> tuple[int, ...]:
+    """A shape with ``BATCH`` marking the batch dimension, at ``batch_size``."""
+    return tuple(batch_size if d == BATCH else int(d) for d in shape)
+
+
+class StateError(ValueError):
+    """State tensors do not match the program's StateSpec (shape, dtype or count)."""
+
+
+@dataclass(frozen=True)
+class StateEntry:
+    """One state tensor. ``shape`` holds ints and ``BATCH`` where the batch size goes."""
+
+    name: str
+    shape: tuple[int | str, ...]
+    dtype: torch.dtype
+    owner: str  # the pass that created it
+
+    def shape_for(self, batch_size: int) -> tuple[int, ...]:
+        return concrete_shape(self.shape, batch_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": str(self.dtype).removeprefix("torch."),
+                "owner": self.owner}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "StateEntry":
+        return cls(data["name"], tuple(data["shape"]), getattr(torch, data["dtype"]), data["owner"])
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    """The ordered state a program threads from step to step. Initial values are zeros."""
+
+    entries: tuple[StateEntry, ...] = ()
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(e.name for e in self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def with_entry(self, entry: StateEntry) -> "StateSpec":
+        if entry.name in self.names:
+            raise StateError(f"state entry {entry.name!r} already exists (owner {entry.owner!r})")
+        return StateSpec((*self.entries, entry))
+
+    def allocate(self, batch_size: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
+        return tuple(torch.zeros(e.shape_for(batch_size), dtype=e.dtype, device=device) for e in self.entries)
+
+    def check(self, state: Sequence[torch.Tensor], batch_size: int) -> None:
+        """Raise ``StateError`` unless ``state`` matches this spec at ``batch_size``."""
+        if len(state) != len(self.entries):
+            raise StateError(f"expected {len(self.entries)} state tensors {list(self.names)}, found {len(state)}")
+        for entry, tensor in zip(self.entries, state):
+            expected = entry.shape_for(batch_size)
+            if tuple(tensor.shape) != expected or tensor.dtype != entry.dtype:
+                raise StateError(
+                    f"state {entry.name!r}: expected shape {expected} dtype {entry.dtype} for batch size "
+                    f"{batch_size}, found shape {tuple(tensor.shape)} dtype {tensor.dtype}. Start a new run "
+                    f"(OptimizedDenoiser.reset() / init_state()) instead of reusing state from another batch.")
+
+    def to_list(self) -> list[dict[str, Any]]:
+        return [e.to_dict() for e in self.entries]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Which variant runs at step k.
+
+    Step 0 always runs ``refresh``. With ``between=None`` every step does. Otherwise
+    steps k > 0 run ``between``, except every ``period``-th step (k % period == 0),
+    which refreshes; ``period=None`` refreshes only at step 0.
+    """
+
+    refresh: str = FULL
+    between: str | None = None
+    period: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.period is not None and (isinstance(self.period, bool) or not isinstance(self.period, int)
+                                        or self.period < 1):
+            raise ValueError(f"schedule period must be an int >= 1 or None, found {self.period!r}")
+
+    def probe_at(self, step_index: int) -> None:
+        return None
+
+    def variant_at(self, step_index: int, signal: float | None = None) -> str:
+        if not isinstance(step_index, int) or step_index < 0:
+            raise ValueError(f"step index must be an int >= 0, found {step_index!r}")
+        if self.between is None or step_index == 0:
+            return self.refresh
+        if self.period is not None and step_index % self.period == 0:
+            return self.refresh
+        return self.between
+
+    @property
+    def variants(self) -> tuple[str, ...]:
+        return (self.refresh,) if self.between is None else (self.refresh, self.between)
+
+    @property
+    def probes(self) -> frozenset[str]:
+        return frozenset()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "periodic", "refresh": str(self.refresh),
+                "between": None if self.between is None else str(self.between), "period": self.period}
+
+
+@dataclass(frozen=True)
+class AdaptiveSchedule:
+    """Which variant runs at step k, decided at run time by a probe.
+
+    Every step first runs the ``probe`` variant,
+    ``probe(latent, timestep, *conditions, *state) -> (signal, *new_state)``: a cheap cut
+    of the model that measures (as one scalar for the whole batch) how far this step has
+    moved from the last refresh. Step 0, and every step whose signal exceeds
+    ``threshold`` or is not finite, then runs ``refresh``; the others run ``between``.
+    The chosen variant gets the probe's new state, so work the probe did is not repeated.
+    """
+
+    probe: str
+    threshold: float
+    refresh: str = FULL
+    between: str = "cached"
+
+    def __post_init__(self) -> None:
+        if not self.threshold >= 0:
+            raise ValueError(f"adaptive schedule threshold must be >= 0, found {self.threshold}")
+
+    def probe_at(self, step_index: int) -> str:
+        return self.probe
+
+    def variant_at(self, step_index: int, signal: float | None = None) -> str:
+        if signal is None:
+            raise ValueError(f"an adaptive schedule needs the signal of its probe {self.probe!r} to pick a variant")
+        if step_index == 0 or not math.isfinite(signal) or signal > self.threshold:
+            return self.refresh
+        return self.between
+
+    @property
+    def variants(self) -> tuple[str, ...]:
+        return (self.probe, self.refresh, self.between)
+
+    @property
+    def probes(self) -> frozenset[str]:
+        return frozenset({self.probe})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "adaptive", "probe": str(self.probe), "threshold": self.threshold,
+                "refresh": str(self.refresh), "between": str(self.between)}
+
+
+@dataclass(frozen=True)
+class ComposedSchedule:
+    """The schedules of two composed passes at once.
+
+    A pass that rewrites every variant of a program (``outer`` schedule) into its own
+    variants (``inner``, a periodic schedule) makes one variant per pair; ``names`` maps
+    each pair ``(outer variant, inner variant)`` to it. At step k the probe (if the
+    outer schedule has one) and the variant are those of the pair of both choices.
+    """
+
+    outer: "Schedule | AdaptiveSchedule | ComposedSchedule"
+    inner: Schedule
+    names: tuple[tuple[str, str, str], ...]  # (outer variant, inner variant, combined variant)
+
+    def _combined(self, outer: str, inner: str) -> str:
+        for outer_name, inner_name, combined in self.names:
+            if outer_name == outer and inner_name == inner:
+                return combined
+        raise KeyError(f"the composed schedule has no variant for ({outer!r}, {inner!r})")
+
+    def probe_at(self, step_index: int) -> str | None:
+        probe = self.outer.probe_at(step_index)
+        return None if probe is None else self._combined(probe, self.inner.variant_at(step_index))
+
+    def variant_at(self, step_index: int, signal: float | None = None) -> str:
+        return self._combined(self.outer.variant_at(step_index, signal), self.inner.variant_at(step_index))
+
+    @property
+    def variants(self) -> tuple[str, ...]:
+        return tuple(combined for _, _, combined in self.names)
+
+    @property
+    def probes(self) -> frozenset[str]:
+        return frozenset(combined for outer, _, combined in self.names if outer in self.outer.probes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "composed", "outer": self.outer.to_dict(), "inner": self.inner.to_dict(),
+                "names": [list(map(str, triple)) for triple in self.names]}
+
+
+AnySchedule = Schedule | AdaptiveSchedule | ComposedSchedule
+SCHEDULE_KINDS = ("periodic", "adaptive", "composed")
+
+
+def schedule_from_dict(data: Mapping[str, Any]) -> AnySchedule:
+    """Inverse of the schedules' ``to_dict``."""
+    if not isinstance(data, Mapping):
+        raise ValueError(f"a schedule is a JSON object, found {type(data).__name__}")
+    kind = data.get("kind")
+    fields = {key: value for key, value in data.items() if key != "kind"}
+    try:
+        if kind == "adaptive":
+            return AdaptiveSchedule(**fields)
+        if kind == "periodic":
+            return Schedule(**fields)
+        if kind == "composed":
+            inner = schedule_from_dict(fields["inner"])
+            if not isinstance(inner, Schedule):
+                raise ValueError("the inner schedule of a composed schedule must be periodic")
+            return ComposedSchedule(schedule_from_dict(fields["outer"]), inner,
+                                    tuple(tuple(triple) for triple in fields["names"]))
+    except (TypeError, KeyError) as error:
+        raise ValueError(f"schedule {dict(data)!r} has missing or unknown fields: {error}") from error
+    raise ValueError(f"unknown schedule kind {kind!r}: expected one of {SCHEDULE_KINDS}")
+
+
+@dataclass(frozen=True)
+class ProgramInterface:
+    """What running a program needs, without its graphs: the signature, the state it
+    threads and its schedule (a bundle's manifest describes exactly this)."""
+
+    signature: Signature
+    state: StateSpec
+    schedule: AnySchedule
+    model_class: str = ""
+
+    @property
+    def num_inputs(self) -> int:
+        return len(self.signature.input_names)
+
+
+@dataclass
+class StepProgram:
+    """Variants (name -> graph) sharing one signature, the state they thread, and a schedule."""
+
+    signature: Signature
+    variants: dict[str, fx.GraphModule]
+    state: StateSpec = field(default_factory=StateSpec)
+    schedule: AnySchedule = field(default_factory=Schedule)
+    model_class: str = ""
+    applied: tuple[tuple[str, str], ...] = ()  # (kind, pass) of every variant-creating pass, in order
+
+    @classmethod
+    def from_captured(cls, captured: CapturedGraph) -> "StepProgram":
+        """The identity program: one ``full`` variant, no state."""
+        program = cls(captured.signature, {FULL: captured.module}, model_class=captured.model_class)
+        return program.copy()
+
+    def copy(self) -> "StepProgram":
+        """New graphs (so passes may edit them), same weight tensors."""
+        variants = {name: fx.GraphModule(gm, copy.deepcopy(gm.graph)) for name, gm in self.variants.items()}
+        return dataclasses.replace(self, variants=variants)
+
+    @property
+    def num_inputs(self) -> int:
+        return len(self.signature.input_names)
+
+    @property
+    def interface(self) -> ProgramInterface:
+        return ProgramInterface(self.signature, self.state, self.schedule, self.model_class)
+
+    def fingerprint(self) -> str:
+        """Text that changes whenever the program's structure does (used to check ``modified``)."""
+        parts = [repr(self.state), repr(self.schedule), repr(self.applied)]
+        for name in sorted(self.variants):
+            graph = self.variants[name].graph
+            parts.append(name)
+            parts.extend(f"{n.format_node()} {n.meta.get('diffopt')!r}" for n in graph.nodes)
+        return "\n".join(parts)

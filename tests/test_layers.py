@@ -1,0 +1,69 @@
+"""The package's layers: every import points down, and the core needs no evaluation packages."""
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import diffopt
+
+PACKAGE = Path(diffopt.__file__).parent
+CORE = ("ir", "quant", "capture", "passes", "runtime", "measure", "export", "optimize")
+# what each layer may import (besides itself); anything not listed is refused
+ALLOWED = {
+    "version": set(),
+    "ir": set(),
+    "quant": {"ir"},
+    "capture": {"ir"},
+    "passes": {"ir", "quant"},
+    "runtime": {"ir"},
+    "measure": {"ir", "quant", "passes", "runtime"},
+    "export": {"ir", "quant", "runtime"},
+    "optimize": {"ir", "capture", "passes", "runtime"},
+    "models": {"ir", "runtime"},
+    "evaluation": {"ir", "quant", "capture", "passes", "runtime", "measure", "export", "optimize", "models"},
+    "cli": {"ir", "quant", "capture", "passes", "runtime", "measure", "export", "optimize", "models", "evaluation"},
+    "__init__": {"ir", "capture", "passes", "runtime", "measure", "optimize"},
+}
+
+
+def _layer(module: str) -> str:
+    """``diffopt.passes.base`` -> ``passes``."""
+    return module.split(".")[1] if module.count(".") else "__init__"
+
+
+def _imports(path: Path) -> list[str]:
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.append(node.module)
+        elif isinstance(node, ast.Import):
+            found.extend(alias.name for alias in node.names)
+    return [name for name in found if name == "diffopt" or name.startswith("diffopt.")]
+
+
+def test_every_import_points_down_the_layers():
+    wrong = []
+    for path in PACKAGE.rglob("*.py"):
+        module = ".".join(("diffopt", *path.relative_to(PACKAGE).with_suffix("").parts))
+        layer = _layer(module.removesuffix(".__init__"))
+        assert layer in ALLOWED, f"{module} is in no known layer: add it to ALLOWED"
+        for imported in _imports(path):
+            target = _layer(imported)
+            if target not in (layer, "version") and target not in ALLOWED[layer]:
+                wrong.append(f"{module} imports {imported}")
+    assert not wrong, "imports that run against the layers:\n" + "\n".join(wrong)
+
+
+def test_the_core_imports_without_scikit_learn_or_scipy():
+    script = (
+        "import sys, importlib, pkgutil\n"
+        "for blocked in ('sklearn', 'scipy', 'matplotlib'): sys.modules[blocked] = None\n"
+        "import diffopt\n"
+        f"core = {CORE!r}\n"
+        "for info in pkgutil.walk_packages(diffopt.__path__, 'diffopt.'):\n"
+        "    if info.name.split('.')[1] in core: importlib.import_module(info.name)\n"
+        "print('imported', sorted(m for m in sys.modules if m.startswith('diffopt.')).__len__())\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert int(result.stdout.split()[-1]) > 30  # the core modules really were imported
