@@ -1,10 +1,11 @@
 """Helpers the benchmark scripts share: class-conditional digit generation, interleaved
 per-run timing, and the bf16-autocast baseline. Scripts import it as ``common`` (Python
 puts the script's folder on the path)."""
+
 from __future__ import annotations
 
 import time
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -18,8 +19,14 @@ def generate(denoiser, config, steps: int, n: int, seed: int) -> torch.Tensor:
     """``n`` class-conditional digits (labels 0..9 cycling), DDIM with ``steps`` steps."""
     labels = torch.arange(n) % 10
     sampler = Sampler(make_scheduler(config, "ddim", steps), progress=False)
-    return torch.cat([sampler.sample(denoiser, (labels[i:i + CHUNK],), shape=(len(labels[i:i + CHUNK]), *DIGIT_SHAPE),
-                                     seed=seed + i) for i in range(0, n, CHUNK)])
+    return torch.cat(
+        [
+            sampler.sample(
+                denoiser, (labels[i : i + CHUNK],), shape=(len(labels[i : i + CHUNK]), *DIGIT_SHAPE), seed=seed + i
+            )
+            for i in range(0, n, CHUNK)
+        ]
+    )
 
 
 def time_runs(runners: Mapping[str, tuple[Callable, int]], config, batch: int, repeats: int) -> dict[str, list[float]]:

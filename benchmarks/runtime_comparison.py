@@ -16,6 +16,7 @@ diffopt's program run by torch (fx graphs), and the exported bundle on onnxrunti
 Static quantization scales (Ditto's difference mode) come from one 50-sample temporal
 calibration run on a seed the timed runs do not use.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,18 +29,18 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import Bf16Autocast
+
 from diffopt import Sampler, capture, make_scheduler, optimize
-from diffopt.export import to_onnx
 from diffopt.evaluation.metrics.fidelity import psnr, relative_l2
+from diffopt.export import to_onnx
+from diffopt.ir.statistics import CalibrationStatistics
+from diffopt.measure.calibration import calibrate
 from diffopt.models import example_inputs, load
 from diffopt.passes.block_cache import BlockCachePass, FirstBlockCachePass
 from diffopt.passes.increment_calibrated_cache import IncrementCalibratedCachePass
 from diffopt.passes.temporal_difference import TemporalDifferencePass
 from diffopt.runtime.onnxruntime_backend import load_bundle
-from diffopt.ir.statistics import CalibrationStatistics
-from diffopt.measure.calibration import calibrate
 
 RESULTS = Path("benchmarks/results")
 MIDDLE_BLOCKS = tuple(f"transformer_blocks.{i}" for i in range(1, 5))
@@ -71,8 +72,14 @@ def needs_calibration(passes) -> bool:
 
 def temporal_calibration(graph, config) -> CalibrationStatistics:
     sampler = Sampler(make_scheduler(config, "ddim", 50), progress=False)
-    return calibrate(optimize(graph).program, sampler, (torch.arange(CALIBRATION_SAMPLES) % 10,),
-                              (CALIBRATION_SAMPLES, 1, 16, 16), seeds=(1000,), progress=False)
+    return calibrate(
+        optimize(graph).program,
+        sampler,
+        (torch.arange(CALIBRATION_SAMPLES) % 10,),
+        (CALIBRATION_SAMPLES, 1, 16, 16),
+        seeds=(1000,),
+        progress=False,
+    )
 
 
 def main() -> None:
@@ -106,8 +113,15 @@ def main() -> None:
                 state = optimized.init_state(batch)
                 for backend_name, backend in (("torch", optimized.backend), ("onnxruntime", exported.backend)):
                     seconds = median_call_seconds(lambda: backend.run(variant, (*inputs, *state)), args.step_repeats)
-                    per_step.append({"configuration": name, "variant": variant, "backend": backend_name,
-                                     "batch": batch, "median_s": seconds})
+                    per_step.append(
+                        {
+                            "configuration": name,
+                            "variant": variant,
+                            "backend": backend_name,
+                            "batch": batch,
+                            "median_s": seconds,
+                        }
+                    )
                     print(json.dumps(per_step[-1]), flush=True)
     per_run = []
     for batch in args.batch_sizes:
@@ -124,20 +138,38 @@ def main() -> None:
         baseline = statistics.median(times["torch eager fp32 (diffusers model)"])
         reference = samples["torch eager fp32 (diffusers model)"]
         for name in runners:
-            row = {"runner": name, "batch": batch, "median_s": statistics.median(times[name]), "all_s": times[name],
-                   "speedup_vs_torch_eager_fp32": baseline / statistics.median(times[name]),
-                   "psnr_vs_torch_eager_fp32": psnr(samples[name], reference)}
+            row = {
+                "runner": name,
+                "batch": batch,
+                "median_s": statistics.median(times[name]),
+                "all_s": times[name],
+                "speedup_vs_torch_eager_fp32": baseline / statistics.median(times[name]),
+                "psnr_vs_torch_eager_fp32": psnr(samples[name], reference),
+            }
             per_run.append(row)
             print(json.dumps(row), flush=True)
         for configuration, torch_name, ort_name in agreement_pairs:
-            per_run.append({"agreement": configuration, "batch": batch,
-                            "rel_l2_onnxruntime_vs_torch": relative_l2(samples[ort_name], samples[torch_name])})
-    summary = {"model": "dit-digits", "steps": args.steps, "repeats": args.repeats, "threads": threads,
-               "torch": torch.__version__, "onnxruntime": __import__("onnxruntime").__version__,
-               "machine": platform.processor() or platform.machine(), "export_s": export_seconds,
-               "command": f"python benchmarks/runtime_comparison.py --batch-sizes {' '.join(map(str, args.batch_sizes))} "
-                          f"--steps {args.steps} --repeats {args.repeats} --step-repeats {args.step_repeats}",
-               "per_step": per_step, "per_run": per_run}
+            per_run.append(
+                {
+                    "agreement": configuration,
+                    "batch": batch,
+                    "rel_l2_onnxruntime_vs_torch": relative_l2(samples[ort_name], samples[torch_name]),
+                }
+            )
+    summary = {
+        "model": "dit-digits",
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "threads": threads,
+        "torch": torch.__version__,
+        "onnxruntime": __import__("onnxruntime").__version__,
+        "machine": platform.processor() or platform.machine(),
+        "export_s": export_seconds,
+        "command": f"python benchmarks/runtime_comparison.py --batch-sizes {' '.join(map(str, args.batch_sizes))} "
+        f"--steps {args.steps} --repeats {args.repeats} --step-repeats {args.step_repeats}",
+        "per_step": per_step,
+        "per_run": per_run,
+    }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "runtime_comparison.json").write_text(json.dumps(summary, indent=2))
     (RESULTS / "runtime_comparison.md").write_text(to_markdown(summary))
@@ -145,27 +177,47 @@ def main() -> None:
 
 
 def to_markdown(summary: dict) -> str:
-    lines = ["# torch vs onnxruntime on CPU (dit-digits)", "",
-             f"`{summary['command']}`: torch {summary['torch']}, onnxruntime {summary['onnxruntime']}, "
-             f"{summary['threads']} threads. Per run: {summary['steps']}-step DDIM, median of {summary['repeats']} "
-             "interleaved runs.", "", "## Per sampling run", "",
-             "| runner | batch | median s | speedup vs torch eager fp32 | PSNR vs torch eager fp32 (dB) |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "# torch vs onnxruntime on CPU (dit-digits)",
+        "",
+        f"`{summary['command']}`: torch {summary['torch']}, onnxruntime {summary['onnxruntime']}, "
+        f"{summary['threads']} threads. Per run: {summary['steps']}-step DDIM, median of {summary['repeats']} "
+        "interleaved runs.",
+        "",
+        "## Per sampling run",
+        "",
+        "| runner | batch | median s | speedup vs torch eager fp32 | PSNR vs torch eager fp32 (dB) |",
+        "|---|---|---|---|---|",
+    ]
     for row in summary["per_run"]:
         if "runner" in row:
-            lines.append(f"| {row['runner']} | {row['batch']} | {row['median_s']:.3f} | "
-                         f"{row['speedup_vs_torch_eager_fp32']:.2f}x | {row['psnr_vs_torch_eager_fp32']:.1f} |")
-    lines += ["", "onnxruntime vs torch, same configuration and noise (relative L2 of the samples): " + ", ".join(
-        f"{row['agreement']} (batch {row['batch']}) {row['rel_l2_onnxruntime_vs_torch']:.1e}"
-        for row in summary["per_run"] if "agreement" in row), "", "## Per step (one variant call)", "",
-        "| configuration | variant | batch | torch ms | onnxruntime ms |", "|---|---|---|---|---|"]
+            lines.append(
+                f"| {row['runner']} | {row['batch']} | {row['median_s']:.3f} | "
+                f"{row['speedup_vs_torch_eager_fp32']:.2f}x | {row['psnr_vs_torch_eager_fp32']:.1f} |"
+            )
+    lines += [
+        "",
+        "onnxruntime vs torch, same configuration and noise (relative L2 of the samples): "
+        + ", ".join(
+            f"{row['agreement']} (batch {row['batch']}) {row['rel_l2_onnxruntime_vs_torch']:.1e}"
+            for row in summary["per_run"]
+            if "agreement" in row
+        ),
+        "",
+        "## Per step (one variant call)",
+        "",
+        "| configuration | variant | batch | torch ms | onnxruntime ms |",
+        "|---|---|---|---|---|",
+    ]
     steps = {}
     for row in summary["per_step"]:
         steps.setdefault((row["configuration"], row["variant"], row["batch"]), {})[row["backend"]] = row["median_s"]
     for (configuration, variant, batch), seconds in steps.items():
-        lines.append(f"| {configuration} | {variant} | {batch} | {1000 * seconds['torch']:.2f} | "
-                     f"{1000 * seconds['onnxruntime']:.2f} |")
-    lines.append(f"\nExport time (s): " + ", ".join(f"{k} {v:.1f}" for k, v in summary["export_s"].items()))
+        lines.append(
+            f"| {configuration} | {variant} | {batch} | {1000 * seconds['torch']:.2f} | "
+            f"{1000 * seconds['onnxruntime']:.2f} |"
+        )
+    lines.append("\nExport time (s): " + ", ".join(f"{k} {v:.1f}" for k, v in summary["export_s"].items()))
     return "\n".join(lines) + "\n"
 
 

@@ -7,6 +7,7 @@ model calls (what a parallel device turns into time); wall time is measured here
 where a round's batched verification costs more than one sequential step. Sequential
 and speculative runs are interleaved per configuration (A B A B) and timed as medians.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,9 +43,14 @@ def _compare(model, config, steps, windows, n, conditions, repeats, quality):
     sequential = Sampler(make_scheduler(config, "ddpm", steps), progress=False)
     rows = []
     for window in windows:
-        speculative = SpeculativeDDPMSampler(alphas, steps, window=window, progress=False,
-                                             prediction_type=config.get("prediction_type", "epsilon"),
-                                             clip_sample=config.get("clip_sample"))
+        speculative = SpeculativeDDPMSampler(
+            alphas,
+            steps,
+            window=window,
+            progress=False,
+            prediction_type=config.get("prediction_type", "epsilon"),
+            clip_sample=config.get("clip_sample"),
+        )
         seq_times, spec_times = [], []
         for repeat in range(repeats):  # interleaved A B A B
             seq_samples, t = _timed(lambda: sequential.sample(model, conditions, shape=shape, seed=repeat), 1)
@@ -52,12 +58,20 @@ def _compare(model, config, steps, windows, n, conditions, repeats, quality):
             spec_samples, t = _timed(lambda: speculative.sample(model, conditions, shape=shape, seed=repeat), 1)
             spec_times.append(t)
         stats = speculative.last_stats
-        row = {"steps": steps, "window": window if window is not None else "unbounded", "samples": n,
-               "sequential_rounds": steps, "rounds": stats.rounds, "round_speedup": steps / stats.rounds,
-               "model_evaluations": stats.model_evaluations, "sequential_evaluations": steps * n,
-               "evaluation_ratio": stats.model_evaluations / (steps * n),
-               "acceptance_rate": stats.acceptance_rate,
-               "sequential_s": statistics.median(seq_times), "speculative_s": statistics.median(spec_times)}
+        row = {
+            "steps": steps,
+            "window": window if window is not None else "unbounded",
+            "samples": n,
+            "sequential_rounds": steps,
+            "rounds": stats.rounds,
+            "round_speedup": steps / stats.rounds,
+            "model_evaluations": stats.model_evaluations,
+            "sequential_evaluations": steps * n,
+            "evaluation_ratio": stats.model_evaluations / (steps * n),
+            "acceptance_rate": stats.acceptance_rate,
+            "sequential_s": statistics.median(seq_times),
+            "speculative_s": statistics.median(spec_times),
+        }
         row["wall_clock_speedup"] = row["sequential_s"] / row["speculative_s"]
         row.update(quality(seq_samples, spec_samples))
         rows.append(row)
@@ -78,9 +92,13 @@ def digits_quality(labels):
     from diffopt.evaluation.metrics.digits import class_accuracy, digits_fd
 
     def measure(sequential, speculative):
-        return {"fd_sequential": digits_fd(sequential), "fd_speculative": digits_fd(speculative),
-                "accuracy_sequential": class_accuracy(sequential, labels),
-                "accuracy_speculative": class_accuracy(speculative, labels)}
+        return {
+            "fd_sequential": digits_fd(sequential),
+            "fd_speculative": digits_fd(speculative),
+            "accuracy_sequential": class_accuracy(sequential, labels),
+            "accuracy_speculative": class_accuracy(speculative, labels),
+        }
+
     return measure
 
 
@@ -92,24 +110,34 @@ def fd_seed_noise(model, config, labels, seeds: int) -> dict:
     sampler = Sampler(make_scheduler(config, "ddpm", 50), progress=False)
     shape = (len(labels), *model_shape(model))
     fds = [digits_fd(sampler.sample(model, (labels,), shape=shape, seed=1000 + seed)) for seed in range(seeds)]
-    row = {"seeds": seeds, "fd_mean": statistics.mean(fds), "fd_stdev": statistics.stdev(fds),
-           "fd_min": min(fds), "fd_max": max(fds)}
+    row = {
+        "seeds": seeds,
+        "fd_mean": statistics.mean(fds),
+        "fd_stdev": statistics.stdev(fds),
+        "fd_min": min(fds),
+        "fd_max": max(fds),
+    }
     print(json.dumps(row))
     return row
 
 
 def to_markdown(results) -> str:
-    lines = ["# Autospeculative DDPM vs sequential DDPM", "",
-             f"Command: `{results['command']}`. CPU: {results['threads']} threads. Wall times are medians of "
-             f"interleaved runs; rounds = sequential depth of model calls.", ""]
+    lines = [
+        "# Autospeculative DDPM vs sequential DDPM",
+        "",
+        f"Command: `{results['command']}`. CPU: {results['threads']} threads. Wall times are medians of "
+        f"interleaved runs; rounds = sequential depth of model calls.",
+        "",
+    ]
     for section, rows in results["sections"].items():
         lines += [f"## {section}", ""]
         keys = [k for k in rows[0] if k not in ("sequential_rounds", "sequential_evaluations")]
         lines.append("| " + " | ".join(keys) + " |")
         lines.append("|" + "---|" * len(keys))
         for row in rows:
-            lines.append("| " + " | ".join(f"{row[k]:.3g}" if isinstance(row[k], float) else str(row[k])
-                                           for k in keys) + " |")
+            lines.append(
+                "| " + " | ".join(f"{row[k]:.3g}" if isinstance(row[k], float) else str(row[k]) for k in keys) + " |"
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -125,8 +153,10 @@ def main():
     mixture = two_moons_mixture()
     config = {"kind": "ddpm", "beta_schedule": "squaredcos_cap_v2"}
     sections["closed-form Gaussian mixture (2-D), 1000 samples"] = [
-        row for steps in (50, 100, 1000)
-        for row in _compare(mixture, config, steps, (4, 16, None), 1000, (), 2, mixture_quality)]
+        row
+        for steps in (50, 100, 1000)
+        for row in _compare(mixture, config, steps, (4, 16, None), 1000, (), 2, mixture_quality)
+    ]
     if not args.quick:
         from diffopt.models import load
 
@@ -138,10 +168,15 @@ def main():
             section += _compare(model, config, steps, windows, n, (labels,), 1, digits_quality(labels))
         sections[f"dit-digits, {n} class-conditional samples"] = section
         sections[f"dit-digits FD seed noise at {n} samples (sequential DDPM, 50 steps)"] = [
-            fd_seed_noise(model, config, labels, seeds=5)]
-    results = {"command": "python benchmarks/speculative.py" + (" --quick" if args.quick else "")
-               + (f" --digits-samples {args.digits_samples}" if not args.quick else ""),
-               "threads": threads, "sections": sections}
+            fd_seed_noise(model, config, labels, seeds=5)
+        ]
+    results = {
+        "command": "python benchmarks/speculative.py"
+        + (" --quick" if args.quick else "")
+        + (f" --digits-samples {args.digits_samples}" if not args.quick else ""),
+        "threads": threads,
+        "sections": sections,
+    }
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "speculative.json").write_text(json.dumps(results, indent=2))
     (OUT / "speculative.md").write_text(to_markdown(results))

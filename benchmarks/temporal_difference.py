@@ -21,6 +21,7 @@ Writes benchmarks/results/temporal_difference_<model>.{json,md}. Steps:
 6. Defo: the profile's per-layer measured vs modelled costs, and the agreement of the
    model's decisions with the clock.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,18 +35,18 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import Bf16Autocast, generate, time_runs
+
 from diffopt import Sampler, capture, make_scheduler, optimize
-from diffopt.measure.cost import measure_run_cost
 from diffopt.evaluation.metrics.digits import class_accuracy, digits_fd
 from diffopt.evaluation.metrics.fidelity import psnr, relative_l2
+from diffopt.measure.calibration import calibrate
+from diffopt.measure.cost import measure_run_cost
+from diffopt.measure.defo_profile import profile_layers
 from diffopt.models import example_inputs, load
 from diffopt.passes.defo import DefoPass
-from diffopt.measure.defo_profile import profile_layers
 from diffopt.passes.static_quantization import StaticQuantizationPass
 from diffopt.passes.temporal_difference import DELTA, TemporalDifferencePass, layer_decisions
-from diffopt.measure.calibration import calibrate
 
 RESULTS = Path("benchmarks/results")
 STEPS = 50
@@ -63,11 +64,15 @@ def configurations(row_thresholds) -> dict[str, list]:
     }
     for threshold in row_thresholds:
         configs[f"Ditto difference int8 + rows {threshold:g}"] = [
-            TemporalDifferencePass("difference", bits=8, row_threshold=threshold)]
+            TemporalDifferencePass("difference", bits=8, row_threshold=threshold)
+        ]
     configs[f"Ditto exact + rows {row_thresholds[-1]:g}"] = [
-        TemporalDifferencePass("exact", row_threshold=row_thresholds[-1])]
+        TemporalDifferencePass("exact", row_threshold=row_thresholds[-1])
+    ]
     configs[f"Defo over difference int8 + rows {row_thresholds[-1]:g}"] = [
-        "defo", TemporalDifferencePass("difference", bits=8, row_threshold=row_thresholds[-1])]
+        "defo",
+        TemporalDifferencePass("difference", bits=8, row_threshold=row_thresholds[-1]),
+    ]
     configs["Defo over exact"] = ["defo", TemporalDifferencePass("exact")]
     return configs
 
@@ -117,8 +122,9 @@ def main() -> None:
     fp32 = optimize(graph)
     sampler = Sampler(make_scheduler(config, "ddim", STEPS), progress=False)
     calibration_labels = torch.arange(args.calibration_samples) % 10
-    calibration = calibrate(fp32.program, sampler, (calibration_labels,),
-                                     (args.calibration_samples, 1, 16, 16), seeds=(777,))
+    calibration = calibrate(
+        fp32.program, sampler, (calibration_labels,), (args.calibration_samples, 1, 16, 16), seeds=(777,)
+    )
     print(calibration.temporal.report())
     timing_labels = torch.arange(args.timing_batch) % 10
     timing_shape = (args.timing_batch, 1, 16, 16)
@@ -135,20 +141,30 @@ def main() -> None:
         images = generate(denoiser, config, STEPS, args.samples, seed=0)
         baseline = images if baseline is None else baseline
         labels = torch.arange(args.samples) % 10
-        row = {"method": name, "fd": digits_fd(images), "accuracy": class_accuracy(images, labels),
-               "rel_l2_vs_fp32": relative_l2(images, baseline), "psnr_vs_fp32": psnr(images, baseline),
-               "quality_run_s": time.perf_counter() - started}
+        row = {
+            "method": name,
+            "fd": digits_fd(images),
+            "accuracy": class_accuracy(images, labels),
+            "rel_l2_vs_fp32": relative_l2(images, baseline),
+            "psnr_vs_fp32": psnr(images, baseline),
+            "quality_run_s": time.perf_counter() - started,
+        }
         if hasattr(denoiser, "program"):
             cost = measure_run_cost(denoiser.program, sampler, (timing_labels,), timing_shape, seed=1)
             decisions = layer_decisions(denoiser.program)
-            row.update(macs_per_sample=cost.macs / args.timing_batch,
-                       linear_bit_operations_per_sample=cost.linear_bit_operations / args.timing_batch,
-                       state_bytes=cost.state_bytes, peak_activation_bytes=cost.peak_activation_bytes,
-                       delta_layers=sum(mode == DELTA for mode, _ in decisions.values()), layers=len(decisions))
+            row.update(
+                macs_per_sample=cost.macs / args.timing_batch,
+                linear_bit_operations_per_sample=cost.linear_bit_operations / args.timing_batch,
+                state_bytes=cost.state_bytes,
+                peak_activation_bytes=cost.peak_activation_bytes,
+                delta_layers=sum(mode == DELTA for mode, _ in decisions.values()),
+                layers=len(decisions),
+            )
         rows.append(row)
         print(json.dumps(row), flush=True)
-    times = time_runs({name: (denoiser, STEPS) for name, denoiser in denoisers.items()}, config,
-                      args.timing_batch, args.repeats)
+    times = time_runs(
+        {name: (denoiser, STEPS) for name, denoiser in denoisers.items()}, config, args.timing_batch, args.repeats
+    )
     agreement = {}
     if args.onnxruntime:
         ort_times, agreement = onnxruntime_times(graph, denoisers, config, args.timing_batch, args.repeats)
@@ -164,18 +180,30 @@ def main() -> None:
             row["rel_l2_onnxruntime_vs_torch"] = agreement[row["method"]]
         if "macs_per_sample" in row:
             row["mac_fraction"] = row["macs_per_sample"] / base_cost["macs_per_sample"]
-            row["bit_operation_fraction"] = (row["linear_bit_operations_per_sample"]
-                                             / base_cost["linear_bit_operations_per_sample"])
-    summary = {"model": args.model, "samples": args.samples, "timing_batch": args.timing_batch,
-               "repeats": args.repeats, "threads": torch.get_num_threads(), "torch": torch.__version__,
-               "machine": platform.processor() or platform.machine(),
-               "command": f"python benchmarks/temporal_difference.py --model {args.model} --samples {args.samples} "
-                          f"--timing-batch {args.timing_batch} --repeats {args.repeats}",
-               "calibration_report": calibration.temporal.report(),
-               "defo": {name: {"agreement": p.agreement(), "machine": dataclasses.asdict(p.machine),
-                               "groups": {g: dataclasses.asdict(c) for g, c in p.groups.items()}}
-                        for name, p in profiles.items()},
-               "rows": rows}
+            row["bit_operation_fraction"] = (
+                row["linear_bit_operations_per_sample"] / base_cost["linear_bit_operations_per_sample"]
+            )
+    summary = {
+        "model": args.model,
+        "samples": args.samples,
+        "timing_batch": args.timing_batch,
+        "repeats": args.repeats,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "machine": platform.processor() or platform.machine(),
+        "command": f"python benchmarks/temporal_difference.py --model {args.model} --samples {args.samples} "
+        f"--timing-batch {args.timing_batch} --repeats {args.repeats}",
+        "calibration_report": calibration.temporal.report(),
+        "defo": {
+            name: {
+                "agreement": p.agreement(),
+                "machine": dataclasses.asdict(p.machine),
+                "groups": {g: dataclasses.asdict(c) for g, c in p.groups.items()},
+            }
+            for name, p in profiles.items()
+        },
+        "rows": rows,
+    }
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / f"temporal_difference_{args.model}"
     stem.with_suffix(".json").write_text(json.dumps(summary, indent=2))
@@ -188,35 +216,51 @@ def _format(row: dict, key: str, pattern: str) -> str:
 
 
 def to_markdown(summary: dict) -> str:
-    lines = [f"# Temporal-difference layers (Ditto) on {summary['model']}", "",
-             f"`{summary['command']}` — {summary['samples']} samples per method from the same seeded noise, "
-             f"50-step DDIM. Cost per sample per run, counted at batch {summary['timing_batch']}; bit-operations "
-             f"of the linear layers (fp32 = 32x32 bits per MAC, zero codes skipped). Wall time: median of "
-             f"{summary['repeats']} interleaved runs of {summary['timing_batch']} samples, torch {summary['torch']}, "
-             f"{summary['threads']} CPU threads; onnxruntime rows are interleaved with each other.", "",
-             "```", summary["calibration_report"], "```", "",
-             "| method | digits FD | accuracy | rel-L2 vs fp32 | PSNR vs fp32 (dB) | MACs | bit-ops vs fp32 "
-             "| delta layers | state MB | peak act. MB | wall s | speedup vs fp32 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Temporal-difference layers (Ditto) on {summary['model']}",
+        "",
+        f"`{summary['command']}` — {summary['samples']} samples per method from the same seeded noise, "
+        f"50-step DDIM. Cost per sample per run, counted at batch {summary['timing_batch']}; bit-operations "
+        f"of the linear layers (fp32 = 32x32 bits per MAC, zero codes skipped). Wall time: median of "
+        f"{summary['repeats']} interleaved runs of {summary['timing_batch']} samples, torch {summary['torch']}, "
+        f"{summary['threads']} CPU threads; onnxruntime rows are interleaved with each other.",
+        "",
+        "```",
+        summary["calibration_report"],
+        "```",
+        "",
+        "| method | digits FD | accuracy | rel-L2 vs fp32 | PSNR vs fp32 (dB) | MACs | bit-ops vs fp32 "
+        "| delta layers | state MB | peak act. MB | wall s | speedup vs fp32 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for row in summary["rows"]:
         layers = f"{row['delta_layers']}/{row['layers']}" if "layers" in row else "—"
         state = f"{row['state_bytes'] / 1e6:.1f}" if "state_bytes" in row else "—"
         peak = f"{row['peak_activation_bytes'] / 1e6:.1f}" if "peak_activation_bytes" in row else "—"
-        lines.append(f"| {row['method']} | {_format(row, 'fd', '.2f')} | {_format(row, 'accuracy', '.3f')} | "
-                     f"{_format(row, 'rel_l2_vs_fp32', '.2e')} | {_format(row, 'psnr_vs_fp32', '.1f')} | "
-                     f"{_format(row, 'mac_fraction', '.3f')} | {_format(row, 'bit_operation_fraction', '.4f')} | "
-                     f"{layers} | {state} | {peak} | {row['wall_s_median']:.2f} | {row['speedup_vs_fp32']:.2f}x |")
+        lines.append(
+            f"| {row['method']} | {_format(row, 'fd', '.2f')} | {_format(row, 'accuracy', '.3f')} | "
+            f"{_format(row, 'rel_l2_vs_fp32', '.2e')} | {_format(row, 'psnr_vs_fp32', '.1f')} | "
+            f"{_format(row, 'mac_fraction', '.3f')} | {_format(row, 'bit_operation_fraction', '.4f')} | "
+            f"{layers} | {state} | {peak} | {row['wall_s_median']:.2f} | {row['speedup_vs_fp32']:.2f}x |"
+        )
     for name, defo in summary["defo"].items():
-        lines += ["", f"## Defo: {name}", "",
-                  f"Cost-model decisions agree with the measured per-layer latencies for "
-                  f"{defo['agreement']:.0%} of layers (measured at batch {summary['timing_batch']}, "
-                  f"interleaved, medians).", "",
-                  "| layer group | layers | full measured (us) | delta measured (us) | full model (us) "
-                  "| delta model (us) |", "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"## Defo: {name}",
+            "",
+            f"Cost-model decisions agree with the measured per-layer latencies for "
+            f"{defo['agreement']:.0%} of layers (measured at batch {summary['timing_batch']}, "
+            f"interleaved, medians).",
+            "",
+            "| layer group | layers | full measured (us) | delta measured (us) | full model (us) | delta model (us) |",
+            "|---|---|---|---|---|---|",
+        ]
         for group, cost in defo["groups"].items():
-            lines.append(f"| {group} | {len(cost['layers'])} | {cost['full_measured_s'] * 1e6:.0f} | "
-                         f"{cost['delta_measured_s'] * 1e6:.0f} | {cost['full_model_s'] * 1e6:.0f} | "
-                         f"{cost['delta_model_s'] * 1e6:.0f} |")
+            lines.append(
+                f"| {group} | {len(cost['layers'])} | {cost['full_measured_s'] * 1e6:.0f} | "
+                f"{cost['delta_measured_s'] * 1e6:.0f} | {cost['full_model_s'] * 1e6:.0f} | "
+                f"{cost['delta_model_s'] * 1e6:.0f} |"
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -8,6 +8,7 @@ Layers, each importing only those below it (``tests/test_layers.py`` checks it):
 ``models`` (reference models) and ``evaluation`` (metrics, data, training, baselines:
 ``pip install diffopt[eval]``) sit on top and are never imported by the core.
 """
+
 from diffopt.capture import CaptureError, capture
 from diffopt.ir.policy import LayerPolicy
 from diffopt.ir.program import (
@@ -30,11 +31,34 @@ from diffopt.runtime.sampler import Sampler
 from diffopt.runtime.schedulers import DDIMScheduler, DDPMScheduler, FlowEulerScheduler, make_scheduler
 from diffopt.version import __version__
 
-
 __all__ = [
-    "CaptureError", "CapturedGraph", "Signature", "capture", "OptimizedDenoiser", "optimize", "calibrate",
-    "CalibrationStatistics", "GraphPass", "PassContext", "PassError", "PassNotApplicable", "PassResult", "Pipeline",
-    "LayerPolicy", "AdaptiveSchedule", "ComposedSchedule", "Role", "Schedule", "StateEntry", "StateError",
-    "StateSpec", "StepProgram", "Sampler", "DDIMScheduler", "DDPMScheduler", "FlowEulerScheduler",
-    "make_scheduler", "__version__",
+    "CaptureError",
+    "CapturedGraph",
+    "Signature",
+    "capture",
+    "OptimizedDenoiser",
+    "optimize",
+    "calibrate",
+    "CalibrationStatistics",
+    "GraphPass",
+    "PassContext",
+    "PassError",
+    "PassNotApplicable",
+    "PassResult",
+    "Pipeline",
+    "LayerPolicy",
+    "AdaptiveSchedule",
+    "ComposedSchedule",
+    "Role",
+    "Schedule",
+    "StateEntry",
+    "StateError",
+    "StateSpec",
+    "StepProgram",
+    "Sampler",
+    "DDIMScheduler",
+    "DDPMScheduler",
+    "FlowEulerScheduler",
+    "make_scheduler",
+    "__version__",
 ]

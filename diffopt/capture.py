@@ -7,11 +7,13 @@ dimension. The result is a plain ``GraphModule`` (no pytree codegen) whose
 placeholders are named after the model's own arguments and whose nodes keep
 ``nn_module_stack`` metadata for block and layer discovery.
 """
+
 from __future__ import annotations
 
 import inspect
 import traceback
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import fx
@@ -48,8 +50,10 @@ def _bind_example_inputs(model: torch.nn.Module, example_inputs: Sequence[Any] |
     else:
         names = [n for n, p in parameters.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
         if len(example_inputs) > len(names):
-            raise CaptureError(f"{type(model).__name__}.forward takes {len(names)} positional inputs "
-                               f"{names}, but {len(example_inputs)} example inputs were given")
+            raise CaptureError(
+                f"{type(model).__name__}.forward takes {len(names)} positional inputs "
+                f"{names}, but {len(example_inputs)} example inputs were given"
+            )
         bound = dict(zip(names, example_inputs))
     if "return_dict" in parameters and "return_dict" not in bound:
         bound["return_dict"] = False
@@ -68,8 +72,10 @@ def infer_signature(bound: Mapping[str, Any], latent: str | None = None, timeste
         for name in candidates:
             if name in tensor_names:
                 return name
-        raise CaptureError(f"could not tell which input is the {role}: tensor inputs are {tensor_names}; "
-                           f"pass {role}=<name> to capture()")
+        raise CaptureError(
+            f"could not tell which input is the {role}: tensor inputs are {tensor_names}; "
+            f"pass {role}=<name> to capture()"
+        )
 
     latent_name = pick(latent, LATENT_NAMES, "latent")
     timestep_name = pick(timestep, TIMESTEP_NAMES, "timestep")
@@ -79,8 +85,11 @@ def infer_signature(bound: Mapping[str, Any], latent: str | None = None, timeste
 
 def _failure_location(error: BaseException) -> str:
     """The innermost traceback frame outside torch: where the model's code made export fail."""
-    frames = [f for f in traceback.extract_tb(error.__traceback__)
-              if "/torch/" not in f.filename and not f.filename.endswith("diffopt/capture.py")]
+    frames = [
+        f
+        for f in traceback.extract_tb(error.__traceback__)
+        if "/torch/" not in f.filename and not f.filename.endswith("diffopt/capture.py")
+    ]
     if not frames:
         return "inside torch.export"
     frame = frames[-1]
@@ -138,8 +147,9 @@ def _batch_range(exported: torch.export.ExportedProgram) -> tuple[int, float] | 
     return int(bounds.lower), float(bounds.upper)
 
 
-def _check_batch_generalises(exported, wrapper: torch.nn.Module, module: fx.GraphModule,
-                             inputs: Sequence[torch.Tensor]) -> None:
+def _check_batch_generalises(
+    exported, wrapper: torch.nn.Module, module: fx.GraphModule, inputs: Sequence[torch.Tensor]
+) -> None:
     """Make sure the graph is right for every batch size, not just the guarded range.
 
     Export records guards such as ``batch <= 63`` when model code branches on the batch
@@ -150,9 +160,11 @@ def _check_batch_generalises(exported, wrapper: torch.nn.Module, module: fx.Grap
     """
     bounds = _batch_range(exported)
     if bounds is None:
-        raise CaptureError(f"the batch size of {type(wrapper.model).__name__} was specialised to a constant during "
-                           f"export (the model uses it as a Python int somewhere). Capture with "
-                           f"dynamic_batch=False, or make that code use tensor shapes.")
+        raise CaptureError(
+            f"the batch size of {type(wrapper.model).__name__} was specialised to a constant during "
+            f"export (the model uses it as a Python int somewhere). Capture with "
+            f"dynamic_batch=False, or make that code use tensor shapes."
+        )
     lower, upper = bounds
     probes = {1} | ({int(upper) + 1} if upper != float("inf") else set())
     batch = inputs[0].shape[0]
@@ -161,13 +173,21 @@ def _check_batch_generalises(exported, wrapper: torch.nn.Module, module: fx.Grap
         with torch.no_grad():
             expected, got = wrapper(*repeated), module(*repeated)[0]
         if not torch.allclose(got, expected, rtol=1e-4, atol=1e-5):
-            raise CaptureError(f"{type(wrapper.model).__name__} computes differently at batch size {probe}: export "
-                               f"guarded the batch to [{lower}, {upper}] and the graph does not generalise. Capture "
-                               f"with dynamic_batch=False at the batch size you will run.")
+            raise CaptureError(
+                f"{type(wrapper.model).__name__} computes differently at batch size {probe}: export "
+                f"guarded the batch to [{lower}, {upper}] and the graph does not generalise. Capture "
+                f"with dynamic_batch=False at the batch size you will run."
+            )
 
 
-def capture(model: torch.nn.Module, example_inputs: Sequence[Any] | Mapping[str, Any], *,
-            latent: str | None = None, timestep: str | None = None, dynamic_batch: bool = True) -> CapturedGraph:
+def capture(
+    model: torch.nn.Module,
+    example_inputs: Sequence[Any] | Mapping[str, Any],
+    *,
+    latent: str | None = None,
+    timestep: str | None = None,
+    dynamic_batch: bool = True,
+) -> CapturedGraph:
     """Capture ``model`` as an aten-level graph ``(latent, timestep, *conditions) -> (out,)``.
 
     ``example_inputs`` are positional (in ``model.forward`` order) or a dict of keyword
@@ -195,10 +215,12 @@ def capture(model: torch.nn.Module, example_inputs: Sequence[Any] | Mapping[str,
             exported = torch.export.export(wrapper, tuple(inputs), dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as error:  # torch.export raises many exception types; all mean "not capturable"
         summary = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CaptureError(f"could not capture {type(model).__module__}.{type(model).__name__}: torch.export failed "
-                           f"at {_failure_location(error)}: {type(error).__name__}: {summary}. What you can do: "
-                           f"make that code traceable (no data-dependent Python control flow on tensor values), "
-                           f"or pass the offending option as a constant.") from error
+        raise CaptureError(
+            f"could not capture {type(model).__module__}.{type(model).__name__}: torch.export failed "
+            f"at {_failure_location(error)}: {type(error).__name__}: {summary}. What you can do: "
+            f"make that code traceable (no data-dependent Python control flow on tensor values), "
+            f"or pass the offending option as a constant."
+        ) from error
     module = _plain_graph_module(exported, signature)
     if dynamic_batch:
         _check_batch_generalises(exported, wrapper, module, inputs)

@@ -3,17 +3,18 @@
 (an exported bundle on onnxruntime, without the model's code), ``calibrate`` (temporal
 statistics of a reference model) and ``report`` (a temporal-difference program's
 per-layer decisions and cost per run)."""
+
 from __future__ import annotations
 
 import argparse
 import sys
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
-from diffopt.measure.macs import summarize
 from diffopt.capture import capture
+from diffopt.measure.macs import summarize
 from diffopt.passes.temporal_difference import MODES
 
 
@@ -37,8 +38,10 @@ def _load_model(name: str, require_weights: bool) -> tuple[torch.nn.Module, tupl
     if zoo.weights_path(name).exists():
         model, scheduler_config = zoo.load(name)
     elif require_weights:
-        raise SystemExit(f"error: the weights of {name!r} are missing ({zoo.weights_path(name)}); "
-                         f"train them with `python scripts/train_reference.py {name}`")
+        raise SystemExit(
+            f"error: the weights of {name!r} are missing ({zoo.weights_path(name)}); "
+            f"train them with `python scripts/train_reference.py {name}`"
+        )
     else:
         model, scheduler_config = zoo.build_architecture(spec).eval(), dict(spec.scheduler)
     return model, zoo.example_inputs(name), scheduler_config
@@ -49,19 +52,25 @@ def command_info(args: argparse.Namespace) -> None:
     captured = capture(model, inputs)
     summary = summarize(captured.module, tuple(v[:1] for v in inputs))
     print(f"model      {captured.model_class}")
-    print(f"signature  latent={captured.signature.latent} timestep={captured.signature.timestep} "
-          f"conditions={list(captured.signature.conditions)}")
+    print(
+        f"signature  latent={captured.signature.latent} timestep={captured.signature.timestep} "
+        f"conditions={list(captured.signature.conditions)}"
+    )
     print(f"MACs/call  {summary.total_macs / 1e6:.2f} M (batch 1)")
     linear_macs = sum(layer.macs for layer in summary.linear_layers)
-    print(f"linear     {len(summary.linear_layers)} layers, {linear_macs / 1e6:.2f} M MACs "
-          f"({100 * linear_macs / max(summary.total_macs, 1):.1f}% of all)")
+    print(
+        f"linear     {len(summary.linear_layers)} layers, {linear_macs / 1e6:.2f} M MACs "
+        f"({100 * linear_macs / max(summary.total_macs, 1):.1f}% of all)"
+    )
     print("blocks     " + ("; ".join(f"{c}: {len(b)}" for c, b in summary.blocks.items()) or "none found"))
     print("\nops (top 15):")
     print(format_table(["op", "count"], summary.op_counts.most_common(15)))
     if args.layers:
         print("\nlinear layers:")
-        rows = [(layer.module, layer.op, "x".join(map(str, layer.weight_shape)), f"{layer.macs / 1e3:.1f}")
-                for layer in summary.linear_layers]
+        rows = [
+            (layer.module, layer.op, "x".join(map(str, layer.weight_shape)), f"{layer.macs / 1e3:.1f}")
+            for layer in summary.linear_layers
+        ]
         print(format_table(["module", "op", "weight", "kMACs"], rows))
 
 
@@ -73,8 +82,8 @@ def _timed(run: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float]:
 
 def command_demo(args: argparse.Namespace) -> None:
     from diffopt.evaluation.metrics.fidelity import psnr, relative_l2
-    from diffopt.models.zoo import NULL_CLASS
     from diffopt.measure.macs import macs_per_run
+    from diffopt.models.zoo import NULL_CLASS
     from diffopt.optimize import optimize
     from diffopt.passes.increment_calibrated_cache import IncrementCalibratedCachePass
     from diffopt.runtime.sampler import Sampler
@@ -92,19 +101,32 @@ def command_demo(args: argparse.Namespace) -> None:
     labels = torch.arange(args.samples) % 10
     shape = (args.samples, *inputs[0].shape[1:])
     sample_inputs = tuple(v[:1] for v in inputs)
-    sampler = Sampler(make_scheduler(scheduler_config, num_steps=args.steps), progress=True,
-                      guidance_scale=args.guidance, null_conditions=(torch.tensor(NULL_CLASS),))
-    print(f"{args.model}: {args.samples} samples, {args.steps} DDIM steps, guidance {args.guidance}; "
-          f"fidelity is measured against the baseline's samples from the same noise")
+    sampler = Sampler(
+        make_scheduler(scheduler_config, num_steps=args.steps),
+        progress=True,
+        guidance_scale=args.guidance,
+        null_conditions=(torch.tensor(NULL_CLASS),),
+    )
+    print(
+        f"{args.model}: {args.samples} samples, {args.steps} DDIM steps, guidance {args.guidance}; "
+        f"fidelity is measured against the baseline's samples from the same noise"
+    )
     baseline, baseline_time = _timed(lambda: sampler.sample(model, (labels,), shape=shape, seed=args.seed))
     baseline_macs = macs_per_run(optimize(captured).program, sample_inputs, args.steps)
     rows = [("baseline (eager model)", f"{baseline_macs / 1e9:.3f}", f"{baseline_time:.2f}", "1.00x", "inf", "0")]
     for name, passes in configurations.items():
         optimized = optimize(captured, passes)
         samples, seconds = _timed(lambda: sampler.sample(optimized, (labels,), shape=shape, seed=args.seed))
-        rows.append((name, f"{macs_per_run(optimized.program, sample_inputs, args.steps) / 1e9:.3f}",
-                     f"{seconds:.2f}", f"{baseline_time / seconds:.2f}x", f"{psnr(samples, baseline):.1f}",
-                     f"{relative_l2(samples, baseline):.1e}"))
+        rows.append(
+            (
+                name,
+                f"{macs_per_run(optimized.program, sample_inputs, args.steps) / 1e9:.3f}",
+                f"{seconds:.2f}",
+                f"{baseline_time / seconds:.2f}x",
+                f"{psnr(samples, baseline):.1f}",
+                f"{relative_l2(samples, baseline):.1e}",
+            )
+        )
     print(format_table(["method", "GMACs/sample/run", "wall s", "speed-up", "PSNR dB", "rel-L2"], rows))
 
 
@@ -126,10 +148,9 @@ def _cache_passes(args: argparse.Namespace) -> list:
 
 def command_export(args: argparse.Namespace) -> None:
     from diffopt.export import to_onnx
-    from diffopt.optimize import optimize
-
-    from diffopt.passes.temporal_difference import TemporalDifferencePass
     from diffopt.ir.statistics import CalibrationStatistics
+    from diffopt.optimize import optimize
+    from diffopt.passes.temporal_difference import TemporalDifferencePass
 
     model, inputs, scheduler_config = _load_model(args.model, require_weights=True)
     passes = _cache_passes(args)
@@ -139,9 +160,11 @@ def command_export(args: argparse.Namespace) -> None:
     optimized = optimize(capture(model, inputs), passes, calibration=calibration)
     started = time.perf_counter()
     manifest = to_onnx(optimized, args.out, profile=args.profile, scheduler_config=scheduler_config)
-    print(f"exported {args.model} (cache {args.cache}, temporal difference {args.temporal_difference}) to {args.out} "
-          f"in {time.perf_counter() - started:.1f} s: variants {list(manifest.variants)}, {len(manifest.state)} state "
-          f"tensors, profile {manifest.profile}")
+    print(
+        f"exported {args.model} (cache {args.cache}, temporal difference {args.temporal_difference}) to {args.out} "
+        f"in {time.perf_counter() - started:.1f} s: variants {list(manifest.variants)}, {len(manifest.state)} state "
+        f"tensors, profile {manifest.profile}"
+    )
 
 
 def command_sample(args: argparse.Namespace) -> None:
@@ -156,16 +179,20 @@ def command_sample(args: argparse.Namespace) -> None:
         raise SystemExit("error: this bundle has no noise-schedule config; export it with scheduler_config=...")
     latent, *_ = next(iter(manifest.variants.values())).inputs
     if len(manifest.signature.conditions) != 1:
-        raise SystemExit(f"error: `diffopt sample` draws class-conditional samples (one class-label condition); "
-                         f"this bundle takes {list(manifest.signature.conditions)}: drive it from Python with "
-                         f"diffopt.runtime.onnxruntime_backend.load_bundle")
+        raise SystemExit(
+            f"error: `diffopt sample` draws class-conditional samples (one class-label condition); "
+            f"this bundle takes {list(manifest.signature.conditions)}: drive it from Python with "
+            f"diffopt.runtime.onnxruntime_backend.load_bundle"
+        )
     labels = torch.arange(args.samples) % 10
     sampler = Sampler(make_scheduler(manifest.scheduler, num_steps=args.steps))
     shape = (args.samples, *latent.shape[1:])
     samples, seconds = _timed(lambda: sampler.sample(denoiser, (labels,), shape=shape, seed=args.seed))
     save_grid(samples, args.out)
-    print(f"sampled {args.samples} in {seconds:.2f} s on onnxruntime (variants used: "
-          f"{sorted(set(sampler.last_stats.variants))}); grid written to {args.out}")
+    print(
+        f"sampled {args.samples} in {seconds:.2f} s on onnxruntime (variants used: "
+        f"{sorted(set(sampler.last_stats.variants))}); grid written to {args.out}"
+    )
 
 
 def _digits_run(args: argparse.Namespace):
@@ -187,17 +214,19 @@ def command_calibrate(args: argparse.Namespace) -> None:
     statistics = calibrate(program, sampler, conditions, shape, seeds=tuple(args.seeds))
     statistics.save(args.out)
     print(statistics.temporal.report(per_layer=args.layers))
-    print(f"\ncalibration of {args.model} ({args.samples} samples x {len(args.seeds)} runs, {args.steps} DDIM steps) "
-          f"written to {args.out}")
+    print(
+        f"\ncalibration of {args.model} ({args.samples} samples x {len(args.seeds)} runs, {args.steps} DDIM steps) "
+        f"written to {args.out}"
+    )
 
 
 def command_report(args: argparse.Namespace) -> None:
+    from diffopt.ir.statistics import CalibrationStatistics
     from diffopt.measure.cost import measure_run_cost
+    from diffopt.measure.defo_profile import profile_layers
     from diffopt.optimize import optimize
     from diffopt.passes.defo import DefoPass
-    from diffopt.measure.defo_profile import profile_layers
     from diffopt.passes.temporal_difference import TemporalDifferencePass, layer_decisions
-    from diffopt.ir.statistics import CalibrationStatistics
 
     program, sampler, conditions, shape = _digits_run(args)
     calibration = CalibrationStatistics.load(args.calibration) if args.calibration else None
@@ -211,13 +240,26 @@ def command_report(args: argparse.Namespace) -> None:
     optimized = optimize(program, passes, calibration=calibration).program
     rows = [(layer, mode, reason or "") for layer, (mode, reason) in layer_decisions(optimized).items()]
     print(format_table(["layer", "mode", "reason"], rows))
-    costs = {"unoptimized": measure_run_cost(program, sampler, conditions, shape),
-             str(difference): measure_run_cost(optimized, sampler, conditions, shape)}
+    costs = {
+        "unoptimized": measure_run_cost(program, sampler, conditions, shape),
+        str(difference): measure_run_cost(optimized, sampler, conditions, shape),
+    }
     print(f"\ncost per sampling run ({args.steps} DDIM steps, batch {args.samples}):")
-    print(format_table(["program", "GMACs", "linear G-bit-ops", "state MB", "peak activations MB"],
-                       [(name, f"{c.macs / 1e9:.2f}", f"{c.linear_bit_operations / 1e9:.0f}",
-                         f"{c.state_bytes / 1e6:.2f}", f"{c.peak_activation_bytes / 1e6:.2f}")
-                        for name, c in costs.items()]))
+    print(
+        format_table(
+            ["program", "GMACs", "linear G-bit-ops", "state MB", "peak activations MB"],
+            [
+                (
+                    name,
+                    f"{c.macs / 1e9:.2f}",
+                    f"{c.linear_bit_operations / 1e9:.0f}",
+                    f"{c.state_bytes / 1e6:.2f}",
+                    f"{c.peak_activation_bytes / 1e6:.2f}",
+                )
+                for name, c in costs.items()
+            ],
+        )
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -242,9 +284,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     export.add_argument("--period", type=int, default=3, help="ICC / block cache refresh period")
     export.add_argument("--threshold", type=float, default=0.1, help="first-block cache threshold")
     export.add_argument("--profile", choices=("onnxruntime", "tensorrt"), default="onnxruntime")
-    export.add_argument("--temporal-difference", choices=("exact", "dynamic", "difference"),
-                        help="Ditto layers: dynamic = int8 differences on onnxruntime's integer kernels; "
-                             "difference = static int8 scales (TensorRT profile), needs --calibration")
+    export.add_argument(
+        "--temporal-difference",
+        choices=("exact", "dynamic", "difference"),
+        help="Ditto layers: dynamic = int8 differences on onnxruntime's integer kernels; "
+        "difference = static int8 scales (TensorRT profile), needs --calibration",
+    )
     export.add_argument("--calibration", help="from `diffopt calibrate` (for --temporal-difference difference)")
     export.set_defaults(run=command_export)
     sample = commands.add_parser("sample", help="sample class-conditional digits from a bundle on onnxruntime")
@@ -254,8 +299,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--out", default="samples.png", help="PNG grid of the samples")
     sample.set_defaults(run=command_sample)
-    calibrate = commands.add_parser("calibrate", help="temporal calibration: how much linear-op inputs change "
-                                                      "between steps (Ditto statistics, static scales)")
+    calibrate = commands.add_parser(
+        "calibrate",
+        help="temporal calibration: how much linear-op inputs change between steps (Ditto statistics, static scales)",
+    )
     calibrate.add_argument("model", help="reference model name")
     calibrate.add_argument("--out", default="calibration.json")
     calibrate.add_argument("--samples", type=int, default=8, help="samples per calibration run")
@@ -263,8 +310,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     calibrate.add_argument("--seeds", type=int, nargs="+", default=[0], help="one calibration run per seed")
     calibrate.add_argument("--layers", action="store_true", help="one line per layer")
     calibrate.set_defaults(run=command_calibrate)
-    report = commands.add_parser("report", help="temporal-difference program: each layer's mode and why, and "
-                                                "the cost per run (MACs, bit-operations, state, peak memory)")
+    report = commands.add_parser(
+        "report",
+        help="temporal-difference program: each layer's mode and why, and "
+        "the cost per run (MACs, bit-operations, state, peak memory)",
+    )
     report.add_argument("model", help="reference model name")
     report.add_argument("--calibration", help="from `diffopt calibrate` (needed by every mode but exact)")
     report.add_argument("--mode", choices=MODES, default="exact")

@@ -1,22 +1,29 @@
 """``optimize``: model or captured graph -> passes -> ``OptimizedDenoiser``."""
+
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
-from diffopt.ir.signature import CapturedGraph
 from diffopt.capture import capture
-from diffopt.runtime.denoiser import OptimizedDenoiser
-from diffopt.passes.base import GraphPass, PassContext, Pipeline
 from diffopt.ir.policy import LayerPolicy
-from diffopt.ir.statistics import CalibrationStatistics
 from diffopt.ir.program import StepProgram
+from diffopt.ir.signature import CapturedGraph
+from diffopt.ir.statistics import CalibrationStatistics
+from diffopt.passes.base import GraphPass, PassContext, Pipeline
+from diffopt.runtime.denoiser import OptimizedDenoiser
 
 
-def optimize(model_or_graph: torch.nn.Module | CapturedGraph | StepProgram, passes: Sequence[GraphPass] = (), *,
-             example_inputs: Sequence[Any] | Mapping[str, Any] | None = None, calibration: CalibrationStatistics | None = None,
-             policy: LayerPolicy | None = None) -> OptimizedDenoiser:
+def optimize(
+    model_or_graph: torch.nn.Module | CapturedGraph | StepProgram,
+    passes: Sequence[GraphPass] = (),
+    *,
+    example_inputs: Sequence[Any] | Mapping[str, Any] | None = None,
+    calibration: CalibrationStatistics | None = None,
+    policy: LayerPolicy | None = None,
+) -> OptimizedDenoiser:
     """Capture (if given a module), run ``passes`` in a verifying ``Pipeline``, wrap the result.
 
     The input is never modified: passes work on a copy of the graphs (weights are shared).
@@ -28,14 +35,20 @@ def optimize(model_or_graph: torch.nn.Module | CapturedGraph | StepProgram, pass
         program = StepProgram.from_captured(model_or_graph)
     elif isinstance(model_or_graph, torch.nn.Module):
         if example_inputs is None:
-            raise ValueError(f"optimize() needs example_inputs to capture {type(model_or_graph).__name__}; or pass "
-                             f"diffopt.capture(model, example_inputs) instead of the model")
+            raise ValueError(
+                f"optimize() needs example_inputs to capture {type(model_or_graph).__name__}; or pass "
+                f"diffopt.capture(model, example_inputs) instead of the model"
+            )
         program = StepProgram.from_captured(capture(model_or_graph, example_inputs))
     else:
-        raise TypeError(f"optimize() expects an nn.Module, a CapturedGraph or a StepProgram, "
-                        f"found {type(model_or_graph).__name__}")
-    context = PassContext(statistics=calibration, policy=policy or LayerPolicy(),
-                          example_inputs=tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else None)
+        raise TypeError(
+            f"optimize() expects an nn.Module, a CapturedGraph or a StepProgram, found {type(model_or_graph).__name__}"
+        )
+    context = PassContext(
+        statistics=calibration,
+        policy=policy or LayerPolicy(),
+        example_inputs=tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else None,
+    )
     program, records = Pipeline(passes).run(program, context)
     denoiser = OptimizedDenoiser(program)
     denoiser.pass_records = records

@@ -1,2 +1,3 @@
 """The diffopt version (recorded in exported bundles)."""
+
 __version__ = "0.1.0"

@@ -5,6 +5,7 @@
 Each run is seeded and resumable: an interrupted run picks up from
 ``checkpoints/<name>.pt``. Finished EMA weights go to ``diffopt/models/weights``.
 """
+
 from __future__ import annotations
 
 import argparse

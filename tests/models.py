@@ -1,4 +1,5 @@
 """Small random-weight denoisers the tests capture (fast to build, fresh weights each time)."""
+
 from __future__ import annotations
 
 import torch
@@ -17,27 +18,53 @@ def diffusers_dit(seed: int = 0, num_layers: int = 2):
     from diffusers import DiTTransformer2DModel
 
     torch.manual_seed(seed)
-    return DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=1,
-                                 num_layers=num_layers, sample_size=8, patch_size=2, num_embeds_ada_norm=10).eval()
+    return DiTTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=1,
+        out_channels=1,
+        num_layers=num_layers,
+        sample_size=8,
+        patch_size=2,
+        num_embeds_ada_norm=10,
+    ).eval()
 
 
 def diffusers_pixart(seed: int = 0):
     from diffusers import PixArtTransformer2DModel
 
     torch.manual_seed(seed)
-    return PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
-                                    num_layers=2, cross_attention_dim=16, sample_size=8, patch_size=2,
-                                    caption_channels=32, use_additional_conditions=False,
-                                    norm_type="ada_norm_single").eval()
+    return PixArtTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=4,
+        num_layers=2,
+        cross_attention_dim=16,
+        sample_size=8,
+        patch_size=2,
+        caption_channels=32,
+        use_additional_conditions=False,
+        norm_type="ada_norm_single",
+    ).eval()
 
 
 def diffusers_unet(seed: int = 0):
     from diffusers import UNet2DModel
 
     torch.manual_seed(seed)
-    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32),
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-                       layers_per_block=1, norm_num_groups=8, attention_head_dim=8, num_class_embeds=11).eval()
+    return UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        norm_num_groups=8,
+        attention_head_dim=8,
+        num_class_embeds=11,
+    ).eval()
 
 
 def inputs_for(kind: str, batch: int, seed: int) -> dict:
@@ -50,12 +77,20 @@ def inputs_for(kind: str, batch: int, seed: int) -> dict:
     if kind == "diffusers_dit":
         return {"hidden_states": torch.randn(batch, 1, 8, 8, generator=g), "timestep": t, "class_labels": labels}
     if kind == "diffusers_pixart":
-        return {"hidden_states": torch.randn(batch, 4, 8, 8, generator=g), "timestep": t,
-                "encoder_hidden_states": torch.randn(batch, 5, 32, generator=g), "added_cond_kwargs": NO_EXTRA_CONDITIONS}
+        return {
+            "hidden_states": torch.randn(batch, 4, 8, 8, generator=g),
+            "timestep": t,
+            "encoder_hidden_states": torch.randn(batch, 5, 32, generator=g),
+            "added_cond_kwargs": NO_EXTRA_CONDITIONS,
+        }
     if kind == "diffusers_unet":
         return {"sample": torch.randn(batch, 1, 8, 8, generator=g), "timestep": t, "class_labels": labels}
     raise ValueError(kind)
 
 
-MODEL_FACTORIES = {"simple_dit": simple_dit, "diffusers_dit": diffusers_dit, "diffusers_pixart": diffusers_pixart,
-                   "diffusers_unet": diffusers_unet}
+MODEL_FACTORIES = {
+    "simple_dit": simple_dit,
+    "diffusers_dit": diffusers_dit,
+    "diffusers_pixart": diffusers_pixart,
+    "diffusers_unet": diffusers_unet,
+}

@@ -1,10 +1,10 @@
 import pytest
 import torch
+from models import diffusers_dit, inputs_for
 
 from diffopt import capture, optimize
 from diffopt.measure.macs import count_macs, macs_per_node, macs_per_run, variant_macs
 from diffopt.passes.block_cache import FirstBlockCachePass
-from models import diffusers_dit, inputs_for
 
 
 def test_counted_macs_agree_with_the_graph_count_including_attention():
@@ -27,7 +27,9 @@ def test_adaptive_runs_are_charged_for_the_probe_and_the_variants_they_ran():
     inputs = tuple(inputs_for("diffusers_dit", 2, seed=3).values())
     per_variant = variant_macs(program, inputs)
     run = ["full", "cached", "cached", "full"]
-    assert macs_per_run(program, inputs, variants_run=run) == \
-        4 * per_variant["probe"] + 2 * per_variant["full"] + 2 * per_variant["cached"]
+    assert (
+        macs_per_run(program, inputs, variants_run=run)
+        == 4 * per_variant["probe"] + 2 * per_variant["full"] + 2 * per_variant["cached"]
+    )
     with pytest.raises(ValueError, match="variants_run"):  # an adaptive schedule has no fixed per-step variants
         macs_per_run(program, inputs, num_steps=4)

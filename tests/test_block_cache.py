@@ -1,14 +1,14 @@
 import pytest
 import torch
+from models import diffusers_dit, diffusers_unet, inputs_for
 
 from diffopt import PassError, capture, optimize
 from diffopt.evaluation.baselines import DiffusersCacheHook
 from diffopt.ir.annotations import annotation_of
 from diffopt.ir.graph_tools import module_scopes
+from diffopt.ir.program import FULL, PROBE, AdaptiveSchedule, Schedule
 from diffopt.passes.block_cache import CACHED, BlockCachePass, FirstBlockCachePass
 from diffopt.passes.increment_calibrated_cache import IncrementCalibratedCachePass
-from diffopt.ir.program import FULL, PROBE, AdaptiveSchedule, Schedule
-from models import diffusers_dit, diffusers_unet, inputs_for
 
 aten = torch.ops.aten
 BLOCKS = tuple(f"transformer_blocks.{i}" for i in range(4))
@@ -48,8 +48,12 @@ def _hooked_block_reuse(model, trajectory, blocks, period):
             return output
         return hidden + residual[index]
 
-    handles = [model.transformer_blocks[i].register_forward_hook(
-        lambda m, a, kw, out, i=i: hook(m, a, kw, out, i), with_kwargs=True) for i in blocks]
+    handles = [
+        model.transformer_blocks[i].register_forward_hook(
+            lambda m, a, kw, out, i=i: hook(m, a, kw, out, i), with_kwargs=True
+        )
+        for i in blocks
+    ]
     outputs = []
     try:
         with torch.no_grad():
@@ -83,12 +87,14 @@ def test_block_reuse_structure_and_period_one_is_exact(dit_and_graph):
     program = optimized.program
     assert program.schedule == Schedule(FULL, CACHED, 2)
     assert program.state.names == ("transformer_blocks.1.cached_residual", "transformer_blocks.2.cached_residual")
-    cached_scopes = {s for n in program.variants[CACHED].graph.nodes if n.target == aten.linear.default
-                     for s in module_scopes(n)}
+    cached_scopes = {
+        s for n in program.variants[CACHED].graph.nodes if n.target == aten.linear.default for s in module_scopes(n)
+    }
     assert "transformer_blocks.0" in cached_scopes and "transformer_blocks.3" in cached_scopes
     assert not {"transformer_blocks.1", "transformer_blocks.2"} & cached_scopes  # the work is gone
-    assert [annotation_of(n).details["block"] for n in program.variants[CACHED].graph.nodes
-            if annotation_of(n) is not None] == ["transformer_blocks.1", "transformer_blocks.2"]
+    assert [
+        annotation_of(n).details["block"] for n in program.variants[CACHED].graph.nodes if annotation_of(n) is not None
+    ] == ["transformer_blocks.1", "transformer_blocks.2"]
     every_step = optimize(graph, [BlockCachePass(blocks=BLOCKS, period=1)])
     trajectory = _slow_trajectory(3, seed=2)
     outputs, _ = _run(every_step, trajectory)

@@ -1,9 +1,9 @@
 import pytest
 import torch
+from models import MODEL_FACTORIES, inputs_for
 
 from diffopt import CaptureError, capture, optimize
 from diffopt.ir.signature import first_tensor_output
-from models import MODEL_FACTORIES, inputs_for
 
 
 def _eager(model, inputs):

@@ -35,8 +35,20 @@ def test_calibrate_then_report_a_temporal_difference_program(capsys, tmp_path):
     main(["calibrate", "dit-digits", "--out", str(calibration), "--samples", "2", "--steps", "4"])
     out = capsys.readouterr().out
     assert "Ditto paper" in out and "0.983" in out and calibration.exists()
-    main(["report", "dit-digits", "--calibration", str(calibration), "--mode", "integer", "--samples", "2",
-          "--steps", "4"])
+    main(
+        [
+            "report",
+            "dit-digits",
+            "--calibration",
+            str(calibration),
+            "--mode",
+            "integer",
+            "--samples",
+            "2",
+            "--steps",
+            "4",
+        ]
+    )
     out = capsys.readouterr().out
     assert "transformer_blocks.0.attn1.to_q" in out and "delta" in out
     unoptimized = next(line for line in out.splitlines() if line.startswith("unoptimized"))

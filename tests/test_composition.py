@@ -1,5 +1,6 @@
 """Passes compose: a variant-creating pass rewrites every variant of a cached program, the
 schedules compose, one calibration feeds every pass, and the result exports."""
+
 import pytest
 import torch
 
@@ -28,8 +29,9 @@ def _relative(a, b):
 def dit_digits():
     model, config = zoo.load("dit-digits")
     graph = capture(model, zoo.example_inputs("dit-digits"))
-    statistics = calibrate(optimize(graph).program, _sampler(config), (torch.arange(4) % 10,), (4, 1, 16, 16),
-                           seeds=(5,), progress=False)
+    statistics = calibrate(
+        optimize(graph).program, _sampler(config), (torch.arange(4) % 10,), (4, 1, 16, 16), seeds=(5,), progress=False
+    )
     return config, graph, statistics
 
 
@@ -41,6 +43,7 @@ def _baseline_steps(denoiser, config, seed=0):
         out = denoiser(x, t, *conditions)
         calls.append((x.clone(), t.clone(), out))
         return out
+
     _sampler(config).sample(model, (LABELS,), shape=SHAPE, seed=seed)
     return calls
 
@@ -60,24 +63,32 @@ def test_full_rank_icc_with_exact_differences_is_exact_at_every_step(dit_digits)
     program = composed.program
     assert set(program.variants) == {FULL, DELTA, CALIBRATED, f"{CALIBRATED}+{DELTA}"}
     assert isinstance(program.schedule, ComposedSchedule)
-    assert [program.schedule.variant_at(k) for k in range(5)] == [FULL, f"{CALIBRATED}+{DELTA}",
-                                                                  f"{CALIBRATED}+{DELTA}", DELTA,
-                                                                  f"{CALIBRATED}+{DELTA}"]
+    assert [program.schedule.variant_at(k) for k in range(5)] == [
+        FULL,
+        f"{CALIBRATED}+{DELTA}",
+        f"{CALIBRATED}+{DELTA}",
+        DELTA,
+        f"{CALIBRATED}+{DELTA}",
+    ]
     errors, variants = _stepwise(composed, _baseline_steps(optimize(graph), config))
     assert set(variants) == {FULL, DELTA, f"{CALIBRATED}+{DELTA}"}
     assert max(errors) < 1e-4, max(errors)
     # the layers a calibrated step skips keep the previous input and output of the last step they ran
     calibrated = program.variants[f"{CALIBRATED}+{DELTA}"].graph
-    inputs = [n for n in calibrated.nodes if n.op == "placeholder"][program.num_inputs:]
+    inputs = [n for n in calibrated.nodes if n.op == "placeholder"][program.num_inputs :]
     outputs = calibrated.output_node().args[0][1:]
-    passed_on = {entry.name for entry, value, state_input in zip(program.state.entries, outputs, inputs)
-                 if value.target == torch.ops.aten.clone.default and value.args[0] is state_input}
+    passed_on = {
+        entry.name
+        for entry, value, state_input in zip(program.state.entries, outputs, inputs)
+        if value.target == torch.ops.aten.clone.default and value.args[0] is state_input
+    }
     assert "transformer_blocks.0.ff.net.2.previous_output" in passed_on  # cached by ICC: skipped by Ditto
     assert "transformer_blocks.0.ff.net.2.cached_output" in passed_on  # ICC keeps the last full step's cache
 
 
-@pytest.mark.parametrize("cache", [BlockCachePass(period=2), FirstBlockCachePass(threshold=0.05)],
-                         ids=["block", "first-block"])
+@pytest.mark.parametrize(
+    "cache", [BlockCachePass(period=2), FirstBlockCachePass(threshold=0.05)], ids=["block", "first-block"]
+)
 def test_block_caches_with_exact_differences_equal_the_cache_alone(dit_digits, cache):
     config, graph, _ = dit_digits
     cached = optimize(graph, [cache])
@@ -95,9 +106,10 @@ def test_block_cache_with_dynamic_int8_differences_keeps_the_dynamic_mode_error(
     reference, dynamic = optimize(graph), optimize(graph, [TemporalDifferencePass("dynamic")])
     cached = optimize(graph, [BlockCachePass(period=2)])
     composed = optimize(graph, [BlockCachePass(period=2), TemporalDifferencePass("dynamic")])
-    samples = {name: _sampler(config).sample(d, (LABELS,), shape=SHAPE, seed=1)
-               for name, d in (("reference", reference), ("dynamic", dynamic), ("cached", cached),
-                               ("composed", composed))}
+    samples = {
+        name: _sampler(config).sample(d, (LABELS,), shape=SHAPE, seed=1)
+        for name, d in (("reference", reference), ("dynamic", dynamic), ("cached", cached), ("composed", composed))
+    }
     dynamic_error = _relative(samples["dynamic"], samples["reference"])  # the mode's own error (README: ~3e-3)
     composed_error = _relative(samples["composed"], samples["cached"])
     print(f"dynamic int8 vs fp32 {dynamic_error:.2e}; block cache + dynamic vs block cache {composed_error:.2e}")
@@ -106,8 +118,10 @@ def test_block_cache_with_dynamic_int8_differences_keeps_the_dynamic_mode_error(
 
 def test_one_calibration_feeds_channel_aware_icc_and_difference_mode_in_one_call(dit_digits):
     config, graph, statistics = dit_digits
-    passes = [IncrementCalibratedCachePass(rank=16, period=2, factorization="channel-aware"),
-              TemporalDifferencePass("difference", bits=8)]
+    passes = [
+        IncrementCalibratedCachePass(rank=16, period=2, factorization="channel-aware"),
+        TemporalDifferencePass("difference", bits=8),
+    ]
     composed = optimize(graph, passes, calibration=statistics)
     assert [r.modified for r in composed.pass_records] == [True, True]
     icc_alone = optimize(graph, passes[:1], calibration=statistics)
@@ -142,8 +156,9 @@ def test_first_block_cache_with_static_int8_runs_on_onnxruntime(dit_digits, tmp_
     from diffopt.runtime.onnxruntime_backend import load_bundle
 
     config, graph, statistics = dit_digits
-    optimized = optimize(graph, [FirstBlockCachePass(0.05), StaticQuantizationPass(weight_bits=None)],
-                         calibration=statistics)
+    optimized = optimize(
+        graph, [FirstBlockCachePass(0.05), StaticQuantizationPass(weight_bits=None)], calibration=statistics
+    )
     manifest = to_onnx(optimized, tmp_path / "bundle")
     assert set(manifest.variants) == {PROBE, FULL, CACHED}
     assert all(manifest.quantization[name] for name in manifest.variants)  # every variant is quantized

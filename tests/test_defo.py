@@ -2,14 +2,14 @@ import dataclasses
 
 import pytest
 import torch
+from models import simple_dit
 
 from diffopt import LayerPolicy, Sampler, capture, make_scheduler, optimize
-from diffopt.passes.defo import DefoPass
 from diffopt.ir.profile import GroupCost, LayerProfile, MachineModel
-from diffopt.measure.defo_profile import node_seconds, profile_layers
-from diffopt.passes.temporal_difference import DELTA, TemporalDifferencePass, layer_decisions
 from diffopt.ir.program import FULL
-from models import simple_dit
+from diffopt.measure.defo_profile import node_seconds, profile_layers
+from diffopt.passes.defo import DefoPass
+from diffopt.passes.temporal_difference import DELTA, TemporalDifferencePass, layer_decisions
 
 LABELS = torch.arange(32) % 10
 SHAPE = (32, 1, 16, 16)
@@ -19,8 +19,7 @@ EXACT = TemporalDifferencePass("exact")
 @pytest.fixture(scope="module")
 def graph_and_profile():
     graph = capture(simple_dit(seed=5), (torch.randn(2, 1, 16, 16), torch.tensor([999, 5]), torch.tensor([0, 1])))
-    sampler = Sampler(make_scheduler({"kind": "ddpm", "beta_schedule": "squaredcos_cap_v2"}, "ddim", 6),
-                      progress=False)
+    sampler = Sampler(make_scheduler({"kind": "ddpm", "beta_schedule": "squaredcos_cap_v2"}, "ddim", 6), progress=False)
     profile = profile_layers(optimize(graph).program, EXACT, sampler, (LABELS,), SHAPE, repeats=15)
     return graph, profile
 
@@ -28,8 +27,11 @@ def graph_and_profile():
 def test_profile_covers_every_layer_and_models_the_extra_work_of_a_float_difference(graph_and_profile):
     graph, profile = graph_and_profile
     layers = [layer for group in profile.groups.values() for layer in group.layers]
-    linear_layers = [n for n in graph.module.graph.nodes if n.target in (torch.ops.aten.linear.default,
-                                                                         torch.ops.aten.conv2d.default)]
+    linear_layers = [
+        n
+        for n in graph.module.graph.nodes
+        if n.target in (torch.ops.aten.linear.default, torch.ops.aten.conv2d.default)
+    ]
     assert len(layers) == len(linear_layers) and "blocks.0.qkv" in layers and "patch_embed" in layers
     assert all(g.full_measured_s > 0 and g.delta_measured_s > 0 for g in profile.groups.values())
     # exact mode: the same matmul plus a subtraction and an addition -> the model never prefers delta
@@ -67,11 +69,12 @@ def test_decisions_follow_the_profile_with_reasons_and_the_policy_overrides(grap
 
 def test_defo_program_stays_exact(graph_and_profile):
     graph, profile = graph_and_profile
-    groups = {name: dataclasses.replace(g, delta_model_s=0.0) if "blocks.0" in name else g
-              for name, g in profile.groups.items()}
+    groups = {
+        name: dataclasses.replace(g, delta_model_s=0.0) if "blocks.0" in name else g
+        for name, g in profile.groups.items()
+    }
     mixed = optimize(graph, [DefoPass(dataclasses.replace(profile, groups=groups), EXACT)])
-    sampler = Sampler(make_scheduler({"kind": "ddpm", "beta_schedule": "squaredcos_cap_v2"}, "ddim", 8),
-                      progress=False)
+    sampler = Sampler(make_scheduler({"kind": "ddpm", "beta_schedule": "squaredcos_cap_v2"}, "ddim", 8), progress=False)
     expected = sampler.sample(optimize(graph), (LABELS,), shape=SHAPE, seed=2)
     actual = sampler.sample(mixed, (LABELS,), shape=SHAPE, seed=2)
     assert "delta" in sampler.last_stats.variants

@@ -46,13 +46,15 @@ def test_class_label_conditions_on_one_component():
 
 def test_thousand_step_ddpm_reproduces_the_mixture():
     model = two_moons_mixture()
-    sampler = Sampler(make_scheduler({"kind": "ddpm", "beta_schedule": "squaredcos_cap_v2"}, "ddpm", 1000),
-                      progress=False)
+    sampler = Sampler(
+        make_scheduler({"kind": "ddpm", "beta_schedule": "squaredcos_cap_v2"}, "ddpm", 1000), progress=False
+    )
     generated = sampler.sample(model, shape=(1500, 2), seed=0)
     real = model.sample_data(1500, torch.Generator().manual_seed(1))
     _, p_value = energy_test(generated, real, permutations=200)
     assert p_value > 0.05
     # the test has power: a visibly wrong sampler (10 DDPM steps of a rough schedule) fails it
-    crude = Sampler(make_scheduler({"kind": "ddpm", "beta_schedule": "squaredcos_cap_v2"}, "ddim", 2),
-                    progress=False).sample(model, shape=(1500, 2), seed=0)
+    crude = Sampler(
+        make_scheduler({"kind": "ddpm", "beta_schedule": "squaredcos_cap_v2"}, "ddim", 2), progress=False
+    ).sample(model, shape=(1500, 2), seed=0)
     assert energy_test(crude, real, permutations=200)[1] < 0.01

@@ -1,15 +1,15 @@
 import pytest
 import torch
+from models import simple_dit
 
 from diffopt import LayerPolicy, PassError, Sampler, capture, make_scheduler, optimize
-from diffopt.measure.macs import macs_per_node
 from diffopt.ir.annotations import annotation_of
 from diffopt.ir.graph_tools import module_path
+from diffopt.ir.program import FULL, PROBE, AdaptiveSchedule, StepProgram
 from diffopt.measure.calibration import calibrate
+from diffopt.measure.macs import macs_per_node
 from diffopt.passes.increment_calibrated_cache import CALIBRATED, IncrementCalibratedCachePass
 from diffopt.passes.low_rank import low_rank_factors, ranks_under_budget
-from diffopt.ir.program import FULL, PROBE, AdaptiveSchedule, StepProgram
-from models import simple_dit
 
 aten = torch.ops.aten
 CONFIG = {"kind": "ddpm", "beta_schedule": "squaredcos_cap_v2"}
@@ -46,6 +46,7 @@ def _hooked_reference(model, trajectory, period, rank):
                     return output
                 x_c, y_c = cache[key]
                 return y_c if factors is None else y_c + (x - x_c) @ factors[1].T @ factors[0].T
+
             handles.append(layer.register_forward_hook(hook))
     outputs = []
     try:
@@ -92,8 +93,11 @@ def test_adaptive_refresh_follows_the_first_layers_relative_increment(model_and_
             with torch.no_grad():
                 expected = model(x, t, LABELS)
             assert float((out - expected).norm() / expected.norm()) < 1e-4  # full rank: exact on every step
-            increment = None if reference is None else float((first_inputs[-1] - reference).abs().mean()
-                                                              / reference.abs().mean())
+            increment = (
+                None
+                if reference is None
+                else float((first_inputs[-1] - reference).abs().mean() / reference.abs().mean())
+            )
             refresh = increment is None or increment > threshold
             expected_variants.append(FULL if refresh else CALIBRATED)
             reference = first_inputs[-1] if refresh else reference
@@ -123,11 +127,17 @@ def test_structure_state_and_annotations(model_and_graph):
     wrapped = [f"blocks.{b}.{n}" for b in range(2) for n in CACHED_LAYERS]
     assert program.state.names == tuple(f"{w}.cached_{kind}" for w in wrapped for kind in ("input", "output"))
     calibrated = program.variants[CALIBRATED].graph
-    ranks = [annotation_of(n).rank for n in calibrated.nodes
-             if annotation_of(n) is not None and annotation_of(n).mode == CALIBRATED]
+    ranks = [
+        annotation_of(n).rank
+        for n in calibrated.nodes
+        if annotation_of(n) is not None and annotation_of(n).mode == CALIBRATED
+    ]
     assert ranks == [4] * len(wrapped)
-    modulation = [annotation_of(n) for n in program.variants[FULL].graph.nodes
-                  if n.target == aten.linear.default and module_path(n) in ("blocks.0.modulation", "blocks.1.modulation")]
+    modulation = [
+        annotation_of(n)
+        for n in program.variants[FULL].graph.nodes
+        if n.target == aten.linear.default and module_path(n) in ("blocks.0.modulation", "blocks.1.modulation")
+    ]
     assert len(modulation) == 2 and all(a.mode == "original" and "token-wise" in a.reason for a in modulation)
 
 
@@ -162,12 +172,18 @@ def test_icc_under_a_mac_budget_spends_at_most_the_budget(model_and_graph):
     _, captured = model_and_graph
     budget = 0.25
     program = optimize(captured, [IncrementCalibratedCachePass(mac_budget=budget)]).program
-    ranks = {annotation_of(n).details["layer"]: annotation_of(n).rank
-             for n in program.variants[CALIBRATED].graph.nodes
-             if annotation_of(n) is not None and annotation_of(n).mode == CALIBRATED}
+    ranks = {
+        annotation_of(n).details["layer"]: annotation_of(n).rank
+        for n in program.variants[CALIBRATED].graph.nodes
+        if annotation_of(n) is not None and annotation_of(n).mode == CALIBRATED
+    }
     hidden = 32
-    shapes = {"qkv": (3 * hidden, hidden), "proj": (hidden, hidden), "fc1": (4 * hidden, hidden),
-              "fc2": (hidden, 4 * hidden)}
+    shapes = {
+        "qkv": (3 * hidden, hidden),
+        "proj": (hidden, hidden),
+        "fc1": (4 * hidden, hidden),
+        "fc2": (hidden, 4 * hidden),
+    }
     spent = sum(rank * sum(shapes[layer.rsplit(".", 1)[1]]) for layer, rank in ranks.items())
     full = 2 * sum(m * n for m, n in shapes.values())
     assert len(ranks) == 8 and len(set(ranks.values())) > 1  # per-layer choices
@@ -196,15 +212,22 @@ def test_second_run_changes_nothing_and_a_pass_that_cannot_apply_says_why(model_
 
 def test_policy_excludes_layers_with_a_reason(model_and_graph):
     _, captured = model_and_graph
-    policy = LayerPolicy(module_patterns=[(r"blocks\.\d+\.fc\d", {"cache": False})],
-                         exact_names={"blocks.1.qkv": {"rank": 2}})
+    policy = LayerPolicy(
+        module_patterns=[(r"blocks\.\d+\.fc\d", {"cache": False})], exact_names={"blocks.1.qkv": {"rank": 2}}
+    )
     program = optimize(captured, [IncrementCalibratedCachePass(rank=4)], policy=policy).program
     assert not any("fc" in name for name in program.state.names)
-    reasons = {annotation_of(n).reason for n in program.variants[FULL].graph.nodes
-               if annotation_of(n) is not None and annotation_of(n).mode == "original"}
+    reasons = {
+        annotation_of(n).reason
+        for n in program.variants[FULL].graph.nodes
+        if annotation_of(n) is not None and annotation_of(n).mode == "original"
+    }
     assert "excluded by the layer policy" in reasons
-    ranks = {annotation_of(n).details["layer"]: annotation_of(n).rank for n in program.variants[CALIBRATED].graph.nodes
-             if annotation_of(n) is not None and annotation_of(n).mode == CALIBRATED}
+    ranks = {
+        annotation_of(n).details["layer"]: annotation_of(n).rank
+        for n in program.variants[CALIBRATED].graph.nodes
+        if annotation_of(n) is not None and annotation_of(n).mode == CALIBRATED
+    }
     assert ranks == {"blocks.0.qkv": 4, "blocks.0.proj": 4, "blocks.1.qkv": 2, "blocks.1.proj": 4}
 
 
@@ -217,8 +240,9 @@ def test_channel_aware_factorisation_needs_and_uses_calibration(model_and_graph)
     statistics = calibrate(program, sampler, (LABELS,), SHAPE, seeds=(0,))
     counts = statistics.activations.counts["blocks.0.fc2"]
     assert counts["input"] == 6 * 3 and counts["increment"] == 5 * 3 and counts["output"] == 6 * 3
-    optimized = optimize(captured, [IncrementCalibratedCachePass(rank=8, factorization="channel-aware")],
-                         calibration=statistics)
+    optimized = optimize(
+        captured, [IncrementCalibratedCachePass(rank=8, factorization="channel-aware")], calibration=statistics
+    )
     assert optimized.pass_records[0].modified
 
 
@@ -280,5 +304,5 @@ def test_query_key_and_value_share_one_cached_input():
     names = optimize(graph, [IncrementCalibratedCachePass(rank=4, period=2)]).program.state.names
     attention = [n for n in names if ".attn1." in n and n.startswith("transformer_blocks.0.")]
     assert attention == ["transformer_blocks.0.attn1.to_q.cached_input"] + [
-        f"transformer_blocks.0.attn1.{layer}.cached_output" for layer in ("to_q", "to_k", "to_v")] + [
-        "transformer_blocks.0.attn1.to_out.0.cached_input", "transformer_blocks.0.attn1.to_out.0.cached_output"]
+        f"transformer_blocks.0.attn1.{layer}.cached_output" for layer in ("to_q", "to_k", "to_v")
+    ] + ["transformer_blocks.0.attn1.to_out.0.cached_input", "transformer_blocks.0.attn1.to_out.0.cached_output"]

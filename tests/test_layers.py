@@ -1,4 +1,5 @@
 """The package's layers: every import points down, and the core needs no evaluation packages."""
+
 import ast
 import subprocess
 import sys
@@ -67,3 +68,12 @@ def test_the_core_imports_without_scikit_learn_or_scipy():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert int(result.stdout.split()[-1]) > 30  # the core modules really were imported
+
+
+def test_the_tree_follows_the_ruff_config():
+    root = PACKAGE.parent
+    for command in (["check", "."], ["format", "--check", "."]):
+        result = subprocess.run(
+            [sys.executable, "-m", "ruff", *command], cwd=root, capture_output=True, text=True, timeout=300
+        )
+        assert result.returncode == 0, f"ruff {' '.join(command)}:\n{result.stdout[-3000:]}{result.stderr[-1000:]}"

@@ -6,17 +6,17 @@ import textwrap
 import onnx
 import pytest
 import torch
+from models import MODEL_FACTORIES, diffusers_dit, inputs_for
 from onnx import helper
 
 from diffopt import Sampler, capture, make_scheduler, optimize
 from diffopt.export import ExportError, Manifest, to_onnx
 from diffopt.export.onnx import WEIGHTS_FILE, check_tensorrt_ready
+from diffopt.measure.calibration import calibrate
 from diffopt.passes.block_cache import BlockCachePass, FirstBlockCachePass
 from diffopt.passes.increment_calibrated_cache import IncrementCalibratedCachePass
 from diffopt.passes.temporal_difference import TemporalDifferencePass
 from diffopt.runtime.onnxruntime_backend import load_bundle
-from diffopt.measure.calibration import calibrate
-from models import MODEL_FACTORIES, diffusers_dit, inputs_for
 
 CONFIG = {"kind": "ddpm", "beta_schedule": "squaredcos_cap_v2", "clip_sample": 1.0}
 PASSES = {
@@ -45,8 +45,7 @@ def test_fifty_step_runs_on_onnxruntime_match_torch_at_other_batch_sizes(dit_gra
     calibration = None
     if any(getattr(p, "needs_calibration", False) for p in PASSES[passes]):  # a short run: threshold 0 ignores it
         short = Sampler(make_scheduler(CONFIG, "ddim", 5), progress=False)
-        calibration = calibrate(optimize(dit_graph).program, short, (torch.arange(2),), (2, 1, 8, 8),
-                                         progress=False)
+        calibration = calibrate(optimize(dit_graph).program, short, (torch.arange(2),), (2, 1, 8, 8), progress=False)
     optimized = optimize(dit_graph, PASSES[passes], calibration=calibration)
     manifest = to_onnx(optimized, tmp_path, export_batch=2)
     assert list(manifest.variants) == list(optimized.program.variants)
@@ -105,11 +104,11 @@ def test_a_bundle_is_sampled_in_a_fresh_process_without_model_code(dit_graph, tm
         import sys, torch
         from diffopt import Sampler, make_scheduler
         from diffopt.runtime.onnxruntime_backend import load_bundle
-        denoiser = load_bundle({str(tmp_path / 'bundle')!r})
+        denoiser = load_bundle({str(tmp_path / "bundle")!r})
         config = denoiser.backend.manifest.scheduler
         sampler = Sampler(make_scheduler(config, "ddim", 20), progress=False)
         samples = sampler.sample(denoiser, (torch.tensor([3, 1, 4]),), shape=(3, 1, 8, 8), seed=5)
-        expected = torch.load({str(tmp_path / 'expected.pt')!r})
+        expected = torch.load({str(tmp_path / "expected.pt")!r})
         error = float((samples - expected).norm() / expected.norm())
         model_code = sorted(m for m in sys.modules if m.split(".")[0] == "diffusers" or m.startswith("diffopt.models"))
         print(error, model_code)
@@ -121,8 +120,12 @@ def test_a_bundle_is_sampled_in_a_fresh_process_without_model_code(dit_graph, tm
 
 def _tiny_model(op_type: str, output_name: str = "y"):
     node = helper.make_node(op_type, ["x"], [output_name])
-    graph = helper.make_graph([node], "tiny", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])],
-                              [helper.make_tensor_value_info(output_name, onnx.TensorProto.FLOAT, [2])])
+    graph = helper.make_graph(
+        [node],
+        "tiny",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info(output_name, onnx.TensorProto.FLOAT, [2])],
+    )
     return helper.make_model(graph)
 
 

@@ -2,17 +2,16 @@ import dataclasses
 from dataclasses import dataclass
 
 import pytest
-
-from diffopt.ir.statistics import CalibrationStatistics
 import torch
+from models import simple_dit
+from toy_passes import CarryActivationPass, StepCounterPass
 
 from diffopt import LayerPolicy, PassError, Pipeline, StepProgram, capture, optimize
 from diffopt.ir.annotations import NodeAnnotation, annotate, annotation_of
 from diffopt.ir.graph_tools import module_path, op_type
-from diffopt.passes.base import GraphPass, PassResult
 from diffopt.ir.program import FULL
-from models import simple_dit
-from toy_passes import CarryActivationPass, StepCounterPass
+from diffopt.ir.statistics import CalibrationStatistics
+from diffopt.passes.base import GraphPass, PassResult
 
 aten = torch.ops.aten
 
@@ -74,8 +73,9 @@ class NeedsCalibrationPass(GraphPass):
 
 def _program() -> StepProgram:
     model = simple_dit()
-    return StepProgram.from_captured(capture(model, (torch.randn(2, 1, 16, 16), torch.tensor([1, 2]),
-                                                     torch.tensor([0, 1]))))
+    return StepProgram.from_captured(
+        capture(model, (torch.randn(2, 1, 16, 16), torch.tensor([1, 2]), torch.tensor([0, 1])))
+    )
 
 
 @pytest.mark.parametrize("graph_pass", [AnnotateLinearsPass(), CarryActivationPass(), StepCounterPass()])
@@ -128,10 +128,12 @@ def test_optimize_leaves_its_input_untouched():
 
 
 def test_policy_precedence_global_optype_regex_exact():
-    policy = LayerPolicy(global_settings={"mode": "delta", "bits": 8},
-                         op_types={"linear": {"bits": 4}},
-                         module_patterns=[(r"blocks\.\d+\.fc\d", {"mode": "full"}), (r"blocks\.1\..*", {"bits": 2})],
-                         exact_names={"blocks.1.fc2": {"mode": "delta"}})
+    policy = LayerPolicy(
+        global_settings={"mode": "delta", "bits": 8},
+        op_types={"linear": {"bits": 4}},
+        module_patterns=[(r"blocks\.\d+\.fc\d", {"mode": "full"}), (r"blocks\.1\..*", {"bits": 2})],
+        exact_names={"blocks.1.fc2": {"mode": "delta"}},
+    )
     assert policy.resolve("head", "conv2d") == {"mode": "delta", "bits": 8}
     assert policy.resolve("head", "linear") == {"mode": "delta", "bits": 4}
     assert policy.resolve("blocks.0.fc1", "linear") == {"mode": "full", "bits": 4}
@@ -144,9 +146,15 @@ def test_policy_precedence_global_optype_regex_exact():
 def test_annotations_follow_the_policy_through_optimize():
     policy = LayerPolicy(global_settings={"mode": "delta"}, module_patterns=[(r".*\.fc2", {"mode": "full"})])
     optimized = optimize(_program(), [AnnotateLinearsPass()], policy=policy)
-    modes = {module_path(n): annotation_of(n).mode for n in optimized.program.variants[FULL].graph.nodes
-             if annotation_of(n) is not None}
+    modes = {
+        module_path(n): annotation_of(n).mode
+        for n in optimized.program.variants[FULL].graph.nodes
+        if annotation_of(n) is not None
+    }
     assert modes["blocks.0.fc2"] == "full" and modes["blocks.0.fc1"] == "delta"
     assert optimized.pass_records[0].modified
-    assert dataclasses.is_dataclass(annotation_of(next(iter(
-        n for n in optimized.program.variants[FULL].graph.nodes if annotation_of(n) is not None))))
+    assert dataclasses.is_dataclass(
+        annotation_of(
+            next(iter(n for n in optimized.program.variants[FULL].graph.nodes if annotation_of(n) is not None))
+        )
+    )

@@ -1,4 +1,5 @@
 """The shipped reference models and metrics load offline and are genuinely trained."""
+
 import pytest
 import torch
 

@@ -6,12 +6,13 @@ captured like any model, so the runs are well conditioned and exactly comparable
 DDPM and DDIM references use diffusers' own schedulers (trailing spacing, no clipping,
 final alpha 1); the flow-matching Euler reference is written out by hand.
 """
+
 import pytest
 import torch
 
 from diffopt import Sampler, capture, make_scheduler, optimize
-from diffopt.runtime.noise import make_alphas_cumprod
 from diffopt.models.gaussian_mixture import GaussianMixtureDenoiser
+from diffopt.runtime.noise import make_alphas_cumprod
 
 CONFIG = {"kind": "ddpm", "beta_schedule": "squaredcos_cap_v2", "num_train_timesteps": 1000}
 SHAPE = (3, 1, 4, 4)
@@ -20,8 +21,13 @@ NULL_CLASS = 4
 
 def mixture(**kwargs):
     g = torch.Generator().manual_seed(0)
-    return GaussianMixtureDenoiser(torch.randn(4, 16, generator=g), torch.tensor([0.2, 0.5, 0.3, 0.4]),
-                                   torch.ones(4), sample_shape=(1, 4, 4), **kwargs)
+    return GaussianMixtureDenoiser(
+        torch.randn(4, 16, generator=g),
+        torch.tensor([0.2, 0.5, 0.3, 0.4]),
+        torch.ones(4),
+        sample_shape=(1, 4, 4),
+        **kwargs,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -55,11 +61,16 @@ def test_ddim_matches_reference_loop(model_and_program, steps, clip):
 
     model, program = model_and_program
     labels = torch.tensor([0, 3, NULL_CLASS])
-    reference_scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
-                                        clip_sample=clip is not None, set_alpha_to_one=True,
-                                        timestep_spacing="trailing")
-    expected = _diffusers_loop(reference_scheduler, model, _seeded_noise(0), labels, steps, seed_for_noise=0,
-                               use_clipped_model_output=True)
+    reference_scheduler = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="squaredcos_cap_v2",
+        clip_sample=clip is not None,
+        set_alpha_to_one=True,
+        timestep_spacing="trailing",
+    )
+    expected = _diffusers_loop(
+        reference_scheduler, model, _seeded_noise(0), labels, steps, seed_for_noise=0, use_clipped_model_output=True
+    )
     sampler = Sampler(make_scheduler({**CONFIG, "clip_sample": clip}, "ddim", steps), progress=False)
     for denoiser in (program, model):
         got = sampler.sample(denoiser, (labels,), shape=SHAPE, seed=0)
@@ -73,9 +84,13 @@ def test_ddpm_matches_reference_loop(model_and_program, steps, clip):
 
     model, program = model_and_program
     labels = torch.tensor([1, 2, NULL_CLASS])
-    reference_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
-                                        clip_sample=clip is not None, timestep_spacing="trailing",
-                                        variance_type="fixed_small")
+    reference_scheduler = DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="squaredcos_cap_v2",
+        clip_sample=clip is not None,
+        timestep_spacing="trailing",
+        variance_type="fixed_small",
+    )
     # the sampler draws the initial noise and then each step's noise from one generator
     generator = torch.Generator().manual_seed(4)
     noise = torch.randn(SHAPE, generator=generator)
@@ -101,8 +116,9 @@ def test_ddim_with_eta_is_seeded_and_stochastic(model_and_program):
 
 def test_flow_euler_matches_hand_written_loop():
     model = mixture(parametrization="flow", prediction="velocity")
-    program = optimize(model, example_inputs=(torch.randn(2, 1, 4, 4), torch.tensor([999.0, 10.0]),
-                                              torch.tensor([1, 2])))
+    program = optimize(
+        model, example_inputs=(torch.randn(2, 1, 4, 4), torch.tensor([999.0, 10.0]), torch.tensor([1, 2]))
+    )
     labels = torch.tensor([0, 2, NULL_CLASS])
     steps = 12
     x = _seeded_noise(3)

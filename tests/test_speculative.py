@@ -1,13 +1,14 @@
 """Autospeculative DDPM: exact with L=1, exact in law for longer windows, fewer rounds."""
+
 import pytest
 import torch
+from toy_passes import StepCounterPass
 
 from diffopt import Sampler, capture, make_scheduler, optimize
 from diffopt.evaluation.metrics.two_sample import energy_test
 from diffopt.models.gaussian_mixture import two_moons_mixture
 from diffopt.runtime.noise import make_alphas_cumprod
 from diffopt.runtime.speculative import SpeculativeDDPMSampler
-from toy_passes import StepCounterPass
 
 CONFIG = {"kind": "ddpm", "beta_schedule": "squaredcos_cap_v2"}
 ALPHAS = make_alphas_cumprod("squaredcos_cap_v2")
@@ -24,8 +25,7 @@ def test_window_one_reproduces_sequential_ddpm_draw_for_draw(prediction, steps):
     model = two_moons_mixture(prediction=prediction)
     sampler = SpeculativeDDPMSampler(ALPHAS, steps, window=1, prediction_type=prediction, progress=False)
     got = sampler.sample(model, shape=(64, 2), seed=3)
-    torch.testing.assert_close(got, _sequential(model, steps, 64, seed=3, prediction=prediction),
-                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got, _sequential(model, steps, 64, seed=3, prediction=prediction), rtol=1e-4, atol=1e-4)
     assert sampler.last_stats.rounds == steps
     assert sampler.last_stats.acceptance_rate == 1.0
 
@@ -37,7 +37,8 @@ def test_exact_in_law_on_the_mixture(window):
     p_values = []
     for seed in range(4):
         speculative = SpeculativeDDPMSampler(ALPHAS, steps, window=window, progress=False).sample(
-            model, shape=(n, 2), seed=seed)
+            model, shape=(n, 2), seed=seed
+        )
         sequential = _sequential(model, steps, n, seed=100 + seed)
         p_values.append(energy_test(speculative, sequential, permutations=200, seed=seed)[1])
     # under the null the p-values are uniform: P(min < 0.001) ~ 0.4%, P(mean of 4 < 0.15) ~ 0.5%;
@@ -100,16 +101,21 @@ def test_guidance_is_folded_into_the_drift():
     guided = dict(guidance_scale=2.0, null_conditions=(torch.tensor(4),))
     speculative = SpeculativeDDPMSampler(ALPHAS, 20, window=1, progress=False, **guided)
     sequential = Sampler(make_scheduler(CONFIG, "ddpm", 20), progress=False, **guided)
-    torch.testing.assert_close(speculative.sample(model, (labels,), shape=(4, 2), seed=1),
-                               sequential.sample(model, (labels,), shape=(4, 2), seed=1), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        speculative.sample(model, (labels,), shape=(4, 2), seed=1),
+        sequential.sample(model, (labels,), shape=(4, 2), seed=1),
+        rtol=1e-4,
+        atol=1e-4,
+    )
 
 
 def test_runs_on_captured_programs_but_refuses_stateful_ones():
     model = two_moons_mixture()
     captured = capture(model, (torch.randn(2, 2), torch.tensor([999, 1])))
     sampler = SpeculativeDDPMSampler(ALPHAS, 30, window=4, progress=False)
-    torch.testing.assert_close(sampler.sample(optimize(captured), shape=(16, 2), seed=2),
-                               sampler.sample(model, shape=(16, 2), seed=2))
+    torch.testing.assert_close(
+        sampler.sample(optimize(captured), shape=(16, 2), seed=2), sampler.sample(model, shape=(16, 2), seed=2)
+    )
     with pytest.raises(ValueError, match="stateless"):
         sampler.sample(optimize(captured, [StepCounterPass()]), shape=(4, 2), seed=0)
     with pytest.raises(ValueError, match="window"):

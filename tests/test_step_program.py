@@ -1,10 +1,10 @@
 import pytest
 import torch
+from models import simple_dit
+from toy_passes import CarryActivationPass, StepCounterPass
 
 from diffopt import Schedule, StateEntry, StateError, StateSpec, capture, optimize
 from diffopt.ir.program import BATCH, AdaptiveSchedule
-from models import simple_dit
-from toy_passes import CarryActivationPass, StepCounterPass
 
 
 def _captured_model():
@@ -40,7 +40,15 @@ def test_schedule_picks_variants():
     assert [Schedule().variant_at(k) for k in range(3)] == ["full"] * 3
     assert [Schedule("full", "delta").variant_at(k) for k in range(3)] == ["full", "delta", "delta"]
     periodic = Schedule("full", "cached", period=3)
-    assert [periodic.variant_at(k) for k in range(7)] == ["full", "cached", "cached", "full", "cached", "cached", "full"]
+    assert [periodic.variant_at(k) for k in range(7)] == [
+        "full",
+        "cached",
+        "cached",
+        "full",
+        "cached",
+        "cached",
+        "full",
+    ]
     with pytest.raises(ValueError):
         Schedule(period=0)
 
@@ -48,8 +56,9 @@ def test_schedule_picks_variants():
 def test_adaptive_schedule_refreshes_on_large_or_undefined_signals():
     adaptive = AdaptiveSchedule("probe", threshold=0.1, refresh="full", between="cached")
     assert adaptive.variants == ("probe", "full", "cached")
-    assert [adaptive.variant_at(k, s) for k, s in enumerate([0.0, 0.05, 0.1, 0.2, float("inf"), float("nan"), 0.0])] == \
-        ["full", "cached", "cached", "full", "full", "full", "cached"]
+    assert [
+        adaptive.variant_at(k, s) for k, s in enumerate([0.0, 0.05, 0.1, 0.2, float("inf"), float("nan"), 0.0])
+    ] == ["full", "cached", "cached", "full", "full", "full", "cached"]
     with pytest.raises(ValueError):
         AdaptiveSchedule("probe", threshold=-1.0)
 

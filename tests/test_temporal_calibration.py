@@ -2,14 +2,13 @@ import math
 
 import pytest
 import torch
+from models import simple_dit
 
 from diffopt import Sampler, capture, make_scheduler, optimize
-from diffopt.quant.arithmetic import code_width_fractions, quantize
 from diffopt.ir.statistics import PAPER, CalibrationStatistics, TemporalStatistics
 from diffopt.measure.calibration import calibrate
 from diffopt.passes.observers import InsertObserversPass, observed_values
-from diffopt.quant.arithmetic import symmetric_scale
-from models import simple_dit
+from diffopt.quant.arithmetic import code_width_fractions, quantize, symmetric_scale
 
 LABELS = torch.tensor([1, 5, 9])
 SHAPE = (3, 1, 16, 16)
@@ -17,8 +16,9 @@ STEPS = 6
 
 
 def _sampler():
-    return Sampler(make_scheduler({"kind": "ddpm", "beta_schedule": "squaredcos_cap_v2"}, "ddim", STEPS),
-                   progress=False)
+    return Sampler(
+        make_scheduler({"kind": "ddpm", "beta_schedule": "squaredcos_cap_v2"}, "ddim", STEPS), progress=False
+    )
 
 
 @pytest.fixture(scope="module")
@@ -36,11 +36,15 @@ def test_observers_are_inserted_on_every_linear_conv_and_attention_input(model_g
     watched = observed_values(observed.program.variants["full"].graph).values()
     layers = [value.layer for value in watched if value.role == "input"]
     assert sorted(value.layer for value in watched if value.role == "output") == sorted(
-        value.layer for value in watched if value.role == "input" and value.op != "attention")
+        value.layer for value in watched if value.role == "input" and value.op != "attention"
+    )
     assert "blocks.0.fc1" in layers and "patch_embed" in layers
     assert {"blocks.1.query", "blocks.1.key", "blocks.1.value"} <= set(layers)  # attention operands
-    linear_ops = [n for n in graph.module.graph.nodes if n.target in (torch.ops.aten.linear.default,
-                                                                      torch.ops.aten.conv2d.default)]
+    linear_ops = [
+        n
+        for n in graph.module.graph.nodes
+        if n.target in (torch.ops.aten.linear.default, torch.ops.aten.conv2d.default)
+    ]
     assert len(layers) == len(linear_ops) + 3 * 2  # nothing else is observed (2 blocks with attention)
     assert set(layers) == set(statistics.temporal.ops)
     inputs = (torch.randn(3, 1, 16, 16), torch.tensor([900, 10, 500]), LABELS)
@@ -92,8 +96,8 @@ def test_statistics_round_trip_and_report_the_paper_beside_ours(model_graph_stat
 def test_cost_counts_bit_operations_from_code_widths():
     from diffopt.measure.cost import CostCounter
     from diffopt.measure.interpreter import InstrumentedBackend
-    from diffopt.runtime.denoiser import OptimizedDenoiser
     from diffopt.passes.static_quantization import StaticQuantizationPass
+    from diffopt.runtime.denoiser import OptimizedDenoiser
 
     class OneLinear(torch.nn.Module):
         def __init__(self):
@@ -110,7 +114,9 @@ def test_cost_counts_bit_operations_from_code_widths():
     x[0, 0, :4] = 3.0  # four 4-bit codes
     x[0, 1, :2] = 100.0  # two 8-bit codes; the other 18 are zero (skipped)
     counter = CostCounter()
-    OptimizedDenoiser(quantized.program, backend=InstrumentedBackend(quantized.program, [counter]))(x, torch.tensor([1]))
+    OptimizedDenoiser(quantized.program, backend=InstrumentedBackend(quantized.program, [counter]))(
+        x, torch.tensor([1])
+    )
     (step,) = counter.steps
     assert step.linear_macs == 3 * 8 * 4
     mean_bits = (4 * 4 + 2 * 8) / 24

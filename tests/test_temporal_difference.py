@@ -1,15 +1,15 @@
 import pytest
 import torch
+from models import MODEL_FACTORIES, inputs_for
 
 from diffopt import LayerPolicy, PassError, Sampler, capture, make_scheduler, optimize
 from diffopt.ir.annotations import annotation_of
+from diffopt.ir.program import FULL
+from diffopt.measure.calibration import calibrate
 from diffopt.measure.cost import measure_run_cost
 from diffopt.models import zoo
 from diffopt.passes.static_quantization import StaticQuantizationPass
 from diffopt.passes.temporal_difference import DELTA, TemporalDifferencePass, layer_decisions
-from diffopt.ir.program import FULL
-from diffopt.measure.calibration import calibrate
-from models import MODEL_FACTORIES, inputs_for
 
 aten = torch.ops.aten
 DDPM = {"kind": "ddpm", "beta_schedule": "squaredcos_cap_v2"}
@@ -26,6 +26,7 @@ def _recorded_inputs(denoiser, conditions, shape, steps=50):
     def model(x, t, *c):
         calls.append((x.clone(), t.clone()))
         return denoiser(x, t, *c)
+
     _sampler(steps=steps).sample(model, conditions, shape=shape, seed=0)
     return calls
 
@@ -50,8 +51,9 @@ def _reference(name):
 @pytest.fixture(scope="module")
 def dit_digits():
     model, config, graph = _reference("dit-digits")
-    calibration = calibrate(optimize(graph).program, _sampler(config), (torch.arange(4) % 10,),
-                                     (4, 1, 16, 16), seeds=(5,), progress=False)
+    calibration = calibrate(
+        optimize(graph).program, _sampler(config), (torch.arange(4) % 10,), (4, 1, 16, 16), seeds=(5,), progress=False
+    )
     return config, graph, calibration
 
 
@@ -106,8 +108,13 @@ def test_policy_keeps_layers_full_and_says_why(dit_digits):
     policy = LayerPolicy(module_patterns=[(r".*ff\..*", {"mode": "full", "reason": "memory-bound"})])
     program = optimize(graph, [TemporalDifferencePass("exact")], policy=policy).program
     assert not any(".ff." in name for name in program.state.names)
-    kept = [n for n in program.variants[DELTA].graph.nodes if annotation_of(n) is not None
-            and annotation_of(n).mode == FULL and ".ff." in annotation_of(n).details["layer"]]
+    kept = [
+        n
+        for n in program.variants[DELTA].graph.nodes
+        if annotation_of(n) is not None
+        and annotation_of(n).mode == FULL
+        and ".ff." in annotation_of(n).details["layer"]
+    ]
     assert kept and all(annotation_of(n).reason == "memory-bound" for n in kept)
 
 
@@ -170,7 +177,9 @@ def test_integer_mode_keeps_full_layers_in_a8w8_so_it_still_equals_a8w8(dit_digi
     policy = LayerPolicy(module_patterns=[(r".*attn1.*", {"mode": "full"})])
     partial = optimize(graph, [TemporalDifferencePass("integer")], calibration=calibration, policy=policy)
     decided = layer_decisions(partial.program)
-    assert decided["transformer_blocks.0.attn1.to_q"][0] == FULL and decided["transformer_blocks.0.ff.net.2"][0] == DELTA
+    assert (
+        decided["transformer_blocks.0.attn1.to_q"][0] == FULL and decided["transformer_blocks.0.ff.net.2"][0] == DELTA
+    )
     a8w8 = optimize(graph, [StaticQuantizationPass()], calibration=calibration)
     conditions, shape = _conditions_and_shape("dit-digits", 2)
     calls = _recorded_inputs(optimize(graph), conditions, shape, steps=6)

@@ -5,6 +5,7 @@ output of the graph's first linear layer in state; every later step runs ``carry
 which adds the per-sample mean of the PREVIOUS step's stored activation to the output,
 and stores the current one. ``StepCounterPass`` threads a per-sample step counter.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -13,8 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from diffopt.ir.graph_tools import add_variant, output_values, thread_state
-from diffopt.passes.base import GraphPass, PassResult
 from diffopt.ir.program import BATCH, FULL, Schedule, StateEntry
+from diffopt.passes.base import GraphPass, PassResult
 
 aten = torch.ops.aten
 

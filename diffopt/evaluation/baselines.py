@@ -6,6 +6,7 @@ cache in hook objects), and is callable like any denoiser, ``hooked(x, t, *condi
 so diffopt's ``Sampler`` drives it exactly like the optimized programs. It starts a new
 hook state when a run starts (the timestep does not decrease, or ``reset()``).
 """
+
 from __future__ import annotations
 
 import copy

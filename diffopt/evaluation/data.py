@@ -5,10 +5,11 @@ with the package, so nothing is downloaded. Images are upsampled bilinearly to 1
 (patch-2 DiTs then see 64 tokens) and scaled to [-1, 1]. A stratified held-out split
 of 600 digits is never used for training; the metrics compare against it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -31,16 +32,14 @@ def _to_model_space(raw: torch.Tensor) -> torch.Tensor:
     return F.interpolate(images, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _splits() -> dict[str, DigitsSplit]:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     digits = load_digits()
     indices = list(range(len(digits.target)))
-    train_idx, test_idx = train_test_split(
-        indices, test_size=HELD_OUT, stratify=digits.target, random_state=SPLIT_SEED
-    )
+    train_idx, test_idx = train_test_split(indices, test_size=HELD_OUT, stratify=digits.target, random_state=SPLIT_SEED)
     raw = torch.tensor(digits.data, dtype=torch.float32)
     labels = torch.tensor(digits.target, dtype=torch.int64)
     images = _to_model_space(raw)

@@ -9,6 +9,7 @@ models support classifier-free guidance, keep an EMA of the weights (the shipped
 weights). bf16 autocast is optional: on the 2-core AMD CPU used here it was slower
 than fp32 for these small models (1.13 s vs 0.98 s per batch of 128), so it is off.
 """
+
 from __future__ import annotations
 
 import copy
@@ -30,9 +31,14 @@ def _model_output(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, labe
     return model(x, timestep=t, class_labels=labels, return_dict=False)[0]
 
 
-def denoising_loss(spec: ReferenceModelSpec, model: torch.nn.Module, x0: torch.Tensor,
-                   labels: torch.Tensor, alphas_cumprod: torch.Tensor | None,
-                   generator: torch.Generator) -> torch.Tensor:
+def denoising_loss(
+    spec: ReferenceModelSpec,
+    model: torch.nn.Module,
+    x0: torch.Tensor,
+    labels: torch.Tensor,
+    alphas_cumprod: torch.Tensor | None,
+    generator: torch.Generator,
+) -> torch.Tensor:
     """One Monte-Carlo estimate of the spec's training objective on a batch."""
     n = x0.shape[0]
     noise = torch.randn(x0.shape, generator=generator)
@@ -53,8 +59,9 @@ def denoising_loss(spec: ReferenceModelSpec, model: torch.nn.Module, x0: torch.T
     return F.mse_loss(prediction.float(), target)
 
 
-def train_reference_model(spec: ReferenceModelSpec, checkpoint_path: Path, steps: int | None = None,
-                          checkpoint_every: int = 250) -> torch.nn.Module:
+def train_reference_model(
+    spec: ReferenceModelSpec, checkpoint_path: Path, steps: int | None = None, checkpoint_every: int = 250
+) -> torch.nn.Module:
     """Train (or resume training of) ``spec``; returns the EMA model."""
     recipe = spec.training
     steps = steps or recipe["steps"]
@@ -73,8 +80,11 @@ def train_reference_model(spec: ReferenceModelSpec, checkpoint_path: Path, steps
         generator.set_state(state["generator"])
         start = state["step"]
     data = load_digits_split("train")
-    alphas_cumprod = (make_alphas_cumprod(spec.scheduler["beta_schedule"], spec.scheduler["num_train_timesteps"])
-                      if spec.objective == "epsilon" else None)
+    alphas_cumprod = (
+        make_alphas_cumprod(spec.scheduler["beta_schedule"], spec.scheduler["num_train_timesteps"])
+        if spec.objective == "epsilon"
+        else None
+    )
 
     def lr_schedule(step: int) -> float:
         """Linear warm-up (200 steps), constant until decay_start, cosine decay to lr_min at the end."""
@@ -83,6 +93,7 @@ def train_reference_model(spec: ReferenceModelSpec, checkpoint_path: Path, steps
             return recipe["lr"] * warm
         progress = (step - recipe["decay_start"]) / (steps - recipe["decay_start"])
         return recipe["lr_min"] + 0.5 * (recipe["lr"] - recipe["lr_min"]) * (1 + math.cos(math.pi * progress))
+
     bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"train {spec.name}")
     for step in bar:
         idx = torch.randint(0, len(data.labels), (recipe["batch_size"],), generator=generator)
@@ -101,6 +112,14 @@ def train_reference_model(spec: ReferenceModelSpec, checkpoint_path: Path, steps
                 p_ema.lerp_(p, 1 - recipe["ema_decay"])
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
-            torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                        "generator": generator.get_state(), "step": step + 1}, checkpoint_path)
+            torch.save(
+                {
+                    "model": model.state_dict(),
+                    "ema": ema.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "generator": generator.get_state(),
+                    "step": step + 1,
+                },
+                checkpoint_path,
+            )
     return ema

@@ -15,23 +15,24 @@ only operators on TensorRT's ONNX parser list (``tensorrt_onnx_ops.txt``) and th
 state output aliases an input. Building TensorRT engines needs an NVIDIA GPU and is not
 done here.
 """
+
 from __future__ import annotations
 
 import hashlib
 import warnings
+from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 
-from diffopt.version import __version__
-from diffopt.runtime.denoiser import OptimizedDenoiser
-from diffopt.runtime.bundle import MANIFEST_NAME, Manifest, TensorSpec, VariantFile
-from diffopt.ir.graph_tools import placeholders, state_shape
-from diffopt.ir.graph_tools import attribute
+from diffopt.ir.graph_tools import attribute, placeholders, state_shape
 from diffopt.ir.program import BATCH, StepProgram
 from diffopt.quant.ops import ONNX_TRANSLATIONS, quantization_summary
+from diffopt.runtime.bundle import MANIFEST_NAME, Manifest, TensorSpec, VariantFile
+from diffopt.runtime.denoiser import OptimizedDenoiser
+from diffopt.version import __version__
 
 PROFILES = ("onnxruntime", "tensorrt")
 WEIGHTS_FILE = "weights.bin"
@@ -43,8 +44,14 @@ class ExportError(RuntimeError):
     """A variant cannot be exported for the requested profile."""
 
 
-def to_onnx(optimized: OptimizedDenoiser | StepProgram, directory: str | Path, *, profile: str = "onnxruntime",
-            export_batch: int = 2, scheduler_config: Mapping[str, Any] | None = None) -> Manifest:
+def to_onnx(
+    optimized: OptimizedDenoiser | StepProgram,
+    directory: str | Path,
+    *,
+    profile: str = "onnxruntime",
+    export_batch: int = 2,
+    scheduler_config: Mapping[str, Any] | None = None,
+) -> Manifest:
     """Write the bundle for ``optimized`` into ``directory`` and return its manifest.
 
     ``directory`` is created; the files of a bundle already there are replaced, other files
@@ -56,16 +63,20 @@ def to_onnx(optimized: OptimizedDenoiser | StepProgram, directory: str | Path, *
     if profile not in PROFILES:
         raise ValueError(f"unknown export profile {profile!r}: expected one of {PROFILES}")
     if not isinstance(program, StepProgram):
-        raise TypeError(f"to_onnx exports a StepProgram (or an OptimizedDenoiser running one), found "
-                        f"{type(program).__name__}: a denoiser loaded from a bundle has no graphs; export the "
-                        f"optimized model instead")
+        raise TypeError(
+            f"to_onnx exports a StepProgram (or an OptimizedDenoiser running one), found "
+            f"{type(program).__name__}: a denoiser loaded from a bundle has no graphs; export the "
+            f"optimized model instead"
+        )
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     _remove_previous_bundle(directory)
     _require_no_float64(program)
     input_specs = _input_specs(program)
-    example = [torch.zeros(tuple(export_batch if d == BATCH else d for d in spec.shape), dtype=getattr(torch, spec.dtype))
-               for spec in input_specs]
+    example = [
+        torch.zeros(tuple(export_batch if d == BATCH else d for d in spec.shape), dtype=getattr(torch, spec.dtype))
+        for spec in input_specs
+    ]
     probes = program.schedule.probes
     models, variant_files = {}, {}
     for name, module in program.variants.items():
@@ -80,10 +91,19 @@ def to_onnx(optimized: OptimizedDenoiser | StepProgram, directory: str | Path, *
         onnx.checker.check_model(str(path), full_check=True)
         if profile == "tensorrt":
             check_tensorrt_ready(model, name)
-    manifest = Manifest(program.signature, program.state, program.schedule, variant_files, profile, WEIGHTS_FILE,
-                        __version__, program.model_class, _opset(next(iter(models.values()))),
-                        quantization_summary({name: module.graph for name, module in program.variants.items()}),
-                        scheduler=dict(scheduler_config) if scheduler_config is not None else None)
+    manifest = Manifest(
+        program.signature,
+        program.state,
+        program.schedule,
+        variant_files,
+        profile,
+        WEIGHTS_FILE,
+        __version__,
+        program.model_class,
+        _opset(next(iter(models.values()))),
+        quantization_summary({name: module.graph for name, module in program.variants.items()}),
+        scheduler=dict(scheduler_config) if scheduler_config is not None else None,
+    )
     manifest.save(directory)
     return manifest
 
@@ -104,24 +124,33 @@ def _require_no_float64(program: StepProgram) -> None:
             value = attribute(module, node.target) if node.op == "get_attr" else node.meta.get("val")
             dtypes = {getattr(value, "dtype", None), node.kwargs.get("dtype")}
             if torch.float64 in dtypes:
-                raise ExportError(f"variant {name!r} computes in float64 ({node.name}): the exact integer emulation "
-                                  f"of integer mode / A8W8 is for verification in torch and does not export; "
-                                  f"export TemporalDifferencePass mode 'dynamic' (onnxruntime integer kernels) or "
-                                  f"'difference' (static int8 scales for TensorRT)")
+                raise ExportError(
+                    f"variant {name!r} computes in float64 ({node.name}): the exact integer emulation "
+                    f"of integer mode / A8W8 is for verification in torch and does not export; "
+                    f"export TemporalDifferencePass mode 'dynamic' (onnxruntime integer kernels) or "
+                    f"'difference' (static int8 scales for TensorRT)"
+                )
 
 
 def _input_specs(program: StepProgram) -> list[TensorSpec]:
     """Model inputs from the captured graph's placeholders, state from the state spec."""
     full = next(iter(program.variants.values()))
-    model_inputs = placeholders(full.graph)[:program.num_inputs]
-    specs = [TensorSpec(name, state_shape(node), str(node.meta["val"].dtype).removeprefix("torch."))
-             for name, node in zip(program.signature.input_names, model_inputs)]
+    model_inputs = placeholders(full.graph)[: program.num_inputs]
+    specs = [
+        TensorSpec(name, state_shape(node), str(node.meta["val"].dtype).removeprefix("torch."))
+        for name, node in zip(program.signature.input_names, model_inputs)
+    ]
     specs += [TensorSpec(e.name, e.shape, str(e.dtype).removeprefix("torch.")) for e in program.state.entries]
     return specs
 
 
-def _export_variant(module: torch.fx.GraphModule, example: Sequence[torch.Tensor], input_specs: Sequence[TensorSpec],
-                    output_names: Sequence[str], name: str):
+def _export_variant(
+    module: torch.fx.GraphModule,
+    example: Sequence[torch.Tensor],
+    input_specs: Sequence[TensorSpec],
+    output_names: Sequence[str],
+    name: str,
+):
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
     dynamic = tuple({0: batch} if spec.shape and spec.shape[0] == BATCH else None for spec in input_specs)
     module.eval()  # the graphs have no train-mode behaviour; this only silences the exporter's warning
@@ -129,10 +158,17 @@ def _export_variant(module: torch.fx.GraphModule, example: Sequence[torch.Tensor
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*axis name.*will not be used")  # all inputs share "batch"
             warnings.filterwarnings("ignore", category=FutureWarning)  # torch-internal deprecations
-            exported = torch.onnx.export(module, tuple(example), dynamo=True,
-                                         input_names=[s.name for s in input_specs], output_names=list(output_names),
-                                         dynamic_shapes=dynamic, optimize=True, verbose=False,
-                                         custom_translation_table=ONNX_TRANSLATIONS)
+            exported = torch.onnx.export(
+                module,
+                tuple(example),
+                dynamo=True,
+                input_names=[s.name for s in input_specs],
+                output_names=list(output_names),
+                dynamic_shapes=dynamic,
+                optimize=True,
+                verbose=False,
+                custom_translation_table=ONNX_TRANSLATIONS,
+            )
     except Exception as error:
         raise ExportError(f"variant {name!r} could not be exported to ONNX: {type(error).__name__}: {error}") from error
     return exported.model_proto
@@ -188,13 +224,17 @@ def tensorrt_supported_ops() -> frozenset[str]:
 def check_tensorrt_ready(model, variant: str) -> None:
     """Raise ``ExportError`` unless every operator is on TensorRT's list and no output aliases an input."""
     used = {node.op_type for node in model.graph.node if node.domain in ("", "ai.onnx")}
-    custom = sorted({f"{node.domain}::{node.op_type}" for node in model.graph.node if node.domain not in ("", "ai.onnx")})
+    custom = sorted(
+        {f"{node.domain}::{node.op_type}" for node in model.graph.node if node.domain not in ("", "ai.onnx")}
+    )
     unsupported = sorted(used - tensorrt_supported_ops()) + custom
     if unsupported:
-        raise ExportError(f"variant {variant!r} uses operators TensorRT's ONNX parser does not support: "
-                          f"{unsupported}; export with profile='onnxruntime' or change the passes that add them")
+        raise ExportError(
+            f"variant {variant!r} uses operators TensorRT's ONNX parser does not support: "
+            f"{unsupported}; export with profile='onnxruntime' or change the passes that add them"
+        )
     aliased = sorted({o.name for o in model.graph.output} & {i.name for i in model.graph.input})
     if aliased:
-        raise ExportError(f"variant {variant!r} returns its inputs {aliased} unchanged; TensorRT needs distinct "
-                          f"state bindings")
-
+        raise ExportError(
+            f"variant {variant!r} returns its inputs {aliased} unchanged; TensorRT needs distinct state bindings"
+        )

@@ -3,6 +3,7 @@
 Passes record their decision for a node here (mode, rank, bits, and the reason when a
 layer falls back); reports and export read it and never re-derive decisions.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -4,19 +4,20 @@ Reading: the user-facing module name and op type of an aten node. Editing:
 ``thread_state`` adds one state tensor to every variant of a program
 (``(..., *state) -> (out, *new_state)`` grows by one input and one output).
 """
+
 from __future__ import annotations
 
 import copy
 import dataclasses
 import functools
 import re
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import fx
 
-from diffopt.ir.signature import WRAPPED_MODEL_ATTRIBUTE
 from diffopt.ir.program import BATCH, StateEntry, StepProgram
+from diffopt.ir.signature import WRAPPED_MODEL_ATTRIBUTE
 
 aten = torch.ops.aten
 
@@ -58,8 +59,10 @@ def state_shape(node: fx.Node) -> tuple[int | str, ...]:
     shape = node.meta["val"].shape
     dims = tuple(BATCH if isinstance(d, torch.SymInt) else int(d) for d in shape)
     if dims.count(BATCH) > 1 or (BATCH in dims and dims[0] != BATCH):
-        raise ValueError(f"node {node.name} has shape {tuple(shape)}: only a leading batch dimension may be "
-                         f"dynamic in a state tensor")
+        raise ValueError(
+            f"node {node.name} has shape {tuple(shape)}: only a leading batch dimension may be "
+            f"dynamic in a state tensor"
+        )
     return dims
 
 
@@ -116,8 +119,9 @@ def output_values(graph: fx.Graph) -> tuple:
     return tuple(graph.output_node().args[0])
 
 
-def thread_state(program: StepProgram, entry: StateEntry,
-                 update: Callable[[str, fx.Graph, fx.Node], fx.Node]) -> StepProgram:
+def thread_state(
+    program: StepProgram, entry: StateEntry, update: Callable[[str, fx.Graph, fx.Node], fx.Node]
+) -> StepProgram:
     """Add ``entry`` as the last state input and output of every variant.
 
     ``update(variant_name, graph, state_input)`` inserts whatever the variant computes

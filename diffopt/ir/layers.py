@@ -7,6 +7,7 @@ the outermost indexed children of the model (``transformer_blocks.3``,
 ``down_blocks.1``) plus a top-level ``mid_block``. Calibration statistics, the layer
 policy, annotations and reports all use these names.
 """
+
 from __future__ import annotations
 
 import re
@@ -48,9 +49,13 @@ def layer_names(graph: fx.Graph) -> dict[fx.Node, str]:
 def linear_layers(graph: fx.Graph) -> dict[fx.Node, str]:
     """The model's linear / conv layers (nodes captured from a module whose weight is a graph
     attribute; ops a pass inserted have no module) with their layer names (``layer_names``)."""
-    return {node: name for node, name in layer_names(graph).items()
-            if node.target in LINEAR_OPS and getattr(node.args[1], "op", None) == "get_attr"
-            and node.meta.get("nn_module_stack")}
+    return {
+        node: name
+        for node, name in layer_names(graph).items()
+        if node.target in LINEAR_OPS
+        and getattr(node.args[1], "op", None) == "get_attr"
+        and node.meta.get("nn_module_stack")
+    }
 
 
 def op_name(node: fx.Node) -> str:

@@ -9,11 +9,13 @@ more specific rule overrides only the keys it names::
                          exact_names={"transformer_blocks.0.attn1.to_q": {"mode": "delta"}})
     policy.resolve("transformer_blocks.3.ff.net.2", "linear")  # {"mode": "full", "bits": 8}
 """
+
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 
 @dataclass(frozen=True)

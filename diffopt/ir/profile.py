@@ -5,6 +5,7 @@ in full form and of its delta nodes, measured on a backend and modelled by a
 ``MachineModel`` (per-op overhead, memory bandwidth, MAC rate per dtype). Plain data,
 saved as JSON.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -49,10 +50,15 @@ class LayerProfile:
         Path(path).write_text(json.dumps(dataclasses.asdict(self), indent=1))
 
     @classmethod
-    def load(cls, path: str | Path) -> "LayerProfile":
+    def load(cls, path: str | Path) -> LayerProfile:
         data = json.loads(Path(path).read_text())
-        return cls(data["difference"], data["batch_size"], data["step_index"], MachineModel(**data["machine"]),
-                   {name: GroupCost(**group) for name, group in data["groups"].items()})
+        return cls(
+            data["difference"],
+            data["batch_size"],
+            data["step_index"],
+            MachineModel(**data["machine"]),
+            {name: GroupCost(**group) for name, group in data["groups"].items()},
+        )
 
     def agreement(self) -> float:
         """Fraction of layers where the cost model decides as the measurement does."""

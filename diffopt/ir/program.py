@@ -13,14 +13,16 @@ state itself).
 Every schedule answers the same two questions for step k: ``probe_at(k)`` (the variant
 to run first for a signal, or None) and ``variant_at(k, signal)``.
 """
+
 from __future__ import annotations
 
 import copy
 import dataclasses
 import math
-from enum import Enum
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from enum import Enum
+from typing import Any
 
 import torch
 from torch import fx
@@ -77,11 +79,15 @@ class StateEntry:
         return concrete_shape(self.shape, batch_size)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "shape": list(self.shape), "dtype": str(self.dtype).removeprefix("torch."),
-                "owner": self.owner}
+        return {
+            "name": self.name,
+            "shape": list(self.shape),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "owner": self.owner,
+        }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "StateEntry":
+    def from_dict(cls, data: Mapping[str, Any]) -> StateEntry:
         return cls(data["name"], tuple(data["shape"]), getattr(torch, data["dtype"]), data["owner"])
 
 
@@ -98,7 +104,7 @@ class StateSpec:
     def __len__(self) -> int:
         return len(self.entries)
 
-    def with_entry(self, entry: StateEntry) -> "StateSpec":
+    def with_entry(self, entry: StateEntry) -> StateSpec:
         if entry.name in self.names:
             raise StateError(f"state entry {entry.name!r} already exists (owner {entry.owner!r})")
         return StateSpec((*self.entries, entry))
@@ -116,7 +122,8 @@ class StateSpec:
                 raise StateError(
                     f"state {entry.name!r}: expected shape {expected} dtype {entry.dtype} for batch size "
                     f"{batch_size}, found shape {tuple(tensor.shape)} dtype {tensor.dtype}. Start a new run "
-                    f"(OptimizedDenoiser.reset() / init_state()) instead of reusing state from another batch.")
+                    f"(OptimizedDenoiser.reset() / init_state()) instead of reusing state from another batch."
+                )
 
     def to_list(self) -> list[dict[str, Any]]:
         return [e.to_dict() for e in self.entries]
@@ -136,8 +143,9 @@ class Schedule:
     period: int | None = None
 
     def __post_init__(self) -> None:
-        if self.period is not None and (isinstance(self.period, bool) or not isinstance(self.period, int)
-                                        or self.period < 1):
+        if self.period is not None and (
+            isinstance(self.period, bool) or not isinstance(self.period, int) or self.period < 1
+        ):
             raise ValueError(f"schedule period must be an int >= 1 or None, found {self.period!r}")
 
     def probe_at(self, step_index: int) -> None:
@@ -161,8 +169,12 @@ class Schedule:
         return frozenset()
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": "periodic", "refresh": str(self.refresh),
-                "between": None if self.between is None else str(self.between), "period": self.period}
+        return {
+            "kind": "periodic",
+            "refresh": str(self.refresh),
+            "between": None if self.between is None else str(self.between),
+            "period": self.period,
+        }
 
 
 @dataclass(frozen=True)
@@ -205,8 +217,13 @@ class AdaptiveSchedule:
         return frozenset({self.probe})
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": "adaptive", "probe": str(self.probe), "threshold": self.threshold,
-                "refresh": str(self.refresh), "between": str(self.between)}
+        return {
+            "kind": "adaptive",
+            "probe": str(self.probe),
+            "threshold": self.threshold,
+            "refresh": str(self.refresh),
+            "between": str(self.between),
+        }
 
 
 @dataclass(frozen=True)
@@ -219,7 +236,7 @@ class ComposedSchedule:
     outer schedule has one) and the variant are those of the pair of both choices.
     """
 
-    outer: "Schedule | AdaptiveSchedule | ComposedSchedule"
+    outer: Schedule | AdaptiveSchedule | ComposedSchedule
     inner: Schedule
     names: tuple[tuple[str, str, str], ...]  # (outer variant, inner variant, combined variant)
 
@@ -245,8 +262,12 @@ class ComposedSchedule:
         return frozenset(combined for outer, _, combined in self.names if outer in self.outer.probes)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": "composed", "outer": self.outer.to_dict(), "inner": self.inner.to_dict(),
-                "names": [list(map(str, triple)) for triple in self.names]}
+        return {
+            "kind": "composed",
+            "outer": self.outer.to_dict(),
+            "inner": self.inner.to_dict(),
+            "names": [list(map(str, triple)) for triple in self.names],
+        }
 
 
 AnySchedule = Schedule | AdaptiveSchedule | ComposedSchedule
@@ -268,8 +289,9 @@ def schedule_from_dict(data: Mapping[str, Any]) -> AnySchedule:
             inner = schedule_from_dict(fields["inner"])
             if not isinstance(inner, Schedule):
                 raise ValueError("the inner schedule of a composed schedule must be periodic")
-            return ComposedSchedule(schedule_from_dict(fields["outer"]), inner,
-                                    tuple(tuple(triple) for triple in fields["names"]))
+            return ComposedSchedule(
+                schedule_from_dict(fields["outer"]), inner, tuple(tuple(triple) for triple in fields["names"])
+            )
     except (TypeError, KeyError) as error:
         raise ValueError(f"schedule {dict(data)!r} has missing or unknown fields: {error}") from error
     raise ValueError(f"unknown schedule kind {kind!r}: expected one of {SCHEDULE_KINDS}")
@@ -302,12 +324,12 @@ class StepProgram:
     applied: tuple[tuple[str, str], ...] = ()  # (kind, pass) of every variant-creating pass, in order
 
     @classmethod
-    def from_captured(cls, captured: CapturedGraph) -> "StepProgram":
+    def from_captured(cls, captured: CapturedGraph) -> StepProgram:
         """The identity program: one ``full`` variant, no state."""
         program = cls(captured.signature, {FULL: captured.module}, model_class=captured.model_class)
         return program.copy()
 
-    def copy(self) -> "StepProgram":
+    def copy(self) -> StepProgram:
         """New graphs (so passes may edit them), same weight tensors."""
         variants = {name: fx.GraphModule(gm, copy.deepcopy(gm.graph)) for name, gm in self.variants.items()}
         return dataclasses.replace(self, variants=variants)

@@ -5,11 +5,13 @@
 ``first_tensor_output`` turns any denoiser output (tensor, tuple, dict, dataclass) into
 one tensor.
 """
+
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import fx
@@ -33,7 +35,7 @@ class Signature:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "Signature":
+    def from_dict(cls, data: Mapping[str, Any]) -> Signature:
         return cls(data["latent"], data["timestep"], tuple(data["conditions"]))
 
 
@@ -58,5 +60,7 @@ def first_tensor_output(output: Any) -> torch.Tensor:
         return first_tensor_output(getattr(output, dataclasses.fields(output)[0].name))
     if isinstance(output, (tuple, list)) and output:
         return first_tensor_output(output[0])
-    raise TypeError(f"expected the denoiser to return a tensor (or a tuple/dict/dataclass holding one), "
-                       f"found {type(output).__name__}")
+    raise TypeError(
+        f"expected the denoiser to return a tensor (or a tuple/dict/dataclass holding one), "
+        f"found {type(output).__name__}"
+    )

@@ -11,14 +11,16 @@
 
 Layers are named by ``ir.layers`` (one scheme). One file format: JSON (``save`` / ``load``).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -53,14 +55,19 @@ class ActivationStatistics:
         return weights.clamp_min(float(weights.max()) / 1000)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"counts": self.counts,
-                "sums": {layer: {kind: value.tolist() for kind, value in kinds.items()}
-                         for layer, kinds in self.sums.items()}}
+        return {
+            "counts": self.counts,
+            "sums": {
+                layer: {kind: value.tolist() for kind, value in kinds.items()} for layer, kinds in self.sums.items()
+            },
+        }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "ActivationStatistics":
-        sums = {layer: {kind: torch.tensor(value, dtype=torch.float64) for kind, value in kinds.items()}
-                for layer, kinds in data["sums"].items()}
+    def from_dict(cls, data: Mapping[str, Any]) -> ActivationStatistics:
+        sums = {
+            layer: {kind: torch.tensor(value, dtype=torch.float64) for kind, value in kinds.items()}
+            for layer, kinds in data["sums"].items()
+        }
         return cls(sums, {layer: dict(kinds) for layer, kinds in data["counts"].items()})
 
 
@@ -85,8 +92,10 @@ class TemporalStatistics:
 
     def _lookup(self, table: dict[str, float], layer: str) -> float:
         if layer not in table:
-            raise KeyError(f"layer {layer!r} was not calibrated; calibrated layers: {sorted(table)[:6]}... "
-                           f"(calibrate the same model with calibrate_temporal or `diffopt calibrate`)")
+            raise KeyError(
+                f"layer {layer!r} was not calibrated; calibrated layers: {sorted(table)[:6]}... "
+                f"(calibrate the same model with calibrate_temporal or `diffopt calibrate`)"
+            )
         return table[layer]
 
     def add_step(self, layer: str, step: int, metrics: dict[str, float], count: int) -> None:
@@ -118,35 +127,43 @@ class TemporalStatistics:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "TemporalStatistics":
+    def from_dict(cls, data: Mapping[str, Any]) -> TemporalStatistics:
         return cls(**data)
 
     def report(self, per_layer: bool = False) -> str:
         """Model-wide numbers beside Ditto's published ones; optionally one line per layer."""
-        within4 = lambda name=None: (self.layer_mean(name, "zero") + self.layer_mean(name, "4bit")) if name \
+        within4 = lambda name=None: (
+            (self.layer_mean(name, "zero") + self.layer_mean(name, "4bit"))
+            if name
             else self.model_mean("zero") + self.model_mean("4bit")
-        lines = [f"temporal calibration: {len(self.step_sums)} observed inputs, int{self.bits} codes, "
-                 f"one static scale per layer",
-                 f"{'':34}{'diffopt':>10}{'Ditto paper':>14}",
-                 f"{'cosine similarity to previous step':34}{self.model_mean('cosine'):10.3f}{PAPER['cosine']:14.3f}",
-                 f"{'difference range / input range':34}{self.model_mean('range_ratio'):10.3f}"
-                 f"{PAPER['range_ratio']:14.3f}",
-                 f"{'code differences exactly zero':34}{self.model_mean('zero'):10.1%}{PAPER['zero']:14.1%}",
-                 f"{'code differences within 4 bits':34}{within4():10.1%}{PAPER['within_4bit']:14.1%}",
-                 f"{'code differences wider than 8 bits':34}{self.model_mean('wider'):10.1%}{'':>14}",
-                 f"{'token rows entirely zero':34}{self.model_mean('zero_rows'):10.1%}{'':>14}",
-                 "rows skippable at threshold (x max |difference|): " + "  ".join(
-                     f"{r:g}: {self.model_mean(f'rows_below_{r:g}', 'linear'):.1%}" for r in ROW_THRESHOLDS)
-                 + "  (linear layers)"]
+        )
+        lines = [
+            f"temporal calibration: {len(self.step_sums)} observed inputs, int{self.bits} codes, "
+            f"one static scale per layer",
+            f"{'':34}{'diffopt':>10}{'Ditto paper':>14}",
+            f"{'cosine similarity to previous step':34}{self.model_mean('cosine'):10.3f}{PAPER['cosine']:14.3f}",
+            f"{'difference range / input range':34}{self.model_mean('range_ratio'):10.3f}{PAPER['range_ratio']:14.3f}",
+            f"{'code differences exactly zero':34}{self.model_mean('zero'):10.1%}{PAPER['zero']:14.1%}",
+            f"{'code differences within 4 bits':34}{within4():10.1%}{PAPER['within_4bit']:14.1%}",
+            f"{'code differences wider than 8 bits':34}{self.model_mean('wider'):10.1%}{'':>14}",
+            f"{'token rows entirely zero':34}{self.model_mean('zero_rows'):10.1%}{'':>14}",
+            "rows skippable at threshold (x max |difference|): "
+            + "  ".join(f"{r:g}: {self.model_mean(f'rows_below_{r:g}', 'linear'):.1%}" for r in ROW_THRESHOLDS)
+            + "  (linear layers)",
+        ]
         for op in sorted(set(self.ops.values())):
-            lines.append(f"  {op:12} cos {self.model_mean('cosine', op):.3f}  zero {self.model_mean('zero', op):6.1%}"
-                         f"  within 4 bits {self.model_mean('zero', op) + self.model_mean('4bit', op):6.1%}")
+            lines.append(
+                f"  {op:12} cos {self.model_mean('cosine', op):.3f}  zero {self.model_mean('zero', op):6.1%}"
+                f"  within 4 bits {self.model_mean('zero', op) + self.model_mean('4bit', op):6.1%}"
+            )
         if per_layer:
             lines.append(f"\n{'layer':44}{'op':>10}{'cos':>7}{'range':>7}{'zero':>7}{'<=4b':>7}{'rows0':>7}")
             for name in self.step_sums:
-                lines.append(f"{name:44}{self.ops[name]:>10}{self.layer_mean(name, 'cosine'):7.3f}"
-                             f"{self.layer_mean(name, 'range_ratio'):7.3f}{self.layer_mean(name, 'zero'):7.1%}"
-                             f"{within4(name):7.1%}{self.layer_mean(name, 'zero_rows'):7.1%}")
+                lines.append(
+                    f"{name:44}{self.ops[name]:>10}{self.layer_mean(name, 'cosine'):7.3f}"
+                    f"{self.layer_mean(name, 'range_ratio'):7.3f}{self.layer_mean(name, 'zero'):7.1%}"
+                    f"{within4(name):7.1%}{self.layer_mean(name, 'zero_rows'):7.1%}"
+                )
         return "\n".join(lines)
 
 
@@ -158,18 +175,24 @@ class CalibrationStatistics:
     temporal: TemporalStatistics = field(default_factory=TemporalStatistics)
 
     def save(self, path: str | Path) -> None:
-        data = {"format": FORMAT, "version": FORMAT_VERSION, "activations": self.activations.to_dict(),
-                "temporal": self.temporal.to_dict()}
+        data = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "activations": self.activations.to_dict(),
+            "temporal": self.temporal.to_dict(),
+        }
         Path(path).write_text(json.dumps(data))
 
     @classmethod
-    def load(cls, path: str | Path) -> "CalibrationStatistics":
+    def load(cls, path: str | Path) -> CalibrationStatistics:
         path = Path(path)
         try:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as error:
             raise ValueError(f"cannot read calibration statistics {path}: {error}") from error
         if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("version") != FORMAT_VERSION:
-            raise ValueError(f"{path} is not a {FORMAT} file of version {FORMAT_VERSION} (write one with "
-                             f"diffopt.measure.calibration.calibrate(...).save(path) or `diffopt calibrate`)")
+            raise ValueError(
+                f"{path} is not a {FORMAT} file of version {FORMAT_VERSION} (write one with "
+                f"diffopt.measure.calibration.calibrate(...).save(path) or `diffopt calibrate`)"
+            )
         return cls(ActivationStatistics.from_dict(data["activations"]), TemporalStatistics.from_dict(data["temporal"]))

@@ -17,9 +17,11 @@ so it runs each seed twice and both passes see the same activations:
 One run feeds every pass that reads statistics (channel-aware ICC, Ditto's static
 modes, static quantization) in one ``optimize()`` call.
 """
+
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import fx
@@ -94,8 +96,9 @@ class CalibrationCollector(NodeHook):
             if linear:
                 self.statistics.activations.add(layer, "increment", _normalised_channel_magnitude(value - previous))
 
-    def _observe_step(self, layer: str, step: int, value: torch.Tensor, codes: torch.Tensor,
-                      previous: torch.Tensor) -> None:
+    def _observe_step(
+        self, layer: str, step: int, value: torch.Tensor, codes: torch.Tensor, previous: torch.Tensor
+    ) -> None:
         previous_value, previous_codes = previous
         batch = value.shape[0]
         flat, flat_previous = value.reshape(batch, -1), previous_value.reshape(batch, -1)
@@ -106,15 +109,25 @@ class CalibrationCollector(NodeHook):
         op = self.ops[layer]
         row_change = rows(value - previous_value, op).abs().amax(1)
         limit = self.statistics.temporal.difference_absmax.get(layer, 0.0)
-        metrics = {"cosine": float(cosine), "range_ratio": float(ranges.mean()),
-                   **code_width_fractions(code_difference),
-                   "zero_rows": float((rows(code_difference, op).abs().amax(1) == 0).float().mean()),
-                   **{f"rows_below_{r:g}": float((row_change <= r * limit).float().mean()) for r in ROW_THRESHOLDS}}
+        metrics = {
+            "cosine": float(cosine),
+            "range_ratio": float(ranges.mean()),
+            **code_width_fractions(code_difference),
+            "zero_rows": float((rows(code_difference, op).abs().amax(1) == 0).float().mean()),
+            **{f"rows_below_{r:g}": float((row_change <= r * limit).float().mean()) for r in ROW_THRESHOLDS},
+        }
         self.statistics.temporal.add_step(layer, step, metrics, batch)
 
 
-def calibrate(program: StepProgram, sampler: Sampler, conditions: Sequence[torch.Tensor], shape: Sequence[int],
-              seeds: Sequence[int] = (0,), bits: int = 8, progress: bool = True) -> CalibrationStatistics:
+def calibrate(
+    program: StepProgram,
+    sampler: Sampler,
+    conditions: Sequence[torch.Tensor],
+    shape: Sequence[int],
+    seeds: Sequence[int] = (0,),
+    bits: int = 8,
+    progress: bool = True,
+) -> CalibrationStatistics:
     """Observe ``program`` over one sampling run per seed and phase (module docstring)."""
     if len(program.variants) != 1:
         raise ValueError(f"calibrate the unoptimized program (one variant); this one has {sorted(program.variants)}")

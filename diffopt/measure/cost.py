@@ -11,11 +11,13 @@ values that ran; other annotated matmuls by their declared bits; unannotated one
 dtype (32 x 32 for float32). Peak memory is the largest total of live intermediate
 tensors (inputs and state included, weights not) during a step.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import fx
@@ -59,9 +61,14 @@ class RunCost:
         return max((s.peak_activation_bytes for s in self.steps), default=0)
 
     def summary(self) -> dict[str, Any]:
-        return {"macs": self.macs, "linear_bit_operations": self.linear_bit_operations,
-                "state_bytes": self.state_bytes, "peak_activation_bytes": self.peak_activation_bytes,
-                "weight_bytes": self.weight_bytes, "steps": [asdict(s) for s in self.steps]}
+        return {
+            "macs": self.macs,
+            "linear_bit_operations": self.linear_bit_operations,
+            "state_bytes": self.state_bytes,
+            "peak_activation_bytes": self.peak_activation_bytes,
+            "weight_bytes": self.weight_bytes,
+            "steps": [asdict(s) for s in self.steps],
+        }
 
 
 def _details(node: fx.Node) -> dict:
@@ -139,8 +146,10 @@ class CostCounter(NodeHook):
 
 
 def state_bytes(program: StepProgram, batch_size: int) -> int:
-    return sum(math.prod(e.shape_for(batch_size)) * torch.empty((), dtype=e.dtype).element_size()
-               for e in program.state.entries)
+    return sum(
+        math.prod(e.shape_for(batch_size)) * torch.empty((), dtype=e.dtype).element_size()
+        for e in program.state.entries
+    )
 
 
 def weight_bytes(program: StepProgram) -> int:
@@ -155,10 +164,12 @@ def weight_bytes(program: StepProgram) -> int:
     return sum(seen.values())
 
 
-def measure_run_cost(program: StepProgram, sampler: Sampler, conditions: Sequence[torch.Tensor],
-                     shape: Sequence[int], seed: int = 0) -> RunCost:
+def measure_run_cost(
+    program: StepProgram, sampler: Sampler, conditions: Sequence[torch.Tensor], shape: Sequence[int], seed: int = 0
+) -> RunCost:
     """Sample once with cost counting (a probe of an adaptive schedule counts as a step of its own)."""
     counter = CostCounter()
-    sampler.sample(OptimizedDenoiser(program, backend=InstrumentedBackend(program, [counter])), conditions,
-                   shape=shape, seed=seed)
+    sampler.sample(
+        OptimizedDenoiser(program, backend=InstrumentedBackend(program, [counter])), conditions, shape=shape, seed=seed
+    )
     return RunCost(counter.steps, state_bytes(program, shape[0]), weight_bytes(program))

@@ -8,12 +8,14 @@ measured cost, and ``modelled_seconds`` (per node ``overhead + max(MACs / MAC ra
 dtype, bytes read and written / bandwidth)``, constants from ``measure_machine``'s
 micro-benchmarks) the modelled one. ``DefoPass`` decides from the resulting ``LayerProfile``.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import statistics as stats
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import fx
@@ -69,8 +71,11 @@ def node_seconds(machine: MachineModel, node: fx.Node, args: Sequence[Any], out:
     tensors = [a for a in (*args, out) if isinstance(a, torch.Tensor)]
     moved = sum(t.numel() * t.element_size() for t in tensors)
     macs = node_macs(node, args, out)
-    rate = machine.macs_per_s.get(str(out.dtype).removeprefix("torch."), min(machine.macs_per_s.values())) \
-        if isinstance(out, torch.Tensor) else 1.0
+    rate = (
+        machine.macs_per_s.get(str(out.dtype).removeprefix("torch."), min(machine.macs_per_s.values()))
+        if isinstance(out, torch.Tensor)
+        else 1.0
+    )
     return machine.overhead_s + max(macs / rate, moved / machine.bytes_per_s)
 
 
@@ -122,10 +127,19 @@ def _cut(module: fx.GraphModule, nodes: list[fx.Node]) -> tuple[fx.GraphModule, 
     return fx.GraphModule(module, graph), inputs
 
 
-def profile_layers(program: StepProgram, difference: TemporalDifferencePass, sampler: Sampler,
-                   conditions: Sequence[torch.Tensor], shape: Sequence[int], *, calibration: Any = None,
-                   step_index: int | None = None, repeats: int = 20, machine: MachineModel | None = None,
-                   seed: int = 0) -> LayerProfile:
+def profile_layers(
+    program: StepProgram,
+    difference: TemporalDifferencePass,
+    sampler: Sampler,
+    conditions: Sequence[torch.Tensor],
+    shape: Sequence[int],
+    *,
+    calibration: Any = None,
+    step_index: int | None = None,
+    repeats: int = 20,
+    machine: MachineModel | None = None,
+    seed: int = 0,
+) -> LayerProfile:
     """Measure and model each layer group's full and delta cost at one delta step of a run."""
     machine = machine or measure_machine()
     all_delta, _ = Pipeline([difference]).run(program.copy(), PassContext(statistics=calibration))
@@ -142,22 +156,36 @@ def profile_layers(program: StepProgram, difference: TemporalDifferencePass, sam
     cuts = {group: _cut(delta_module, nodes) for group, nodes in members.items()}
     wanted = {n.name for _, inputs in cuts.values() for n in inputs} | set(sources.values())
     recorder = _ValueRecorder(step_index, wanted)
-    sampler.sample(OptimizedDenoiser(all_delta, backend=InstrumentedBackend(all_delta, [recorder])), conditions,
-                   shape=shape, seed=seed)
+    sampler.sample(
+        OptimizedDenoiser(all_delta, backend=InstrumentedBackend(all_delta, [recorder])),
+        conditions,
+        shape=shape,
+        seed=seed,
+    )
     profile = LayerProfile(dataclasses.asdict(difference), int(shape[0]), step_index, machine)
     for group, (delta_graph, inputs) in cuts.items():
         delta_inputs = [recorder.values[n.name] for n in inputs]
-        layers = list(dict.fromkeys(n.meta["diffopt"].details["layer"] for n in members[group]
-                                    if "diffopt" in n.meta and "layer" in n.meta["diffopt"].details))
+        layers = list(
+            dict.fromkeys(
+                n.meta["diffopt"].details["layer"]
+                for n in members[group]
+                if "diffopt" in n.meta and "layer" in n.meta["diffopt"].details
+            )
+        )
         op_names = {layer_ops[layer].name for layer in layers}  # the ops in full form, or their integer form:
-        full_graph, full_inputs = _cut(full_module, [n for n in full_module.graph.nodes
-                                                     if n.name in op_names or n.meta.get(GROUP_KEY) == group])
+        full_graph, full_inputs = _cut(
+            full_module, [n for n in full_module.graph.nodes if n.name in op_names or n.meta.get(GROUP_KEY) == group]
+        )
         full_values = [recorder.values[sources[group]]] * len(full_inputs)  # the ops of a group read one input
         with torch.no_grad():
-            full_s, delta_s = _interleaved_medians([lambda: full_graph(*full_values),
-                                                    lambda: delta_graph(*delta_inputs)], repeats)
-        profile.groups[group] = GroupCost(layers, full_s, delta_s, modelled_seconds(full_graph, full_values, machine),
-                                          modelled_seconds(delta_graph, delta_inputs, machine))
+            full_s, delta_s = _interleaved_medians(
+                [lambda: full_graph(*full_values), lambda: delta_graph(*delta_inputs)], repeats
+            )
+        profile.groups[group] = GroupCost(
+            layers,
+            full_s,
+            delta_s,
+            modelled_seconds(full_graph, full_values, machine),
+            modelled_seconds(delta_graph, delta_inputs, machine),
+        )
     return profile
-
-

@@ -10,9 +10,11 @@ way and tells the hooks which variant runs at which step of the sampling run; a 
 an adaptive schedule belongs to the step it decides, so the step index is exact whatever
 the schedule.
 """
+
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import fx

@@ -5,11 +5,13 @@ every node's real input and output shapes): linear = out.numel() * in_features,
 conv = out.numel() * in_channels/groups * kernel area, matmul-like = out.numel() * K,
 attention = batch * heads * L * S * (E_qk + E_v).
 """
+
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import fx
@@ -29,8 +31,7 @@ def node_macs(node: fx.Node, args: Sequence[Any], out: Any) -> int:
     if target in (aten.conv1d.default, aten.conv2d.default):
         weight = args[1]
         return out.numel() * weight[0].numel()
-    if target in (aten.mm.default, aten.bmm.default, aten.matmul.default, aten.addmm.default,
-                  aten.baddbmm.default):
+    if target in (aten.mm.default, aten.bmm.default, aten.matmul.default, aten.addmm.default, aten.baddbmm.default):
         first = args[1] if target in (aten.addmm.default, aten.baddbmm.default) else args[0]
         return out.numel() * first.shape[-1]
     if target == aten.scaled_dot_product_attention.default:
@@ -80,9 +81,11 @@ def summarize(module: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> GraphSu
     macs = macs_per_node(module, inputs)
     ops = Counter(op_type(n) for n in module.graph.nodes if n.op == "call_function")
     layers = [
-        LinearLayer(n.name, module_path(n) or module_class(n), op_type(n),
-                    tuple(n.args[1].meta["val"].shape), macs.get(n, 0))
-        for n in module.graph.nodes if n.op == "call_function" and n.target in LINEAR_OPS
+        LinearLayer(
+            n.name, module_path(n) or module_class(n), op_type(n), tuple(n.args[1].meta["val"].shape), macs.get(n, 0)
+        )
+        for n in module.graph.nodes
+        if n.op == "call_function" and n.target in LINEAR_OPS
     ]
     return GraphSummary(ops, sum(macs.values()), layers, find_blocks(module.graph))
 
@@ -90,12 +93,12 @@ def summarize(module: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> GraphSu
 def variant_macs(program, inputs: Sequence[torch.Tensor]) -> dict[str, int]:
     """MACs of one call of each variant of a step program at the inputs' batch size."""
     state = program.state.allocate(inputs[0].shape[0], inputs[0].device)
-    return {name: sum(macs_per_node(module, (*inputs, *state)).values())
-            for name, module in program.variants.items()}
+    return {name: sum(macs_per_node(module, (*inputs, *state)).values()) for name, module in program.variants.items()}
 
 
-def macs_per_run(program, inputs: Sequence[torch.Tensor], num_steps: int | None = None,
-                 variants_run: Sequence[str] | None = None) -> int:
+def macs_per_run(
+    program, inputs: Sequence[torch.Tensor], num_steps: int | None = None, variants_run: Sequence[str] | None = None
+) -> int:
     """MACs of a whole sampling run: each step's variant (and probe, where the schedule has
     one), as the schedule picks it for ``num_steps`` steps, or as a run used them
     (``variants_run``, e.g. ``SamplingStats.variants``; needed where a probe decides)."""
@@ -104,13 +107,17 @@ def macs_per_run(program, inputs: Sequence[torch.Tensor], num_steps: int | None 
     schedule = program.schedule
     if variants_run is None:
         if schedule.probes:
-            raise ValueError("a probe picks variants at run time: pass variants_run=stats.variants "
-                             "from a sampling run instead of num_steps=")
+            raise ValueError(
+                "a probe picks variants at run time: pass variants_run=stats.variants "
+                "from a sampling run instead of num_steps="
+            )
         variants_run = [schedule.variant_at(k) for k in range(num_steps)]
     per_variant = variant_macs(program, inputs)
     probes = [schedule.probe_at(k) for k in range(len(variants_run))]
-    return sum(per_variant[name] + (per_variant[probe] if probe is not None else 0)
-               for name, probe in zip(variants_run, probes))
+    return sum(
+        per_variant[name] + (per_variant[probe] if probe is not None else 0)
+        for name, probe in zip(variants_run, probes)
+    )
 
 
 class count_macs:
@@ -119,7 +126,7 @@ class count_macs:
     Python): torch's ``FlopCounterMode`` / 2, with CPU attention counted as well
     (torch only counts the CUDA attention kernels). ``.macs`` holds the total."""
 
-    def __enter__(self) -> "count_macs":
+    def __enter__(self) -> count_macs:
         from torch.utils.flop_counter import FlopCounterMode
 
         _register_cpu_attention_flops()

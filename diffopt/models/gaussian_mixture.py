@@ -11,6 +11,7 @@ so ``E[x0 | x_t]`` mixes these with the posterior responsibilities of the compon
 epsilon = (x_t - alpha x0_hat) / sigma and velocity = epsilon - x0_hat follow. A class
 label k < K conditions on component k; label K (the null class) uses the full mixture.
 """
+
 from __future__ import annotations
 
 import math
@@ -24,10 +25,19 @@ OUTPUTS = ("epsilon", "sample", "velocity")
 
 
 class GaussianMixtureDenoiser(nn.Module):
-    def __init__(self, means: torch.Tensor, stds: torch.Tensor, weights: torch.Tensor, *,
-                 sample_shape: tuple[int, ...] | None = None, parametrization: str = "ddpm",
-                 prediction: str = "epsilon", beta_schedule: str = "squaredcos_cap_v2",
-                 num_train_timesteps: int = 1000, timestep_scale: float = 1000.0):
+    def __init__(
+        self,
+        means: torch.Tensor,
+        stds: torch.Tensor,
+        weights: torch.Tensor,
+        *,
+        sample_shape: tuple[int, ...] | None = None,
+        parametrization: str = "ddpm",
+        prediction: str = "epsilon",
+        beta_schedule: str = "squaredcos_cap_v2",
+        num_train_timesteps: int = 1000,
+        timestep_scale: float = 1000.0,
+    ):
         super().__init__()
         if parametrization not in ("ddpm", "flow"):
             raise ValueError(f"parametrization must be 'ddpm' or 'flow', found {parametrization!r}")
@@ -58,16 +68,20 @@ class GaussianMixtureDenoiser(nn.Module):
         t = timestep.double() / self.timestep_scale
         return 1 - t, t
 
-    def posterior_mean(self, x_t: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor,
-                       class_labels: torch.Tensor | None = None) -> torch.Tensor:
+    def posterior_mean(
+        self, x_t: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, class_labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Exact ``E[x0 | x_t]`` (float64, flattened to (B, D))."""
         x = x_t.reshape(x_t.shape[0], -1).double()
         a, s = alpha[:, None], sigma[:, None]  # (B, 1)
         variance = a**2 * self.stds[None] ** 2 + s**2  # (B, K)
         centred = x[:, None, :] - a[:, :, None] * self.means[None]  # (B, K, D)
         dims = x.shape[1]
-        log_prob = (-0.5 * centred.pow(2).sum(-1) / variance - 0.5 * dims * torch.log(2 * math.pi * variance)
-                    + torch.log(self.weights)[None])
+        log_prob = (
+            -0.5 * centred.pow(2).sum(-1) / variance
+            - 0.5 * dims * torch.log(2 * math.pi * variance)
+            + torch.log(self.weights)[None]
+        )
         if class_labels is not None:
             conditioned = class_labels < self.num_components
             onehot = nn.functional.one_hot(class_labels.clamp(max=self.num_components - 1), self.num_components)
@@ -89,8 +103,9 @@ class GaussianMixtureDenoiser(nn.Module):
             out = eps if self.prediction == "epsilon" else eps - x0
         return out.to(x_t.dtype).reshape(x_t.shape)
 
-    def sample_data(self, n: int, generator: torch.Generator | None = None,
-                    class_labels: torch.Tensor | None = None) -> torch.Tensor:
+    def sample_data(
+        self, n: int, generator: torch.Generator | None = None, class_labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Exact draws from the data distribution (or from the labelled components)."""
         if class_labels is None:
             class_labels = torch.multinomial(self.weights.float(), n, replacement=True, generator=generator)
@@ -102,5 +117,6 @@ class GaussianMixtureDenoiser(nn.Module):
 def two_moons_mixture(**kwargs) -> GaussianMixtureDenoiser:
     """A 2-D, 4-component mixture with unequal weights and widths (the sampler test case)."""
     means = torch.tensor([[-2.0, 0.0], [2.0, 0.5], [0.0, 2.5], [0.5, -2.0]])
-    return GaussianMixtureDenoiser(means, torch.tensor([0.3, 0.5, 0.2, 0.4]), torch.tensor([0.4, 0.3, 0.2, 0.1]),
-                                   **kwargs)
+    return GaussianMixtureDenoiser(
+        means, torch.tensor([0.3, 0.5, 0.2, 0.4]), torch.tensor([0.4, 0.3, 0.2, 0.1]), **kwargs
+    )

@@ -3,6 +3,7 @@
 The "bring your own nn.Module" example: patchify -> N adaLN-zero transformer blocks ->
 final adaLN + linear -> unpatchify. ``forward(x, t, y) -> eps``.
 """
+
 from __future__ import annotations
 
 import math
@@ -42,8 +43,16 @@ class SimpleDiTBlock(nn.Module):
 
 
 class SimpleDiT(nn.Module):
-    def __init__(self, image_size: int = 16, patch_size: int = 2, channels: int = 1, hidden: int = 64,
-                 depth: int = 4, heads: int = 4, num_classes: int = 10):
+    def __init__(
+        self,
+        image_size: int = 16,
+        patch_size: int = 2,
+        channels: int = 1,
+        hidden: int = 64,
+        depth: int = 4,
+        heads: int = 4,
+        num_classes: int = 10,
+    ):
         super().__init__()
         self.patch_size, self.channels, self.hidden = patch_size, channels, hidden
         self.grid = image_size // patch_size

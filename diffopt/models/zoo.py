@@ -5,6 +5,7 @@ with and how it is conditioned. Weights are trained by ``scripts/train_reference
 and shipped in ``diffopt/models/weights`` as safetensors; loading never touches the
 network.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 IMAGE_SIZE = 16  # the digits are upsampled from 8x8 to 16x16
@@ -56,22 +56,32 @@ _UNET_CONFIG = dict(
 )
 # clip_sample: x0 predictions are clamped to the data range [-1, 1] (and epsilon re-derived);
 # needed because the cosine schedule's last training step has abar ~ 2e-9
-_DDPM_COSINE = dict(kind="ddpm", num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
-                    prediction_type="epsilon", clip_sample=1.0)
+_DDPM_COSINE = dict(
+    kind="ddpm", num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon", clip_sample=1.0
+)
 _FLOW = dict(kind="flow", timestep_scale=1000.0, prediction_type="velocity")
 # constant learning rate after warm-up until decay_start, then cosine decay to lr_min at `steps`
-_RECIPE = dict(steps=1500, batch_size=128, lr=1e-3, lr_min=1e-5, decay_start=1500, ema_decay=0.998,
-               label_dropout=0.1, seed=0)
+_RECIPE = dict(
+    steps=1500, batch_size=128, lr=1e-3, lr_min=1e-5, decay_start=1500, ema_decay=0.998, label_dropout=0.1, seed=0
+)
 
 REFERENCE_MODELS: dict[str, ReferenceModelSpec] = {
     spec.name: spec
     for spec in (
-        ReferenceModelSpec("dit-digits", "dit", "epsilon", _DIT_CONFIG, _DDPM_COSINE,
-                           {**_RECIPE, "steps": 3500, "decay_start": 1500}),
-        ReferenceModelSpec("unet-digits", "unet", "epsilon", _UNET_CONFIG, _DDPM_COSINE,
-                           {**_RECIPE, "steps": 3500, "decay_start": 1500}),
-        ReferenceModelSpec("dit-digits-flow", "dit", "flow", _DIT_CONFIG, _FLOW,
-                           {**_RECIPE, "steps": 3500, "decay_start": 1500}),
+        ReferenceModelSpec(
+            "dit-digits", "dit", "epsilon", _DIT_CONFIG, _DDPM_COSINE, {**_RECIPE, "steps": 3500, "decay_start": 1500}
+        ),
+        ReferenceModelSpec(
+            "unet-digits",
+            "unet",
+            "epsilon",
+            _UNET_CONFIG,
+            _DDPM_COSINE,
+            {**_RECIPE, "steps": 3500, "decay_start": 1500},
+        ),
+        ReferenceModelSpec(
+            "dit-digits-flow", "dit", "flow", _DIT_CONFIG, _FLOW, {**_RECIPE, "steps": 3500, "decay_start": 1500}
+        ),
     )
 }
 
@@ -116,8 +126,17 @@ def load(name: str) -> tuple[torch.nn.Module, dict[str, Any]]:
 
 def describe(name: str) -> str:
     spec = get_spec(name)
-    return json.dumps({"name": spec.name, "architecture": spec.architecture, "objective": spec.objective,
-                       "config": spec.config, "scheduler": spec.scheduler}, indent=2, default=list)
+    return json.dumps(
+        {
+            "name": spec.name,
+            "architecture": spec.architecture,
+            "objective": spec.objective,
+            "config": spec.config,
+            "scheduler": spec.scheduler,
+        },
+        indent=2,
+        default=list,
+    )
 
 
 def example_inputs(name: str, batch_size: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

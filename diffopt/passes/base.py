@@ -6,12 +6,14 @@ onnx-ir's pass infrastructure. The ``Pipeline`` runs passes in order, recompiles
 program after each one (``graph.lint()`` plus the step-program invariants), checks that
 ``modified`` is truthful, and names the failing pass and the passes before it.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, Sequence
+from typing import ClassVar
 
 from diffopt.ir.annotations import META_KEY, NodeAnnotation
 from diffopt.ir.graph_tools import output_values, placeholders
@@ -49,13 +51,17 @@ class PassContext:
 
     def __post_init__(self) -> None:
         if self.statistics is not None and not isinstance(self.statistics, CalibrationStatistics):
-            raise TypeError(f"calibration must be the CalibrationStatistics of diffopt.measure.calibration.calibrate "
-                            f"(or CalibrationStatistics.load(path)), found {type(self.statistics).__name__}")
+            raise TypeError(
+                f"calibration must be the CalibrationStatistics of diffopt.measure.calibration.calibrate "
+                f"(or CalibrationStatistics.load(path)), found {type(self.statistics).__name__}"
+            )
 
     def require_statistics(self, pass_name: str) -> CalibrationStatistics:
         if self.statistics is None:
-            raise PassNotApplicable(f"{pass_name} needs calibration statistics: pass calibration=calibrate(...) "
-                                    f"(diffopt.measure.calibration) or CalibrationStatistics.load(path) to optimize()")
+            raise PassNotApplicable(
+                f"{pass_name} needs calibration statistics: pass calibration=calibrate(...) "
+                f"(diffopt.measure.calibration) or CalibrationStatistics.load(path) to optimize()"
+            )
         return self.statistics
 
 
@@ -80,20 +86,26 @@ class GraphPass:
             return True
         for kind, other in program.applied:
             if kind == self.kind:
-                raise PassNotApplicable(f"{self.name} cannot apply: the program already has {kind} variants from "
-                                        f"{other}; {kind} passes do not stack, so keep one of them")
+                raise PassNotApplicable(
+                    f"{self.name} cannot apply: the program already has {kind} variants from "
+                    f"{other}; {kind} passes do not stack, so keep one of them"
+                )
             if kind in self.after:
-                raise PassNotApplicable(f"{self.name} cannot apply after {other}: run {kind} passes after "
-                                        f"{self.kind} passes (they compose over its variants, not the reverse)")
+                raise PassNotApplicable(
+                    f"{self.name} cannot apply after {other}: run {kind} passes after "
+                    f"{self.kind} passes (they compose over its variants, not the reverse)"
+                )
         return False
 
     def require_one_variant(self, program: StepProgram) -> None:
         """For passes that make the first variants of a program."""
         if len(program.variants) != 1:
             applied = [other for _, other in program.applied] or "none"
-            raise PassNotApplicable(f"{self.name} rewrites a program with one variant; this one has "
-                                    f"{sorted(map(str, program.variants))} (variant-creating passes before it: "
-                                    f"{applied}). Run it first.")
+            raise PassNotApplicable(
+                f"{self.name} rewrites a program with one variant; this one has "
+                f"{sorted(map(str, program.variants))} (variant-creating passes before it: "
+                f"{applied}). Run it first."
+            )
 
     def record(self, program: StepProgram) -> StepProgram:
         """``program`` with this pass recorded as applied."""
@@ -118,16 +130,20 @@ def require_int(owner: str, field: str, value, minimum: int | None = None, optio
         raise ValueError(f"{owner}.{field} must be {expected}, found {value!r}")
 
 
-def require_number(owner: str, field: str, value, minimum: float | None = None, maximum: float | None = None,
-                   optional: bool = False) -> None:
+def require_number(
+    owner: str, field: str, value, minimum: float | None = None, maximum: float | None = None, optional: bool = False
+) -> None:
     """Raise ``ValueError`` naming ``owner.field`` unless ``value`` is a finite number in range."""
     if optional and value is None:
         return
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     ok = ok and (minimum is None or value >= minimum) and (maximum is None or value <= maximum)
     if not ok:
-        bounds = " ".join(part for part in (f">= {minimum}" if minimum is not None else "",
-                                            f"<= {maximum}" if maximum is not None else "") if part)
+        bounds = " ".join(
+            part
+            for part in (f">= {minimum}" if minimum is not None else "", f"<= {maximum}" if maximum is not None else "")
+            if part
+        )
         expected = f"a finite number {bounds}".rstrip() + (" or None" if optional else "")
         raise ValueError(f"{owner}.{field} must be {expected}, found {value!r}")
 
@@ -138,8 +154,9 @@ def block_names(owner: str, blocks) -> tuple[str, ...] | None:
     if blocks is None:
         return None
     if isinstance(blocks, str) or not all(isinstance(block, str) for block in blocks):
-        raise ValueError(f"{owner}.blocks must be a tuple of block names such as ('transformer_blocks.1',), "
-                         f"found {blocks!r}")
+        raise ValueError(
+            f"{owner}.blocks must be a tuple of block names such as ('transformer_blocks.1',), found {blocks!r}"
+        )
     if not blocks:
         raise ValueError(f"{owner}.blocks is empty: pass None for every block, or name some")
     return tuple(blocks)
@@ -150,28 +167,36 @@ def verify_program(program: StepProgram) -> None:
     expected_inputs = program.num_inputs + len(program.state)
     for name in program.schedule.variants:
         if name not in program.variants:
-            raise ProgramInvariantError(f"the schedule uses variant {name!r}, but the program only has "
-                                        f"{sorted(program.variants)}")
+            raise ProgramInvariantError(
+                f"the schedule uses variant {name!r}, but the program only has {sorted(program.variants)}"
+            )
     for name, module in program.variants.items():
         graph = module.graph
         graph.lint()
         inputs = placeholders(graph)
         if len(inputs) != expected_inputs:
-            raise ProgramInvariantError(f"variant {name!r} has {len(inputs)} inputs; expected {expected_inputs} "
-                                        f"({program.num_inputs} model inputs + state {list(program.state.names)})")
+            raise ProgramInvariantError(
+                f"variant {name!r} has {len(inputs)} inputs; expected {expected_inputs} "
+                f"({program.num_inputs} model inputs + state {list(program.state.names)})"
+            )
         outputs = output_values(graph)
         if len(outputs) != 1 + len(program.state):
-            raise ProgramInvariantError(f"variant {name!r} returns {len(outputs)} values; expected "
-                                        f"(out, *new_state) = {1 + len(program.state)}")
+            raise ProgramInvariantError(
+                f"variant {name!r} returns {len(outputs)} values; expected (out, *new_state) = {1 + len(program.state)}"
+            )
         aliased = [getattr(v, "name", v) for v in outputs if getattr(v, "op", None) == "placeholder"]
         if aliased:
-            raise ProgramInvariantError(f"variant {name!r} returns its inputs {aliased} unchanged; copy them "
-                                        f"(graph_tools.thread_state does) so runtimes never alias buffers")
+            raise ProgramInvariantError(
+                f"variant {name!r} returns its inputs {aliased} unchanged; copy them "
+                f"(graph_tools.thread_state does) so runtimes never alias buffers"
+            )
         for node in graph.nodes:
             annotation = node.meta.get(META_KEY)
             if annotation is not None and not isinstance(annotation, NodeAnnotation):
-                raise ProgramInvariantError(f"node {node.name} in variant {name!r} has a {type(annotation).__name__}"
-                                            f" under meta[{META_KEY!r}]; expected a NodeAnnotation")
+                raise ProgramInvariantError(
+                    f"node {node.name} in variant {name!r} has a {type(annotation).__name__}"
+                    f" under meta[{META_KEY!r}]; expected a NodeAnnotation"
+                )
 
 
 @dataclass(frozen=True)
@@ -195,8 +220,9 @@ class Pipeline:
         verify_program(program)
         for index, graph_pass in enumerate(self.passes):
             before = [r.name for r in records]
-            where = (f"pass {graph_pass.name!r} (#{index + 1} of {len(self.passes)}; "
-                     f"passes before it: {before or 'none'})")
+            where = (
+                f"pass {graph_pass.name!r} (#{index + 1} of {len(self.passes)}; passes before it: {before or 'none'})"
+            )
             fingerprint = program.fingerprint()
             try:
                 graph_pass.requires(program, context)
@@ -209,10 +235,10 @@ class Pipeline:
                 raise PassError(f"{where} failed: {type(error).__name__}: {error}") from error
             changed = result.program.fingerprint() != fingerprint
             if changed != result.modified:
-                raise PassError(f"{where} reported modified={result.modified}, but the program "
-                                f"{'changed' if changed else 'did not change'}")
+                raise PassError(
+                    f"{where} reported modified={result.modified}, but the program "
+                    f"{'changed' if changed else 'did not change'}"
+                )
             program = result.program
             records.append(PassRecord(graph_pass.name, result.modified))
         return program, records
-
-

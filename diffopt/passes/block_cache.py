@@ -16,6 +16,7 @@ first block's output; above it ``full`` recomputes them and refreshes ``r_ref`` 
 stored residual. The first block's output reaches both variants through state, so the
 first block runs once per step.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,13 +26,27 @@ from typing import ClassVar
 import torch
 from torch import fx
 
-from diffopt.ir.layers import find_blocks
 from diffopt.ir.annotations import NodeAnnotation, annotate
 from diffopt.ir.graph_tools import (
-    add_variant, finish_probe, insert_relative_change, module_scopes, remove_dead_code, state_shape, thread_state,
+    add_variant,
+    finish_probe,
+    insert_relative_change,
+    module_scopes,
+    remove_dead_code,
+    state_shape,
+    thread_state,
 )
-from diffopt.passes.base import GraphPass, PassContext, PassNotApplicable, PassResult, block_names, require_int, require_number
+from diffopt.ir.layers import find_blocks
 from diffopt.ir.program import CACHED, FULL, PROBE, AdaptiveSchedule, Schedule, StateEntry, StepProgram
+from diffopt.passes.base import (
+    GraphPass,
+    PassContext,
+    PassNotApplicable,
+    PassResult,
+    block_names,
+    require_int,
+    require_number,
+)
 
 aten = torch.ops.aten
 
@@ -50,12 +65,18 @@ def block_boundary(graph: fx.Graph, block: str) -> BlockBoundary:
         raise ValueError(f"block {block!r} has no nodes in this graph; blocks: {_all_blocks(graph)}")
     outputs = [node for node in graph.nodes if node in members and any(u not in members for u in node.users)]
     if len(outputs) != 1:
-        raise ValueError(f"block {block!r} passes {len(outputs)} values on ({[n.name for n in outputs]}); "
-                         f"block caching needs blocks with exactly one output: choose other blocks")
+        raise ValueError(
+            f"block {block!r} passes {len(outputs)} values on ({[n.name for n in outputs]}); "
+            f"block caching needs blocks with exactly one output: choose other blocks"
+        )
     output = outputs[0]
     shape = _shape(output)
-    inputs = {arg for node in members for arg in node.all_input_nodes
-              if arg not in members and arg.op != "get_attr" and _shape(arg) == shape}
+    inputs = {
+        arg
+        for node in members
+        for arg in node.all_input_nodes
+        if arg not in members and arg.op != "get_attr" and _shape(arg) == shape
+    }
     return BlockBoundary(output, inputs.pop() if len(inputs) == 1 else None)
 
 
@@ -95,14 +116,17 @@ class BlockCachePass(GraphPass):
         self.require_one_variant(program)
         blocks = self._selected(program.variants[FULL].graph)
         if not blocks:
-            raise PassNotApplicable(f"{self.name}: no block of this model has exactly one output; blocks: "
-                                    f"{_all_blocks(program.variants[FULL].graph)}")
+            raise PassNotApplicable(
+                f"{self.name}: no block of this model has exactly one output; blocks: "
+                f"{_all_blocks(program.variants[FULL].graph)}"
+            )
         add_variant(program, CACHED, copy_of=FULL)
         for block in blocks:
             boundary = block_boundary(program.variants[FULL].graph, block)
             kind = "residual" if boundary.hidden_input is not None else "output"
-            entry = StateEntry(f"{block}.cached_{kind}", state_shape(boundary.output),
-                               boundary.output.meta["val"].dtype, self.name)
+            entry = StateEntry(
+                f"{block}.cached_{kind}", state_shape(boundary.output), boundary.output.meta["val"].dtype, self.name
+            )
 
             def update(variant, graph, state_input, block=block, kind=kind):
                 current = block_boundary(graph, block)  # re-read: rewrites of earlier blocks moved its input
@@ -166,8 +190,10 @@ class FirstBlockCachePass(GraphPass):
         first, last = self._chain(graph)
         head, tail = block_boundary(graph, first), block_boundary(graph, last)
         if head.hidden_input is None or _shape(tail.output) != _shape(head.output):
-            raise ValueError(f"first-block caching needs {first!r} to keep its input's shape and {last!r} to "
-                             f"return that shape too (a residual chain, as in transformers)")
+            raise ValueError(
+                f"first-block caching needs {first!r} to keep its input's shape and {last!r} to "
+                f"return that shape too (a residual chain, as in transformers)"
+            )
         probe = add_variant(program, PROBE, copy_of=FULL)
         add_variant(program, CACHED, copy_of=FULL)
         shape, dtype = state_shape(head.output), head.output.meta["val"].dtype
@@ -190,8 +216,9 @@ class FirstBlockCachePass(GraphPass):
                 return state_input
             boundary = block_boundary(graph, first)
             with graph.inserting_after(boundary.output):
-                inputs[PROBE]["new_residual"] = graph.call_function(aten.sub.Tensor,
-                                                                    (boundary.output, boundary.hidden_input))
+                inputs[PROBE]["new_residual"] = graph.call_function(
+                    aten.sub.Tensor, (boundary.output, boundary.hidden_input)
+                )
             return inputs[PROBE]["new_residual"]
 
         def reference_residual(variant, graph, state_input):
@@ -210,19 +237,21 @@ class FirstBlockCachePass(GraphPass):
                     return graph.call_function(aten.sub.Tensor, (output, first_block_output))
                 rebuilt = graph.call_function(aten.add.Tensor, (first_block_output, state_input))
             rebuilt.meta["val"] = output.meta["val"]
-            annotate(rebuilt, NodeAnnotation(CACHED, self.name, reason=f"blocks after {first} reused",
-                                             details=details))
+            annotate(rebuilt, NodeAnnotation(CACHED, self.name, reason=f"blocks after {first} reused", details=details))
             output.replace_all_uses_with(rebuilt)
             return state_input
 
-        for name, update in (("output", first_output), ("residual", first_residual),
-                             ("reference_residual", reference_residual),
-                             ("later_blocks_residual", later_blocks_residual)):
+        for name, update in (
+            ("output", first_output),
+            ("residual", first_residual),
+            ("reference_residual", reference_residual),
+            ("later_blocks_residual", later_blocks_residual),
+        ):
             program = thread_state(program, entry(name), update)
-        finish_probe(probe, insert_relative_change(probe.graph, inputs[PROBE]["new_residual"],
-                                                   inputs[PROBE]["reference"]))
+        finish_probe(
+            probe, insert_relative_change(probe.graph, inputs[PROBE]["new_residual"], inputs[PROBE]["reference"])
+        )
         for variant in (FULL, CACHED):
             remove_dead_code(program.variants[variant])
         schedule = AdaptiveSchedule(PROBE, self.threshold, refresh=FULL, between=CACHED)
         return PassResult(self.record(dataclasses.replace(program, schedule=schedule)), True)
-

@@ -13,11 +13,12 @@ Passing untouched state on is what keeps compositions exact: a temporal-differen
 layer that a cached step skips keeps the previous input and output of the last step it
 ran, and its next difference is taken against that pair.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import fx
@@ -28,23 +29,26 @@ from diffopt.ir.program import FULL, ComposedSchedule, Schedule, StateEntry, Sta
 aten = torch.ops.aten
 
 
-def rewrite_every_variant(program: StepProgram,
-                          rewrite: Callable[[StepProgram], StepProgram]) -> StepProgram:
+def rewrite_every_variant(program: StepProgram, rewrite: Callable[[StepProgram], StepProgram]) -> StepProgram:
     """Apply ``rewrite`` (one-variant program -> its variants, periodic schedule) to each
     variant of ``program`` and combine the results (module docstring)."""
     if set(program.variants) == {FULL}:
         return rewrite(program)
-    results = {name: rewrite(dataclasses.replace(program, variants={FULL: module}, schedule=Schedule()))
-               for name, module in program.variants.items()}
+    results = {
+        name: rewrite(dataclasses.replace(program, variants={FULL: module}, schedule=Schedule()))
+        for name, module in program.variants.items()
+    }
     inner = _common_schedule(results)
     base = program.state.entries
     added: dict[str, StateEntry] = {}
     for result in results.values():
-        for entry in result.state.entries[len(base):]:
+        for entry in result.state.entries[len(base) :]:
             known = added.setdefault(entry.name, entry)
             if (known.shape, known.dtype) != (entry.shape, entry.dtype):
-                raise ValueError(f"state {entry.name!r} has shape {entry.shape} {entry.dtype} in one variant and "
-                                 f"{known.shape} {known.dtype} in another")
+                raise ValueError(
+                    f"state {entry.name!r} has shape {entry.shape} {entry.dtype} in one variant and "
+                    f"{known.shape} {known.dtype} in another"
+                )
     state = StateSpec((*base, *added.values()))
     variants, names = {}, []
     for source, result in results.items():
@@ -60,13 +64,15 @@ def rewrite_every_variant(program: StepProgram,
 def _common_schedule(results: dict[str, StepProgram]) -> Schedule:
     schedules = {result.schedule for result in results.values()}
     if len(schedules) != 1 or not isinstance(next(iter(schedules)), Schedule):
-        raise ValueError(f"a rewrite composed over variants must give every variant the same periodic schedule, "
-                         f"found {schedules}")
+        raise ValueError(
+            f"a rewrite composed over variants must give every variant the same periodic schedule, found {schedules}"
+        )
     return next(iter(schedules))
 
 
-def align_state(module: fx.GraphModule, num_inputs: int, have: tuple[StateEntry, ...],
-                want: tuple[StateEntry, ...]) -> None:
+def align_state(
+    module: fx.GraphModule, num_inputs: int, have: tuple[StateEntry, ...], want: tuple[StateEntry, ...]
+) -> None:
     """Make ``module``'s state inputs and outputs ``want`` (in that order) instead of
     ``have``: entries it lacks are passed on unchanged (``clone`` of the input)."""
     graph = module.graph

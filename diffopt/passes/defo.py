@@ -11,6 +11,7 @@ The costs come from a ``LayerProfile`` (``measure.defo_profile.profile_layers``)
 ``cost="model"`` a cost model that never looks at a clock during the decision. A layer the
 user's policy sets ``mode`` for keeps the user's choice (reason: "policy override").
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -52,8 +53,10 @@ class DefoPass(GraphPass):
         for group in self.profile.groups.values():
             delta_s, full_s = getattr(group, f"delta_{self.cost}_s"), getattr(group, f"full_{self.cost}_s")
             mode = DELTA if delta_s < full_s else FULL
-            reason = (f"Defo ({self.cost}): delta {delta_s * 1e6:.1f} us {'<' if mode == DELTA else '>='} "
-                      f"full {full_s * 1e6:.1f} us at batch {self.profile.batch_size}")
+            reason = (
+                f"Defo ({self.cost}): delta {delta_s * 1e6:.1f} us {'<' if mode == DELTA else '>='} "
+                f"full {full_s * 1e6:.1f} us at batch {self.profile.batch_size}"
+            )
             for layer in group.layers:
                 decided[layer] = {"mode": mode, "reason": reason}
         return decided
@@ -69,8 +72,10 @@ class DefoPass(GraphPass):
                     decided[layer] = {"reason": "policy override"}
                 elif layer in decisions:
                     decided[layer] = decisions[layer]
-        exact_names = {**decided, **{name: {**decided.get(name, {}), **settings}
-                                     for name, settings in user.exact_names.items()}}
+        exact_names = {
+            **decided,
+            **{name: {**decided.get(name, {}), **settings} for name, settings in user.exact_names.items()},
+        }
         policy = LayerPolicy(user.global_settings, user.op_types, user.module_patterns, exact_names)
         result = self.difference.call(program, dataclasses.replace(context, policy=policy))
         if not result.modified:

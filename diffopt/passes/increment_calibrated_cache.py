@@ -20,6 +20,7 @@ timestep-embedding linears (batch x channels) stay live. The policy can exclude 
 layer's rank so that the low-rank paths cost a given fraction of the cached layers' full
 MACs, spending ranks where they keep the most spectral energy.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,13 +32,26 @@ from torch import fx
 
 from diffopt.ir.annotations import NodeAnnotation, annotate
 from diffopt.ir.graph_tools import (
-    add_variant, finish_probe, insert_relative_change, node_named, remove_dead_code, state_shape, thread_state,
+    add_variant,
+    finish_probe,
+    insert_relative_change,
+    node_named,
+    remove_dead_code,
+    state_shape,
+    thread_state,
 )
 from diffopt.ir.layers import find_blocks, linear_layers
-from diffopt.passes.base import (GraphPass, PassContext, PassNotApplicable, PassResult, block_names, require_int,
-                                 require_number)
-from diffopt.passes.low_rank import low_rank_factors, ranks_under_budget
 from diffopt.ir.program import CALIBRATED, FULL, PROBE, AdaptiveSchedule, Schedule, StateEntry, StepProgram
+from diffopt.passes.base import (
+    GraphPass,
+    PassContext,
+    PassNotApplicable,
+    PassResult,
+    block_names,
+    require_int,
+    require_number,
+)
+from diffopt.passes.low_rank import low_rank_factors, ranks_under_budget
 
 aten = torch.ops.aten
 FACTORIZATIONS = {"svd": None, "channel-aware": "input", "channel-aware-increment": "increment"}
@@ -90,8 +104,12 @@ class IncrementCalibratedCachePass(GraphPass):
                 continue
             settings = context.policy.resolve(name, "linear")
             if node.args[0].meta["val"].dim() < 3:
-                annotate(node, NodeAnnotation("original", self.name, reason="not token-wise (modulation or "
-                                                                              "embedding): computed live"))
+                annotate(
+                    node,
+                    NodeAnnotation(
+                        "original", self.name, reason="not token-wise (modulation or embedding): computed live"
+                    ),
+                )
             elif settings.get("cache", True) is False:
                 annotate(node, NodeAnnotation("original", self.name, reason="excluded by the layer policy"))
             else:
@@ -103,8 +121,10 @@ class IncrementCalibratedCachePass(GraphPass):
         budgeted = [i for i, (_, _, rank) in enumerate(layers) if rank is _BUDGET]
         if not budgeted:
             return layers
-        ranks = ranks_under_budget([(_weight(module, layers[i][0]), *self._channel_weights(layers[i][1], context))
-                                    for i in budgeted], self.mac_budget)
+        ranks = ranks_under_budget(
+            [(_weight(module, layers[i][0]), *self._channel_weights(layers[i][1], context)) for i in budgeted],
+            self.mac_budget,
+        )
         chosen = dict(zip(budgeted, ranks))
         return [(node, layer, chosen.get(i, rank)) for i, (node, layer, rank) in enumerate(layers)]
 
@@ -126,8 +146,10 @@ class IncrementCalibratedCachePass(GraphPass):
         full_module = program.variants[FULL]
         layers = self._select(full_module.graph, context)
         if not layers:
-            raise PassNotApplicable(f"{self.name}: no token-wise linear layer in blocks {self._block_members(full_module.graph)} "
-                                    f"is left to cache (the policy excluded them, or the blocks have none)")
+            raise PassNotApplicable(
+                f"{self.name}: no token-wise linear layer in blocks {self._block_members(full_module.graph)} "
+                f"is left to cache (the policy excluded them, or the blocks have none)"
+            )
         layers = self._budget_ranks(full_module, layers, context)
         calibrated_module = add_variant(program, CALIBRATED, copy_of=FULL)
         probe = add_variant(program, PROBE, copy_of=FULL) if self.refresh_threshold is not None else None
@@ -137,8 +159,9 @@ class IncrementCalibratedCachePass(GraphPass):
             weight = _weight(full_module, node)
             out_features, in_features = weight.shape
             effective_rank = min(in_features, out_features) if rank is None else min(rank, in_features, out_features)
-            inputs = StateEntry(f"{layer}.cached_input", state_shape(node.args[0]), node.args[0].meta["val"].dtype,
-                                self.name)
+            inputs = StateEntry(
+                f"{layer}.cached_input", state_shape(node.args[0]), node.args[0].meta["val"].dtype, self.name
+            )
             outputs = StateEntry(f"{layer}.cached_output", state_shape(node), node.meta["val"].dtype, self.name)
             reused = node.args[0].name in shared_inputs  # q, k and v read one input: one cached copy
             cached_input = shared_inputs.setdefault(node.args[0].name, {})
@@ -149,19 +172,33 @@ class IncrementCalibratedCachePass(GraphPass):
                     probe_increment.extend((node_named(graph, node_name).args[0], state_input))
                 return node_named(graph, node_name).args[0] if variant == FULL else state_input
 
-            def store_output(variant, graph, state_input, node_name=node.name, index=index, rank=effective_rank,
-                             weight=weight):
+            def store_output(
+                variant, graph, state_input, node_name=node.name, index=index, rank=effective_rank, weight=weight
+            ):
                 linear = node_named(graph, node_name)
                 if variant == PROBE:
                     return state_input
                 if variant == FULL:
                     annotate(linear, NodeAnnotation("full", self.name, rank=rank, details={"period": self.period}))
                     return linear
-                corrected = _calibrated_output(calibrated_module, graph, linear, cached_input[variant], state_input,
-                                               self._factors(layer, rank, weight, context) if rank else None, index)
-                annotate(corrected, NodeAnnotation(CALIBRATED, self.name, rank=rank,
-                                                   details={"layer": layer, "period": self.period,
-                                                            "factorization": self.factorization}))
+                corrected = _calibrated_output(
+                    calibrated_module,
+                    graph,
+                    linear,
+                    cached_input[variant],
+                    state_input,
+                    self._factors(layer, rank, weight, context) if rank else None,
+                    index,
+                )
+                annotate(
+                    corrected,
+                    NodeAnnotation(
+                        CALIBRATED,
+                        self.name,
+                        rank=rank,
+                        details={"layer": layer, "period": self.period, "factorization": self.factorization},
+                    ),
+                )
                 return state_input
 
             if not reused:
@@ -184,9 +221,15 @@ def _weight(module: fx.GraphModule, node: fx.Node) -> torch.Tensor:
     return module.get_parameter(node.args[1].target)
 
 
-def _calibrated_output(module: fx.GraphModule, graph: fx.Graph, linear: fx.Node, cached_input: fx.Node,
-                       cached_output: fx.Node, factors: tuple[torch.Tensor, torch.Tensor] | None,
-                       index: int) -> fx.Node:
+def _calibrated_output(
+    module: fx.GraphModule,
+    graph: fx.Graph,
+    linear: fx.Node,
+    cached_input: fx.Node,
+    cached_output: fx.Node,
+    factors: tuple[torch.Tensor, torch.Tensor] | None,
+    index: int,
+) -> fx.Node:
     """Replace ``linear`` by ``y_c + A (B (x - x_c))`` (or ``y_c`` without factors)."""
     if factors is None:
         corrected = cached_output

@@ -5,6 +5,7 @@ Integer arithmetic keeps codes in float64: products of int8 codes summed over an
 realistic reduction stay far below 2**53, so float64 accumulation is exact and the
 same in every order: an integer identity holds bit for bit, not within a tolerance.
 """
+
 from __future__ import annotations
 
 import torch
@@ -18,8 +19,9 @@ aten = torch.ops.aten
 WEIGHT_BITS = 8
 
 
-def call_like(graph: fx.Graph, op: fx.Node, activation: fx.Node, weight: fx.Node,
-              bias: fx.Node | None = None) -> fx.Node:
+def call_like(
+    graph: fx.Graph, op: fx.Node, activation: fx.Node, weight: fx.Node, bias: fx.Node | None = None
+) -> fx.Node:
     """``op`` (linear or conv, same stride/padding/...) applied to other operands."""
     return graph.call_function(op.target, (activation, weight, bias, *op.args[3:]), dict(op.kwargs))
 
@@ -65,5 +67,6 @@ class IntegerLinear:
         bias = op.args[2] if len(op.args) > 2 else None
         if bias is None:
             return value
-        return graph.call_function(aten.add.Tensor, (value, graph.call_function(aten.view.default,
-                                                                                 (bias, list(self.shape)))))
+        return graph.call_function(
+            aten.add.Tensor, (value, graph.call_function(aten.view.default, (bias, list(self.shape))))
+        )

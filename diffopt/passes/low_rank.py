@@ -6,9 +6,10 @@ channel-aware SVD: factor ``W' = diag(l) W diag(s)`` instead, with output-channe
 ``A = diag(l)^-1 U_r S_r``, ``B = V_r^T diag(s)^-1``. The truncation then keeps what
 matters for the activations the layer really sees.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -20,8 +21,12 @@ def _scaled(weight: torch.Tensor, input_weights: torch.Tensor | None, output_wei
     return left, right, left[:, None] * weight.detach().double() * right[None, :]
 
 
-def low_rank_factors(weight: torch.Tensor, rank: int, input_weights: torch.Tensor | None = None,
-                     output_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def low_rank_factors(
+    weight: torch.Tensor,
+    rank: int,
+    input_weights: torch.Tensor | None = None,
+    output_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(A: out x r, B: r x in) in the weight's dtype; ``rank`` >= min(out, in) is exact."""
     rank = min(rank, *weight.shape)
     left, right, scaled = _scaled(weight, input_weights, output_weights)
@@ -31,8 +36,9 @@ def low_rank_factors(weight: torch.Tensor, rank: int, input_weights: torch.Tenso
     return a.to(weight.dtype).contiguous(), b.to(weight.dtype).contiguous()
 
 
-def ranks_under_budget(layers: Sequence[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]],
-                       budget: float) -> list[int]:
+def ranks_under_budget(
+    layers: Sequence[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]], budget: float
+) -> list[int]:
     """Per-layer ranks for ``layers`` = [(weight, input_weights, output_weights)] whose
     low-rank cost ``sum r_i (m_i + n_i)`` stays within ``budget`` times their full cost
     ``sum m_i n_i`` (MACs per token). Ranks are handed out greedily by the share of its

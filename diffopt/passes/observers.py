@@ -9,6 +9,7 @@ interpreter, whose hook hands every observer's value to the statistics (pt2e's f
 observers are graph nodes, and calibration is just running the model). Layer names come
 from ``ir.layers.layer_names``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -72,13 +73,19 @@ class InsertObserversPass(GraphPass):
                 if node.target == ATTENTION:
                     for index, operand in enumerate(ATTENTION_OPERANDS):
                         value = node.args[index]
-                        node.update_arg(index, _insert(graph, value, f"{layer}.{operand}", "input", "attention",
-                                                       graph.inserting_before(node)))
+                        node.update_arg(
+                            index,
+                            _insert(
+                                graph, value, f"{layer}.{operand}", "input", "attention", graph.inserting_before(node)
+                            ),
+                        )
                     continue
                 if node.target not in LINEAR_OPS:
                     continue
                 value = node.args[0]
                 node.update_arg(0, _insert(graph, value, layer, "input", op_name(node), graph.inserting_before(node)))
                 observer = _insert(graph, node, layer, "output", op_name(node), graph.inserting_after(node))
-                node.replace_all_uses_with(observer, delete_user_cb=lambda user, observer=observer: user is not observer)
+                node.replace_all_uses_with(
+                    observer, delete_user_cb=lambda user, observer=observer: user is not observer
+                )
         return PassResult(program, modified)

@@ -9,6 +9,7 @@ policy can exclude layers (``{"quantize": False}``). A8 exports as QuantizeLinea
 DequantizeLinear with constant scales (``quantized_ops.fake_quantize``); A8W8's float64
 integer emulation is for verification in torch and does not export.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -18,10 +19,10 @@ from torch import fx
 
 from diffopt.ir.annotations import NodeAnnotation, annotate, annotation_of
 from diffopt.ir.graph_tools import remove_dead_code
-from diffopt.passes.base import GraphPass, PassContext, PassResult
-from diffopt.passes.linear_ops import WEIGHT_BITS, IntegerLinear, call_like, to_dtype
 from diffopt.ir.layers import linear_layers, op_name
 from diffopt.ir.program import StepProgram
+from diffopt.passes.base import GraphPass, PassContext, PassResult
+from diffopt.passes.linear_ops import WEIGHT_BITS, IntegerLinear, call_like, to_dtype
 from diffopt.quant.arithmetic import insert_quantize, symmetric_scale
 from diffopt.quant.ops import insert_fake_quantize
 
@@ -34,23 +35,36 @@ def operand_bits(activation_bits: int | str, weight_bits: int, code_scale: float
     return {"activation_bits": activation_bits, "weight_bits": weight_bits, "code_scale": code_scale}
 
 
-def quantize_op(module: fx.GraphModule, op: fx.Node, layer: str, scale: float, activation_bits: int,
-                weight_bits: int | None, prefix: str, owner: str, mode: str = "quantized",
-                reason: str | None = None) -> None:
+def quantize_op(
+    module: fx.GraphModule,
+    op: fx.Node,
+    layer: str,
+    scale: float,
+    activation_bits: int,
+    weight_bits: int | None,
+    prefix: str,
+    owner: str,
+    mode: str = "quantized",
+    reason: str | None = None,
+) -> None:
     """Replace linear op ``op`` by its statically quantized form (module docstring)."""
     graph = module.graph
     with graph.inserting_before(op):
         if weight_bits is None:
-            matmul = call_like(graph, op, insert_fake_quantize(graph, op.args[0], scale, activation_bits, layer),
-                               op.args[1], op.args[2] if len(op.args) > 2 else None)
+            matmul = call_like(
+                graph,
+                op,
+                insert_fake_quantize(graph, op.args[0], scale, activation_bits, layer),
+                op.args[1],
+                op.args[2] if len(op.args) > 2 else None,
+            )
             result, bits = matmul, operand_bits(activation_bits, 32)
         else:
             codes = insert_quantize(graph, op.args[0], scale, activation_bits)
             integer = IntegerLinear(module, op, scale, prefix)
             matmul = integer.accumulate(module, graph, op, to_dtype(graph, codes, torch.float64))
             result, bits = integer.dequantize(module, graph, op, matmul), operand_bits("codes", 8)
-    annotate(matmul, NodeAnnotation(mode, owner, reason=reason, bits=activation_bits,
-                                    details={"layer": layer, **bits}))
+    annotate(matmul, NodeAnnotation(mode, owner, reason=reason, bits=activation_bits, details={"layer": layer, **bits}))
     op.replace_all_uses_with(result)
     graph.erase_node(op)
 
@@ -82,8 +96,16 @@ class StaticQuantizationPass(GraphPass):
                         annotate(op, NodeAnnotation("original", self.name, reason="excluded by the layer policy"))
                         modified = True
                     continue
-                quantize_op(module, op, layer, symmetric_scale(statistics.input_range(layer), self.activation_bits),
-                            self.activation_bits, self.weight_bits, f"a8w8_{index}", self.name)
+                quantize_op(
+                    module,
+                    op,
+                    layer,
+                    symmetric_scale(statistics.input_range(layer), self.activation_bits),
+                    self.activation_bits,
+                    self.weight_bits,
+                    f"a8w8_{index}",
+                    self.name,
+                )
                 modified = True
             remove_dead_code(module)
         return PassResult(program, modified)
@@ -92,4 +114,6 @@ class StaticQuantizationPass(GraphPass):
 def _quantized(op: fx.Node) -> bool:
     """Whether a pass already quantized ``op`` (or this pass left it alone on purpose)."""
     annotation = annotation_of(op)
-    return annotation is not None and (annotation.bits is not None or annotation.owner == StaticQuantizationPass.__name__)
+    return annotation is not None and (
+        annotation.bits is not None or annotation.owner == StaticQuantizationPass.__name__
+    )

@@ -30,6 +30,7 @@ keep layers in full mode (``{"mode": "full"}``; in integer mode they are A8W8, s
 program still equals the A8W8 model); ``DefoPass`` decides that per layer.
 ``refresh_period`` recomputes a full step every that many steps (None: step 0 only).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -93,8 +94,15 @@ class TemporalDifferencePass(GraphPass):
             if self.mode == "dynamic" and op.target != aten.linear.default:
                 settings = {"mode": FULL, "reason": "dynamic mode covers matmuls (onnxruntime's integer kernels)"}
             if settings.get("mode", DELTA) == FULL:
-                annotate(op, NodeAnnotation(FULL, self.name, reason=settings.get("reason", "the layer policy says full"),
-                                            details={"layer": layer}))
+                annotate(
+                    op,
+                    NodeAnnotation(
+                        FULL,
+                        self.name,
+                        reason=settings.get("reason", "the layer policy says full"),
+                        details={"layer": layer},
+                    ),
+                )
             else:
                 chosen[op] = layer
         return chosen
@@ -135,16 +143,32 @@ class TemporalDifferencePass(GraphPass):
         for module in program.variants.values():
             for index, (node_name, layer) in enumerate(kept.items()):
                 op = node_named(module.graph, node_name)
-                quantize_op(module, op, layer, symmetric_scale(statistics.input_range(layer), 8), 8, 8, f"a8w8_{index}", self.name,
-                            mode=FULL, reason=annotation_of(op).reason)
+                quantize_op(
+                    module,
+                    op,
+                    layer,
+                    symmetric_scale(statistics.input_range(layer), 8),
+                    8,
+                    8,
+                    f"a8w8_{index}",
+                    self.name,
+                    mode=FULL,
+                    reason=annotation_of(op).reason,
+                )
 
 
 class _LayerGroup:
     """Ops reading the same input: one previous-input state, one difference, and one
     previous-output state per op."""
 
-    def __init__(self, spec: TemporalDifferencePass, context: PassContext, program: StepProgram,
-                 layers: dict[fx.Node, str], index: int):
+    def __init__(
+        self,
+        spec: TemporalDifferencePass,
+        context: PassContext,
+        program: StepProgram,
+        layers: dict[fx.Node, str],
+        index: int,
+    ):
         self.spec, self.program, self.context = spec, program, context
         self.ops, self.names = list(layers), list(layers.values())
         self.full_module = program.variants[FULL]
@@ -155,8 +179,10 @@ class _LayerGroup:
         statistics = context.require_statistics(spec.name).temporal if spec.needs_calibration else None
         if spec.mode == "integer":
             self.input_scale = symmetric_scale(statistics.input_range(self.layer), 8)
-            self.integer = [IntegerLinear(self.full_module, op, self.input_scale, f"ditto_{index}_{i}")
-                            for i, op in enumerate(self.ops)]
+            self.integer = [
+                IntegerLinear(self.full_module, op, self.input_scale, f"ditto_{index}_{i}")
+                for i, op in enumerate(self.ops)
+            ]
         if spec.mode == "difference":
             self.difference_scale = symmetric_scale(statistics.difference_range(self.layer), spec.bits)
         if spec.mode == "dynamic":
@@ -178,13 +204,20 @@ class _LayerGroup:
             dtype = torch.float64 if self.spec.mode == "integer" else op.meta["val"].dtype
             name = "previous_accumulator" if self.spec.mode == "integer" else "previous_output"
             entry = StateEntry(f"{self.names[position]}.{name}", state_shape(op), dtype, self.spec.name)
-            program = thread_state(program, entry, self._tagged(
-                lambda variant, graph, previous, position=position: self._update_output(variant, graph, previous,
-                                                                                        position)))
+            program = thread_state(
+                program,
+                entry,
+                self._tagged(
+                    lambda variant, graph, previous, position=position: self._update_output(
+                        variant, graph, previous, position
+                    )
+                ),
+            )
         return program
 
     def _tagged(self, update):
         """``update``, with every node it creates tagged ``meta[GROUP_KEY] = the group's first layer``."""
+
         def tagging_update(variant: str, graph: fx.Graph, previous: fx.Node) -> fx.Node:
             before = set(graph.nodes)
             result = update(variant, graph, previous)
@@ -192,6 +225,7 @@ class _LayerGroup:
                 if node not in before:
                     node.meta[GROUP_KEY] = self.layer
             return result
+
         return tagging_update
 
     def _first_op(self, graph: fx.Graph) -> fx.Node:
@@ -230,12 +264,14 @@ class _LayerGroup:
         rows = graph.call_function(aten.reshape.default, (nodes["difference"], [-1, channels]))
         largest = graph.call_function(aten.amax.default, (graph.call_function(aten.abs.default, (rows,)), [1]))
         active = graph.call_function(aten.gt.Scalar, (largest, self.row_limit))
-        nodes["rows"] = graph.call_function(aten.view.default, (graph.call_function(aten.nonzero.default, (active,)),
-                                                                [-1]))
+        nodes["rows"] = graph.call_function(
+            aten.view.default, (graph.call_function(aten.nonzero.default, (active,)), [-1])
+        )
         nodes["active_difference"] = graph.call_function(aten.index_select.default, (rows, 0, nodes["rows"]))
         flat_previous = graph.call_function(aten.reshape.default, (previous, [-1, channels]))
-        advanced = graph.call_function(aten.index_add.default,
-                                       (flat_previous, 0, nodes["rows"], nodes["active_difference"]))
+        advanced = graph.call_function(
+            aten.index_add.default, (flat_previous, 0, nodes["rows"], nodes["active_difference"])
+        )
         return graph.call_function(aten.view_as.default, (advanced, previous))
 
     def _update_output(self, variant: str, graph: fx.Graph, previous: fx.Node, position: int) -> fx.Node:
@@ -250,8 +286,12 @@ class _LayerGroup:
                 operand = nodes["codes"] if variant == FULL else nodes["difference"]
                 matmul = integer.accumulate(module, graph, op, operand)
                 accumulator = matmul if variant == FULL else graph.call_function(aten.add.Tensor, (previous, matmul))
-                annotate(matmul, NodeAnnotation(variant, self.spec.name, reason=reason, bits=8,
-                                                details={**details, **operand_bits("codes", 8)}))
+                annotate(
+                    matmul,
+                    NodeAnnotation(
+                        variant, self.spec.name, reason=reason, bits=8, details={**details, **operand_bits("codes", 8)}
+                    ),
+                )
                 op.replace_all_uses_with(integer.dequantize(module, graph, op, accumulator))
                 graph.erase_node(op)
                 return accumulator
@@ -260,8 +300,12 @@ class _LayerGroup:
                 return op
             output = self._delta_output(graph, op, nodes, previous, position)
         bits = self._delta_operand_bits()
-        annotate(output[1], NodeAnnotation(DELTA, self.spec.name, reason=reason, bits=self.spec.bits if bits else None,
-                                           details={**details, **bits}))
+        annotate(
+            output[1],
+            NodeAnnotation(
+                DELTA, self.spec.name, reason=reason, bits=self.spec.bits if bits else None, details={**details, **bits}
+            ),
+        )
         op.replace_all_uses_with(output[0])
         graph.erase_node(op)
         return output[0]
@@ -272,13 +316,16 @@ class _LayerGroup:
             return operand_bits(8, 8)
         return operand_bits("codes", 32, self.difference_scale) if self.spec.mode == "difference" else {}
 
-    def _delta_output(self, graph: fx.Graph, op: fx.Node, nodes: dict[str, fx.Node], previous: fx.Node,
-                      position: int) -> tuple[fx.Node, fx.Node]:
+    def _delta_output(
+        self, graph: fx.Graph, op: fx.Node, nodes: dict[str, fx.Node], previous: fx.Node, position: int
+    ) -> tuple[fx.Node, fx.Node]:
         """(``y_prev + op(d, W)``, the matmul node), over the active rows only when skipping rows."""
         if self.spec.mode == "dynamic":
             module = self.program.variants[DELTA]
-            codes, scale = (constant(module, graph, f"ditto_{self.index}_{position}_{name}", value)
-                            for name, value in zip(("weight_codes", "weight_scale"), self.weights[position]))
+            codes, scale = (
+                constant(module, graph, f"ditto_{self.index}_{position}_{name}", value)
+                for name, value in zip(("weight_codes", "weight_scale"), self.weights[position])
+            )
             weight = insert_dequantize_weight(graph, codes, scale, self.names[position])
             matmul = graph.call_function(aten.matmul.default, (nodes["difference"], weight))
             product = graph.call_function(aten.squeeze.dim, (matmul, 1)) if self.rows_as_matrix else matmul

@@ -6,6 +6,7 @@ tensors: integer-valued floats are exact up to 2**24 (float32) / 2**53 (float64)
 Code widths (``code_width_fractions``): a code "fits in 4 bits" if ``|c| <= 7``; codes of a
 difference of two int8 codes can need 9 bits (``|c| > 127``).
 """
+
 from __future__ import annotations
 
 import torch
@@ -47,8 +48,12 @@ def code_width_fractions(codes: torch.Tensor) -> dict[str, float]:
     zero = int((magnitude == 0).sum())
     within4 = int((magnitude <= 7).sum())
     within8 = int((magnitude <= 127).sum())
-    return {"zero": zero / total, "4bit": (within4 - zero) / total, "8bit": (within8 - within4) / total,
-            "wider": (codes.numel() - within8) / total}
+    return {
+        "zero": zero / total,
+        "4bit": (within4 - zero) / total,
+        "8bit": (within8 - within4) / total,
+        "wider": (codes.numel() - within8) / total,
+    }
 
 
 def mean_operand_bits(fractions: dict[str, float]) -> float:

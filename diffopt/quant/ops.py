@@ -17,6 +17,7 @@ Passes insert these ops instead of elementwise arithmetic, so that ``torch.onnx.
   ``QuantizeLinear`` / ``DequantizeLinear`` with a constant scale and an int8 zero point 0,
   the form TensorRT's Quantize layer builds from; other widths: Div/Round/Clip/Mul.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -96,11 +97,18 @@ def quantization_summary(graphs: dict[str, fx.Graph]) -> dict[str, list[dict]]:
         for node in graph.nodes:
             layer = node.meta.get(LAYER_KEY)
             if node.target == torch.ops.diffopt.fake_quantize.default:
-                steps.append({"layer": layer, "operand": "activation", "scheme": "static symmetric",
-                              "bits": node.args[2], "scale": node.args[1], "zero_point": 0})
+                steps.append(
+                    {
+                        "layer": layer,
+                        "operand": "activation",
+                        "scheme": "static symmetric",
+                        "bits": node.args[2],
+                        "scale": node.args[1],
+                        "zero_point": 0,
+                    }
+                )
             elif node.target == torch.ops.diffopt.dynamic_fake_quantize.default:
-                steps.append({"layer": layer, "operand": "activation", "scheme": "dynamic uint8 per tensor",
-                              "bits": 8})
+                steps.append({"layer": layer, "operand": "activation", "scheme": "dynamic uint8 per tensor", "bits": 8})
             elif node.target == torch.ops.diffopt.dequantize_weight.default:
                 steps.append({"layer": layer, "operand": "weight", "scheme": "int8 per output channel", "bits": 8})
         if steps:

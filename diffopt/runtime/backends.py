@@ -4,10 +4,12 @@
 ``(out, *new_state)``, exactly the variant signature, so the torch, onnxruntime and
 TensorRT backends are interchangeable under ``OptimizedDenoiser`` and ``Sampler``.
 """
+
 from __future__ import annotations
 
 import copy
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 from torch import fx
@@ -54,5 +56,9 @@ def _carrying_unchanged_state(module: fx.GraphModule) -> fx.GraphModule:
 
 
 def _is_input_copy(value) -> bool:
-    return (isinstance(value, fx.Node) and value.target == torch.ops.aten.clone.default
-            and value.args[0].op == "placeholder" and not value.kwargs.get("memory_format"))
+    return (
+        isinstance(value, fx.Node)
+        and value.target == torch.ops.aten.clone.default
+        and value.args[0].op == "placeholder"
+        and not value.kwargs.get("memory_format")
+    )

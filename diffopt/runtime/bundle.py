@@ -6,6 +6,7 @@ schedule, export profile, quantization scales, noise-schedule config, diffopt ve
 rebuilds the step program's interface (no graphs), which is all ``OptimizedDenoiser``
 and the samplers need; no model code is imported.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from diffopt.ir.signature import Signature
 from diffopt.ir.program import AnySchedule, ProgramInterface, StateEntry, StateSpec, schedule_from_dict
+from diffopt.ir.signature import Signature
 
 FORMAT = "diffopt-bundle"
 FORMAT_VERSION = 1
@@ -33,7 +34,7 @@ class TensorSpec:
         return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TensorSpec":
+    def from_dict(cls, data: dict[str, Any]) -> TensorSpec:
         return cls(data["name"], tuple(data["shape"]), data["dtype"])
 
 
@@ -44,13 +45,19 @@ class VariantFile:
     outputs: tuple[TensorSpec, ...]  # (out or signal, *new state)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"file": self.file, "inputs": [t.to_dict() for t in self.inputs],
-                "outputs": [t.to_dict() for t in self.outputs]}
+        return {
+            "file": self.file,
+            "inputs": [t.to_dict() for t in self.inputs],
+            "outputs": [t.to_dict() for t in self.outputs],
+        }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "VariantFile":
-        return cls(data["file"], tuple(map(TensorSpec.from_dict, data["inputs"])),
-                   tuple(map(TensorSpec.from_dict, data["outputs"])))
+    def from_dict(cls, data: dict[str, Any]) -> VariantFile:
+        return cls(
+            data["file"],
+            tuple(map(TensorSpec.from_dict, data["inputs"])),
+            tuple(map(TensorSpec.from_dict, data["outputs"])),
+        )
 
 
 @dataclass(frozen=True)
@@ -73,29 +80,49 @@ class Manifest:
 
     def save(self, directory: Path) -> Path:
         path = Path(directory) / MANIFEST_NAME
-        data = {"format": FORMAT, "format_version": FORMAT_VERSION, "diffopt_version": self.diffopt_version,
-                "profile": self.profile, "model_class": self.model_class, "opset": self.opset,
-                "signature": self.signature.to_dict(), "state": self.state.to_list(),
-                "schedule": self.schedule.to_dict(), "weights_file": self.weights_file,
-                "variants": {name: v.to_dict() for name, v in self.variants.items()},
-                "quantization": self.quantization, "scheduler": self.scheduler}
+        data = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "diffopt_version": self.diffopt_version,
+            "profile": self.profile,
+            "model_class": self.model_class,
+            "opset": self.opset,
+            "signature": self.signature.to_dict(),
+            "state": self.state.to_list(),
+            "schedule": self.schedule.to_dict(),
+            "weights_file": self.weights_file,
+            "variants": {name: v.to_dict() for name, v in self.variants.items()},
+            "quantization": self.quantization,
+            "scheduler": self.scheduler,
+        }
         path.write_text(json.dumps(data, indent=2))
         return path
 
     @classmethod
-    def load(cls, directory: Path | str) -> "Manifest":
+    def load(cls, directory: Path | str) -> Manifest:
         path = Path(directory) / MANIFEST_NAME
         if not path.exists():
-            raise FileNotFoundError(f"no {MANIFEST_NAME} in {directory}: expected a bundle written by "
-                                    f"diffopt.export.to_onnx (or `diffopt export`)")
+            raise FileNotFoundError(
+                f"no {MANIFEST_NAME} in {directory}: expected a bundle written by "
+                f"diffopt.export.to_onnx (or `diffopt export`)"
+            )
         data = json.loads(path.read_text())
         if data.get("format") != FORMAT or data.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{path}: expected format {FORMAT!r} version {FORMAT_VERSION}, found "
-                             f"{data.get('format')!r} version {data.get('format_version')}; re-export the bundle "
-                             f"with this diffopt")
-        return cls(Signature.from_dict(data["signature"]),
-                   StateSpec(tuple(StateEntry.from_dict(e) for e in data["state"])),
-                   schedule_from_dict(data["schedule"]),
-                   {name: VariantFile.from_dict(v) for name, v in data["variants"].items()},
-                   data["profile"], data["weights_file"], data["diffopt_version"], data["model_class"],
-                   data["opset"], data["quantization"], data["scheduler"])
+            raise ValueError(
+                f"{path}: expected format {FORMAT!r} version {FORMAT_VERSION}, found "
+                f"{data.get('format')!r} version {data.get('format_version')}; re-export the bundle "
+                f"with this diffopt"
+            )
+        return cls(
+            Signature.from_dict(data["signature"]),
+            StateSpec(tuple(StateEntry.from_dict(e) for e in data["state"])),
+            schedule_from_dict(data["schedule"]),
+            {name: VariantFile.from_dict(v) for name, v in data["variants"].items()},
+            data["profile"],
+            data["weights_file"],
+            data["diffopt_version"],
+            data["model_class"],
+            data["opset"],
+            data["quantization"],
+            data["scheduler"],
+        )

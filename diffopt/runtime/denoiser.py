@@ -10,9 +10,10 @@ run (zero state, step 0) on the first call, after ``reset()``, whenever the batc
 size changes, and when the timestep does not decrease from the previous call (every
 sampler walks from noise to data, so a timestep that does not go down means a new run).
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -55,15 +56,23 @@ class OptimizedDenoiser:
     def init_state(self, batch_size: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
         return self.program.state.allocate(batch_size, device)
 
-    def step(self, step_index: int, x: torch.Tensor, t: torch.Tensor | float, *conditions: torch.Tensor,
-             state: Sequence[torch.Tensor] = ()) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    def step(
+        self,
+        step_index: int,
+        x: torch.Tensor,
+        t: torch.Tensor | float,
+        *conditions: torch.Tensor,
+        state: Sequence[torch.Tensor] = (),
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """Run step ``step_index``: ``(out, new_state)``; ``state`` must match the batch.
 
         The variant that ran is in ``last_variant`` (where the schedule has a probe, the probe
         ran first and chose it)."""
         if len(conditions) != len(self.program.signature.conditions):
-            raise ValueError(f"expected conditions {list(self.program.signature.conditions)}, "
-                             f"found {len(conditions)} condition tensors")
+            raise ValueError(
+                f"expected conditions {list(self.program.signature.conditions)}, "
+                f"found {len(conditions)} condition tensors"
+            )
         batch_size = x.shape[0]
         self.program.state.check(state, batch_size)
         t = batched_timestep(t, batch_size, x.device)

@@ -4,6 +4,7 @@
 ``t = 0..T-1``; the same formulas as diffusers' ``DDPMScheduler`` so models trained
 with either agree.
 """
+
 from __future__ import annotations
 
 import math
@@ -13,8 +14,9 @@ import torch
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 
 
-def make_betas(beta_schedule: str, num_train_timesteps: int = 1000,
-               beta_start: float = 1e-4, beta_end: float = 2e-2) -> torch.Tensor:
+def make_betas(
+    beta_schedule: str, num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 2e-2
+) -> torch.Tensor:
     """Betas (float64) of a named schedule."""
     T = num_train_timesteps
     if beta_schedule == "linear":
@@ -22,6 +24,7 @@ def make_betas(beta_schedule: str, num_train_timesteps: int = 1000,
     if beta_schedule == "scaled_linear":
         return torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float64) ** 2
     if beta_schedule == "squaredcos_cap_v2":
+
         def alpha_bar(u: float) -> float:
             return math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
 

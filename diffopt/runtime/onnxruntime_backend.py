@@ -11,24 +11,26 @@ The state tensors a call returns are therefore the backend's buffers: they stay 
 until the call after next overwrites them (samplers pass them straight back, which is
 what they are for).
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 
-from diffopt.runtime.denoiser import OptimizedDenoiser
-from diffopt.runtime.bundle import Manifest
 from diffopt.ir.program import concrete_shape
+from diffopt.runtime.bundle import Manifest
+from diffopt.runtime.denoiser import OptimizedDenoiser
 
 
 class OnnxRuntimeBackend:
     name = "onnxruntime"
 
-    def __init__(self, bundle: str | Path, *, threads: int | None = None,
-                 providers: Sequence[str] = ("CPUExecutionProvider",)):
+    def __init__(
+        self, bundle: str | Path, *, threads: int | None = None, providers: Sequence[str] = ("CPUExecutionProvider",)
+    ):
         import onnxruntime
 
         self.directory = Path(bundle)
@@ -39,9 +41,10 @@ class OnnxRuntimeBackend:
         # spinning worker threads keep burning the CPU after a call and slow down whatever runs next
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-        self.sessions = {name: onnxruntime.InferenceSession(str(self.directory / variant.file), options,
-                                                            providers=list(providers))
-                         for name, variant in self.manifest.variants.items()}
+        self.sessions = {
+            name: onnxruntime.InferenceSession(str(self.directory / variant.file), options, providers=list(providers))
+            for name, variant in self.manifest.variants.items()
+        }
         self._state_buffers: dict[int, list[tuple[torch.Tensor, ...]]] = {}
 
     def run(self, variant: str, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -53,14 +56,18 @@ class OnnxRuntimeBackend:
         for tensor_spec, tensor in zip(spec.inputs, inputs, strict=True):
             tensor = tensor.to("cpu", getattr(torch, tensor_spec.dtype)).contiguous()
             bound.append(tensor)
-            binding.bind_input(tensor_spec.name, "cpu", 0, np.dtype(tensor_spec.dtype), list(tensor.shape),
-                               tensor.data_ptr())
-        state_in = bound[len(self.manifest.signature.input_names):]
-        first = torch.empty(concrete_shape(spec.outputs[0].shape, batch_size), dtype=getattr(torch, spec.outputs[0].dtype))
+            binding.bind_input(
+                tensor_spec.name, "cpu", 0, np.dtype(tensor_spec.dtype), list(tensor.shape), tensor.data_ptr()
+            )
+        state_in = bound[len(self.manifest.signature.input_names) :]
+        first = torch.empty(
+            concrete_shape(spec.outputs[0].shape, batch_size), dtype=getattr(torch, spec.outputs[0].dtype)
+        )
         outputs = (first, *self._next_state_buffers(batch_size, state_in))
         for tensor_spec, tensor in zip(spec.outputs, outputs, strict=True):
-            binding.bind_output(tensor_spec.name, "cpu", 0, np.dtype(tensor_spec.dtype), list(tensor.shape),
-                                tensor.data_ptr())
+            binding.bind_output(
+                tensor_spec.name, "cpu", 0, np.dtype(tensor_spec.dtype), list(tensor.shape), tensor.data_ptr()
+            )
         session.run_with_iobinding(binding)
         return outputs
 
@@ -76,8 +83,9 @@ class OnnxRuntimeBackend:
         return next(s for s in sets if not reading & {t.data_ptr() for t in s})
 
 
-def load_bundle(bundle: str | Path, *, threads: int | None = None,
-                providers: Sequence[str] = ("CPUExecutionProvider",)) -> OptimizedDenoiser:
+def load_bundle(
+    bundle: str | Path, *, threads: int | None = None, providers: Sequence[str] = ("CPUExecutionProvider",)
+) -> OptimizedDenoiser:
     """An ``OptimizedDenoiser`` that runs the exported bundle in ``bundle`` on onnxruntime."""
     backend = OnnxRuntimeBackend(bundle, threads=threads, providers=providers)
     return OptimizedDenoiser(backend.manifest.interface(), backend=backend)

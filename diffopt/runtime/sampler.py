@@ -6,11 +6,12 @@ variant per step from the schedule, state fed back each step) or a plain model
 and unconditional halves as one batch: ``out = u + scale * (c - u)``. A seed makes a
 run reproducible: the initial noise and every stochastic step draw from one generator.
 """
+
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import torch
 from tqdm import tqdm
@@ -28,8 +29,13 @@ class SamplingStats:
     variants: list[str] = field(default_factory=list)
 
 
-def guidance_inputs(x: torch.Tensor, t: torch.Tensor, conditions: Sequence[torch.Tensor], scale: float,
-                    null_conditions: Sequence[torch.Tensor] | None):
+def guidance_inputs(
+    x: torch.Tensor,
+    t: torch.Tensor,
+    conditions: Sequence[torch.Tensor],
+    scale: float,
+    null_conditions: Sequence[torch.Tensor] | None,
+):
     """Classifier-free guidance as one batch: (x, t, conditions), doubled with the null
     conditions as the second half when ``scale != 1``."""
     if scale == 1.0:
@@ -76,20 +82,34 @@ class _StepProgramRunner:
 class Sampler:
     """One sampling loop over any scheduler and any denoiser (optimized or plain)."""
 
-    def __init__(self, scheduler: Scheduler, *, guidance_scale: float = 1.0,
-                 null_conditions: Sequence[torch.Tensor] | None = None, progress: bool = True):
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        *,
+        guidance_scale: float = 1.0,
+        null_conditions: Sequence[torch.Tensor] | None = None,
+        progress: bool = True,
+    ):
         if guidance_scale != 1.0 and null_conditions is None:
-            raise ValueError("classifier-free guidance (guidance_scale != 1) needs null_conditions: the "
-                             "'no condition' value of each condition, e.g. (torch.tensor(10),) for a null class")
+            raise ValueError(
+                "classifier-free guidance (guidance_scale != 1) needs null_conditions: the "
+                "'no condition' value of each condition, e.g. (torch.tensor(10),) for a null class"
+            )
         self.scheduler = scheduler
         self.guidance_scale = guidance_scale
         self.null_conditions = tuple(null_conditions) if null_conditions is not None else None
         self.progress = progress
         self.last_stats = SamplingStats()
 
-    def sample(self, denoiser: OptimizedDenoiser | Callable, conditions: Sequence[torch.Tensor] = (), *,
-               shape: Sequence[int] | None = None, noise: torch.Tensor | None = None,
-               seed: int = 0) -> torch.Tensor:
+    def sample(
+        self,
+        denoiser: OptimizedDenoiser | Callable,
+        conditions: Sequence[torch.Tensor] = (),
+        *,
+        shape: Sequence[int] | None = None,
+        noise: torch.Tensor | None = None,
+        seed: int = 0,
+    ) -> torch.Tensor:
         """Run all steps from ``noise`` (or seeded noise of ``shape``); return the final sample."""
         if (shape is None) == (noise is None):
             raise ValueError("pass exactly one of shape= (noise is drawn from the seed) or noise=")
@@ -99,7 +119,9 @@ class Sampler:
         for c in conditions:
             if c.shape[0] != x.shape[0]:
                 raise ValueError(f"each condition needs one entry per sample: batch {x.shape[0]}, found {c.shape[0]}")
-        runner = _StepProgramRunner(denoiser) if isinstance(denoiser, OptimizedDenoiser) else _PlainModelRunner(denoiser)
+        runner = (
+            _StepProgramRunner(denoiser) if isinstance(denoiser, OptimizedDenoiser) else _PlainModelRunner(denoiser)
+        )
         model_batch = x.shape[0] * (1 if self.guidance_scale == 1.0 else 2)
         runner.start(model_batch, x.device)
         stats = SamplingStats(num_steps=self.scheduler.num_steps)
@@ -107,8 +129,9 @@ class Sampler:
         steps = tqdm(range(self.scheduler.num_steps), desc="sampling", disable=not self.progress, leave=False)
         for k in steps:
             t = torch.full((x.shape[0],), self.scheduler.timesteps[k].item(), dtype=self.scheduler.timesteps.dtype)
-            model_x, model_t, model_conditions = guidance_inputs(x, t, conditions, self.guidance_scale,
-                                                                 self.null_conditions)
+            model_x, model_t, model_conditions = guidance_inputs(
+                x, t, conditions, self.guidance_scale, self.null_conditions
+            )
             out, variant = runner(k, model_x, model_t, model_conditions)
             x = self.scheduler.step(combine_guidance(out, self.guidance_scale), k, x, generator)
             stats.model_calls += 1

@@ -15,9 +15,11 @@ amplifies the model's epsilon error by 1/sqrt(abar).
 DDPM and DDIM visit K of the T training timesteps with "trailing" spacing
 (t_k = round(T - k T/K) - 1, so the first step is always t = T-1) and end at a_prev = 1.
 """
+
 from __future__ import annotations
 
-from typing import Any, Mapping, Protocol
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 import torch
 
@@ -30,8 +32,9 @@ class Scheduler(Protocol):
     timesteps: torch.Tensor  # the model's timestep input at each step
     num_steps: int
 
-    def step(self, model_output: torch.Tensor, step_index: int, x: torch.Tensor,
-             generator: torch.Generator | None) -> torch.Tensor:
+    def step(
+        self, model_output: torch.Tensor, step_index: int, x: torch.Tensor, generator: torch.Generator | None
+    ) -> torch.Tensor:
         """x at step ``step_index`` -> x at the next step."""
 
 
@@ -42,8 +45,9 @@ def trailing_timesteps(num_train_timesteps: int, num_steps: int) -> torch.Tensor
     return (steps.round() - 1).to(torch.int64)
 
 
-def split_prediction(model_output: torch.Tensor, x: torch.Tensor, alpha_cumprod: float,
-                     prediction_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+def split_prediction(
+    model_output: torch.Tensor, x: torch.Tensor, alpha_cumprod: float, prediction_type: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(x0_hat, eps_hat) from a model output of the given prediction type."""
     a = alpha_cumprod
     if prediction_type == "epsilon":
@@ -64,8 +68,13 @@ def clipped_prediction(x0: torch.Tensor, x: torch.Tensor, alpha_cumprod, clip_sa
 
 
 class _DiscreteScheduler:
-    def __init__(self, alphas_cumprod: torch.Tensor, num_steps: int, prediction_type: str = "epsilon",
-                 clip_sample: float | None = None):
+    def __init__(
+        self,
+        alphas_cumprod: torch.Tensor,
+        num_steps: int,
+        prediction_type: str = "epsilon",
+        clip_sample: float | None = None,
+    ):
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"unknown prediction type {prediction_type!r}: expected one of {PREDICTION_TYPES}")
         self.alphas_cumprod = alphas_cumprod.to(torch.float64)
@@ -103,8 +112,14 @@ class DDPMScheduler(_DiscreteScheduler):
 
 
 class DDIMScheduler(_DiscreteScheduler):
-    def __init__(self, alphas_cumprod: torch.Tensor, num_steps: int, eta: float = 0.0,
-                 prediction_type: str = "epsilon", clip_sample: float | None = None):
+    def __init__(
+        self,
+        alphas_cumprod: torch.Tensor,
+        num_steps: int,
+        eta: float = 0.0,
+        prediction_type: str = "epsilon",
+        clip_sample: float | None = None,
+    ):
         super().__init__(alphas_cumprod, num_steps, prediction_type, clip_sample)
         if eta < 0:
             raise ValueError(f"DDIM eta must be >= 0, found {eta}")
@@ -139,8 +154,9 @@ class FlowEulerScheduler:
 SAMPLER_KINDS = ("ddpm", "ddim", "flow-euler")
 
 
-def make_scheduler(config: Mapping[str, Any], kind: str | None = None, num_steps: int = 50,
-                   eta: float = 0.0) -> Scheduler:
+def make_scheduler(
+    config: Mapping[str, Any], kind: str | None = None, num_steps: int = 50, eta: float = 0.0
+) -> Scheduler:
     """A scheduler for a model's scheduler config (as returned by ``diffopt.models.load``).
 
     Discrete-time models (config ``kind="ddpm"``) sample with ``"ddim"`` (default) or

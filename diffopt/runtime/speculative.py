@@ -24,11 +24,12 @@ point's drift is unknown; the next round uses the drift at the rejected draft po
 its proposal and evaluates the new point in its batch (choice documented here because
 the method's description leaves it open).
 """
+
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 from tqdm import tqdm
@@ -60,8 +61,13 @@ class SpeculativeStats:
         return float(self.accepted.sum()) / tested if tested else 1.0
 
     def to_dict(self) -> dict:
-        return {"num_steps": self.num_steps, "rounds": self.rounds, "model_evaluations": self.model_evaluations,
-                "acceptance_rate": self.acceptance_rate, "wall_time_s": self.wall_time_s}
+        return {
+            "num_steps": self.num_steps,
+            "rounds": self.rounds,
+            "model_evaluations": self.model_evaluations,
+            "acceptance_rate": self.acceptance_rate,
+            "wall_time_s": self.wall_time_s,
+        }
 
 
 def _model_call(denoiser: OptimizedDenoiser | Callable, x, t, conditions) -> torch.Tensor:
@@ -74,10 +80,18 @@ def _model_call(denoiser: OptimizedDenoiser | Callable, x, t, conditions) -> tor
 class SpeculativeDDPMSampler:
     """Exact parallel sampling of K-step ancestral DDPM (trailing timestep spacing)."""
 
-    def __init__(self, alphas_cumprod: torch.Tensor, num_steps: int, *, window: int | None = None,
-                 prediction_type: str = "epsilon", guidance_scale: float = 1.0,
-                 null_conditions: Sequence[torch.Tensor] | None = None, clip_sample: float | None = None,
-                 progress: bool = True):
+    def __init__(
+        self,
+        alphas_cumprod: torch.Tensor,
+        num_steps: int,
+        *,
+        window: int | None = None,
+        prediction_type: str = "epsilon",
+        guidance_scale: float = 1.0,
+        null_conditions: Sequence[torch.Tensor] | None = None,
+        clip_sample: float | None = None,
+        progress: bool = True,
+    ):
         if window is not None and window < 1:
             raise ValueError(f"window must be >= 1 or None (speculate until the first rejection), found {window}")
         if prediction_type not in PREDICTION_TYPES:
@@ -108,13 +122,21 @@ class SpeculativeDDPMSampler:
         x0, _ = split_prediction(out, x.double(), abar, self.prediction_type)
         return x0 if self.clip_sample is None else x0.clamp(-self.clip_sample, self.clip_sample)
 
-    def sample(self, denoiser: OptimizedDenoiser | Callable, conditions: Sequence[torch.Tensor] = (), *,
-               shape: Sequence[int] | None = None, noise: torch.Tensor | None = None,
-               seed: int = 0) -> torch.Tensor:
+    def sample(
+        self,
+        denoiser: OptimizedDenoiser | Callable,
+        conditions: Sequence[torch.Tensor] = (),
+        *,
+        shape: Sequence[int] | None = None,
+        noise: torch.Tensor | None = None,
+        seed: int = 0,
+    ) -> torch.Tensor:
         """Draw a batch of independent samples; ``last_stats`` holds the run's statistics."""
         if isinstance(denoiser, OptimizedDenoiser) and denoiser.is_stateful:
-            raise ValueError("speculative sampling evaluates many timesteps in one call, so it needs a stateless "
-                             "denoiser; this step program carries state between steps")
+            raise ValueError(
+                "speculative sampling evaluates many timesteps in one call, so it needs a stateless "
+                "denoiser; this step program carries state between steps"
+            )
         if (shape is None) == (noise is None):
             raise ValueError("pass exactly one of shape= (noise is drawn from the seed) or noise=")
         generator = torch.Generator().manual_seed(seed)  # noise: the same draws as the sequential Sampler
@@ -125,9 +147,12 @@ class SpeculativeDDPMSampler:
         sample_shape = x_start.shape[1:]
         started = time.perf_counter()
         transitions = max(K - 1, 0)
-        stats = SpeculativeStats(K, proposed=torch.zeros(transitions, dtype=torch.long),
-                                 accepted=torch.zeros(transitions, dtype=torch.long),
-                                 predicted_acceptance=torch.zeros(transitions, dtype=torch.float64))
+        stats = SpeculativeStats(
+            K,
+            proposed=torch.zeros(transitions, dtype=torch.long),
+            accepted=torch.zeros(transitions, dtype=torch.long),
+            predicted_acceptance=torch.zeros(transitions, dtype=torch.float64),
+        )
         y = (self.tau[0] * (1 + self.tau[0])).sqrt() * x_start.double()
         k = torch.zeros(B, dtype=torch.long)  # current step index per sample
         drift = self._drift(denoiser, y, k, conditions)  # round 1: the drift at the starting noise
@@ -159,22 +184,24 @@ class SpeculativeDDPMSampler:
             item_steps = k[active][item_sample] + item_point
             drifts = torch.zeros_like(points)
             drifts[item_sample, item_point] = self._drift(
-                denoiser, points[item_sample, item_point], item_steps,
-                tuple(c[active][item_sample] for c in conditions))
+                denoiser, points[item_sample, item_point], item_steps, tuple(c[active][item_sample] for c in conditions)
+            )
             stats.rounds += 1
             stats.model_evaluations += len(item_sample)
-            drifts[:, 0] = torch.where(drift_known[active].view(-1, *[1] * len(sample_shape)),
-                                       drift[active], drifts[:, 0])
+            drifts[:, 0] = torch.where(
+                drift_known[active].view(-1, *[1] * len(sample_shape)), drift[active], drifts[:, 0]
+            )
             # 3. sequential acceptance (vectorised: find each sample's first rejection)
             target = drifts[:, :W]  # exact drift at each transition's start point
             proposal_mean, target_mean = eta * drift[active, None], eta * target
             flat = lambda v: v.flatten(2).pow(2).sum(-1)  # noqa: E731
-            log_ratio = (flat(increments - proposal_mean) - flat(increments - target_mean)) / (2 * eta.flatten(2)[..., 0].clamp_min(1e-300))
+            log_ratio = (flat(increments - proposal_mean) - flat(increments - target_mean)) / (
+                2 * eta.flatten(2)[..., 0].clamp_min(1e-300)
+            )
             uniform = torch.rand(log_ratio.shape, generator=acceptance_generator, dtype=torch.float64)
             accept = (torch.log(uniform) < log_ratio.clamp(max=0.0)) & valid
             rejected = valid & ~accept
-            first_rejection = (torch.where(rejected.any(1), rejected.float().argmax(1), lengths) if W > 0
-                               else lengths)
+            first_rejection = torch.where(rejected.any(1), rejected.float().argmax(1), lengths) if W > 0 else lengths
             difference = (target - drift[active, None]).flatten(2).norm(dim=-1) * eta.flatten(2)[..., 0].sqrt()
             predicted = 2 * torch.distributions.Normal(0.0, 1.0).cdf(-difference / 2)
             tested = (torch.arange(W)[None] <= first_rejection[:, None]) & valid
@@ -197,8 +224,9 @@ class SpeculativeDDPMSampler:
                 reflected = (noise_r - 2 * (e * noise_r).sum(1, keepdim=True) * e).view(-1, *sample_shape)
                 y_rejected = points[rows, r] + step_eta * target[rows, r] + step_eta.sqrt() * reflected
                 y[active] = torch.where(column(was_rejected), y_rejected, y_accepted)
-                drift[active] = torch.where(column(was_rejected), drifts[rows, (r + 1).clamp(max=W)],
-                                            drifts[rows, lengths])
+                drift[active] = torch.where(
+                    column(was_rejected), drifts[rows, (r + 1).clamp(max=W)], drifts[rows, lengths]
+                )
             else:
                 y[active], drift[active] = y_accepted, drifts[rows, lengths]
             drift_known[active] = ~was_rejected

@@ -5,6 +5,7 @@ a 64-d feature vector (the space the digits Fréchet distance lives in) -> 10 lo
 Trained on the train split with small random shifts, so slightly off-centre generated
 digits are still read correctly.
 """
+
 from __future__ import annotations
 
 from functools import lru_cache
@@ -15,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from diffopt.models.zoo import NUM_CLASSES
 from diffopt.evaluation.data import load_digits_split
+from diffopt.models.zoo import NUM_CLASSES
 
 CLASSIFIER_WEIGHTS = Path(__file__).parent / "weights" / "digits-classifier.safetensors"
 FEATURE_DIM = 64
@@ -43,7 +44,7 @@ class DigitsClassifier(nn.Module):
 def _random_shift(images: torch.Tensor, generator: torch.Generator, max_shift: int = 1) -> torch.Tensor:
     padded = F.pad(images, [max_shift] * 4, value=-1.0)
     dx, dy = (int(v) for v in torch.randint(0, 2 * max_shift + 1, (2,), generator=generator))
-    return padded[..., dy:dy + images.shape[-2], dx:dx + images.shape[-1]]
+    return padded[..., dy : dy + images.shape[-2], dx : dx + images.shape[-1]]
 
 
 def train_classifier(epochs: int = 40, seed: int = 0) -> DigitsClassifier:
@@ -55,7 +56,7 @@ def train_classifier(epochs: int = 40, seed: int = 0) -> DigitsClassifier:
     for _ in tqdm(range(epochs), desc="train classifier"):
         order = torch.randperm(len(data.labels), generator=generator)
         for start in range(0, len(order), 64):
-            idx = order[start:start + 64]
+            idx = order[start : start + 64]
             loss = F.cross_entropy(model(_random_shift(data.images[idx], generator)), data.labels[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -68,8 +69,10 @@ def load_classifier() -> DigitsClassifier:
     from safetensors.torch import load_file
 
     if not CLASSIFIER_WEIGHTS.exists():
-        raise FileNotFoundError(f"classifier weights missing at {CLASSIFIER_WEIGHTS}; train them with "
-                                f"`python scripts/train_reference.py classifier`")
+        raise FileNotFoundError(
+            f"classifier weights missing at {CLASSIFIER_WEIGHTS}; train them with "
+            f"`python scripts/train_reference.py classifier`"
+        )
     model = DigitsClassifier()
     model.load_state_dict(load_file(str(CLASSIFIER_WEIGHTS)))
     return model.eval().requires_grad_(False)

@@ -8,6 +8,7 @@ Both are distribution checks: at 600 samples FD moves by a few tenths from seed 
 (see docs/metrics.md), so paired fidelity (``diffopt.metrics.fidelity``) is the primary
 signal when comparing a lossy pass with the exact sampler.
 """
+
 from __future__ import annotations
 
 from functools import lru_cache
@@ -23,8 +24,12 @@ from diffopt.evaluation.metrics.classifier import load_classifier
 def classifier_features(images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
     classifier = load_classifier()
     with torch.no_grad():
-        return torch.cat([classifier.features(images[i:i + batch_size].float().clamp(-1, 1))
-                          for i in range(0, len(images), batch_size)])
+        return torch.cat(
+            [
+                classifier.features(images[i : i + batch_size].float().clamp(-1, 1))
+                for i in range(0, len(images), batch_size)
+            ]
+        )
 
 
 def predicted_labels(images: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 Images live in [-1, 1], so PSNR uses a peak-to-peak range of 2.
 """
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """Save a batch of [-1, 1] digit images as one PNG grid (rows of ``columns`` images)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,5 +17,5 @@ def save_grid(images: torch.Tensor, path: str | Path, columns: int = 10, scale: 
     canvas = np.full((rows * (h + 1) + 1, columns * (w + 1) + 1), 64, dtype=np.uint8)
     for i, image in enumerate(images):
         r, c = divmod(i, columns)
-        canvas[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + c * (w + 1):1 + c * (w + 1) + w] = image
+        canvas[1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + c * (w + 1) : 1 + c * (w + 1) + w] = image
     Image.fromarray(canvas).resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST).save(path)

@@ -4,6 +4,7 @@
 fraction of random relabellings of the pooled samples whose statistic is at least the
 observed one (permutation test, +1 smoothing).
 """
+
 from __future__ import annotations
 
 import torch
