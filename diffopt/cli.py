@@ -7,15 +7,22 @@ per-layer decisions and cost per run)."""
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 
-from diffopt.capture import capture
+from diffopt.capture import CaptureError, capture
+from diffopt.export.onnx import ExportError
+from diffopt.ir.program import StateError
 from diffopt.measure.macs import summarize
+from diffopt.passes.base import PassError
 from diffopt.passes.temporal_difference import MODES
+from diffopt.runtime.bundle import BundleError
+from diffopt.runtime.denoiser import InputError
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -262,6 +269,46 @@ def command_report(args: argparse.Namespace) -> None:
     )
 
 
+def _bounded(kind: type, minimum: float, name: str):
+    """An argparse type: ``kind`` (int or float), finite and >= ``minimum``."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{name} must be {'an integer' if kind is int else 'a number'}, found {text!r}"
+            ) from None
+        if not math.isfinite(value) or value < minimum:
+            raise argparse.ArgumentTypeError(f"{name} must be >= {minimum}, found {text}")
+        return value
+
+    return parse
+
+
+def _output_file(text: str) -> str:
+    """An argparse type: a file path whose directory exists (checked before any long work)."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a directory: give a file name")
+    if not path.parent.exists():
+        raise argparse.ArgumentTypeError(f"the directory {path.parent} does not exist: create it first")
+    return text
+
+
+def _bundle_directory(text: str) -> str:
+    """An argparse type: a bundle path whose parent directory exists (checked before any long work)."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} exists and is not a directory")
+    if not path.parent.exists():
+        raise argparse.ArgumentTypeError(f"the directory {path.parent} does not exist: create it first")
+    return text
+
+
+USER_ERRORS = (BundleError, CaptureError, ExportError, InputError, PassError, StateError, FileNotFoundError)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="diffopt", description="graph compiler for diffusion denoisers")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -271,18 +318,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     info.set_defaults(run=command_info)
     demo = commands.add_parser("demo", help="optimize a shipped denoiser, sample, compare before/after")
     demo.add_argument("--model", default="dit-digits")
-    demo.add_argument("--steps", type=int, default=50)
-    demo.add_argument("--samples", type=int, default=20)
-    demo.add_argument("--guidance", type=float, default=1.0)
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--steps", type=_bounded(int, 1, "--steps"), default=50)
+    demo.add_argument("--samples", type=_bounded(int, 1, "--samples"), default=20)
+    demo.add_argument("--guidance", type=_bounded(float, 0.0, "--guidance"), default=1.0)
+    demo.add_argument("--seed", type=_bounded(int, 0, "--seed"), default=0)
     demo.set_defaults(run=command_demo)
     export = commands.add_parser("export", help="export a shipped denoiser (optionally cached) to an ONNX bundle")
     export.add_argument("model", help="reference model name")
-    export.add_argument("out", help="bundle directory to write")
+    export.add_argument("out", type=_bundle_directory, help="bundle directory to write")
     export.add_argument("--cache", choices=CACHE_CHOICES, default="none")
-    export.add_argument("--rank", type=int, default=16, help="ICC rank")
-    export.add_argument("--period", type=int, default=3, help="ICC / block cache refresh period")
-    export.add_argument("--threshold", type=float, default=0.1, help="first-block cache threshold")
+    export.add_argument("--rank", type=_bounded(int, 0, "--rank"), default=16, help="ICC rank")
+    export.add_argument("--period", type=_bounded(int, 1, "--period"), default=3, help="ICC / block cache period")
+    export.add_argument(
+        "--threshold", type=_bounded(float, 0.0, "--threshold"), default=0.1, help="first-block cache threshold"
+    )
     export.add_argument("--profile", choices=("onnxruntime", "tensorrt"), default="onnxruntime")
     export.add_argument(
         "--temporal-difference",
@@ -294,20 +343,27 @@ def main(argv: Sequence[str] | None = None) -> None:
     export.set_defaults(run=command_export)
     sample = commands.add_parser("sample", help="sample class-conditional digits from a bundle on onnxruntime")
     sample.add_argument("bundle")
-    sample.add_argument("--steps", type=int, default=50)
-    sample.add_argument("--samples", type=int, default=20)
-    sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--out", default="samples.png", help="PNG grid of the samples")
+    sample.add_argument("--steps", type=_bounded(int, 1, "--steps"), default=50)
+    sample.add_argument("--samples", type=_bounded(int, 1, "--samples"), default=20)
+    sample.add_argument("--seed", type=_bounded(int, 0, "--seed"), default=0)
+    sample.add_argument("--out", type=_output_file, default="samples.png", help="PNG grid of the samples")
     sample.set_defaults(run=command_sample)
     calibrate = commands.add_parser(
         "calibrate",
         help="temporal calibration: how much linear-op inputs change between steps (Ditto statistics, static scales)",
     )
     calibrate.add_argument("model", help="reference model name")
-    calibrate.add_argument("--out", default="calibration.json")
-    calibrate.add_argument("--samples", type=int, default=8, help="samples per calibration run")
-    calibrate.add_argument("--steps", type=int, default=50)
-    calibrate.add_argument("--seeds", type=int, nargs="+", default=[0], help="one calibration run per seed")
+    calibrate.add_argument("--out", type=_output_file, default="calibration.json")
+    calibrate.add_argument("--samples", type=_bounded(int, 1, "--samples"), default=8, help="samples per run")
+    calibrate.add_argument(
+        "--steps",
+        type=_bounded(int, 2, "--steps"),
+        default=50,
+        help="sampling steps (>= 2: statistics compare consecutive steps)",
+    )
+    calibrate.add_argument(
+        "--seeds", type=_bounded(int, 0, "--seeds"), nargs="+", default=[0], help="one calibration run per seed"
+    )
     calibrate.add_argument("--layers", action="store_true", help="one line per layer")
     calibrate.set_defaults(run=command_calibrate)
     report = commands.add_parser(
@@ -318,14 +374,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     report.add_argument("model", help="reference model name")
     report.add_argument("--calibration", help="from `diffopt calibrate` (needed by every mode but exact)")
     report.add_argument("--mode", choices=MODES, default="exact")
-    report.add_argument("--bits", type=int, default=8)
-    report.add_argument("--row-threshold", type=float, default=None)
+    report.add_argument("--bits", type=_bounded(int, 2, "--bits"), default=8)
+    report.add_argument("--row-threshold", type=_bounded(float, 0.0, "--row-threshold"), default=None)
     report.add_argument("--defo", choices=("model", "measured"), help="decide full/delta per layer (Defo)")
-    report.add_argument("--samples", type=int, default=4, help="batch size of the costed run")
-    report.add_argument("--steps", type=int, default=50)
+    report.add_argument("--samples", type=_bounded(int, 1, "--samples"), default=4, help="batch of the costed run")
+    report.add_argument("--steps", type=_bounded(int, 2, "--steps"), default=50)
     report.set_defaults(run=command_report)
     args = parser.parse_args(argv)
-    args.run(args)
+    try:
+        args.run(args)
+    except USER_ERRORS as error:
+        parser.exit(2, f"diffopt {args.command}: error: {error}\n")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,10 @@ done here.
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
+import tempfile
+import uuid
 import warnings
 from collections.abc import Mapping, Sequence
 from importlib import resources
@@ -26,11 +30,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
-from diffopt.ir.graph_tools import attribute, placeholders, state_shape
-from diffopt.ir.program import BATCH, StepProgram
+from diffopt.ir.graph_tools import attribute
+from diffopt.ir.program import BATCH, StepProgram, TensorSpec, concrete_shape
 from diffopt.quant.ops import ONNX_TRANSLATIONS, quantization_summary
-from diffopt.runtime.bundle import MANIFEST_NAME, Manifest, TensorSpec, VariantFile
+from diffopt.runtime.bundle import CHECKSUMS_NAME, MANIFEST_NAME, Manifest, VariantFile
 from diffopt.runtime.denoiser import OptimizedDenoiser
 from diffopt.version import __version__
 
@@ -54,11 +59,13 @@ def to_onnx(
 ) -> Manifest:
     """Write the bundle for ``optimized`` into ``directory`` and return its manifest.
 
-    ``directory`` is created; the files of a bundle already there are replaced, other files
-    are left alone. ``scheduler_config`` (the model's ``make_scheduler`` config) travels in
-    the manifest so the bundle can be sampled without the model's code."""
-    import onnx
-
+    The bundle is written into a hidden sibling directory, verified there (loaded with its
+    checksums, and step 0 run on onnxruntime), and only then swapped in by renaming: a
+    bundle already in ``directory`` is never removed before its replacement is complete,
+    and a refused, failed or killed export leaves it as it was. ``directory`` must be
+    missing, empty or hold a bundle and nothing else (other files are never touched: the
+    export is refused instead). ``scheduler_config`` (the model's ``make_scheduler``
+    config) travels in the manifest so the bundle can be sampled without the model's code."""
     program = optimized.program if isinstance(optimized, OptimizedDenoiser) else optimized
     if profile not in PROFILES:
         raise ValueError(f"unknown export profile {profile!r}: expected one of {PROFILES}")
@@ -68,20 +75,37 @@ def to_onnx(
             f"{type(program).__name__}: a denoiser loaded from a bundle has no graphs; export the "
             f"optimized model instead"
         )
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    _remove_previous_bundle(directory)
+    if isinstance(export_batch, bool) or not isinstance(export_batch, int) or export_batch < 1:
+        raise ValueError(f"export_batch must be an int >= 1, found {export_batch!r}")
+    if scheduler_config is not None and not isinstance(scheduler_config, Mapping):
+        raise TypeError(f"scheduler_config must be a mapping (make_scheduler's config), found {scheduler_config!r}")
     _require_no_float64(program)
+    directory = Path(directory)
+    _check_target(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.partial-", dir=directory.parent))
+    try:
+        manifest = _write_bundle(program, staging, profile, export_batch, scheduler_config)
+        _verify(staging, export_batch)
+        _swap_in(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _write_bundle(
+    program: StepProgram, directory: Path, profile: str, export_batch: int, scheduler_config: Mapping | None
+) -> Manifest:
+    import onnx
+
     input_specs = _input_specs(program)
-    example = [
-        torch.zeros(tuple(export_batch if d == BATCH else d for d in spec.shape), dtype=getattr(torch, spec.dtype))
-        for spec in input_specs
-    ]
+    example = [torch.zeros(concrete_shape(spec.shape, export_batch), dtype=spec.torch_dtype) for spec in input_specs]
     probes = program.schedule.probes
     models, variant_files = {}, {}
-    for name, module in program.variants.items():
+    for name in tqdm(program.variants, desc="exporting variants", leave=False):
         output_names = ["signal" if name in probes else "out", *(f"next.{n}" for n in program.state.names)]
-        models[name] = _export_variant(module, example, input_specs, output_names, name)
+        models[name] = _export_variant(program.variants[name], example, input_specs, output_names, name)
         variant_files[name] = VariantFile(f"{name}.onnx", tuple(input_specs), _output_specs(models[name]))
     _store_weights_once(models, directory / WEIGHTS_FILE)
     for name, model in models.items():
@@ -108,12 +132,58 @@ def to_onnx(
     return manifest
 
 
-def _remove_previous_bundle(directory: Path) -> None:
-    if not (directory / MANIFEST_NAME).exists():
+def _check_target(directory: Path) -> None:
+    """Refuse, before any work, a target that is a file or holds files that are not a bundle's."""
+    if directory.exists() and not directory.is_dir():
+        raise ExportError(f"{directory} exists and is not a directory: choose a directory for the bundle")
+    if not directory.exists():
         return
-    previous = Manifest.load(directory)
-    for name in [*(v.file for v in previous.variants.values()), previous.weights_file, MANIFEST_NAME]:
-        (directory / name).unlink(missing_ok=True)
+    present = {entry.name for entry in directory.iterdir()}
+    if not present:
+        return
+    try:
+        bundle_files = set(Manifest.load(directory, verify_checksums=False).files)
+    except (FileNotFoundError, ValueError):
+        bundle_files = {MANIFEST_NAME, CHECKSUMS_NAME, WEIGHTS_FILE} | {n for n in present if n.endswith(".onnx")}
+    others = sorted(present - bundle_files)
+    if others:
+        raise ExportError(
+            f"{directory} holds files that are not part of a diffopt bundle: {others[:8]}; export into a new or "
+            f"empty directory (nothing was written)"
+        )
+
+
+def _verify(directory: Path, batch_size: int) -> None:
+    """Load the bundle as a user would (checksums included) and run its step 0."""
+    from diffopt.runtime.onnxruntime_backend import load_bundle
+
+    bundle = load_bundle(directory, threads=1)
+    generator = torch.Generator().manual_seed(0)
+    inputs = [
+        torch.randn(concrete_shape(s.shape, batch_size), generator=generator).to(s.torch_dtype)
+        if s.torch_dtype.is_floating_point
+        else torch.zeros(concrete_shape(s.shape, batch_size), dtype=s.torch_dtype)
+        for s in bundle.program.inputs
+    ]
+    out, _ = bundle.step(0, *inputs, state=bundle.init_state(batch_size))
+    if not torch.isfinite(out).all():
+        raise ExportError(f"the exported bundle's step 0 gives non-finite values on random inputs ({directory})")
+
+
+def _swap_in(staging: Path, directory: Path) -> None:
+    """Replace ``directory`` by ``staging``: the old bundle is renamed away, the new one
+    renamed in, and only then is the old one removed."""
+    if not directory.exists():
+        os.rename(staging, directory)
+        return
+    retired = directory.with_name(f".{directory.name}.old-{uuid.uuid4().hex[:8]}")
+    os.rename(directory, retired)
+    try:
+        os.rename(staging, directory)
+    except BaseException:
+        os.rename(retired, directory)
+        raise
+    shutil.rmtree(retired)
 
 
 def _require_no_float64(program: StepProgram) -> None:
@@ -134,14 +204,7 @@ def _require_no_float64(program: StepProgram) -> None:
 
 def _input_specs(program: StepProgram) -> list[TensorSpec]:
     """Model inputs from the captured graph's placeholders, state from the state spec."""
-    full = next(iter(program.variants.values()))
-    model_inputs = placeholders(full.graph)[: program.num_inputs]
-    specs = [
-        TensorSpec(name, state_shape(node), str(node.meta["val"].dtype).removeprefix("torch."))
-        for name, node in zip(program.signature.input_names, model_inputs)
-    ]
-    specs += [TensorSpec(e.name, e.shape, str(e.dtype).removeprefix("torch.")) for e in program.state.entries]
-    return specs
+    return [*program.inputs, *(entry.spec for entry in program.state.entries)]
 
 
 def _export_variant(

@@ -57,9 +57,50 @@ def combined_name(variant: str, role: str, refresh: str) -> str:
     return str(role) if variant == FULL else f"{variant}+{role}"
 
 
+def _checked_shape(shape: Any) -> tuple[int | str, ...]:
+    """``shape`` as a tuple of non-negative ints and ``BATCH``; ``ValueError`` otherwise."""
+    if not isinstance(shape, (list, tuple)) or not all(
+        d == BATCH or (isinstance(d, int) and not isinstance(d, bool) and d >= 0) for d in shape
+    ):
+        raise ValueError(f"a shape is a list of non-negative ints and {BATCH!r}, found {shape!r}")
+    return tuple(shape)
+
+
 def concrete_shape(shape: Sequence[int | str], batch_size: int) -> tuple[int, ...]:
     """A shape with ``BATCH`` marking the batch dimension, at ``batch_size``."""
     return tuple(batch_size if d == BATCH else int(d) for d in shape)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output: shape with ``"batch"`` where the batch size goes."""
+
+    name: str
+    shape: tuple[int | str, ...]
+    dtype: str  # torch dtype name without "torch.", e.g. "float32"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TensorSpec:
+        spec = cls(str(data["name"]), _checked_shape(data["shape"]), str(data["dtype"]))
+        spec.torch_dtype  # noqa: B018 (raises on an unknown dtype)
+        return spec
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        dtype = getattr(torch, self.dtype, None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"{self.name}: unknown dtype {self.dtype!r}")
+        return dtype
+
+    @classmethod
+    def of_node(cls, name: str, node: fx.Node) -> TensorSpec:
+        """The spec of a graph value: its symbolic leading dimension becomes ``BATCH``."""
+        value = node.meta["val"]
+        dims = tuple(BATCH if isinstance(d, torch.SymInt) else int(d) for d in value.shape)
+        return cls(name, dims, str(value.dtype).removeprefix("torch."))
 
 
 class StateError(ValueError):
@@ -78,6 +119,11 @@ class StateEntry:
     def shape_for(self, batch_size: int) -> tuple[int, ...]:
         return concrete_shape(self.shape, batch_size)
 
+    @property
+    def spec(self) -> TensorSpec:
+        """The entry as a graph input / output (what a bundle's variant files declare)."""
+        return TensorSpec(self.name, self.shape, str(self.dtype).removeprefix("torch."))
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
@@ -88,7 +134,8 @@ class StateEntry:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> StateEntry:
-        return cls(data["name"], tuple(data["shape"]), getattr(torch, data["dtype"]), data["owner"])
+        spec = TensorSpec.from_dict(data)
+        return cls(spec.name, spec.shape, spec.torch_dtype, str(data["owner"]))
 
 
 @dataclass(frozen=True)
@@ -299,10 +346,12 @@ def schedule_from_dict(data: Mapping[str, Any]) -> AnySchedule:
 
 @dataclass(frozen=True)
 class ProgramInterface:
-    """What running a program needs, without its graphs: the signature, the state it
-    threads and its schedule (a bundle's manifest describes exactly this)."""
+    """What running a program needs, without its graphs: the signature with the model
+    inputs' specs, the state it threads and its schedule (a bundle's manifest describes
+    exactly this)."""
 
     signature: Signature
+    inputs: tuple[TensorSpec, ...]  # (latent, timestep, *conditions)
     state: StateSpec
     schedule: AnySchedule
     model_class: str = ""
@@ -339,8 +388,15 @@ class StepProgram:
         return len(self.signature.input_names)
 
     @property
+    def inputs(self) -> tuple[TensorSpec, ...]:
+        """Specs of the model inputs ``(latent, timestep, *conditions)``, from the graphs."""
+        graph = next(iter(self.variants.values())).graph
+        placeholders = [node for node in graph.nodes if node.op == "placeholder"][: self.num_inputs]
+        return tuple(TensorSpec.of_node(name, node) for name, node in zip(self.signature.input_names, placeholders))
+
+    @property
     def interface(self) -> ProgramInterface:
-        return ProgramInterface(self.signature, self.state, self.schedule, self.model_class)
+        return ProgramInterface(self.signature, self.inputs, self.state, self.schedule, self.model_class)
 
     def fingerprint(self) -> str:
         """Text that changes whenever the program's structure does (used to check ``modified``)."""

@@ -36,6 +36,9 @@ class Signature:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Signature:
+        names = [data["latent"], data["timestep"], *data["conditions"]]
+        if not all(isinstance(name, str) for name in names) or len(set(names)) != len(names):
+            raise ValueError(f"input names must be distinct strings, found {names}")
         return cls(data["latent"], data["timestep"], tuple(data["conditions"]))
 
 

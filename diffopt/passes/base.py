@@ -10,7 +10,6 @@ program after each one (``graph.lint()`` plus the step-program invariants), chec
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -119,47 +118,6 @@ class GraphPass:
 
     def ensures(self, program: StepProgram, context: PassContext) -> None:
         """Raise if the pass did not establish what it promises."""
-
-
-def require_int(owner: str, field: str, value, minimum: int | None = None, optional: bool = False) -> None:
-    """Raise ``ValueError`` naming ``owner.field`` unless ``value`` is an int (>= ``minimum``)."""
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
-        expected = "an int" + (f" >= {minimum}" if minimum is not None else "") + (" or None" if optional else "")
-        raise ValueError(f"{owner}.{field} must be {expected}, found {value!r}")
-
-
-def require_number(
-    owner: str, field: str, value, minimum: float | None = None, maximum: float | None = None, optional: bool = False
-) -> None:
-    """Raise ``ValueError`` naming ``owner.field`` unless ``value`` is a finite number in range."""
-    if optional and value is None:
-        return
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (minimum is None or value >= minimum) and (maximum is None or value <= maximum)
-    if not ok:
-        bounds = " ".join(
-            part
-            for part in (f">= {minimum}" if minimum is not None else "", f"<= {maximum}" if maximum is not None else "")
-            if part
-        )
-        expected = f"a finite number {bounds}".rstrip() + (" or None" if optional else "")
-        raise ValueError(f"{owner}.{field} must be {expected}, found {value!r}")
-
-
-def block_names(owner: str, blocks) -> tuple[str, ...] | None:
-    """``blocks`` as a tuple of block names (None stays None); a bare string is refused,
-    since iterating it would give its characters."""
-    if blocks is None:
-        return None
-    if isinstance(blocks, str) or not all(isinstance(block, str) for block in blocks):
-        raise ValueError(
-            f"{owner}.blocks must be a tuple of block names such as ('transformer_blocks.1',), found {blocks!r}"
-        )
-    if not blocks:
-        raise ValueError(f"{owner}.blocks is empty: pass None for every block, or name some")
-    return tuple(blocks)
 
 
 def verify_program(program: StepProgram) -> None:

@@ -38,14 +38,12 @@ from diffopt.ir.graph_tools import (
 )
 from diffopt.ir.layers import find_blocks
 from diffopt.ir.program import CACHED, FULL, PROBE, AdaptiveSchedule, Schedule, StateEntry, StepProgram
+from diffopt.ir.validation import block_names, require_int, require_number
 from diffopt.passes.base import (
     GraphPass,
     PassContext,
     PassNotApplicable,
     PassResult,
-    block_names,
-    require_int,
-    require_number,
 )
 
 aten = torch.ops.aten

@@ -42,14 +42,12 @@ from diffopt.ir.graph_tools import (
 )
 from diffopt.ir.layers import find_blocks, linear_layers
 from diffopt.ir.program import CALIBRATED, FULL, PROBE, AdaptiveSchedule, Schedule, StateEntry, StepProgram
+from diffopt.ir.validation import block_names, require_int, require_number
 from diffopt.passes.base import (
     GraphPass,
     PassContext,
     PassNotApplicable,
     PassResult,
-    block_names,
-    require_int,
-    require_number,
 )
 from diffopt.passes.low_rank import low_rank_factors, ranks_under_budget
 

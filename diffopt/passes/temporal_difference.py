@@ -44,6 +44,7 @@ from diffopt.ir.annotations import NodeAnnotation, annotate, annotation_of
 from diffopt.ir.graph_tools import add_variant, attribute, node_named, remove_dead_code, state_shape, thread_state
 from diffopt.ir.layers import linear_layers, op_name
 from diffopt.ir.program import DELTA, FULL, Schedule, StateEntry, StepProgram
+from diffopt.ir.validation import require_int, require_number
 from diffopt.passes.base import GraphPass, PassContext, PassResult
 from diffopt.passes.composition import rewrite_every_variant
 from diffopt.passes.linear_ops import WEIGHT_BITS, IntegerLinear, call_like, constant, to_dtype
@@ -70,12 +71,13 @@ class TemporalDifferencePass(GraphPass):
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}: expected one of {MODES}")
+        require_int(self.name, "bits", self.bits, minimum=2)
+        require_number(self.name, "row_threshold", self.row_threshold, minimum=0.0, optional=True)
+        require_int(self.name, "refresh_period", self.refresh_period, minimum=1, optional=True)
         if self.mode in ("integer", "dynamic") and self.bits != 8:
             raise ValueError(f"{self.mode} mode quantizes to 8 bits: bits must be 8")
-        if self.row_threshold is not None and (self.row_threshold < 0 or self.mode not in ("exact", "difference")):
-            raise ValueError("row_threshold must be >= 0, and row skipping applies to the exact and difference modes")
-        if self.refresh_period is not None and self.refresh_period < 1:
-            raise ValueError(f"refresh_period must be >= 1 or None, found {self.refresh_period}")
+        if self.row_threshold is not None and self.mode not in ("exact", "difference"):
+            raise ValueError("row skipping (row_threshold) applies to the exact and difference modes")
 
     @property
     def needs_calibration(self) -> bool:

@@ -1,41 +1,48 @@
-"""The bundle manifest: everything a runtime needs to drive exported variants, as JSON.
+"""The bundle format: everything a runtime needs to drive exported variants, checked on load.
 
-A bundle is a directory: one ONNX file per step variant, one shared weights file, and
+A bundle is a directory: one ONNX file per step variant, one shared weights file,
 ``manifest.json`` (signature, input and output tensors per variant, state spec,
-schedule, export profile, quantization scales, noise-schedule config, diffopt version). ``Manifest.interface()``
-rebuilds the step program's interface (no graphs), which is all ``OptimizedDenoiser``
-and the samplers need; no model code is imported.
+schedule, export profile, quantization scales, noise-schedule config, diffopt version)
+and ``SHA256SUMS`` (the sha256 of every other file, written last at export).
+``Manifest.interface()`` rebuilds the step program's interface (no graphs), which is all
+``OptimizedDenoiser`` and the samplers need; no model code is imported.
+
+``Manifest.load`` verifies the checksums (``verify_checksums=False`` skips hashing for
+huge bundles), then the manifest's schema (format, version, every field's type) and its
+consistency (the schedule's variants exist; every variant file declares the signature's
+inputs and the state entries, in order, with their shapes and dtypes). Every failure is a
+``BundleError`` naming the bundle, the file and the field.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from diffopt.ir.program import AnySchedule, ProgramInterface, StateEntry, StateSpec, schedule_from_dict
+from diffopt.ir.program import (
+    AnySchedule,
+    ProgramInterface,
+    StateEntry,
+    StateSpec,
+    TensorSpec,
+    schedule_from_dict,
+)
 from diffopt.ir.signature import Signature
+from diffopt.runtime.schedulers import make_scheduler
 
 FORMAT = "diffopt-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
+CHECKSUMS_NAME = "SHA256SUMS"
+PROFILES = ("onnxruntime", "tensorrt")
 
 
-@dataclass(frozen=True)
-class TensorSpec:
-    """One graph input or output: shape with ``"batch"`` where the batch size goes."""
-
-    name: str
-    shape: tuple[int | str, ...]
-    dtype: str  # torch dtype name without "torch.", e.g. "float32"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TensorSpec:
-        return cls(data["name"], tuple(data["shape"]), data["dtype"])
+class BundleError(ValueError):
+    """A bundle is corrupt or inconsistent; the message names the bundle, the file and the field."""
 
 
 @dataclass(frozen=True)
@@ -53,8 +60,11 @@ class VariantFile:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> VariantFile:
+        file = data["file"]
+        if not isinstance(file, str) or Path(file).name != file:
+            raise ValueError(f"file must be a plain file name inside the bundle, found {file!r}")
         return cls(
-            data["file"],
+            file,
             tuple(map(TensorSpec.from_dict, data["inputs"])),
             tuple(map(TensorSpec.from_dict, data["outputs"])),
         )
@@ -71,15 +81,22 @@ class Manifest:
     diffopt_version: str
     model_class: str = ""
     opset: int | None = None
-    quantization: dict[str, Any] = field(default_factory=dict)  # quantized_ops.quantization_summary; {} without
+    quantization: dict[str, Any] = field(default_factory=dict)  # quant.ops.quantization_summary; {} without
     scheduler: dict[str, Any] | None = None  # the model's noise-schedule config (make_scheduler), if given
 
     def interface(self) -> ProgramInterface:
-        """The step program's interface (signature, state, schedule) without graphs."""
-        return ProgramInterface(self.signature, self.state, self.schedule, self.model_class)
+        """The step program's interface (signature, inputs, state, schedule) without graphs."""
+        inputs = next(iter(self.variants.values())).inputs[: len(self.signature.input_names)]
+        return ProgramInterface(self.signature, inputs, self.state, self.schedule, self.model_class)
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        """Every file the bundle consists of, checksums last."""
+        return (*(v.file for v in self.variants.values()), self.weights_file, MANIFEST_NAME, CHECKSUMS_NAME)
 
     def save(self, directory: Path) -> Path:
-        path = Path(directory) / MANIFEST_NAME
+        """Write ``manifest.json``, then ``SHA256SUMS`` over every file of the bundle."""
+        directory = Path(directory)
         data = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -91,38 +108,165 @@ class Manifest:
             "state": self.state.to_list(),
             "schedule": self.schedule.to_dict(),
             "weights_file": self.weights_file,
-            "variants": {name: v.to_dict() for name, v in self.variants.items()},
+            "variants": {str(name): v.to_dict() for name, v in self.variants.items()},
             "quantization": self.quantization,
             "scheduler": self.scheduler,
         }
-        path.write_text(json.dumps(data, indent=2))
-        return path
+        (directory / MANIFEST_NAME).write_text(json.dumps(data, indent=2))
+        sums = "".join(f"{sha256_of(directory / name)}  {name}\n" for name in self.files[:-1])
+        (directory / CHECKSUMS_NAME).write_text(sums)
+        return directory / MANIFEST_NAME
 
     @classmethod
-    def load(cls, directory: Path | str) -> Manifest:
-        path = Path(directory) / MANIFEST_NAME
+    def load(cls, directory: Path | str, *, verify_checksums: bool = True) -> Manifest:
+        directory = Path(directory)
+        path = directory / MANIFEST_NAME
         if not path.exists():
             raise FileNotFoundError(
                 f"no {MANIFEST_NAME} in {directory}: expected a bundle written by "
                 f"diffopt.export.to_onnx (or `diffopt export`)"
             )
-        data = json.loads(path.read_text())
-        if data.get("format") != FORMAT or data.get("format_version") != FORMAT_VERSION:
-            raise ValueError(
-                f"{path}: expected format {FORMAT!r} version {FORMAT_VERSION}, found "
-                f"{data.get('format')!r} version {data.get('format_version')}; re-export the bundle "
-                f"with this diffopt"
-            )
-        return cls(
-            Signature.from_dict(data["signature"]),
-            StateSpec(tuple(StateEntry.from_dict(e) for e in data["state"])),
-            schedule_from_dict(data["schedule"]),
-            {name: VariantFile.from_dict(v) for name, v in data["variants"].items()},
-            data["profile"],
-            data["weights_file"],
-            data["diffopt_version"],
-            data["model_class"],
-            data["opset"],
-            data["quantization"],
-            data["scheduler"],
+        listed = _read_checksums(directory) if verify_checksums else None
+        try:
+            data = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise BundleError(f"bundle {directory}: {MANIFEST_NAME} is not valid JSON ({error})") from error
+        manifest = _parse(path, data)
+        if listed is not None:
+            missing = sorted(set(manifest.files[:-1]) - set(listed))
+            if missing:
+                raise BundleError(f"bundle {directory}: {CHECKSUMS_NAME} does not list {missing}; re-export the bundle")
+        return manifest
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _read_checksums(directory: Path) -> dict[str, str]:
+    """Verify every file ``SHA256SUMS`` lists; return name -> sha256."""
+    path = directory / CHECKSUMS_NAME
+    if not path.exists():
+        raise BundleError(
+            f"bundle {directory}: no {CHECKSUMS_NAME} (bundles from diffopt before format version "
+            f"{FORMAT_VERSION}, or an interrupted export): re-export it, or load with verify_checksums=False"
         )
+    listed = {}
+    try:
+        lines = path.read_text().splitlines()
+    except UnicodeDecodeError as error:
+        raise BundleError(f"bundle {directory}: {CHECKSUMS_NAME} is not text ({error})") from error
+    for number, line in enumerate(lines, 1):
+        digest, _, name = line.partition("  ")
+        if len(digest) != 64 or not name or Path(name).name != name:
+            raise BundleError(f"bundle {directory}: {CHECKSUMS_NAME} line {number} is not '<sha256>  <file>': {line!r}")
+        listed[name] = digest
+    if MANIFEST_NAME not in listed:
+        raise BundleError(f"bundle {directory}: {CHECKSUMS_NAME} does not list {MANIFEST_NAME}")
+    for name, digest in listed.items():
+        if not (directory / name).is_file():
+            raise BundleError(f"bundle {directory}: {name} is missing (listed in {CHECKSUMS_NAME})")
+        found = sha256_of(directory / name)
+        if found != digest:
+            raise BundleError(
+                f"bundle {directory}: {name} changed after export (sha256 {found[:16]}..., expected "
+                f"{digest[:16]}...): the file is corrupt or was edited; re-export the bundle"
+            )
+    return listed
+
+
+def _field(path: Path, data: dict, key: str, kind: type | tuple[type, ...], parse: Callable | None = None):
+    """``data[key]`` checked against ``kind`` (and parsed), or a ``BundleError`` naming the field."""
+    where = f"bundle {path.parent}: {path.name}: field {key!r}"
+    if key not in data:
+        raise BundleError(f"{where} is missing")
+    value = data[key]
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise BundleError(f"{where}: expected {names}, found {type(value).__name__} {value!r:.80}")
+    if parse is None:
+        return value
+    try:
+        return parse(value)
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise BundleError(f"{where}: {type(error).__name__}: {error}") from error
+
+
+def _parse(path: Path, data: Any) -> Manifest:
+    if not isinstance(data, dict):
+        raise BundleError(f"bundle {path.parent}: {path.name} must hold a JSON object, found {type(data).__name__}")
+    format_name = _field(path, data, "format", str)
+    version = _field(path, data, "format_version", int)
+    if format_name != FORMAT or version != FORMAT_VERSION:
+        raise BundleError(
+            f"bundle {path.parent}: {path.name}: expected format {FORMAT!r} version {FORMAT_VERSION}, found "
+            f"{format_name!r} version {version}; re-export the bundle with this diffopt"
+        )
+    profile = _field(path, data, "profile", str)
+    if profile not in PROFILES:
+        raise BundleError(
+            f"bundle {path.parent}: {path.name}: field 'profile': expected one of {PROFILES}, found {profile!r}"
+        )
+    manifest = Manifest(
+        signature=_field(path, data, "signature", dict, Signature.from_dict),
+        state=_field(path, data, "state", list, lambda v: StateSpec(tuple(StateEntry.from_dict(e) for e in v))),
+        schedule=_field(path, data, "schedule", dict, schedule_from_dict),
+        variants=_field(path, data, "variants", dict, lambda v: {k: VariantFile.from_dict(f) for k, f in v.items()}),
+        profile=profile,
+        weights_file=_field(path, data, "weights_file", str),
+        diffopt_version=_field(path, data, "diffopt_version", str),
+        model_class=_field(path, data, "model_class", str),
+        opset=_field(path, data, "opset", (int, type(None))),
+        quantization=_field(path, data, "quantization", dict),
+        scheduler=_field(path, data, "scheduler", (dict, type(None)), _checked_scheduler_config),
+    )
+    _check_consistency(path, manifest)
+    return manifest
+
+
+def _checked_scheduler_config(config: dict | None) -> dict | None:
+    """The noise-schedule config, refused unless ``make_scheduler`` accepts it."""
+    if config is not None:
+        make_scheduler(config)
+    return config
+
+
+def _check_consistency(path: Path, manifest: Manifest) -> None:
+    """The schedule's variants exist; every variant file declares the model inputs and the
+    state entries (in order, same shapes and dtypes) and returns one value plus the state."""
+    where = f"bundle {path.parent}: {path.name}"
+    if not manifest.variants:
+        raise BundleError(f"{where}: field 'variants' is empty")
+    missing = [name for name in manifest.schedule.variants if name not in manifest.variants]
+    if missing:
+        raise BundleError(f"{where}: field 'schedule' uses variants {missing} that field 'variants' does not have")
+    num_inputs = len(manifest.signature.input_names)
+    state = [entry.spec for entry in manifest.state.entries]
+    for entry in manifest.state.entries:
+        try:
+            entry.shape_for(1)
+        except (TypeError, ValueError) as error:
+            raise BundleError(f"{where}: field 'state': entry {entry.name!r} has shape {entry.shape}") from error
+    reference = next(iter(manifest.variants.values())).inputs[:num_inputs]
+    for name, variant in manifest.variants.items():
+        field_name = f"variants.{name}"
+        names = [spec.name for spec in variant.inputs[:num_inputs]]
+        if names != list(manifest.signature.input_names) or tuple(variant.inputs[:num_inputs]) != reference:
+            raise BundleError(
+                f"{where}: field {field_name}.inputs: model inputs {names} disagree with the signature "
+                f"{list(manifest.signature.input_names)} or with the other variants"
+            )
+        for kind, specs in (("inputs", variant.inputs[num_inputs:]), ("outputs", variant.outputs[1:])):
+            declared = [(s.shape, s.dtype) for s in specs]
+            expected = [(tuple(s.shape), s.dtype) for s in state]
+            if [(tuple(shape), dtype) for shape, dtype in declared] != expected:
+                raise BundleError(
+                    f"{where}: field {field_name}.{kind}: state tensors {declared} disagree with field "
+                    f"'state' {expected}"
+                )
+        if len(variant.outputs) != 1 + len(state):
+            raise BundleError(f"{where}: field {field_name}.outputs: expected 1 + {len(state)} outputs")

@@ -5,20 +5,42 @@ Functional use (what the ``Sampler`` does)::
     state = denoiser.init_state(batch_size)
     out, state = denoiser.step(k, x, t, *conditions, state=state)
 
-Eager use: ``denoiser(x, t, *conditions)`` keeps the state itself. It starts a fresh
-run (zero state, step 0) on the first call, after ``reset()``, whenever the batch
+Each run owns its state: ``init_state`` returns a ``RunState`` (a tuple of tensors that
+knows its program and the step it feeds), ``step`` returns the next one and never writes
+into the one it was given, so any number of runs (threads, interleaved runs) can share
+one denoiser. ``step`` refuses a cached step on a fresh state, a state from another step
+or from a program with other state, and inputs whose dtype, shape, batch or device do not
+fit the signature (the message names the input).
+
+Eager use: ``denoiser(x, t, *conditions)`` keeps the state itself, per thread. It starts
+a fresh run (zero state, step 0) on the first call, after ``reset()``, whenever the batch
 size changes, and when the timestep does not decrease from the previous call (every
 sampler walks from noise to data, so a timestep that does not go down means a new run).
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 import torch
 
-from diffopt.ir.program import ProgramInterface, StateError, StepProgram
+from diffopt.ir.program import BATCH, ProgramInterface, StateError, StepProgram, TensorSpec
 from diffopt.runtime.backends import Backend, TorchBackend
+
+
+class InputError(ValueError):
+    """An input of ``step`` / ``__call__`` does not fit the program's signature."""
+
+
+class RunState(tuple):
+    """The state tensors of one sampling run, with the program they belong to (its state
+    spec and schedule) and the index of the step they feed."""
+
+    def __new__(cls, tensors: Sequence[torch.Tensor], owner: tuple, next_step: int) -> RunState:
+        state = super().__new__(cls, tensors)
+        state.owner, state.next_step = owner, next_step
+        return state
 
 
 def batched_timestep(t: torch.Tensor | float | int, batch_size: int, device: torch.device) -> torch.Tensor:
@@ -27,8 +49,31 @@ def batched_timestep(t: torch.Tensor | float | int, batch_size: int, device: tor
     if t.dim() == 0:
         return t.expand(batch_size).contiguous()
     if t.shape != (batch_size,):
-        raise ValueError(f"expected a scalar timestep or one of shape ({batch_size},), found {tuple(t.shape)}")
+        raise InputError(f"timestep: expected a scalar or shape ({batch_size},), found {tuple(t.shape)}")
     return t
+
+
+def _conform(value, spec: TensorSpec, batch_size: int, device: torch.device) -> torch.Tensor:
+    """``value`` checked against ``spec``; cast to its dtype only where that loses nothing."""
+    if not isinstance(value, torch.Tensor):
+        raise InputError(f"{spec.name}: expected a tensor, found {type(value).__name__}")
+    if value.device != device:
+        raise InputError(
+            f"{spec.name}: on {value.device}, but the latent is on {device}: put every input on one device"
+        )
+    expected = tuple(batch_size if d == BATCH else d for d in spec.shape)
+    if tuple(value.shape) != expected:
+        raise InputError(f"{spec.name}: expected shape {expected} (batch {batch_size}), found {tuple(value.shape)}")
+    dtype = spec.torch_dtype
+    if value.dtype == dtype:
+        return value
+    converted = value.to(dtype)
+    if value.is_complex() or not torch.equal(converted.to(value.dtype), value):
+        raise InputError(
+            f"{spec.name}: expected {spec.dtype}, found {str(value.dtype).removeprefix('torch.')} with "
+            f"values that do not convert exactly; pass {spec.dtype}"
+        )
+    return converted
 
 
 class OptimizedDenoiser:
@@ -40,21 +85,49 @@ class OptimizedDenoiser:
             raise TypeError(f"OptimizedDenoiser needs a backend to run a {type(program).__name__} (it has no graphs)")
         self.program = program
         self.backend = backend if backend is not None else TorchBackend(program)
-        self.last_variant: str | None = None
-        self.reset()
+        self.inputs = program.inputs
+        self._owner = (program.state, program.schedule)
+        self._local = threading.local()
 
     @property
     def is_stateful(self) -> bool:
         return len(self.program.state) > 0
 
-    def reset(self) -> None:
-        """Forget the eager-mode state: the next call starts a new sampling run."""
-        self._state: tuple[torch.Tensor, ...] | None = None
-        self._step_index = 0
-        self._last_timestep: float | None = None
+    @property
+    def last_variant(self) -> str | None:
+        """The variant this thread's last step ran."""
+        return getattr(self._local, "last_variant", None)
 
-    def init_state(self, batch_size: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
-        return self.program.state.allocate(batch_size, device)
+    def reset(self) -> None:
+        """Forget this thread's eager-mode state: the next call starts a new sampling run."""
+        self._local.__dict__.clear()
+
+    def init_state(self, batch_size: int, device: torch.device | str = "cpu") -> RunState:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise InputError(f"batch_size must be an int >= 1, found {batch_size!r}")
+        return RunState(self.program.state.allocate(batch_size, device), self._owner, 0)
+
+    def _check_state(self, step_index: int, state: Sequence[torch.Tensor], batch_size: int) -> None:
+        if isinstance(step_index, bool) or not isinstance(step_index, int) or step_index < 0:
+            raise InputError(f"step_index must be an int >= 0, found {step_index!r}")
+        self.program.state.check(state, batch_size)
+        if not isinstance(state, RunState) or not self.is_stateful:
+            return
+        if state.owner != self._owner:
+            raise StateError(
+                "this state belongs to a program with another state spec or schedule: start a run with "
+                "this denoiser's init_state()"
+            )
+        if state.next_step == 0 and step_index > 0:
+            raise StateError(
+                f"step {step_index} on a fresh state: a run starts at step 0, which fills the caches "
+                f"the later steps read"
+            )
+        if step_index != state.next_step:
+            raise StateError(
+                f"step {step_index} was given the state after step {state.next_step - 1}: pass the "
+                f"state the previous step returned"
+            )
 
     def step(
         self,
@@ -63,43 +136,53 @@ class OptimizedDenoiser:
         t: torch.Tensor | float,
         *conditions: torch.Tensor,
         state: Sequence[torch.Tensor] = (),
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    ) -> tuple[torch.Tensor, RunState]:
         """Run step ``step_index``: ``(out, new_state)``; ``state`` must match the batch.
 
         The variant that ran is in ``last_variant`` (where the schedule has a probe, the probe
         ran first and chose it)."""
-        if len(conditions) != len(self.program.signature.conditions):
-            raise ValueError(
-                f"expected conditions {list(self.program.signature.conditions)}, "
-                f"found {len(conditions)} condition tensors"
+        latent_spec, timestep_spec, *condition_specs = self.inputs
+        if len(conditions) != len(condition_specs):
+            raise InputError(
+                f"expected conditions {list(self.program.signature.conditions)}, found {len(conditions)} condition "
+                f"tensors"
             )
+        if not isinstance(x, torch.Tensor) or x.dim() == 0:
+            raise InputError(f"{latent_spec.name}: expected a batched tensor, found {x!r:.60}")
         batch_size = x.shape[0]
-        self.program.state.check(state, batch_size)
-        t = batched_timestep(t, batch_size, x.device)
+        x = _conform(x, latent_spec, batch_size, x.device)
+        t = _conform(batched_timestep(t, batch_size, x.device), timestep_spec, batch_size, x.device)
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise InputError(f"{timestep_spec.name}: not finite: {t}")
+        conditions = tuple(_conform(c, s, batch_size, x.device) for c, s in zip(conditions, condition_specs))
+        self._check_state(step_index, state, batch_size)
         schedule = self.program.schedule
         probe, signal = schedule.probe_at(step_index), None
         if probe is not None:
             signal, *state = self.backend.run(probe, (x, t, *conditions, *state))
             signal = float(signal)
-        self.last_variant = schedule.variant_at(step_index, signal)
-        outputs = self.backend.run(self.last_variant, (x, t, *conditions, *state))
-        return outputs[0], tuple(outputs[1:])
+        variant = schedule.variant_at(step_index, signal)
+        self._local.last_variant = variant
+        outputs = self.backend.run(variant, (x, t, *conditions, *state))
+        return outputs[0], RunState(outputs[1:], self._owner, step_index + 1)
 
     def _starts_new_run(self, x: torch.Tensor, t: torch.Tensor) -> bool:
-        if self._state is None:
+        state = getattr(self._local, "state", None)
+        if state is None:
             return True
         try:
-            self.program.state.check(self._state, x.shape[0])
+            self.program.state.check(state, x.shape[0])
         except StateError:
             return True  # batch size (or composition) changed: never reuse stale state
-        return self._last_timestep is not None and float(t.max()) >= self._last_timestep
+        last = getattr(self._local, "last_timestep", None)
+        return last is not None and float(t.max()) >= last
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor | float, *conditions: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() == 0:
+            raise InputError(f"{self.inputs[0].name}: expected a batched tensor, found {x!r:.60}")
         t = batched_timestep(t, x.shape[0], x.device)
         if self._starts_new_run(x, t):
-            self._state = self.init_state(x.shape[0], x.device)
-            self._step_index = 0
-        out, self._state = self.step(self._step_index, x, t, *conditions, state=self._state)
-        self._step_index += 1
-        self._last_timestep = float(t.max())
+            self._local.state = self.init_state(x.shape[0], x.device)
+        out, self._local.state = self.step(self._local.state.next_step, x, t, *conditions, state=self._local.state)
+        self._local.last_timestep = float(t.max())
         return out

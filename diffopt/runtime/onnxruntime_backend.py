@@ -3,13 +3,14 @@
 ``load_bundle(directory)`` returns an ``OptimizedDenoiser`` over it, so every sampler
 drives an exported bundle exactly like the torch program; no model code is imported.
 
-Each variant is one ``InferenceSession``. Inputs are bound in place (IOBinding on the
-torch tensors' memory) and outputs written straight into torch tensors. The state lives
-in two pre-allocated buffer sets per batch size (ping-pong): a call reads one set and
-writes the next state into the other, so the sampling loop allocates and copies no state.
-The state tensors a call returns are therefore the backend's buffers: they stay valid
-until the call after next overwrites them (samplers pass them straight back, which is
-what they are for).
+Each variant is one ``InferenceSession``; loading checks the bundle (``Manifest.load``:
+checksums, schema) and that every graph's inputs and outputs are the ones the manifest
+declares (names, dtypes, static dimensions), so a manifest that disagrees with its
+graphs is refused instead of binding buffers of the wrong size. Inputs are bound in place
+(IOBinding on the torch tensors' memory) and outputs are written straight into torch
+tensors allocated for that call from the same declared specs: no copies, and no buffer
+is shared between calls, so any number of runs (threads, interleaved functional runs)
+can use one loaded bundle at once.
 """
 
 from __future__ import annotations
@@ -20,32 +21,57 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffopt.ir.program import concrete_shape
-from diffopt.runtime.bundle import Manifest
+from diffopt.ir.program import BATCH, TensorSpec, concrete_shape
+from diffopt.runtime.bundle import BundleError, Manifest
 from diffopt.runtime.denoiser import OptimizedDenoiser
+
+ONNX_TYPES = {  # onnxruntime's type strings -> torch dtype names
+    "tensor(float)": "float32",
+    "tensor(double)": "float64",
+    "tensor(float16)": "float16",
+    "tensor(bfloat16)": "bfloat16",
+    "tensor(int64)": "int64",
+    "tensor(int32)": "int32",
+    "tensor(int8)": "int8",
+    "tensor(uint8)": "uint8",
+    "tensor(bool)": "bool",
+}
 
 
 class OnnxRuntimeBackend:
     name = "onnxruntime"
 
     def __init__(
-        self, bundle: str | Path, *, threads: int | None = None, providers: Sequence[str] = ("CPUExecutionProvider",)
+        self,
+        bundle: str | Path,
+        *,
+        threads: int | None = None,
+        providers: Sequence[str] = ("CPUExecutionProvider",),
+        verify_checksums: bool = True,
     ):
         import onnxruntime
 
         self.directory = Path(bundle)
-        self.manifest = Manifest.load(self.directory)
+        self.manifest = Manifest.load(self.directory, verify_checksums=verify_checksums)
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
         # spinning worker threads keep burning the CPU after a call and slow down whatever runs next
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-        self.sessions = {
-            name: onnxruntime.InferenceSession(str(self.directory / variant.file), options, providers=list(providers))
-            for name, variant in self.manifest.variants.items()
-        }
-        self._state_buffers: dict[int, list[tuple[torch.Tensor, ...]]] = {}
+        self.sessions = {}
+        for name, variant in self.manifest.variants.items():
+            path = self.directory / variant.file
+            try:
+                session = onnxruntime.InferenceSession(str(path), options, providers=list(providers))
+            except Exception as error:  # onnxruntime raises its own exception types for unreadable graphs
+                raise BundleError(
+                    f"bundle {self.directory}: {variant.file} cannot be loaded by onnxruntime: "
+                    f"{str(error).strip()[:300]}"
+                ) from error
+            _check_graph_io(self.directory, variant.file, "input", session.get_inputs(), variant.inputs)
+            _check_graph_io(self.directory, variant.file, "output", session.get_outputs(), variant.outputs)
+            self.sessions[name] = session
 
     def run(self, variant: str, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         spec = self.manifest.variants[variant]
@@ -54,38 +80,46 @@ class OnnxRuntimeBackend:
         batch_size = inputs[0].shape[0]
         bound = []  # keeps converted inputs alive until the run has finished
         for tensor_spec, tensor in zip(spec.inputs, inputs, strict=True):
-            tensor = tensor.to("cpu", getattr(torch, tensor_spec.dtype)).contiguous()
+            tensor = tensor.to("cpu", tensor_spec.torch_dtype).contiguous()
             bound.append(tensor)
-            binding.bind_input(
-                tensor_spec.name, "cpu", 0, np.dtype(tensor_spec.dtype), list(tensor.shape), tensor.data_ptr()
-            )
-        state_in = bound[len(self.manifest.signature.input_names) :]
-        first = torch.empty(
-            concrete_shape(spec.outputs[0].shape, batch_size), dtype=getattr(torch, spec.outputs[0].dtype)
-        )
-        outputs = (first, *self._next_state_buffers(batch_size, state_in))
+            _bind(binding.bind_input, tensor_spec, tensor)
+        outputs = tuple(torch.empty(concrete_shape(s.shape, batch_size), dtype=s.torch_dtype) for s in spec.outputs)
         for tensor_spec, tensor in zip(spec.outputs, outputs, strict=True):
-            binding.bind_output(
-                tensor_spec.name, "cpu", 0, np.dtype(tensor_spec.dtype), list(tensor.shape), tensor.data_ptr()
-            )
+            _bind(binding.bind_output, tensor_spec, tensor)
         session.run_with_iobinding(binding)
         return outputs
 
-    def _next_state_buffers(self, batch_size: int, state_in: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        """The buffer set the inputs are not read from."""
-        if not self.manifest.state.entries:
-            return ()
-        sets = self._state_buffers.get(batch_size)
-        if sets is None:
-            sets = [self.manifest.state.allocate(batch_size) for _ in range(2)]
-            self._state_buffers[batch_size] = sets
-        reading = {t.data_ptr() for t in state_in}
-        return next(s for s in sets if not reading & {t.data_ptr() for t in s})
+
+def _bind(bind, spec: TensorSpec, tensor: torch.Tensor) -> None:
+    bind(spec.name, "cpu", 0, np.dtype(spec.dtype), list(tensor.shape), tensor.data_ptr())
+
+
+def _check_graph_io(directory: Path, file: str, kind: str, found, declared: Sequence[TensorSpec]) -> None:
+    """The graph's inputs / outputs are the manifest's: names, dtypes, static dimensions."""
+    where = f"bundle {directory}: {file}"
+    names = [value.name for value in found]
+    if names != [spec.name for spec in declared]:
+        raise BundleError(
+            f"{where}: the graph's {kind}s {names} are not the manifest's {[spec.name for spec in declared]}"
+        )
+    for value, spec in zip(found, declared):
+        dtype = ONNX_TYPES.get(value.type, value.type)
+        dims = [d if isinstance(d, int) else BATCH for d in value.shape]
+        if dtype != spec.dtype or dims != list(spec.shape):
+            raise BundleError(
+                f"{where}: {kind} {spec.name!r} is {dtype} {dims} in the graph but {spec.dtype} "
+                f"{list(spec.shape)} in the manifest"
+            )
 
 
 def load_bundle(
-    bundle: str | Path, *, threads: int | None = None, providers: Sequence[str] = ("CPUExecutionProvider",)
+    bundle: str | Path,
+    *,
+    threads: int | None = None,
+    providers: Sequence[str] = ("CPUExecutionProvider",),
+    verify_checksums: bool = True,
 ) -> OptimizedDenoiser:
-    """An ``OptimizedDenoiser`` that runs the exported bundle in ``bundle`` on onnxruntime."""
-    backend = OnnxRuntimeBackend(bundle, threads=threads, providers=providers)
+    """An ``OptimizedDenoiser`` that runs the exported bundle in ``bundle`` on onnxruntime
+    (``verify_checksums=False`` skips hashing the files, for huge bundles)."""
+    backend = OnnxRuntimeBackend(bundle, threads=threads, providers=providers, verify_checksums=verify_checksums)
     return OptimizedDenoiser(backend.manifest.interface(), backend=backend)

@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from diffopt.ir.signature import first_tensor_output
+from diffopt.ir.validation import require_int, require_number
 from diffopt.runtime.denoiser import OptimizedDenoiser
 from diffopt.runtime.schedulers import Scheduler
 
@@ -90,6 +91,10 @@ class Sampler:
         null_conditions: Sequence[torch.Tensor] | None = None,
         progress: bool = True,
     ):
+        require_number("Sampler", "guidance_scale", guidance_scale)
+        for name in ("num_steps", "timesteps", "step"):
+            if not hasattr(scheduler, name):
+                raise TypeError(f"Sampler: scheduler must be a diffopt scheduler (make_scheduler), found {scheduler!r}")
         if guidance_scale != 1.0 and null_conditions is None:
             raise ValueError(
                 "classifier-free guidance (guidance_scale != 1) needs null_conditions: the "
@@ -113,10 +118,19 @@ class Sampler:
         """Run all steps from ``noise`` (or seeded noise of ``shape``); return the final sample."""
         if (shape is None) == (noise is None):
             raise ValueError("pass exactly one of shape= (noise is drawn from the seed) or noise=")
+        require_int("Sampler.sample", "seed", seed, minimum=0)
+        if shape is not None and (
+            not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape)
+        ):
+            raise ValueError(f"Sampler.sample: shape must be positive ints (batch first), found {shape!r}")
+        if noise is not None and (not isinstance(noise, torch.Tensor) or noise.dim() == 0 or noise.shape[0] < 1):
+            raise ValueError(f"Sampler.sample: noise must be a batched tensor, found {noise!r:.60}")
         generator = torch.Generator().manual_seed(seed)
         x = torch.randn(tuple(shape), generator=generator) if noise is None else noise.clone()
         conditions = tuple(conditions)
         for c in conditions:
+            if not isinstance(c, torch.Tensor) or c.dim() == 0:
+                raise ValueError(f"Sampler.sample: each condition must be a batched tensor, found {c!r:.60}")
             if c.shape[0] != x.shape[0]:
                 raise ValueError(f"each condition needs one entry per sample: batch {x.shape[0]}, found {c.shape[0]}")
         runner = (

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 import torch
 
+from diffopt.ir.validation import require_int, require_number
 from diffopt.runtime.noise import make_alphas_cumprod
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
@@ -77,6 +78,12 @@ class _DiscreteScheduler:
     ):
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"unknown prediction type {prediction_type!r}: expected one of {PREDICTION_TYPES}")
+        require_int(type(self).__name__, "num_steps", num_steps, minimum=1)
+        require_number(type(self).__name__, "clip_sample", clip_sample, minimum=0.0, optional=True)
+        if num_steps > len(alphas_cumprod):
+            raise ValueError(
+                f"{type(self).__name__}.num_steps={num_steps} exceeds the {len(alphas_cumprod)} training timesteps"
+            )
         self.alphas_cumprod = alphas_cumprod.to(torch.float64)
         self.num_steps = num_steps
         self.prediction_type = prediction_type
@@ -121,8 +128,7 @@ class DDIMScheduler(_DiscreteScheduler):
         clip_sample: float | None = None,
     ):
         super().__init__(alphas_cumprod, num_steps, prediction_type, clip_sample)
-        if eta < 0:
-            raise ValueError(f"DDIM eta must be >= 0, found {eta}")
+        require_number("DDIMScheduler", "eta", eta, minimum=0.0)
         self.eta = eta
 
     def step(self, model_output, step_index, x, generator):
@@ -139,8 +145,8 @@ class FlowEulerScheduler:
     """Euler on the flow-matching ODE; the model sees ``timestep_scale * t``."""
 
     def __init__(self, num_steps: int, timestep_scale: float = 1000.0):
-        if num_steps < 1:
-            raise ValueError(f"num_steps must be >= 1, found {num_steps}")
+        require_int("FlowEulerScheduler", "num_steps", num_steps, minimum=1)
+        require_number("FlowEulerScheduler", "timestep_scale", timestep_scale, minimum=0.0)
         self.num_steps = num_steps
         self.timestep_scale = timestep_scale
         self.times = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
@@ -162,6 +168,8 @@ def make_scheduler(
     Discrete-time models (config ``kind="ddpm"``) sample with ``"ddim"`` (default) or
     ``"ddpm"``; flow-matching models (``kind="flow"``) with ``"flow-euler"``.
     """
+    if not isinstance(config, Mapping):
+        raise TypeError(f"make_scheduler: config must be a mapping (a model's scheduler config), found {config!r}")
     model_kind = config.get("kind", "ddpm")
     if model_kind == "flow":
         if kind not in (None, "flow-euler"):
