@@ -8,11 +8,14 @@ from typing import Any
 import torch
 
 from diffopt.capture import capture
+from diffopt.ir.placement import place
 from diffopt.ir.policy import LayerPolicy
 from diffopt.ir.program import StepProgram
 from diffopt.ir.signature import CapturedGraph
 from diffopt.ir.statistics import CalibrationStatistics
 from diffopt.passes.base import GraphPass, PassContext, Pipeline
+from diffopt.runtime.backends import TorchBackend
+from diffopt.runtime.compiled import CompiledBackend
 from diffopt.runtime.denoiser import OptimizedDenoiser
 
 
@@ -23,12 +26,21 @@ def optimize(
     example_inputs: Sequence[Any] | Mapping[str, Any] | None = None,
     calibration: CalibrationStatistics | None = None,
     policy: LayerPolicy | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    backend: str = "torch",
 ) -> OptimizedDenoiser:
-    """Capture (if given a module), run ``passes`` in a verifying ``Pipeline``, wrap the result.
+    """Capture (if given a module), run ``passes`` in a verifying ``Pipeline``, place the
+    result on ``device`` / in ``dtype`` (``ir.placement``), and run it on ``backend``:
+    ``"torch"`` (eager fx graphs) or ``"compiled"`` (``torch.compile`` per variant; CUDA
+    graphs on CUDA).
 
-    The input is never modified: passes work on a copy of the graphs (weights are shared).
-    ``optimized.pass_records`` lists each pass and whether it changed the program.
+    The input is never modified: passes work on a copy of the graphs (weights are shared
+    until placement copies them). ``optimized.pass_records`` lists each pass and whether it
+    changed the program.
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"optimize(): backend must be one of {sorted(BACKENDS)}, found {backend!r}")
     if isinstance(model_or_graph, StepProgram):
         program = model_or_graph.copy()
     elif isinstance(model_or_graph, CapturedGraph):
@@ -50,6 +62,11 @@ def optimize(
         example_inputs=tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else None,
     )
     program, records = Pipeline(passes).run(program, context)
-    denoiser = OptimizedDenoiser(program)
+    if device is not None or dtype is not None:
+        program = place(program, device, dtype)
+    denoiser = OptimizedDenoiser(program, backend=BACKENDS[backend](program))
     denoiser.pass_records = records
     return denoiser
+
+
+BACKENDS = {"torch": TorchBackend, "compiled": CompiledBackend}

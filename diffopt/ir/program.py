@@ -355,6 +355,7 @@ class ProgramInterface:
     state: StateSpec
     schedule: AnySchedule
     model_class: str = ""
+    device: torch.device = torch.device("cpu")  # where inputs and state go
 
     @property
     def num_inputs(self) -> int:
@@ -371,6 +372,8 @@ class StepProgram:
     schedule: AnySchedule = field(default_factory=Schedule)
     model_class: str = ""
     applied: tuple[tuple[str, str], ...] = ()  # (kind, pass) of every variant-creating pass, in order
+    input_specs: tuple[TensorSpec, ...] | None = None  # set by placement; None: read from the graphs
+    device: torch.device = torch.device("cpu")  # where the weights are (ir.placement.place moves them)
 
     @classmethod
     def from_captured(cls, captured: CapturedGraph) -> StepProgram:
@@ -390,13 +393,15 @@ class StepProgram:
     @property
     def inputs(self) -> tuple[TensorSpec, ...]:
         """Specs of the model inputs ``(latent, timestep, *conditions)``, from the graphs."""
+        if self.input_specs is not None:
+            return self.input_specs
         graph = next(iter(self.variants.values())).graph
         placeholders = [node for node in graph.nodes if node.op == "placeholder"][: self.num_inputs]
         return tuple(TensorSpec.of_node(name, node) for name, node in zip(self.signature.input_names, placeholders))
 
     @property
     def interface(self) -> ProgramInterface:
-        return ProgramInterface(self.signature, self.inputs, self.state, self.schedule, self.model_class)
+        return ProgramInterface(self.signature, self.inputs, self.state, self.schedule, self.model_class, self.device)
 
     def fingerprint(self) -> str:
         """Text that changes whenever the program's structure does (used to check ``modified``)."""

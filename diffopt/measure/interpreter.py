@@ -64,6 +64,10 @@ class InstrumentedBackend(TorchBackend):
         self.hooks = tuple(hooks)
         self.step_index = 0
 
+    @classmethod
+    def for_program(cls, program: StepProgram, like: InstrumentedBackend) -> InstrumentedBackend:
+        return cls(program, like.hooks)
+
     def run(self, variant: str, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         for hook in self.hooks:
             hook.begin(variant, self.step_index)

@@ -38,6 +38,11 @@ class TorchBackend:
         self.program = program
         self.modules = {name: _carrying_unchanged_state(module) for name, module in program.variants.items()}
 
+    @classmethod
+    def for_program(cls, program: StepProgram, like: TorchBackend) -> TorchBackend:
+        """A backend of this kind, with ``like``'s options, for another program (e.g. placed elsewhere)."""
+        return cls(program)
+
     def run(self, variant: str, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         with torch.no_grad():
             return tuple(self.modules[variant](*inputs))

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 
 import torch
 
+from diffopt.ir.placement import place
 from diffopt.ir.program import BATCH, ProgramInterface, StateError, StepProgram, TensorSpec
 from diffopt.runtime.backends import Backend, TorchBackend
 
@@ -94,6 +95,22 @@ class OptimizedDenoiser:
         return len(self.program.state) > 0
 
     @property
+    def device(self) -> torch.device:
+        """Where the program's weights are, and where inputs and state must be."""
+        return self.program.device
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> OptimizedDenoiser:
+        """A new denoiser running the program placed on ``device`` / cast to ``dtype``
+        (``ir.placement.place``) on a backend of the same kind; this one is unchanged."""
+        if not isinstance(self.program, StepProgram):
+            raise TypeError(
+                "a denoiser loaded from a bundle runs where its backend runs: choose onnxruntime's "
+                "providers when loading it instead of calling .to()"
+            )
+        placed = place(self.program, device, dtype)
+        return OptimizedDenoiser(placed, backend=type(self.backend).for_program(placed, self.backend))
+
+    @property
     def last_variant(self) -> str | None:
         """The variant this thread's last step ran."""
         return getattr(self._local, "last_variant", None)
@@ -102,10 +119,12 @@ class OptimizedDenoiser:
         """Forget this thread's eager-mode state: the next call starts a new sampling run."""
         self._local.__dict__.clear()
 
-    def init_state(self, batch_size: int, device: torch.device | str = "cpu") -> RunState:
+    def init_state(self, batch_size: int, device: torch.device | str | None = None) -> RunState:
+        """Zero state for a run of ``batch_size`` samples (on the program's device by default)."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise InputError(f"batch_size must be an int >= 1, found {batch_size!r}")
-        return RunState(self.program.state.allocate(batch_size, device), self._owner, 0)
+        state = self.program.state.allocate(batch_size, self.device if device is None else device)
+        return RunState(state, self._owner, 0)
 
     def _check_state(self, step_index: int, state: Sequence[torch.Tensor], batch_size: int) -> None:
         if isinstance(step_index, bool) or not isinstance(step_index, int) or step_index < 0:

@@ -15,6 +15,7 @@ can use one loaded bundle at once.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from diffopt.ir.program import BATCH, TensorSpec, concrete_shape
 from diffopt.runtime.bundle import BundleError, Manifest
 from diffopt.runtime.denoiser import OptimizedDenoiser
 
+GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 ONNX_TYPES = {  # onnxruntime's type strings -> torch dtype names
     "tensor(float)": "float32",
     "tensor(double)": "float64",
@@ -46,11 +48,22 @@ class OnnxRuntimeBackend:
         bundle: str | Path,
         *,
         threads: int | None = None,
-        providers: Sequence[str] = ("CPUExecutionProvider",),
+        providers: Sequence[str] | None = None,
         verify_checksums: bool = True,
     ):
         import onnxruntime
 
+        available = onnxruntime.get_available_providers()
+        providers = list(providers) if providers is not None else default_providers(available)
+        missing = [provider for provider in providers if provider not in available]
+        if missing:
+            raise ValueError(
+                f"onnxruntime providers {missing} are not available in this onnxruntime (available: "
+                f"{available}); install onnxruntime-gpu for CUDA / TensorRT"
+            )
+        self.providers = providers
+        # where inputs, outputs and state live: the GPU when a GPU provider runs the graphs
+        self.device = torch.device("cuda" if set(providers) & set(GPU_PROVIDERS) else "cpu")
         self.directory = Path(bundle)
         self.manifest = Manifest.load(self.directory, verify_checksums=verify_checksums)
         options = onnxruntime.SessionOptions()
@@ -63,7 +76,7 @@ class OnnxRuntimeBackend:
         for name, variant in self.manifest.variants.items():
             path = self.directory / variant.file
             try:
-                session = onnxruntime.InferenceSession(str(path), options, providers=list(providers))
+                session = onnxruntime.InferenceSession(str(path), options, providers=providers)
             except Exception as error:  # onnxruntime raises its own exception types for unreadable graphs
                 raise BundleError(
                     f"bundle {self.directory}: {variant.file} cannot be loaded by onnxruntime: "
@@ -90,8 +103,21 @@ class OnnxRuntimeBackend:
         return outputs
 
 
+def default_providers(available: Sequence[str]) -> list[str]:
+    """CUDA when this onnxruntime has it (TensorRT's provider only when asked for: it builds
+    engines on first use), else the CPU."""
+    return (
+        ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        if "CUDAExecutionProvider" in available
+        else ["CPUExecutionProvider"]
+    )
+
+
 def _bind(bind, spec: TensorSpec, tensor: torch.Tensor) -> None:
-    bind(spec.name, "cpu", 0, np.dtype(spec.dtype), list(tensor.shape), tensor.data_ptr())
+    """Bind ``tensor``'s memory in place, on its device (a CUDA binding is not exercised on this
+    project's CPU-only CI: the lent GPU machine has the CPU build of onnxruntime)."""
+    device = tensor.device
+    bind(spec.name, device.type, device.index or 0, np.dtype(spec.dtype), list(tensor.shape), tensor.data_ptr())
 
 
 def _check_graph_io(directory: Path, file: str, kind: str, found, declared: Sequence[TensorSpec]) -> None:
@@ -116,10 +142,12 @@ def load_bundle(
     bundle: str | Path,
     *,
     threads: int | None = None,
-    providers: Sequence[str] = ("CPUExecutionProvider",),
+    providers: Sequence[str] | None = None,
     verify_checksums: bool = True,
 ) -> OptimizedDenoiser:
     """An ``OptimizedDenoiser`` that runs the exported bundle in ``bundle`` on onnxruntime
-    (``verify_checksums=False`` skips hashing the files, for huge bundles)."""
+    (``providers``: default ``default_providers``; ``verify_checksums=False`` skips hashing
+    the files, for huge bundles). Inputs and state live on the providers' device."""
     backend = OnnxRuntimeBackend(bundle, threads=threads, providers=providers, verify_checksums=verify_checksums)
-    return OptimizedDenoiser(backend.manifest.interface(), backend=backend)
+    interface = dataclasses.replace(backend.manifest.interface(), device=backend.device)
+    return OptimizedDenoiser(interface, backend=backend)

@@ -68,16 +68,24 @@ class _PlainModelRunner:
 
 
 class _StepProgramRunner:
+    """Feeds an ``OptimizedDenoiser`` in its own dtypes (a bf16 program gets bf16 latents)
+    and returns its output in the sampler's dtype."""
+
     def __init__(self, denoiser: OptimizedDenoiser):
         self.denoiser = denoiser
         self.state: tuple[torch.Tensor, ...] = ()
+        self.dtypes = [spec.torch_dtype for spec in denoiser.inputs]
 
     def start(self, batch_size: int, device: torch.device) -> None:
         self.state = self.denoiser.init_state(batch_size, device)
 
     def __call__(self, step_index, x, t, conditions) -> tuple[torch.Tensor, str]:
-        out, self.state = self.denoiser.step(step_index, x, t, *conditions, state=self.state)
-        return out, self.denoiser.last_variant
+        inputs = [  # floats follow the program's float dtype; anything else is step()'s to check
+            value.to(dtype) if value.is_floating_point() and dtype.is_floating_point else value
+            for value, dtype in zip((x, t, *conditions), self.dtypes)
+        ]
+        out, self.state = self.denoiser.step(step_index, *inputs, state=self.state)
+        return out.to(x.dtype), self.denoiser.last_variant
 
 
 class Sampler:
@@ -125,9 +133,11 @@ class Sampler:
             raise ValueError(f"Sampler.sample: shape must be positive ints (batch first), found {shape!r}")
         if noise is not None and (not isinstance(noise, torch.Tensor) or noise.dim() == 0 or noise.shape[0] < 1):
             raise ValueError(f"Sampler.sample: noise must be a batched tensor, found {noise!r:.60}")
-        generator = torch.Generator().manual_seed(seed)
+        device = denoiser.device if isinstance(denoiser, OptimizedDenoiser) else None
+        generator = torch.Generator().manual_seed(seed)  # on the CPU: the same noise on every device
         x = torch.randn(tuple(shape), generator=generator) if noise is None else noise.clone()
-        conditions = tuple(conditions)
+        x = x.to(device or x.device)
+        conditions = tuple(c.to(x.device) if isinstance(c, torch.Tensor) else c for c in conditions)
         for c in conditions:
             if not isinstance(c, torch.Tensor) or c.dim() == 0:
                 raise ValueError(f"Sampler.sample: each condition must be a batched tensor, found {c!r:.60}")
@@ -142,7 +152,9 @@ class Sampler:
         started = time.perf_counter()
         steps = tqdm(range(self.scheduler.num_steps), desc="sampling", disable=not self.progress, leave=False)
         for k in steps:
-            t = torch.full((x.shape[0],), self.scheduler.timesteps[k].item(), dtype=self.scheduler.timesteps.dtype)
+            t = torch.full(
+                (x.shape[0],), self.scheduler.timesteps[k].item(), dtype=self.scheduler.timesteps.dtype, device=x.device
+            )
             model_x, model_t, model_conditions = guidance_inputs(
                 x, t, conditions, self.guidance_scale, self.null_conditions
             )

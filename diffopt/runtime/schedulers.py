@@ -114,7 +114,7 @@ class DDPMScheduler(_DiscreteScheduler):
         variance = (1 - a_prev) / (1 - a_t) * beta
         if variance == 0.0:
             return mean
-        noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+        noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
         return mean + variance**0.5 * noise
 
 
@@ -138,7 +138,7 @@ class DDIMScheduler(_DiscreteScheduler):
         x_prev = a_prev**0.5 * x0 + max(1 - a_prev - sigma**2, 0.0) ** 0.5 * eps
         if sigma == 0.0:
             return x_prev
-        return x_prev + sigma * torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+        return x_prev + sigma * torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
 
 
 class FlowEulerScheduler:

@@ -117,7 +117,13 @@ class SpeculativeDDPMSampler:
         tau, abar = self.tau[steps].view(shape), self.abar[steps].view(shape)
         x = (y / (tau * (1 + tau)).sqrt()).float()
         t = self.timesteps[steps]
-        out = _model_call(denoiser, *guidance_inputs(x, t, conditions, self.guidance_scale, self.null_conditions))
+        # the round's float64 bookkeeping stays on the CPU (it is O(batch x window x pixels), small next to
+        # the model call); only the batched model call runs on the denoiser's device
+        device = denoiser.device if isinstance(denoiser, OptimizedDenoiser) else x.device
+        model_inputs = guidance_inputs(x, t, conditions, self.guidance_scale, self.null_conditions)
+        x_model, t_model = (value.to(device) for value in model_inputs[:2])
+        conditions_model = tuple(c.to(device) for c in model_inputs[2])
+        out = _model_call(denoiser, x_model, t_model, conditions_model).to("cpu")
         out = combine_guidance(out.double(), self.guidance_scale)
         x0, _ = split_prediction(out, x.double(), abar, self.prediction_type)
         return x0 if self.clip_sample is None else x0.clamp(-self.clip_sample, self.clip_sample)
