@@ -91,7 +91,7 @@ def test_bundle_files_are_valid_and_weights_are_stored_once(dit_graph, tmp_path)
     weights = (tmp_path / WEIGHTS_FILE).stat().st_size
     assert 0 < weights < 0.75 * stored_per_variant  # the full and calibrated variants share their weights
     to_onnx(optimize(dit_graph), tmp_path)  # re-exporting replaces the old bundle's files
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["full.onnx", "manifest.json", WEIGHTS_FILE]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["SHA256SUMS", "full.onnx", "manifest.json", WEIGHTS_FILE]
 
 
 def test_a_bundle_is_sampled_in_a_fresh_process_without_model_code(dit_graph, tmp_path):
