@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from models import diffusers_dit, inputs_for, simple_dit
 
 from diffopt import Sampler, capture, make_scheduler, optimize
 from diffopt.evaluation.metrics.fidelity import psnr
@@ -11,7 +12,6 @@ from diffopt.passes.block_cache import BlockCachePass, FirstBlockCachePass
 from diffopt.passes.increment_calibrated_cache import IncrementCalibratedCachePass
 from diffopt.passes.temporal_difference import TemporalDifferencePass
 from diffopt.runtime.compiled import CompiledBackend
-from models import diffusers_dit, inputs_for, simple_dit
 
 DDPM = {"kind": "ddpm", "beta_schedule": "squaredcos_cap_v2"}
 BF16_PSNR_DB = 35.0  # README: a bf16 dit-digits program is within 35 dB of fp32 (measured 39.7 dB)
@@ -42,8 +42,10 @@ def test_placing_on_meta_leaves_no_cpu_tensor_or_creation_op(passes):
     assert placed.device.type == "meta" and optimized.device.type == "cpu"
     for name, module in placed.program.variants.items():
         assert {kind for kind, device in _devices_and_dtypes(module) if device == "cpu"} == set(), name
-        inputs = [torch.empty(tuple(3 if d == "batch" else d for d in spec.shape), dtype=spec.torch_dtype,
-                              device="meta") for spec in placed.inputs]
+        inputs = [
+            torch.empty(tuple(3 if d == "batch" else d for d in spec.shape), dtype=spec.torch_dtype, device="meta")
+            for spec in placed.inputs
+        ]
         outputs = module(*inputs, *placed.init_state(3))  # any CPU tensor left behind would fail here
         assert all(output.device.type == "meta" for output in outputs)
     for name, module in optimized.program.variants.items():  # the source program is untouched
@@ -67,7 +69,7 @@ def test_to_dtype_casts_a_copy_once_and_leaves_the_model_alone():
     for name, parameter in model.named_parameters():
         assert parameter.dtype == torch.float32 and torch.equal(parameter, before[name]), name
     weights = {}
-    for variant, module in half.program.variants.items():
+    for module in half.program.variants.values():
         for node in module.graph.nodes:
             if node.op == "get_attr" and node.target.endswith("weight"):
                 value = attribute(module, node.target)
