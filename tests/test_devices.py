@@ -17,7 +17,8 @@ DDPM = {"kind": "ddpm", "beta_schedule": "squaredcos_cap_v2"}
 BF16_PSNR_DB = 35.0  # README: a bf16 dit-digits program is within 35 dB of fp32 (measured 39.7 dB)
 
 
-def _devices_and_dtypes(module):
+def _placements(module):
+    """("tensor" | "device", device type) of every tensor a graph reads and every device among its ops' arguments."""
     found = set()
     for node in module.graph.nodes:
         if node.op == "get_attr":
@@ -41,7 +42,7 @@ def test_placing_on_meta_leaves_no_cpu_tensor_or_creation_op(passes):
     placed = optimized.to("meta")
     assert placed.device.type == "meta" and optimized.device.type == "cpu"
     for name, module in placed.program.variants.items():
-        assert {kind for kind, device in _devices_and_dtypes(module) if device == "cpu"} == set(), name
+        assert {kind for kind, device in _placements(module) if device == "cpu"} == set(), name
         inputs = [
             torch.empty(tuple(3 if d == "batch" else d for d in spec.shape), dtype=spec.torch_dtype, device="meta")
             for spec in placed.inputs
@@ -49,7 +50,7 @@ def test_placing_on_meta_leaves_no_cpu_tensor_or_creation_op(passes):
         outputs = module(*inputs, *placed.init_state(3))  # any CPU tensor left behind would fail here
         assert all(output.device.type == "meta" for output in outputs)
     for name, module in optimized.program.variants.items():  # the source program is untouched
-        assert ("tensor", "meta") not in _devices_and_dtypes(module), name
+        assert ("tensor", "meta") not in _placements(module), name
 
 
 def test_a_periodic_program_samples_entirely_on_its_device():
