@@ -29,16 +29,21 @@ def generate(denoiser, config, steps: int, n: int, seed: int) -> torch.Tensor:
     )
 
 
-def time_runs(runners: Mapping[str, tuple[Callable, int]], config, batch: int, repeats: int) -> dict[str, list[float]]:
-    """Wall seconds of one DDIM run of ``batch`` samples per runner (``name -> (denoiser,
-    steps)``): all runners interleaved, ``repeats`` rounds after a discarded warm-up round."""
+def time_runs(
+    runners: Mapping[str, tuple[Callable, int]], config, batch: int, repeats: int, shape: tuple = DIGIT_SHAPE
+) -> dict[str, list[float]]:
+    """Wall seconds of one DDIM run of ``batch`` samples of ``shape`` per runner (``name ->
+    (denoiser, steps)``): all runners interleaved, ``repeats`` rounds after a discarded
+    warm-up round (CUDA work is waited for before the clock stops)."""
     labels = torch.arange(batch) % 10
     times: dict[str, list[float]] = {name: [] for name in runners}
     for repeat in range(repeats + 1):
         for name, (denoiser, steps) in runners.items():
             sampler = Sampler(make_scheduler(config, "ddim", steps), progress=False)
             started = time.perf_counter()
-            sampler.sample(denoiser, (labels,), shape=(batch, *DIGIT_SHAPE), seed=10_000 + repeat)
+            result = sampler.sample(denoiser, (labels,), shape=(batch, *shape), seed=10_000 + repeat)
+            if result.is_cuda:
+                torch.cuda.synchronize()
             if repeat:
                 times[name].append(time.perf_counter() - started)
         print(f"timing round {repeat}/{repeats} done", flush=True)

@@ -93,18 +93,47 @@ def test_a_bf16_program_stays_within_the_stated_psnr_of_fp32():
     assert quality >= BF16_PSNR_DB
 
 
-def test_the_compiled_backend_equals_eager_at_every_step_state_included():
+COMPILED_PROGRAMS = {
+    "identity": [],
+    "icc": [IncrementCalibratedCachePass(rank=4, period=3)],
+    "icc adaptive": [IncrementCalibratedCachePass(rank=4, refresh_threshold=0.05)],
+    "block cache": [BlockCachePass(period=3)],
+    "first-block cache": [FirstBlockCachePass(0.05)],
+    "ditto exact": [TemporalDifferencePass("exact")],
+    "ditto dynamic": [TemporalDifferencePass("dynamic")],
+    "block cache + ditto exact": [BlockCachePass(period=3), TemporalDifferencePass("exact")],
+}
+
+
+@pytest.mark.parametrize("name", COMPILED_PROGRAMS, ids=list(COMPILED_PROGRAMS))
+def test_the_compiled_backend_equals_eager_at_every_step_state_included(name):
     graph = capture(simple_dit(seed=6), (torch.randn(2, 1, 16, 16), torch.tensor([999, 5]), torch.tensor([0, 1])))
-    eager = optimize(graph, [BlockCachePass(period=3)])
-    compiled = optimize(graph, [BlockCachePass(period=3)], backend="compiled")
+    eager = optimize(graph, COMPILED_PROGRAMS[name])
+    compiled = optimize(graph, COMPILED_PROGRAMS[name], backend="compiled")
+    fp32 = optimize(graph)
     assert isinstance(compiled.backend, CompiledBackend)
+    # Dynamic int8 quantizes with a per-call range: a float-rounding difference upstream (inductor's
+    # kernels vs eager) flips a code now and then, as on onnxruntime (README), and error feedback carries
+    # it in the state. So that mode is checked as the onnxruntime export is: compiled and eager are closer
+    # to each other than eager is to the fp32 model, at every step. Float programs: within 1e-5, state too.
+    quantized = name == "ditto dynamic"
     g = torch.Generator().manual_seed(0)
     labels = torch.tensor([3, 8, 1])
     state_eager, state_compiled = eager.init_state(3), compiled.init_state(3)
     for k in range(20):
-        x, t = torch.randn(3, 1, 16, 16, generator=g), torch.full((3,), 999 - 50 * k)
+        x = torch.randn(3, 1, 16, 16, generator=g) * 0.1 + (1 - k / 20)  # a slowly moving trajectory
+        t = torch.full((3,), 999 - 50 * k)
         out_eager, state_eager = eager.step(k, x, t, labels, state=state_eager)
         out_compiled, state_compiled = compiled.step(k, x, t, labels, state=state_compiled)
+        assert compiled.last_variant == eager.last_variant, k
+        if quantized and k > 0:  # step 0 is the unquantized full variant: float tolerance
+            reference = fp32(x, t, labels)
+            assert _relative(out_compiled, out_eager) < _relative(out_eager, reference), k
+            continue
         for a, b in zip((out_compiled, *state_compiled), (out_eager, *state_eager)):
-            assert float((a - b).norm() / b.norm().clamp_min(1e-12)) < 1e-5, k
-    assert compiled.backend.recompiles == 0 and set(compiled.backend.compiled) == {"full", "cached"}
+            assert _relative(a, b) < 1e-5, k
+    assert compiled.backend.recompiles == 0 and set(compiled.backend.compiled) <= set(compiled.program.variants)
+
+
+def _relative(a, b):
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))

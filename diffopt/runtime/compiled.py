@@ -64,7 +64,7 @@ class CompiledBackend(TorchBackend):
         if len(seen) == 1 and self.dynamic is not True:  # torch recompiles once, with a dynamic batch
             self.recompiles += 1
             warnings.warn(
-                f"CompiledBackend: variant {variant!r} recompiles for batch {batch_size} (compiled for "
+                f"CompiledBackend: variant {str(variant)!r} recompiles for batch {batch_size} (compiled for "
                 f"{sorted(seen)}); later batch sizes reuse the dynamic-batch graph",
                 stacklevel=3,
             )

@@ -133,7 +133,7 @@ class Sampler:
             raise ValueError(f"Sampler.sample: shape must be positive ints (batch first), found {shape!r}")
         if noise is not None and (not isinstance(noise, torch.Tensor) or noise.dim() == 0 or noise.shape[0] < 1):
             raise ValueError(f"Sampler.sample: noise must be a batched tensor, found {noise!r:.60}")
-        device = denoiser.device if isinstance(denoiser, OptimizedDenoiser) else None
+        device = getattr(denoiser, "device", None)  # an OptimizedDenoiser (or any denoiser saying where it runs)
         generator = torch.Generator().manual_seed(seed)  # on the CPU: the same noise on every device
         x = torch.randn(tuple(shape), generator=generator) if noise is None else noise.clone()
         x = x.to(device or x.device)
