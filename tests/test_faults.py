@@ -27,6 +27,7 @@ from diffopt.passes.temporal_difference import TemporalDifferencePass
 from diffopt.runtime.bundle import CHECKSUMS_NAME, MANIFEST_NAME, BundleError, Manifest, sha256_of
 from diffopt.runtime.denoiser import InputError
 from diffopt.runtime.onnxruntime_backend import load_bundle
+from diffopt.runtime.speculative import SpeculativeDDPMSampler
 
 pytest.importorskip("onnxruntime")
 DDPM = {"kind": "ddpm", "beta_schedule": "squaredcos_cap_v2"}
@@ -349,6 +350,12 @@ PARAMETER_FAULTS = {
     "zero samples": (
         lambda: Sampler(make_scheduler(DDPM), progress=False).sample(lambda x, t, c: x, (LABELS[:0],), shape=(0, 1)),
         "shape must be positive ints",
+    ),
+    "speculative zero samples": (
+        lambda: SpeculativeDDPMSampler(torch.linspace(0.99, 0.01, 1000), 10, progress=False).sample(
+            lambda x, t, c: x, shape=(0, 4)
+        ),
+        "SpeculativeDDPMSampler.sample: shape must be positive ints",
     ),
     "negative seed": (
         lambda: Sampler(make_scheduler(DDPM), progress=False).sample(lambda x, t, c: x, shape=(1, 1), seed=-1),

@@ -55,6 +55,24 @@ def combine_guidance(out: torch.Tensor, scale: float) -> torch.Tensor:
     return unconditional + scale * (conditional - unconditional)
 
 
+def initial_noise(
+    owner: str, shape: Sequence[int] | None, noise: torch.Tensor | None, seed: int
+) -> tuple[torch.Tensor, torch.Generator]:
+    """(starting noise, the seeded CPU generator later noise comes from): ``noise`` (copied)
+    or drawn from ``seed`` in ``shape`` on the CPU, so it is the same on every device."""
+    if (shape is None) == (noise is None):
+        raise ValueError(f"{owner}: pass exactly one of shape= (noise is drawn from the seed) or noise=")
+    require_int(owner, "seed", seed, minimum=0)
+    if shape is not None and (
+        not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape)
+    ):
+        raise ValueError(f"{owner}: shape must be positive ints (batch first), found {shape!r}")
+    if noise is not None and (not isinstance(noise, torch.Tensor) or noise.dim() == 0 or noise.shape[0] < 1):
+        raise ValueError(f"{owner}: noise must be a batched tensor, found {noise!r:.60}")
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(tuple(shape), generator=generator) if noise is None else noise.clone()), generator
+
+
 class _PlainModelRunner:
     def __init__(self, model: Callable):
         self.model = model
@@ -124,18 +142,8 @@ class Sampler:
         seed: int = 0,
     ) -> torch.Tensor:
         """Run all steps from ``noise`` (or seeded noise of ``shape``); return the final sample."""
-        if (shape is None) == (noise is None):
-            raise ValueError("pass exactly one of shape= (noise is drawn from the seed) or noise=")
-        require_int("Sampler.sample", "seed", seed, minimum=0)
-        if shape is not None and (
-            not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape)
-        ):
-            raise ValueError(f"Sampler.sample: shape must be positive ints (batch first), found {shape!r}")
-        if noise is not None and (not isinstance(noise, torch.Tensor) or noise.dim() == 0 or noise.shape[0] < 1):
-            raise ValueError(f"Sampler.sample: noise must be a batched tensor, found {noise!r:.60}")
+        x, generator = initial_noise("Sampler.sample", shape, noise, seed)
         device = getattr(denoiser, "device", None)  # an OptimizedDenoiser (or any denoiser saying where it runs)
-        generator = torch.Generator().manual_seed(seed)  # on the CPU: the same noise on every device
-        x = torch.randn(tuple(shape), generator=generator) if noise is None else noise.clone()
         x = x.to(device or x.device)
         conditions = tuple(c.to(x.device) if isinstance(c, torch.Tensor) else c for c in conditions)
         for c in conditions:

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from diffopt.ir.signature import first_tensor_output
 from diffopt.runtime.denoiser import OptimizedDenoiser
-from diffopt.runtime.sampler import combine_guidance, guidance_inputs
+from diffopt.runtime.sampler import combine_guidance, guidance_inputs, initial_noise
 from diffopt.runtime.schedulers import PREDICTION_TYPES, split_prediction, trailing_timesteps
 
 
@@ -143,11 +143,10 @@ class SpeculativeDDPMSampler:
                 "speculative sampling evaluates many timesteps in one call, so it needs a stateless "
                 "denoiser; this step program carries state between steps"
             )
-        if (shape is None) == (noise is None):
-            raise ValueError("pass exactly one of shape= (noise is drawn from the seed) or noise=")
-        generator = torch.Generator().manual_seed(seed)  # noise: the same draws as the sequential Sampler
+        # the same draws as the sequential Sampler; bookkeeping stays on the CPU (see _drift)
+        x_start, generator = initial_noise("SpeculativeDDPMSampler.sample", shape, noise, seed)
+        x_start = x_start.cpu()
         acceptance_generator = torch.Generator().manual_seed(seed + 1_000_003)
-        x_start = torch.randn(tuple(shape), generator=generator) if noise is None else noise
         conditions = tuple(conditions)
         K, B = self.num_steps, x_start.shape[0]
         sample_shape = x_start.shape[1:]
