@@ -36,8 +36,8 @@ from common import generate, time_runs
 from diffopt import Sampler, capture, make_scheduler, optimize
 from diffopt.evaluation.baselines import DiffusersCacheHook
 from diffopt.evaluation.metrics.digits import class_accuracy, digits_fd, label_agreement
-from diffopt.evaluation.metrics.fidelity import psnr, relative_l2
 from diffopt.measure.calibration import calibrate
+from diffopt.measure.fidelity import psnr, relative_l2
 from diffopt.measure.macs import count_macs
 from diffopt.models import example_inputs, load
 from diffopt.passes.block_cache import BlockCachePass, FirstBlockCachePass

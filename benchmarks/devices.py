@@ -27,8 +27,8 @@ import torch
 from common import time_runs
 
 from diffopt import Sampler, capture, make_scheduler, optimize
-from diffopt.evaluation.metrics.fidelity import psnr
 from diffopt.export import to_onnx
+from diffopt.measure.fidelity import psnr
 from diffopt.models import example_inputs, load
 from diffopt.passes.block_cache import BlockCachePass, FirstBlockCachePass
 from diffopt.passes.increment_calibrated_cache import IncrementCalibratedCachePass

@@ -32,10 +32,10 @@ import torch
 from common import Bf16Autocast
 
 from diffopt import Sampler, capture, make_scheduler, optimize
-from diffopt.evaluation.metrics.fidelity import psnr, relative_l2
 from diffopt.export import to_onnx
 from diffopt.ir.statistics import CalibrationStatistics
 from diffopt.measure.calibration import calibrate
+from diffopt.measure.fidelity import psnr, relative_l2
 from diffopt.models import example_inputs, load
 from diffopt.passes.block_cache import BlockCachePass, FirstBlockCachePass
 from diffopt.passes.increment_calibrated_cache import IncrementCalibratedCachePass

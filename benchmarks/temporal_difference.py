@@ -39,10 +39,10 @@ from common import Bf16Autocast, generate, time_runs
 
 from diffopt import Sampler, capture, make_scheduler, optimize
 from diffopt.evaluation.metrics.digits import class_accuracy, digits_fd
-from diffopt.evaluation.metrics.fidelity import psnr, relative_l2
 from diffopt.measure.calibration import calibrate
 from diffopt.measure.cost import measure_run_cost
 from diffopt.measure.defo_profile import profile_layers
+from diffopt.measure.fidelity import psnr, relative_l2
 from diffopt.models import example_inputs, load
 from diffopt.passes.defo import DefoPass
 from diffopt.passes.static_quantization import StaticQuantizationPass

@@ -14,6 +14,7 @@ from diffopt.ir.policy import LayerPolicy
 from diffopt.ir.program import (
     AdaptiveSchedule,
     ComposedSchedule,
+    ListSchedule,
     Role,
     Schedule,
     StateEntry,
@@ -27,6 +28,7 @@ from diffopt.measure.calibration import calibrate
 from diffopt.optimize import optimize
 from diffopt.passes.base import GraphPass, PassContext, PassError, PassNotApplicable, PassResult, Pipeline
 from diffopt.runtime.denoiser import OptimizedDenoiser
+from diffopt.runtime.flow_map import FlowMapSampler
 from diffopt.runtime.sampler import Sampler
 from diffopt.runtime.schedulers import DDIMScheduler, DDPMScheduler, FlowEulerScheduler, make_scheduler
 from diffopt.version import __version__
@@ -37,6 +39,8 @@ __all__ = [
     "Signature",
     "capture",
     "OptimizedDenoiser",
+    "FlowMapSampler",
+    "ListSchedule",
     "optimize",
     "calibrate",
     "CalibrationStatistics",

@@ -88,7 +88,7 @@ def _timed(run: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float]:
 
 
 def command_demo(args: argparse.Namespace) -> None:
-    from diffopt.evaluation.metrics.fidelity import psnr, relative_l2
+    from diffopt.measure.fidelity import psnr, relative_l2
     from diffopt.measure.macs import macs_per_run
     from diffopt.models.zoo import NULL_CLASS
     from diffopt.optimize import optimize

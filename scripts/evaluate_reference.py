@@ -168,7 +168,7 @@ def to_markdown(summary: dict) -> str:
         f"{summary['samples']} samples): mean {spread['mean']:.2f}, standard deviation {spread['stdev']:.2f}, "
         f"range {spread['min']:.2f} to {spread['max']:.2f}. Differences smaller than about two standard "
         "deviations are noise. Paired fidelity against the exact sampler from the same noise (PSNR, "
-        "relative L2, predicted-label agreement; `diffopt.metrics.fidelity`, `label_agreement`) is therefore "
+        "relative L2, predicted-label agreement; `diffopt.measure.fidelity`, `label_agreement`) is therefore "
         "the primary signal for lossy passes; FD and accuracy are distribution checks. Guidance shows why "
         "both are reported: it raises accuracy while FD gets worse.",
         "",

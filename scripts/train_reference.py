@@ -1,6 +1,7 @@
 """Train the shipped reference denoisers and the digits classifier.
 
     python scripts/train_reference.py dit-digits unet-digits dit-digits-flow classifier
+    python scripts/train_reference.py dit-digits-flow-odel dit-digits-flowmap   # from dit-digits-flow
 
 Each run is seeded and resumable: an interrupted run picks up from
 ``checkpoints/<name>.pt``. Finished EMA weights go to ``diffopt/models/weights``.
@@ -36,9 +37,14 @@ def main() -> None:
             save_file(classifier.state_dict(), str(CLASSIFIER_WEIGHTS))
             print(f"saved {CLASSIFIER_WEIGHTS}")
             continue
-        from diffopt.evaluation.training import train_reference_model
+        from diffopt.evaluation.distillation import train_flow_map
+        from diffopt.evaluation.training import train_length_shortcut, train_reference_model
 
-        ema = train_reference_model(get_spec(name), CHECKPOINTS / f"{name}.pt", steps=args.steps)
+        spec = get_spec(name)
+        train = {"dit-length-shortcut": train_length_shortcut, "dit-flow-map": train_flow_map}.get(
+            spec.architecture, train_reference_model
+        )
+        ema = train(spec, CHECKPOINTS / f"{name}.pt", steps=args.steps)
         save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(weights_path(name)))
         print(f"saved {weights_path(name)}")
 

@@ -5,8 +5,8 @@ import torch
 from models import diffusers_dit, inputs_for, simple_dit
 
 from diffopt import Sampler, capture, make_scheduler, optimize
-from diffopt.evaluation.metrics.fidelity import psnr
 from diffopt.ir.graph_tools import attribute
+from diffopt.measure.fidelity import psnr
 from diffopt.models import zoo
 from diffopt.passes.block_cache import BlockCachePass, FirstBlockCachePass
 from diffopt.passes.increment_calibrated_cache import IncrementCalibratedCachePass

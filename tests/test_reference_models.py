@@ -6,8 +6,11 @@ import torch
 from diffopt import Sampler, capture, make_scheduler
 from diffopt.evaluation.data import load_digits_split
 from diffopt.evaluation.metrics.digits import class_accuracy, digits_fd, frechet_distance, label_agreement
-from diffopt.evaluation.metrics.fidelity import psnr, relative_l2
-from diffopt.models import REFERENCE_MODELS, example_inputs, load
+from diffopt.measure.fidelity import psnr, relative_l2
+from diffopt.models import REFERENCE_MODELS, example_inputs, get_spec, load
+
+# denoisers called (x, t, y); the length-shortcut and flow-map models have their own tests
+PLAIN_MODELS = sorted(name for name in REFERENCE_MODELS if get_spec(name).architecture in ("dit", "unet"))
 
 
 def test_digits_split_is_stratified_and_disjoint():
@@ -42,7 +45,7 @@ def test_fidelity_metrics():
     assert label_agreement(x, x) == 1.0
 
 
-@pytest.mark.parametrize("name", sorted(REFERENCE_MODELS))
+@pytest.mark.parametrize("name", PLAIN_MODELS)
 def test_reference_model_loads_and_generates_readable_digits(name):
     model, config = load(name)
     assert not any(p.requires_grad and p.grad is not None for p in model.parameters())
@@ -53,7 +56,7 @@ def test_reference_model_loads_and_generates_readable_digits(name):
     assert class_accuracy(samples, labels) >= 0.6
 
 
-@pytest.mark.parametrize("name", sorted(REFERENCE_MODELS))
+@pytest.mark.parametrize("name", PLAIN_MODELS)
 def test_reference_models_capture(name):
     model, _ = load(name)
     captured = capture(model, example_inputs(name))

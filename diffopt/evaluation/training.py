@@ -59,6 +59,65 @@ def denoising_loss(
     return F.mse_loss(prediction.float(), target)
 
 
+def lr_at(recipe: dict, steps: int, step: int) -> float:
+    """Linear warm-up (200 steps), constant until ``decay_start``, cosine decay to ``lr_min`` at ``steps``."""
+    warm = min(1.0, (step + 1) / 200)
+    if step < recipe["decay_start"] or steps <= recipe["decay_start"]:
+        return recipe["lr"] * warm
+    progress = (step - recipe["decay_start"]) / (steps - recipe["decay_start"])
+    return recipe["lr_min"] + 0.5 * (recipe["lr"] - recipe["lr_min"]) * (1 + math.cos(math.pi * progress))
+
+
+class TrainingRun:
+    """What a seeded, resumable training loop carries: model, EMA copy, AdamW and the data
+    generator, saved together every ``checkpoint_every`` steps to ``checkpoint_path``."""
+
+    def __init__(self, model: torch.nn.Module, recipe: dict, checkpoint_path: Path, checkpoint_every: int = 250):
+        self.model, self.recipe = model.eval(), recipe  # no dropout / batch norm: label dropout is explicit
+        self.ema = copy.deepcopy(model).requires_grad_(False)
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=recipe["lr"], weight_decay=0.0)
+        self.generator = torch.Generator().manual_seed(recipe["seed"])
+        self.checkpoint_path, self.checkpoint_every = checkpoint_path, checkpoint_every
+        self.start = 0
+        if checkpoint_path.exists():
+            state = torch.load(checkpoint_path, weights_only=False)
+            self.model.load_state_dict(state["model"])
+            self.ema.load_state_dict(state["ema"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.generator.set_state(state["generator"])
+            self.start = state["step"]
+
+    def batch(self, data) -> tuple[torch.Tensor, torch.Tensor]:
+        """A random batch of (images, labels), labels dropped to the null class at ``label_dropout``."""
+        idx = torch.randint(0, len(data.labels), (self.recipe["batch_size"],), generator=self.generator)
+        x0, labels = data.images[idx], data.labels[idx].clone()
+        labels[torch.rand(labels.shape, generator=self.generator) < self.recipe["label_dropout"]] = NULL_CLASS
+        return x0, labels
+
+    def update(self, loss: torch.Tensor, step: int, steps: int) -> None:
+        """One optimizer step at the recipe's learning rate for ``step``, the EMA, and a checkpoint when due."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(self.recipe, steps, step)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        with torch.no_grad():
+            for p_ema, p in zip(self.ema.parameters(), self.model.parameters()):
+                p_ema.lerp_(p, 1 - self.recipe["ema_decay"])
+        if (step + 1) % self.checkpoint_every == 0 or step + 1 == steps:
+            torch.save(
+                {
+                    "model": self.model.state_dict(),
+                    "ema": self.ema.state_dict(),
+                    "optimizer": self.optimizer.state_dict(),
+                    "generator": self.generator.get_state(),
+                    "step": step + 1,
+                },
+                self.checkpoint_path,
+            )
+
+
 def train_reference_model(
     spec: ReferenceModelSpec, checkpoint_path: Path, steps: int | None = None, checkpoint_every: int = 250
 ) -> torch.nn.Module:
@@ -66,60 +125,82 @@ def train_reference_model(
     recipe = spec.training
     steps = steps or recipe["steps"]
     torch.manual_seed(recipe["seed"])
-    model = build_architecture(spec)
-    model.eval()  # no dropout / batch-norm layers; label dropout is done explicitly below
-    ema = copy.deepcopy(model).requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe["lr"], weight_decay=0.0)
-    generator = torch.Generator().manual_seed(recipe["seed"])
-    start = 0
-    if checkpoint_path.exists():
-        state = torch.load(checkpoint_path, weights_only=False)
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        start = state["step"]
+    run = TrainingRun(build_architecture(spec), recipe, checkpoint_path, checkpoint_every)
     data = load_digits_split("train")
     alphas_cumprod = (
         make_alphas_cumprod(spec.scheduler["beta_schedule"], spec.scheduler["num_train_timesteps"])
         if spec.objective == "epsilon"
         else None
     )
-
-    def lr_schedule(step: int) -> float:
-        """Linear warm-up (200 steps), constant until decay_start, cosine decay to lr_min at the end."""
-        warm = min(1.0, (step + 1) / 200)
-        if step < recipe["decay_start"] or steps <= recipe["decay_start"]:
-            return recipe["lr"] * warm
-        progress = (step - recipe["decay_start"]) / (steps - recipe["decay_start"])
-        return recipe["lr_min"] + 0.5 * (recipe["lr"] - recipe["lr_min"]) * (1 + math.cos(math.pi * progress))
-
-    bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"train {spec.name}")
+    bar = tqdm(range(run.start, steps), initial=run.start, total=steps, desc=f"train {spec.name}")
     for step in bar:
-        idx = torch.randint(0, len(data.labels), (recipe["batch_size"],), generator=generator)
-        x0, labels = data.images[idx], data.labels[idx].clone()
-        dropped = torch.rand(labels.shape, generator=generator) < recipe["label_dropout"]
-        labels[dropped] = NULL_CLASS
-        for group in optimizer.param_groups:
-            group["lr"] = lr_schedule(step)
-        loss = denoising_loss(spec, model, x0, labels, alphas_cumprod, generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), model.parameters()):
-                p_ema.lerp_(p, 1 - recipe["ema_decay"])
+        x0, labels = run.batch(data)
+        loss = denoising_loss(spec, run.model, x0, labels, alphas_cumprod, run.generator)
+        run.update(loss, step, steps)
         bar.set_postfix(loss=f"{loss.item():.4f}")
-        if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
-            torch.save(
-                {
-                    "model": model.state_dict(),
-                    "ema": ema.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "generator": generator.get_state(),
-                    "step": step + 1,
-                },
-                checkpoint_path,
-            )
-    return ema
+    return run.ema
+
+
+def length_consistency_loss(
+    model: torch.nn.Module,
+    ema: torch.nn.Module,
+    x0: torch.Tensor,
+    labels: torch.Tensor,
+    generator: torch.Generator,
+    timestep_scale: float,
+    consistency_fraction: float,
+) -> torch.Tensor:
+    """ODEl's fine-tuning objective for a ``LengthShortcutDiT``: every sample draws a depth;
+    the flow-matching velocity is the target, except for the last ``consistency_fraction``
+    of the batch, which regresses onto the EMA model's output at another random depth.
+    Samples run grouped by depth, so each costs only the blocks of its depth."""
+    n, depths = x0.shape[0], torch.tensor(model.depths)
+    noise = torch.randn(x0.shape, generator=generator)
+    t = torch.rand(n, generator=generator)
+    x_t = (1 - t.view(n, 1, 1, 1)) * x0 + t.view(n, 1, 1, 1) * noise
+    model_t = t * timestep_scale
+    target = noise - x0
+    index = torch.randint(0, len(depths), (n,), generator=generator)
+    other = (index + torch.randint(1, max(len(depths), 2), (n,), generator=generator)) % len(depths)
+    consistent = torch.arange(n) >= n - round(n * consistency_fraction)
+    with torch.no_grad():
+        for i in other[consistent].unique().tolist():
+            rows = consistent & (other == i)
+            target[rows] = ema(x_t[rows], model_t[rows], labels[rows], int(depths[i]))
+    squared_error = x0.new_zeros(())
+    for i in index.unique().tolist():
+        rows = index == i
+        prediction = model(x_t[rows], model_t[rows], labels[rows], int(depths[i]))
+        squared_error = squared_error + (prediction - target[rows]).square().sum()
+    return squared_error / target.numel()
+
+
+def train_length_shortcut(
+    spec: ReferenceModelSpec, checkpoint_path: Path, steps: int | None = None, checkpoint_every: int = 250
+) -> torch.nn.Module:
+    """Fine-tune (or resume fine-tuning) a ``LengthShortcutDiT`` from its flow teacher
+    (``spec.training["teacher"]``); returns the EMA model."""
+    from diffopt.models.zoo import load_weights
+
+    recipe = spec.training
+    steps = steps or recipe["steps"]
+    torch.manual_seed(recipe["seed"])
+    model = build_architecture(spec)
+    model.base.load_state_dict(load_weights(recipe["teacher"]))
+    run = TrainingRun(model, recipe, checkpoint_path, checkpoint_every)
+    data = load_digits_split("train")
+    bar = tqdm(range(run.start, steps), initial=run.start, total=steps, desc=f"fine-tune {spec.name}")
+    for step in bar:
+        x0, labels = run.batch(data)
+        loss = length_consistency_loss(
+            run.model,
+            run.ema,
+            x0,
+            labels,
+            run.generator,
+            spec.scheduler["timestep_scale"],
+            recipe["consistency_fraction"],
+        )
+        run.update(loss, step, steps)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    return run.ema

@@ -283,7 +283,7 @@ class ComposedSchedule:
     outer schedule has one) and the variant are those of the pair of both choices.
     """
 
-    outer: Schedule | AdaptiveSchedule | ComposedSchedule
+    outer: Schedule | AdaptiveSchedule | ComposedSchedule | ListSchedule
     inner: Schedule
     names: tuple[tuple[str, str, str], ...]  # (outer variant, inner variant, combined variant)
 
@@ -317,8 +317,48 @@ class ComposedSchedule:
         }
 
 
-AnySchedule = Schedule | AdaptiveSchedule | ComposedSchedule
-SCHEDULE_KINDS = ("periodic", "adaptive", "composed")
+@dataclass(frozen=True)
+class ListSchedule:
+    """A plan with one variant per step: step k runs ``steps[k]``; a one-entry plan runs its
+    variant at every step (e.g. the depths of a length-shortcut program, shallow early and
+    deep late). A step past the end of a longer plan is an error, never a silent repeat."""
+
+    steps: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if isinstance(self.steps, (str, bytes)) or not self.steps or not all(isinstance(s, str) for s in self.steps):
+            raise ValueError(f"a list schedule needs a non-empty list of variant names, found {self.steps!r}")
+        object.__setattr__(self, "steps", tuple(self.steps))
+
+    def probe_at(self, step_index: int) -> None:
+        return None
+
+    def variant_at(self, step_index: int, signal: float | None = None) -> str:
+        if not isinstance(step_index, int) or step_index < 0:
+            raise ValueError(f"step index must be an int >= 0, found {step_index!r}")
+        if len(self.steps) == 1:
+            return self.steps[0]
+        if step_index >= len(self.steps):
+            raise ValueError(
+                f"the schedule plans {len(self.steps)} steps ({list(self.steps)}); step {step_index} is past its end: "
+                f"give it one variant per sampling step"
+            )
+        return self.steps[step_index]
+
+    @property
+    def variants(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(self.steps))
+
+    @property
+    def probes(self) -> frozenset[str]:
+        return frozenset()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "list", "steps": list(self.steps)}
+
+
+AnySchedule = Schedule | AdaptiveSchedule | ComposedSchedule | ListSchedule
+SCHEDULE_KINDS = ("periodic", "adaptive", "composed", "list")
 
 
 def schedule_from_dict(data: Mapping[str, Any]) -> AnySchedule:
@@ -332,6 +372,8 @@ def schedule_from_dict(data: Mapping[str, Any]) -> AnySchedule:
             return AdaptiveSchedule(**fields)
         if kind == "periodic":
             return Schedule(**fields)
+        if kind == "list":
+            return ListSchedule(**fields)
         if kind == "composed":
             inner = schedule_from_dict(fields["inner"])
             if not isinstance(inner, Schedule):

@@ -24,11 +24,13 @@ NULL_CLASS = NUM_CLASSES  # index of the "no label" embedding used by classifier
 @dataclass(frozen=True)
 class ReferenceModelSpec:
     name: str
-    architecture: str  # "dit" or "unet"
-    objective: str  # "epsilon" (DDPM, 1000 steps) or "flow" (velocity, x_t = (1-t) x0 + t noise)
+    architecture: str  # "dit", "unet", "dit-length-shortcut" (a depth knob) or "dit-flow-map" (a target time)
+    # "epsilon" (DDPM, 1000 steps), "flow" (velocity, x_t = (1-t) x0 + t noise) or "flow-map" (F of f = x + (s-t) F)
+    objective: str
     config: dict[str, Any]
     scheduler: dict[str, Any]
     training: dict[str, Any] = field(default_factory=dict)
+    group_size: int | None = None  # dit-length-shortcut: blocks per accumulation group
 
 
 _DIT_CONFIG = dict(
@@ -82,6 +84,41 @@ REFERENCE_MODELS: dict[str, ReferenceModelSpec] = {
         ReferenceModelSpec(
             "dit-digits-flow", "dit", "flow", _DIT_CONFIG, _FLOW, {**_RECIPE, "steps": 3500, "decay_start": 1500}
         ),
+        # length-consistency fine-tuning of dit-digits-flow (ODEl, METHODS.md section 3)
+        ReferenceModelSpec(
+            "dit-digits-flow-odel",
+            "dit-length-shortcut",
+            "flow",
+            _DIT_CONFIG,
+            _FLOW,
+            {
+                **_RECIPE,
+                "steps": 2500,
+                "lr": 5e-4,
+                "decay_start": 1000,
+                "teacher": "dit-digits-flow",
+                "consistency_fraction": 1 / 8,
+            },
+            group_size=2,
+        ),
+        # a few-step flow map distilled from dit-digits-flow with AYF-EMD (METHODS.md section 5)
+        ReferenceModelSpec(
+            "dit-digits-flowmap",
+            "dit-flow-map",
+            "flow-map",
+            _DIT_CONFIG,
+            _FLOW,
+            {
+                **_RECIPE,
+                "steps": 1000,
+                "batch_size": 64,
+                "lr": 5e-5,  # 2e-4 for 2,000 steps beat Euler at step 250, then diverged (FD 730 at 4 steps)
+                "decay_start": 500,
+                "ema_decay": 0.995,
+                "teacher": "dit-digits-flow",
+                "r_warmup": 500,
+            },
+        ),
     )
 }
 
@@ -92,6 +129,14 @@ def build_architecture(spec: ReferenceModelSpec) -> torch.nn.Module:
 
     if spec.architecture == "dit":
         return DiTTransformer2DModel(**spec.config)
+    if spec.architecture == "dit-length-shortcut":
+        from diffopt.models.length_shortcut import LengthShortcutDiT
+
+        return LengthShortcutDiT(DiTTransformer2DModel(**spec.config), spec.group_size)
+    if spec.architecture == "dit-flow-map":
+        from diffopt.models.flow_map import FlowMapTransformer
+
+        return FlowMapTransformer(DiTTransformer2DModel(**spec.config))
     if spec.architecture == "unet":
         return UNet2DModel(**spec.config)
     raise ValueError(f"unknown architecture {spec.architecture!r} in reference model {spec.name!r}")
@@ -107,19 +152,24 @@ def get_spec(name: str) -> ReferenceModelSpec:
     return REFERENCE_MODELS[name]
 
 
-def load(name: str) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Load a shipped reference model (eval mode, float32) and its scheduler config."""
+def load_weights(name: str) -> dict[str, torch.Tensor]:
+    """The state dict of a shipped reference model."""
     from safetensors.torch import load_file
 
-    spec = get_spec(name)
-    path = weights_path(name)
+    path = weights_path(get_spec(name).name)
     if not path.exists():
         raise FileNotFoundError(
             f"weights for {name!r} are not in {path}. Train them with "
             f"`python scripts/train_reference.py {name}` (they ship with the repository)."
         )
+    return load_file(str(path))
+
+
+def load(name: str) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Load a shipped reference model (eval mode, float32) and its scheduler config."""
+    spec = get_spec(name)
     model = build_architecture(spec)
-    model.load_state_dict(load_file(str(path)))
+    model.load_state_dict(load_weights(name))
     model.eval()
     return model, dict(spec.scheduler)
 
@@ -139,14 +189,17 @@ def describe(name: str) -> str:
     )
 
 
-def example_inputs(name: str, batch_size: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(latent, timestep, class labels) shaped and typed as the reference model expects."""
+def example_inputs(name: str, batch_size: int = 2) -> tuple[torch.Tensor, ...]:
+    """(latent, timestep, class labels) shaped and typed as the reference model expects; a
+    flow map's target timestep (below the timestep) comes before the labels."""
     spec = get_spec(name)
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(batch_size, 1, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
-    if spec.objective == "flow":
+    if spec.objective in ("flow", "flow-map"):
         t = torch.rand(batch_size, generator=generator) * spec.scheduler["timestep_scale"]
     else:
         t = torch.randint(0, spec.scheduler["num_train_timesteps"], (batch_size,), generator=generator)
     labels = torch.randint(0, NUM_CLASSES, (batch_size,), generator=generator)
+    if spec.objective == "flow-map":
+        return x, t, t * torch.rand(batch_size, generator=generator), labels
     return x, t, labels

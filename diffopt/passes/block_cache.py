@@ -149,6 +149,19 @@ class BlockCachePass(GraphPass):
         return PassResult(self.record(dataclasses.replace(program, schedule=Schedule(FULL, CACHED, self.period))), True)
 
 
+def block_chain(graph: fx.Graph, container: str | None = None) -> list[str]:
+    """The blocks of the chain named ``container`` (e.g. ``"transformer_blocks"``) in graph
+    order; ``None``: the graph's only chain of two or more blocks."""
+    chains = {name: blocks for name, blocks in find_blocks(graph).items() if len(blocks) >= 2}
+    if container is not None:
+        if container not in chains:
+            raise ValueError(f"no chain of blocks named {container!r}; chains: {sorted(chains)}")
+        return chains[container]
+    if len(chains) != 1:
+        raise ValueError(f"found chains of blocks {sorted(chains)}: name one with container=")
+    return next(iter(chains.values()))
+
+
 def _has_single_output(graph: fx.Graph, block: str) -> bool:
     try:
         block_boundary(graph, block)
@@ -168,24 +181,13 @@ class FirstBlockCachePass(GraphPass):
     def __post_init__(self) -> None:
         require_number(self.name, "threshold", self.threshold, minimum=0.0)
 
-    def _chain(self, graph: fx.Graph) -> tuple[str, str]:
-        chains = {name: blocks for name, blocks in find_blocks(graph).items() if len(blocks) >= 2}
-        if self.container is not None:
-            if self.container not in chains:
-                raise ValueError(f"no chain of blocks named {self.container!r}; chains: {sorted(chains)}")
-            blocks = chains[self.container]
-        elif len(chains) == 1:
-            blocks = next(iter(chains.values()))
-        else:
-            raise ValueError(f"found chains of blocks {sorted(chains)}: name one with container=")
-        return blocks[0], blocks[-1]
-
     def call(self, program: StepProgram, context: PassContext) -> PassResult:
         if self.already_applied(program):
             return PassResult(program, False)
         self.require_one_variant(program)
         graph = program.variants[FULL].graph
-        first, last = self._chain(graph)
+        chain = block_chain(graph, self.container)
+        first, last = chain[0], chain[-1]
         head, tail = block_boundary(graph, first), block_boundary(graph, last)
         if head.hidden_input is None or _shape(tail.output) != _shape(head.output):
             raise ValueError(

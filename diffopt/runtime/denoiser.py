@@ -20,13 +20,14 @@ sampler walks from noise to data, so a timestep that does not go down means a ne
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Sequence
 
 import torch
 
 from diffopt.ir.placement import place
-from diffopt.ir.program import BATCH, ProgramInterface, StateError, StepProgram, TensorSpec
+from diffopt.ir.program import BATCH, AnySchedule, ProgramInterface, StateError, StepProgram, TensorSpec
 from diffopt.runtime.backends import Backend, TorchBackend
 
 
@@ -109,6 +110,21 @@ class OptimizedDenoiser:
             )
         placed = place(self.program, device, dtype)
         return OptimizedDenoiser(placed, backend=type(self.backend).for_program(placed, self.backend))
+
+    def with_schedule(self, schedule: AnySchedule) -> OptimizedDenoiser:
+        """A denoiser running the same variants on the same backend under another schedule
+        (e.g. ``passes.length_shortcut.depth_schedule([2, 4, 6])``); this one is unchanged."""
+        missing = sorted(set(schedule.variants) - set(self._variants))
+        if missing:
+            raise ValueError(f"the schedule uses variants {missing}; this program has {sorted(self._variants)}")
+        return OptimizedDenoiser(dataclasses.replace(self.program, schedule=schedule), backend=self.backend)
+
+    @property
+    def _variants(self) -> tuple[str, ...]:
+        """The variants this denoiser can run (a bundle's backend holds its manifest)."""
+        if isinstance(self.program, StepProgram):
+            return tuple(self.program.variants)
+        return tuple(self.backend.manifest.variants)
 
     @property
     def last_variant(self) -> str | None:

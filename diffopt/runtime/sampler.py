@@ -73,6 +73,28 @@ def initial_noise(
     return (torch.randn(tuple(shape), generator=generator) if noise is None else noise.clone()), generator
 
 
+def start_run(
+    owner: str,
+    denoiser: OptimizedDenoiser | Callable,
+    conditions: Sequence[torch.Tensor],
+    shape: Sequence[int] | None,
+    noise: torch.Tensor | None,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Generator, tuple[torch.Tensor, ...]]:
+    """(starting noise, generator, conditions) of a sampling run, on the denoiser's device
+    (``initial_noise``); every condition must be a tensor with one entry per sample."""
+    x, generator = initial_noise(owner, shape, noise, seed)
+    device = getattr(denoiser, "device", None)  # an OptimizedDenoiser (or any denoiser saying where it runs)
+    x = x.to(device or x.device)
+    conditions = tuple(c.to(x.device) if isinstance(c, torch.Tensor) else c for c in conditions)
+    for c in conditions:
+        if not isinstance(c, torch.Tensor) or c.dim() == 0:
+            raise ValueError(f"{owner}: each condition must be a batched tensor, found {c!r:.60}")
+        if c.shape[0] != x.shape[0]:
+            raise ValueError(f"each condition needs one entry per sample: batch {x.shape[0]}, found {c.shape[0]}")
+    return x, generator, conditions
+
+
 class _PlainModelRunner:
     def __init__(self, model: Callable):
         self.model = model
@@ -104,6 +126,12 @@ class _StepProgramRunner:
         ]
         out, self.state = self.denoiser.step(step_index, *inputs, state=self.state)
         return out.to(x.dtype), self.denoiser.last_variant
+
+
+def runner_for(denoiser: OptimizedDenoiser | Callable) -> _StepProgramRunner | _PlainModelRunner:
+    """What a sampling loop calls each step: ``runner(k, x, t, conditions) -> (out, variant)``
+    after ``runner.start(batch_size, device)``."""
+    return _StepProgramRunner(denoiser) if isinstance(denoiser, OptimizedDenoiser) else _PlainModelRunner(denoiser)
 
 
 class Sampler:
@@ -142,18 +170,8 @@ class Sampler:
         seed: int = 0,
     ) -> torch.Tensor:
         """Run all steps from ``noise`` (or seeded noise of ``shape``); return the final sample."""
-        x, generator = initial_noise("Sampler.sample", shape, noise, seed)
-        device = getattr(denoiser, "device", None)  # an OptimizedDenoiser (or any denoiser saying where it runs)
-        x = x.to(device or x.device)
-        conditions = tuple(c.to(x.device) if isinstance(c, torch.Tensor) else c for c in conditions)
-        for c in conditions:
-            if not isinstance(c, torch.Tensor) or c.dim() == 0:
-                raise ValueError(f"Sampler.sample: each condition must be a batched tensor, found {c!r:.60}")
-            if c.shape[0] != x.shape[0]:
-                raise ValueError(f"each condition needs one entry per sample: batch {x.shape[0]}, found {c.shape[0]}")
-        runner = (
-            _StepProgramRunner(denoiser) if isinstance(denoiser, OptimizedDenoiser) else _PlainModelRunner(denoiser)
-        )
+        x, generator, conditions = start_run("Sampler.sample", denoiser, conditions, shape, noise, seed)
+        runner = runner_for(denoiser)
         model_batch = x.shape[0] * (1 if self.guidance_scale == 1.0 else 2)
         runner.start(model_batch, x.device)
         stats = SamplingStats(num_steps=self.scheduler.num_steps)

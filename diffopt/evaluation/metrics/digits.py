@@ -5,7 +5,7 @@
   ``||mu_a - mu_b||^2 + tr(C_a + C_b - 2 (C_a C_b)^(1/2))``.
 - class accuracy: how often the classifier reads the label a sample was generated for.
 Both are distribution checks: at 600 samples FD moves by a few tenths from seed to seed
-(see docs/metrics.md), so paired fidelity (``diffopt.metrics.fidelity``) is the primary
+(see docs/metrics.md), so paired fidelity (``diffopt.measure.fidelity``) is the primary
 signal when comparing a lossy pass with the exact sampler.
 """
 
