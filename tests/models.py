@@ -94,3 +94,22 @@ MODEL_FACTORIES = {
     "diffusers_pixart": diffusers_pixart,
     "diffusers_unet": diffusers_unet,
 }
+
+
+def trained_twice(train, name: str, tmp_path, **recipe):
+    """(a run of 2 steps, the same run interrupted after 1 step and resumed) of the reference
+    model ``name`` with ``train`` (a training function of ``diffopt.evaluation``), tiny recipe."""
+    import dataclasses
+
+    from diffopt.models.zoo import get_spec
+
+    spec = get_spec(name)
+    spec = dataclasses.replace(spec, training={**spec.training, "steps": 2, "decay_start": 1, **recipe})
+    straight = train(spec, tmp_path / "straight.pt")
+    train(spec, tmp_path / "resumed.pt", steps=1)
+    return straight, train(spec, tmp_path / "resumed.pt")
+
+
+def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(x, y, rtol=0, atol=0, msg=name)

@@ -1,11 +1,9 @@
 """Length shortcuts: the rewiring pass against independent eager implementations, the
 depth schedule, ONNX export, the fine-tuning loop and the budget API."""
 
-import dataclasses
-
 import pytest
 import torch
-from models import diffusers_dit, diffusers_pixart, inputs_for, simple_dit
+from models import assert_same_weights, diffusers_dit, diffusers_pixart, inputs_for, simple_dit, trained_twice
 from torch import nn
 
 from diffopt import Sampler, capture, make_scheduler, optimize
@@ -223,15 +221,9 @@ def test_pick_prefers_quality_then_cost():
 
 def test_fine_tuning_is_seeded_and_resumes_exactly(tmp_path):
     from diffopt.evaluation.training import train_length_shortcut
-    from diffopt.models.zoo import get_spec
 
-    spec = get_spec("dit-digits-flow-odel")
-    spec = dataclasses.replace(spec, training={**spec.training, "batch_size": 8, "steps": 2, "decay_start": 1})
-    straight = train_length_shortcut(spec, tmp_path / "straight.pt")
-    train_length_shortcut(spec, tmp_path / "resumed.pt", steps=1)
-    resumed = train_length_shortcut(spec, tmp_path / "resumed.pt")
-    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    straight, resumed = trained_twice(train_length_shortcut, "dit-digits-flow-odel", tmp_path, batch_size=8)
+    assert_same_weights(straight, resumed)
     assert straight.length_embedding.weight.abs().sum() > 0  # the embedding trained
 
 
