@@ -83,11 +83,11 @@ class ShortcutTable:
 
     @classmethod
     def load(cls, path: str | Path) -> ShortcutTable:
-        data = json.loads(Path(path).read_text())
         try:
+            data = json.loads(Path(path).read_text())
             configs = tuple(ShortcutConfig(**{**c, "depths": tuple(c["depths"])}) for c in data["configs"])
             return cls(configs, int(data["reference_steps"]))
-        except (KeyError, TypeError) as error:
+        except (KeyError, TypeError, ValueError) as error:  # json.JSONDecodeError is a ValueError
             raise ValueError(f"{path}: not a shortcut table ({error})") from error
 
 
