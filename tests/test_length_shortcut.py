@@ -193,6 +193,9 @@ def test_budget_api_picks_the_best_calibrated_configuration_within_the_budget(tm
     by_key = {(c.steps, c.depths): c for c in table.configs}
     assert by_key[(2, (2, 4))].macs == (by_key[(2, (2,))].macs + by_key[(2, (4,))].macs) // 2
     assert by_key[(1, (4,))].macs < by_key[(2, (4,))].macs
+    plan = by_key[(2, (2, 4))]
+    assert [plan.schedule.variant_at(k) for k in range(plan.steps)] == ["depth2", "depth4"]
+    assert by_key[(1, (2, 4))].schedule.steps == ("depth2",)  # the plan spread over the config's own steps
     budget = by_key[(2, (2,))].macs
     chosen = table.pick(max_macs=budget)
     assert chosen.macs <= budget

@@ -42,7 +42,8 @@ class ShortcutConfig:
 
     @property
     def schedule(self):
-        return depth_schedule(self.depths)
+        """The depth schedule to run it with: ``denoiser.with_schedule(config.schedule)``."""
+        return depth_schedule(spread(self.depths, self.steps))
 
 
 @dataclass(frozen=True)
