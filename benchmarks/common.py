@@ -1,38 +1,16 @@
-"""Helpers the benchmark scripts share: class-conditional digit generation, interleaved
-per-run timing, and the bf16-autocast baseline. Scripts import it as ``common`` (Python
-puts the script's folder on the path)."""
+"""Helpers the benchmark scripts share: run metadata and the bf16-autocast baseline, and
+(from ``diffopt.evaluation.runs``) digit generation and interleaved timing. Scripts import
+it as ``common`` (Python puts the script's folder on the path)."""
 
 from __future__ import annotations
 
 import platform
-import time
-from collections.abc import Callable, Mapping
 
 import torch
 
-from diffopt import Sampler, make_scheduler
+from diffopt.evaluation.runs import CHUNK, DIGIT_SHAPE, generate, scheduler, time_runs
 
-CHUNK = 200  # samples per sampling call in the quality runs
-DIGIT_SHAPE = (1, 16, 16)
-
-
-def scheduler(config, steps: int):
-    """DDIM for the DDPM models, Euler for the flow models, with ``steps`` steps."""
-    return make_scheduler(config, "ddim" if config.get("kind", "ddpm") == "ddpm" else None, steps)
-
-
-def generate(denoiser, config, steps: int, n: int, seed: int) -> torch.Tensor:
-    """``n`` class-conditional digits (labels 0..9 cycling), ``steps`` steps of ``scheduler``."""
-    labels = torch.arange(n) % 10
-    sampler = Sampler(scheduler(config, steps), progress=False)
-    return torch.cat(
-        [
-            sampler.sample(
-                denoiser, (labels[i : i + CHUNK],), shape=(len(labels[i : i + CHUNK]), *DIGIT_SHAPE), seed=seed + i
-            )
-            for i in range(0, n, CHUNK)
-        ]
-    )
+__all__ = ["CHUNK", "DIGIT_SHAPE", "Bf16Autocast", "generate", "run_metadata", "scheduler", "time_runs"]
 
 
 def run_metadata(script: str, args) -> dict:
@@ -50,27 +28,6 @@ def run_metadata(script: str, args) -> dict:
         "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),
     }
-
-
-def time_runs(
-    runners: Mapping[str, tuple[Callable, int]], config, batch: int, repeats: int, shape: tuple = DIGIT_SHAPE
-) -> dict[str, list[float]]:
-    """Wall seconds of one ``scheduler`` run of ``batch`` samples of ``shape`` per runner (``name ->
-    (denoiser, steps or a sampler)``): all runners interleaved, ``repeats`` rounds after a discarded
-    warm-up round (CUDA work is waited for before the clock stops)."""
-    labels = torch.arange(batch) % 10
-    times: dict[str, list[float]] = {name: [] for name in runners}
-    for repeat in range(repeats + 1):
-        for name, (denoiser, steps) in runners.items():
-            sampler = Sampler(scheduler(config, steps), progress=False) if isinstance(steps, int) else steps
-            started = time.perf_counter()
-            result = sampler.sample(denoiser, (labels,), shape=(batch, *shape), seed=10_000 + repeat)
-            if result.is_cuda:
-                torch.cuda.synchronize()
-            if repeat:
-                times[name].append(time.perf_counter() - started)
-        print(f"timing round {repeat}/{repeats} done", flush=True)
-    return times
 
 
 class Bf16Autocast:

@@ -11,8 +11,10 @@ placeholders are named after the model's own arguments and whose nodes keep
 from __future__ import annotations
 
 import inspect
+import re
 import traceback
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,36 +30,85 @@ class CaptureError(RuntimeError):
     """The model could not be captured; the message says where and what to do."""
 
 
+@dataclass(frozen=True)
+class CallPlan:
+    """How ``model.forward`` is called from named values: ``positional`` names (parameters,
+    then the ``*args`` items, named ``args[0]``...), ``keywords`` (name -> value name), and
+    ``dicts`` (a dict argument -> its keys; value ``arg.key`` is entry ``key``)."""
+
+    positional: tuple[str, ...]
+    keywords: tuple[str, ...]
+    dicts: Mapping[str, tuple[str, ...]]
+
+    def call(self, model: torch.nn.Module, values: Mapping[str, Any]) -> Any:
+        def value(name: str) -> Any:
+            if name in self.dicts:
+                return {key: values[f"{name}.{key}"] for key in self.dicts[name]}
+            return values[name]
+
+        return model(*(value(n) for n in self.positional), **{n: value(n) for n in self.keywords})
+
+
 class CanonicalDenoiser(torch.nn.Module):
     """``forward(latent, timestep, *conditions) -> tensor`` around any denoiser."""
 
-    def __init__(self, model: torch.nn.Module, signature: Signature, static_kwargs: Mapping[str, Any]):
+    def __init__(self, model: torch.nn.Module, signature: Signature, static: Mapping[str, Any], plan: CallPlan):
         super().__init__()
         setattr(self, WRAPPED_MODEL_ATTRIBUTE, model)
-        self.signature = signature
-        self.static_kwargs = dict(static_kwargs)
+        self.signature, self.static, self.plan = signature, dict(static), plan
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        kwargs = dict(zip(self.signature.input_names, inputs))
-        model = getattr(self, WRAPPED_MODEL_ATTRIBUTE)
-        return first_tensor_output(model(**kwargs, **self.static_kwargs))
+        values = {**self.static, **dict(zip(self.signature.input_names, inputs))}
+        return first_tensor_output(self.plan.call(getattr(self, WRAPPED_MODEL_ATTRIBUTE), values))
 
 
-def _bind_example_inputs(model: torch.nn.Module, example_inputs: Sequence[Any] | Mapping[str, Any]) -> dict[str, Any]:
+def _bind_example_inputs(
+    model: torch.nn.Module, example_inputs: Sequence[Any] | Mapping[str, Any]
+) -> tuple[dict[str, Any], CallPlan]:
+    """Name every example input (``*args`` items ``args[i]``, dict entries ``arg.key``) and
+    plan the call that passes them back the way ``forward`` takes them."""
     parameters = inspect.signature(model.forward).parameters
+    positional_names = [n for n, p in parameters.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    varargs = next((n for n, p in parameters.items() if p.kind == p.VAR_POSITIONAL), None)
     if isinstance(example_inputs, Mapping):
-        bound = dict(example_inputs)
+        named, extra = dict(example_inputs), []
     else:
-        names = [n for n, p in parameters.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-        if len(example_inputs) > len(names):
+        named = dict(zip(positional_names, example_inputs))
+        extra = list(example_inputs[len(positional_names) :])
+        if extra and varargs is None:
             raise CaptureError(
-                f"{type(model).__name__}.forward takes {len(names)} positional inputs "
-                f"{names}, but {len(example_inputs)} example inputs were given"
+                f"{type(model).__name__}.forward takes {len(positional_names)} positional inputs "
+                f"{positional_names}, but {len(example_inputs)} example inputs were given"
             )
-        bound = dict(zip(names, example_inputs))
-    if "return_dict" in parameters and "return_dict" not in bound:
-        bound["return_dict"] = False
-    return bound
+    if "return_dict" in parameters and "return_dict" not in named:
+        named["return_dict"] = False
+    var_names = [f"{varargs}[{i}]" for i in range(len(extra))]
+    given = 0 if isinstance(example_inputs, Mapping) else len(example_inputs) - len(extra)
+    positional = positional_names[:given] + var_names  # a dict of inputs is passed by keyword
+    keywords = [n for n in named if n not in positional]
+    bound, dicts = {}, {}
+    for name, value in [*named.items(), *zip(var_names, extra)]:
+        if isinstance(value, Mapping) and any(isinstance(v, torch.Tensor) for v in value.values()):
+            dicts[name] = tuple(value)
+            bound.update({f"{name}.{key}": item for key, item in value.items()})
+        else:
+            bound[name] = value
+        nested = any(map(_holds_nested_tensors, value.values())) if name in dicts else _holds_nested_tensors(value)
+        if nested:
+            raise CaptureError(
+                f"input {name!r} holds tensors inside a list or nested dict: capture would bake them in as "
+                f"constants. Pass them as separate arguments or as a flat dict of tensors."
+            )
+    return bound, CallPlan(tuple(positional), tuple(keywords), dicts)
+
+
+def _holds_nested_tensors(value: Any) -> bool:
+    """Whether ``value`` is a container (list, tuple, dict) with a tensor somewhere inside."""
+    if isinstance(value, Mapping):
+        value = list(value.values())
+    if not isinstance(value, (list, tuple)):
+        return False
+    return any(isinstance(item, torch.Tensor) or _holds_nested_tensors(item) for item in value)
 
 
 def infer_signature(bound: Mapping[str, Any], latent: str | None = None, timestep: str | None = None) -> Signature:
@@ -116,7 +167,7 @@ def _plain_graph_module(exported: torch.export.ExportedProgram, signature: Signa
     value_map: dict[fx.Node, fx.Node] = {}
     old_placeholders = [n for n in unlifted.graph.nodes if n.op == "placeholder"]
     for old, name in zip(old_placeholders, signature.input_names, strict=True):
-        new = graph.placeholder(name)
+        new = graph.placeholder(re.sub(r"\W", "_", name))  # "added_cond_kwargs.resolution": an identifier
         new.meta = dict(old.meta)
         value_map[old] = new
     outputs = graph.graph_copy(unlifted.graph, value_map)
@@ -180,6 +231,35 @@ def _check_batch_generalises(
             )
 
 
+def _changed(value: torch.Tensor) -> torch.Tensor:
+    """Another valid-looking value of an input: floats scaled and shifted, integers + 1."""
+    if value.is_floating_point():
+        return value * 1.25 + 0.5
+    return value + 1 if value.dtype != torch.bool else ~value
+
+
+def _check_inputs_stay_live(wrapper: torch.nn.Module, module: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> None:
+    """Export may bake an input's example value into the graph (model code that reads it
+    as a Python number): then the graph ignores later values. Each input but the latent is
+    changed once; the graph must follow the eager model, or capture names the input."""
+    for index, name in enumerate(wrapper.signature.input_names[1:], start=1):
+        changed = list(inputs)
+        changed[index] = _changed(inputs[index])
+        try:
+            with torch.no_grad():
+                expected = wrapper(*changed)
+        except Exception:  # noqa: BLE001 - the changed value is not valid for this model (an index): no check
+            continue
+        with torch.no_grad():
+            got = module(*changed)[0]
+        if not torch.allclose(got, expected, rtol=1e-4, atol=1e-5):
+            raise CaptureError(
+                f"capture specialised input {name!r} of {type(wrapper.model).__name__} to its example value: "
+                f"the graph ignores other values (the model reads it as a Python number). Make that code use "
+                f"tensor operations, or pass {name!r} as a constant if it never changes."
+            )
+
+
 def capture(
     model: torch.nn.Module,
     example_inputs: Sequence[Any] | Mapping[str, Any],
@@ -190,21 +270,27 @@ def capture(
 ) -> CapturedGraph:
     """Capture ``model`` as an aten-level graph ``(latent, timestep, *conditions) -> (out,)``.
 
-    ``example_inputs`` are positional (in ``model.forward`` order) or a dict of keyword
-    inputs. Tensor inputs become graph inputs; everything else (``None``, flags, dicts
-    of options) is baked in as a constant. Dict/dataclass outputs become one tensor.
-    With ``dynamic_batch`` the graph accepts any batch size.
+    ``example_inputs`` are positional (in ``model.forward`` order, ``*args`` included) or a
+    dict of keyword inputs. Tensor inputs become graph inputs, and so do the tensors inside
+    dict arguments (named ``arg.key``, e.g. ``added_cond_kwargs.resolution``); everything
+    else (``None``, flags, options) is baked in as a constant. Dict/dataclass outputs become
+    one tensor. With ``dynamic_batch`` the graph accepts any batch size (example inputs of
+    batch 1 are exported at batch 2 and checked at 1). An input whose value export baked
+    in (the graph ignores a changed value) is a ``CaptureError`` naming it.
     """
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(f"expected an nn.Module denoiser, found {type(model).__name__}")
-    bound = _bind_example_inputs(model, example_inputs)
+    bound, plan = _bind_example_inputs(model, example_inputs)
     signature = infer_signature(bound, latent, timestep)
     inputs = [bound[n] for n in signature.input_names]
     batch = inputs[0].shape[0]
     if inputs[1].dim() == 0:
         inputs[1] = inputs[1].expand(batch).contiguous()
     static = {n: v for n, v in bound.items() if n not in signature.input_names}
-    wrapper = CanonicalDenoiser(model, signature, static).eval()
+    wrapper = CanonicalDenoiser(model, signature, static, plan).eval()
+    if dynamic_batch and batch == 1:  # export specialises a size-1 dimension: export at batch 2, check at 1
+        inputs = [v.expand(2, *v.shape[1:]).contiguous() if v.dim() > 0 and v.shape[0] == 1 else v for v in inputs]
+        batch = 2
     dynamic_shapes = None
     if dynamic_batch:
         # one entry: the wrapper's ``*inputs`` varargs, itself a tuple of per-input specs
@@ -224,4 +310,5 @@ def capture(
     module = _plain_graph_module(exported, signature)
     if dynamic_batch:
         _check_batch_generalises(exported, wrapper, module, inputs)
+    _check_inputs_stay_live(wrapper, module, inputs)
     return CapturedGraph(module, signature, f"{type(model).__module__}.{type(model).__name__}")

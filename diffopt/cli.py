@@ -1,8 +1,9 @@
 """The ``diffopt`` command line: ``info`` (what a captured graph holds), ``demo``,
 ``export`` (a reference model, optionally cached, to an ONNX bundle), ``sample``
 (an exported bundle on onnxruntime, without the model's code), ``calibrate`` (temporal
-statistics of a reference model) and ``report`` (a temporal-difference program's
-per-layer decisions and cost per run)."""
+statistics of a reference model), ``report`` (a temporal-difference program's
+per-layer decisions and cost per run), ``bench`` (a set of configurations measured in one
+run) and ``tune`` (the cheapest configuration over a quality floor)."""
 
 from __future__ import annotations
 
@@ -306,6 +307,69 @@ def _bundle_directory(text: str) -> str:
     return text
 
 
+def _bench_file(path: str):
+    """(model, title, configurations) of a bench file; a malformed one is a user error."""
+    from diffopt.evaluation.bench import load_configurations
+
+    try:
+        return load_configurations(path)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+
+
+def command_bench(args: argparse.Namespace) -> None:
+    from diffopt.evaluation.bench import run_bench, write_results
+
+    model, title, configurations = _bench_file(args.config)
+    if args.only:
+        unknown = sorted(set(args.only) - {c.name for c in configurations})
+        if unknown:
+            raise SystemExit(f"error: --only names no configuration of {args.config}: {unknown}")
+        configurations = [c for i, c in enumerate(configurations) if i == 0 or c.name in args.only]
+    summary = run_bench(
+        model,
+        configurations,
+        samples=args.samples,
+        timing_batch=args.timing_batch,
+        repeats=args.repeats,
+        timing_only=args.timing_only,
+        reference_seeds=args.reference_seeds,
+    )
+    command = (
+        f"diffopt bench {args.config} --out {args.out} --samples {args.samples} --timing-batch {args.timing_batch} "
+        f"--repeats {args.repeats} --reference-seeds {args.reference_seeds}"
+        + (" --timing-only" if args.timing_only else "")
+        + (" --only " + " ".join(f'"{name}"' for name in args.only) if args.only else "")
+    )
+    write_results(summary, args.out, title, command)
+    print(f"wrote {args.out}.json, .md" + ("" if args.timing_only else ", .png"))
+
+
+def command_tune(args: argparse.Namespace) -> None:
+    from diffopt.evaluation.tune import format_summary, save, tune
+
+    candidates = _bench_file(args.candidates)[2] if args.candidates else None
+    try:
+        summary = tune(
+            args.model,
+            args.min_psnr,
+            candidates=candidates,
+            cost=args.cost,
+            samples=args.samples,
+            validation_samples=args.validation_samples,
+        )
+    except ValueError as error:  # nothing meets the floor, or nothing validates
+        raise SystemExit(f"error: {error}") from None
+    summary["command"] = (
+        f"diffopt tune {args.model} --min-psnr {args.min_psnr} --cost {args.cost} --samples {args.samples} "
+        f"--validation-samples {args.validation_samples} --out {args.out}"
+        + (f" --candidates {args.candidates}" if args.candidates else "")
+    )
+    passes = save(summary, args.out)
+    print(format_summary(summary))
+    print(f"wrote {args.out}.json, {args.out}.png and the chosen passes to {passes}")
+
+
 USER_ERRORS = (BundleError, CaptureError, ExportError, InputError, PassError, StateError, FileNotFoundError)
 
 
@@ -380,6 +444,32 @@ def main(argv: Sequence[str] | None = None) -> None:
     report.add_argument("--samples", type=_bounded(int, 1, "--samples"), default=4, help="batch of the costed run")
     report.add_argument("--steps", type=_bounded(int, 2, "--steps"), default=50)
     report.set_defaults(run=command_report)
+    bench = commands.add_parser(
+        "bench", help="run configurations (passes x backends x step counts, baselines) on a model in one run"
+    )
+    bench.add_argument("config", help="bench file, e.g. benchmarks/configs/caching_dit-digits.json")
+    bench.add_argument("--out", type=_output_file, required=True, help="results stem: writes .json, .md, .png")
+    bench.add_argument("--samples", type=_bounded(int, 10, "--samples"), default=600)
+    bench.add_argument("--timing-batch", type=_bounded(int, 1, "--timing-batch"), default=50)
+    bench.add_argument("--repeats", type=_bounded(int, 1, "--repeats"), default=3)
+    bench.add_argument("--timing-only", action="store_true", help="wall time only, no quality runs")
+    bench.add_argument(
+        "--reference-seeds",
+        type=_bounded(int, 1, "--reference-seeds"),
+        default=3,
+        help="noise seeds of the reference's FD (its seed noise)",
+    )
+    bench.add_argument("--only", nargs="+", help="run only these configurations (and the first, the reference)")
+    bench.set_defaults(run=command_bench)
+    tune = commands.add_parser("tune", help="the cheapest configuration whose PSNR meets a floor, validated")
+    tune.add_argument("model", help="reference model name (dit-digits, unet-digits)")
+    tune.add_argument("--min-psnr", type=_bounded(float, 0.0, "--min-psnr"), required=True)
+    tune.add_argument("--cost", choices=("macs", "time"), default="macs")
+    tune.add_argument("--samples", type=_bounded(int, 10, "--samples"), default=100, help="calibration samples")
+    tune.add_argument("--validation-samples", type=_bounded(int, 10, "--validation-samples"), default=200)
+    tune.add_argument("--candidates", help="bench file of candidates (default: a built-in search space)")
+    tune.add_argument("--out", type=_output_file, default="tune", help="results stem: .json, .png, .passes.json")
+    tune.set_defaults(run=command_tune)
     args = parser.parse_args(argv)
     try:
         args.run(args)

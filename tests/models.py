@@ -30,21 +30,23 @@ def diffusers_dit(seed: int = 0, num_layers: int = 2):
     ).eval()
 
 
-def diffusers_pixart(seed: int = 0):
+def diffusers_pixart(seed: int = 0, additional_conditions: bool = False):
+    """A tiny PixArt; ``additional_conditions``: it embeds ``added_cond_kwargs``' resolution and
+    aspect-ratio tensors (PixArt-alpha at 1024 px)."""
     from diffusers import PixArtTransformer2DModel
 
     torch.manual_seed(seed)
     return PixArtTransformer2DModel(
         num_attention_heads=2,
-        attention_head_dim=8,
+        attention_head_dim=12 if additional_conditions else 8,  # the two size embeddings take a third each
         in_channels=4,
         out_channels=4,
         num_layers=2,
-        cross_attention_dim=16,
+        cross_attention_dim=24 if additional_conditions else 16,
         sample_size=8,
         patch_size=2,
         caption_channels=32,
-        use_additional_conditions=False,
+        use_additional_conditions=additional_conditions,
         norm_type="ada_norm_single",
     ).eval()
 

@@ -126,7 +126,7 @@ def test_block_passes_refuse_other_caches_and_run_once(dit_and_graph):
             optimize(once.program, [other])
     with pytest.raises(PassError, match="not found"):
         optimize(graph, [BlockCachePass(blocks=("transformer_blocks.9",))])
-    with pytest.raises(ValueError, match=r"BlockCachePass.blocks must be a tuple of block names"):
+    with pytest.raises(ValueError, match=r"BlockCachePass.blocks must be a tuple of names"):
         BlockCachePass(blocks="transformer_blocks.1")
     with pytest.raises(ValueError, match=r"BlockCachePass.period must be an int >= 1, found 2.5"):
         BlockCachePass(period=2.5)

@@ -1,3 +1,5 @@
+import sys
+
 import pytest
 import torch
 from models import MODEL_FACTORIES, inputs_for
@@ -89,3 +91,109 @@ def test_unknown_input_roles_are_reported():
 def test_optimize_requires_example_inputs_for_a_module():
     with pytest.raises(ValueError, match="example_inputs"):
         optimize(MODEL_FACTORIES["simple_dit"]())
+
+
+@pytest.mark.parametrize("kind", ["simple_dit", "diffusers_dit"])
+def test_batch_one_example_inputs_capture_a_graph_for_every_batch(kind):
+    model = MODEL_FACTORIES[kind]()
+    captured = capture(model, inputs_for(kind, batch=1, seed=0))
+    for batch in (1, 4):
+        inputs = inputs_for(kind, batch, seed=batch)
+        expected = _eager(model, inputs)
+        with torch.no_grad():
+            got = captured.module(*_canonical(captured, inputs))[0]
+        assert float((got - expected).norm() / expected.norm()) < 1e-6
+
+
+def test_varargs_and_keyword_only_forwards():
+    inner = MODEL_FACTORIES["diffusers_dit"]()
+
+    class Varargs(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x, t, *conditions):
+            return self.inner(x, t, *conditions, return_dict=False)[0]
+
+    class KeywordOnly(Varargs):
+        def forward(self, x, *, t, labels):
+            return self.inner(x, t, labels, return_dict=False)[0]
+
+    example = inputs_for("diffusers_dit", 2, seed=0)
+    fresh = inputs_for("diffusers_dit", 3, seed=1)
+    x, t, labels = fresh["hidden_states"], fresh["timestep"], fresh["class_labels"]
+    varargs = capture(Varargs(), (example["hidden_states"], example["timestep"], example["class_labels"]))
+    assert varargs.signature.conditions == ("conditions[0]",)
+    keyword_only = capture(
+        KeywordOnly(), {"x": example["hidden_states"], "t": example["timestep"], "labels": labels[:2]}
+    )
+    expected = _eager(inner, fresh)
+    for captured in (varargs, keyword_only):
+        torch.testing.assert_close(optimize(captured)(x, t, labels), expected, rtol=1e-5, atol=1e-6)
+
+
+def _pixart_inputs(batch, seed, resolution):
+    inputs = inputs_for("diffusers_pixart", batch, seed)
+    inputs["added_cond_kwargs"] = {
+        "resolution": torch.tensor([resolution] * batch),
+        "aspect_ratio": torch.tensor([[resolution[0] / resolution[1]]] * batch),
+    }
+    return inputs
+
+
+def _flat(inputs):
+    conditions = inputs["added_cond_kwargs"]
+    return inputs["hidden_states"], inputs["timestep"], inputs["encoder_hidden_states"], *conditions.values()
+
+
+@pytest.mark.parametrize("dynamic_batch", [True, False])
+def test_tensors_in_dict_arguments_are_graph_inputs_whose_values_count(dynamic_batch):
+    """PixArt's added_cond_kwargs: its tensors are inputs (not constants), at any value."""
+    from models import diffusers_pixart
+
+    model = diffusers_pixart(seed=0, additional_conditions=True)
+    captured = capture(model, _pixart_inputs(2, 0, (8.0, 8.0)), dynamic_batch=dynamic_batch)
+    assert captured.signature.conditions == (
+        "encoder_hidden_states",
+        "added_cond_kwargs.resolution",
+        "added_cond_kwargs.aspect_ratio",
+    )
+    optimized = optimize(captured)
+    outputs = []
+    for resolution in ((8.0, 8.0), (16.0, 12.0)):  # the dict tensors' values change between calls
+        inputs = _pixart_inputs(2 if not dynamic_batch else 3, 5, resolution)
+        outputs.append(optimized(*_flat(inputs)))
+        torch.testing.assert_close(outputs[-1], _eager(model, inputs), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(outputs[0], outputs[1])
+
+
+def test_inputs_capture_would_bake_in_are_refused_by_name():
+    class Listed(torch.nn.Module):
+        def forward(self, x, t, extras):
+            return x * extras[0]
+
+    with pytest.raises(CaptureError, match="input 'extras' holds tensors inside a list"):
+        capture(Listed(), (torch.randn(2, 3), torch.ones(2), [torch.ones(2, 3)]))
+
+
+def test_a_graph_that_ignores_an_input_is_named_at_capture(monkeypatch):
+    """The live-input check itself: a graph with the example's class labels baked in (right at
+    the example, wrong at any other labels) is refused, naming the input."""
+    capture_module = sys.modules["diffopt.capture"]  # the package's `capture` attribute is the function
+    real = capture_module._plain_graph_module
+    example = inputs_for("diffusers_dit", 2, 0)
+
+    def labels_baked_in(exported, signature):
+        module = real(exported, signature)
+        module.register_buffer("baked_labels", example["class_labels"].clone())
+        labels = [n for n in module.graph.nodes if n.op == "placeholder"][2]
+        with module.graph.inserting_after(labels):
+            constant = module.graph.get_attr("baked_labels")
+        labels.replace_all_uses_with(constant)
+        module.recompile()
+        return module
+
+    monkeypatch.setattr(capture_module, "_plain_graph_module", labels_baked_in)
+    with pytest.raises(CaptureError, match="specialised input 'class_labels'"):
+        capture(MODEL_FACTORIES["diffusers_dit"](), example, dynamic_batch=False)

@@ -9,6 +9,7 @@ from diffopt.ir.graph_tools import attribute
 from diffopt.measure.fidelity import psnr
 from diffopt.models import zoo
 from diffopt.passes.block_cache import BlockCachePass, FirstBlockCachePass
+from diffopt.passes.forecast_cache import ForecastCachePass
 from diffopt.passes.increment_calibrated_cache import IncrementCalibratedCachePass
 from diffopt.passes.temporal_difference import TemporalDifferencePass
 from diffopt.runtime.compiled import CompiledBackend
@@ -99,6 +100,7 @@ COMPILED_PROGRAMS = {
     "icc adaptive": [IncrementCalibratedCachePass(rank=4, refresh_threshold=0.05)],
     "block cache": [BlockCachePass(period=3)],
     "first-block cache": [FirstBlockCachePass(0.05)],
+    "forecast cache": [ForecastCachePass(order=2, period=3, warmup=2, modules=(r"blocks\.\d+\.(proj|fc2)",))],
     "ditto exact": [TemporalDifferencePass("exact")],
     "ditto dynamic": [TemporalDifferencePass("dynamic")],
     "block cache + ditto exact": [BlockCachePass(period=3), TemporalDifferencePass("exact")],

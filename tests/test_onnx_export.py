@@ -14,6 +14,7 @@ from diffopt.export import ExportError, Manifest, to_onnx
 from diffopt.export.onnx import WEIGHTS_FILE, check_tensorrt_ready
 from diffopt.measure.calibration import calibrate
 from diffopt.passes.block_cache import BlockCachePass, FirstBlockCachePass
+from diffopt.passes.forecast_cache import ForecastCachePass
 from diffopt.passes.increment_calibrated_cache import IncrementCalibratedCachePass
 from diffopt.passes.temporal_difference import TemporalDifferencePass
 from diffopt.runtime.onnxruntime_backend import load_bundle
@@ -25,6 +26,7 @@ PASSES = {
     "icc adaptive": [IncrementCalibratedCachePass(rank=None, refresh_threshold=0.05)],
     "block cache": [BlockCachePass(period=3)],
     "first-block cache": [FirstBlockCachePass(0.1)],
+    "forecast cache order 2": [ForecastCachePass(order=2, period=3, warmup=2)],
     "temporal difference exact": [TemporalDifferencePass("exact")],
     "temporal difference, zero rows skipped": [TemporalDifferencePass("exact", row_threshold=0.0)],  # lossless
 }

@@ -11,7 +11,7 @@ import copy
 import dataclasses
 import functools
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import fx
@@ -131,18 +131,34 @@ def thread_state(
     The graphs are edited, not recompiled: the ``Pipeline`` recompiles every variant
     after each pass (recompiling per state entry made passes with 100 entries take 20 s).
     """
+    return thread_states(program, (entry,), lambda name, graph, inputs: (update(name, graph, inputs[0]),))
+
+
+def thread_states(
+    program: StepProgram,
+    entries: Sequence[StateEntry],
+    update: Callable[[str, fx.Graph, tuple[fx.Node, ...]], Sequence[fx.Node]],
+) -> StepProgram:
+    """``thread_state`` for entries whose new values are computed together:
+    ``update(variant_name, graph, state_inputs)`` returns one new value per entry."""
     for name, module in program.variants.items():
         graph = module.graph
-        last_input = placeholders(graph)[-1]
-        with graph.inserting_after(last_input):
-            state_input = graph.placeholder(re.sub(r"\W", "_", entry.name))  # argument names are identifiers
-        new_value = update(name, graph, state_input)
+        state_inputs = []
+        for entry in entries:
+            with graph.inserting_after(placeholders(graph)[-1]):
+                state_inputs.append(graph.placeholder(re.sub(r"\W", "_", entry.name)))  # names are identifiers
+        new_values = list(update(name, graph, tuple(state_inputs)))
+        if len(new_values) != len(entries):
+            raise ValueError(f"variant {name!r}: {len(entries)} state entries, {len(new_values)} new values")
         output = graph.output_node()
-        if new_value.op == "placeholder":
-            with graph.inserting_before(output):
-                new_value = graph.call_function(aten.clone.default, (new_value,))
-        output.args = ((*output.args[0], new_value),)
-    return dataclasses.replace(program, state=program.state.with_entry(entry))
+        for index, value in enumerate(new_values):
+            if value.op == "placeholder":
+                with graph.inserting_before(output):
+                    new_values[index] = graph.call_function(aten.clone.default, (value,))
+        output.args = ((*output.args[0], *new_values),)
+    for entry in entries:
+        program = dataclasses.replace(program, state=program.state.with_entry(entry))
+    return program
 
 
 def add_variant(program: StepProgram, name: str, copy_of: str) -> fx.GraphModule:

@@ -180,20 +180,25 @@ class StateSpec:
 class Schedule:
     """Which variant runs at step k.
 
-    Step 0 always runs ``refresh``. With ``between=None`` every step does. Otherwise
-    steps k > 0 run ``between``, except every ``period``-th step (k % period == 0),
-    which refreshes; ``period=None`` refreshes only at step 0.
+    The first ``warmup`` steps (at least step 0) run ``refresh``. With ``between=None``
+    every step does. Otherwise later steps run ``between``, except every ``period``-th
+    step counted from the last warm-up step (k - warmup + 1 divisible by ``period``;
+    with one warm-up step: k % period == 0), which refreshes; ``period=None`` refreshes
+    only during the warm-up.
     """
 
     refresh: str = FULL
     between: str | None = None
     period: int | None = None
+    warmup: int = 1
 
     def __post_init__(self) -> None:
         if self.period is not None and (
             isinstance(self.period, bool) or not isinstance(self.period, int) or self.period < 1
         ):
             raise ValueError(f"schedule period must be an int >= 1 or None, found {self.period!r}")
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 1:
+            raise ValueError(f"schedule warmup must be an int >= 1 (step 0 always refreshes), found {self.warmup!r}")
 
     def probe_at(self, step_index: int) -> None:
         return None
@@ -201,9 +206,9 @@ class Schedule:
     def variant_at(self, step_index: int, signal: float | None = None) -> str:
         if not isinstance(step_index, int) or step_index < 0:
             raise ValueError(f"step index must be an int >= 0, found {step_index!r}")
-        if self.between is None or step_index == 0:
+        if self.between is None or step_index < self.warmup:
             return self.refresh
-        if self.period is not None and step_index % self.period == 0:
+        if self.period is not None and (step_index - self.warmup + 1) % self.period == 0:
             return self.refresh
         return self.between
 
@@ -221,6 +226,7 @@ class Schedule:
             "refresh": str(self.refresh),
             "between": None if self.between is None else str(self.between),
             "period": self.period,
+            **({"warmup": self.warmup} if self.warmup != 1 else {}),  # older manifests have no warmup
         }
 
 

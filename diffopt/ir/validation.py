@@ -33,15 +33,15 @@ def require_number(
         raise ValueError(f"{owner}.{field} must be {expected}, found {value!r}")
 
 
-def block_names(owner: str, blocks) -> tuple[str, ...] | None:
-    """``blocks`` as a tuple of block names (None stays None); a bare string is refused,
-    since iterating it would give its characters."""
+def block_names(owner: str, blocks, field: str = "blocks") -> tuple[str, ...] | None:
+    """``blocks`` as a tuple of (block or module) names (None stays None); a bare string is
+    refused, since iterating it would give its characters."""
     if blocks is None:
         return None
     if isinstance(blocks, str) or not all(isinstance(block, str) for block in blocks):
         raise ValueError(
-            f"{owner}.blocks must be a tuple of block names such as ('transformer_blocks.1',), found {blocks!r}"
+            f"{owner}.{field} must be a tuple of names such as ('transformer_blocks.1',), found {blocks!r}"
         )
     if not blocks:
-        raise ValueError(f"{owner}.blocks is empty: pass None for every block, or name some")
+        raise ValueError(f"{owner}.{field} is empty: pass None for every one, or name some")
     return tuple(blocks)

@@ -78,6 +78,11 @@ class GraphPass:
     def name(self) -> str:
         return type(self).__name__
 
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether ``optimize`` needs ``calibration=`` statistics for this pass."""
+        return False
+
     def already_applied(self, program: StepProgram) -> bool:
         """True if this very pass made the program's variants; raise ``PassNotApplicable`` if
         the program cannot take it."""

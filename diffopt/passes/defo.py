@@ -44,6 +44,10 @@ class DefoPass(GraphPass):
 
     kind: ClassVar[str] = TemporalDifferencePass.kind
 
+    @property
+    def needs_calibration(self) -> bool:
+        return self.difference.needs_calibration
+
     def requires(self, program: StepProgram, context: PassContext) -> None:
         self.difference.requires(program, context)
 

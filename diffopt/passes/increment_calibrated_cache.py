@@ -79,8 +79,12 @@ class IncrementCalibratedCachePass(GraphPass):
             raise ValueError(f"{self.name}.mac_budget is a fraction in (0, 1], found 0")
         object.__setattr__(self, "blocks", block_names(self.name, self.blocks))
 
+    @property
+    def needs_calibration(self) -> bool:
+        return FACTORIZATIONS[self.factorization] is not None
+
     def requires(self, program: StepProgram, context: PassContext) -> None:
-        if FACTORIZATIONS[self.factorization]:
+        if self.needs_calibration:
             context.require_statistics(self.name)
 
     def _block_members(self, graph: fx.Graph) -> list[str]:

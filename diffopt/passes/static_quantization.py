@@ -80,6 +80,10 @@ class StaticQuantizationPass(GraphPass):
         if self.weight_bits is not None and self.activation_bits != 8:
             raise ValueError("integer accumulation (weight_bits=8) is implemented for 8-bit activations only")
 
+    @property
+    def needs_calibration(self) -> bool:
+        return True
+
     def requires(self, program: StepProgram, context: PassContext) -> None:
         context.require_statistics(self.name)
 

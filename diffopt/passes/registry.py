@@ -1,0 +1,101 @@
+"""Pass lists as JSON: what ``diffopt tune`` saves and deployment loads, so that it applies
+exactly the chosen passes with exactly their options.
+
+A pass is written as ``{"pass": "<class name>", <option>: <value>, ...}`` with only the
+options that differ from their defaults; tuples become lists and come back as tuples.
+Passes whose options hold tensors or profiles (a length embedding, a Defo profile) are
+refused by name: they are built in code, not from a file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from diffopt.passes.base import GraphPass
+from diffopt.passes.block_cache import BlockCachePass, FirstBlockCachePass
+from diffopt.passes.forecast_cache import ForecastCachePass
+from diffopt.passes.increment_calibrated_cache import IncrementCalibratedCachePass
+from diffopt.passes.length_shortcut import LengthShortcutPass
+from diffopt.passes.static_quantization import StaticQuantizationPass
+from diffopt.passes.temporal_difference import TemporalDifferencePass
+
+PASS_TYPES: dict[str, type[GraphPass]] = {
+    cls.__name__: cls
+    for cls in (
+        BlockCachePass,
+        FirstBlockCachePass,
+        ForecastCachePass,
+        IncrementCalibratedCachePass,
+        LengthShortcutPass,
+        StaticQuantizationPass,
+        TemporalDifferencePass,
+    )
+}
+
+
+def _plain(value: Any, where: str) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (tuple, list)):
+        return [_plain(item, where) for item in value]
+    raise ValueError(f"{where} is a {type(value).__name__}: only numbers, strings and lists are written to a pass file")
+
+
+def _tuples(value: Any) -> Any:
+    return tuple(_tuples(item) for item in value) if isinstance(value, list) else value
+
+
+def pass_to_dict(graph_pass: GraphPass) -> dict[str, Any]:
+    """``graph_pass`` as a JSON-ready dict of its class and non-default options."""
+    name = type(graph_pass).__name__
+    if name not in PASS_TYPES:
+        raise ValueError(f"{name} cannot be written to a pass file; passes that can: {sorted(PASS_TYPES)}")
+    options = {}
+    for option in dataclasses.fields(graph_pass):
+        value = getattr(graph_pass, option.name)
+        if option.default is not dataclasses.MISSING and value == option.default:
+            continue
+        options[option.name] = _plain(value, f"{name}.{option.name}")
+    return {"pass": name, **options}
+
+
+def pass_from_dict(data: Mapping[str, Any]) -> GraphPass:
+    """Inverse of ``pass_to_dict``; unknown passes and options are errors that name them."""
+    if not isinstance(data, Mapping) or "pass" not in data:
+        raise ValueError(f"a pass is a JSON object with a 'pass' key naming its class, found {data!r}")
+    name = data["pass"]
+    if name not in PASS_TYPES:
+        raise ValueError(f"unknown pass {name!r}: expected one of {sorted(PASS_TYPES)}")
+    cls = PASS_TYPES[name]
+    known = {option.name for option in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known - {"pass"})
+    if unknown:
+        raise ValueError(f"{name} has no options {unknown}; its options are {sorted(known)}")
+    return cls(**{key: _tuples(value) for key, value in data.items() if key != "pass"})
+
+
+def save_passes(path: str | os.PathLike, passes: Sequence[GraphPass], **extra: Any) -> Path:
+    """Write ``passes`` (and JSON-ready ``extra`` fields, e.g. the step count) to ``path``,
+    replacing an existing file only once the new one is complete."""
+    path = Path(path)
+    text = json.dumps({"passes": [pass_to_dict(p) for p in passes], **extra}, indent=2)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text + "\n")
+    partial.replace(path)
+    return path
+
+
+def load_passes(path: str | os.PathLike) -> tuple[list[GraphPass], dict[str, Any]]:
+    """The passes of a pass file, and its other fields."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not a pass file (not JSON: {error})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("passes"), list):
+        raise ValueError(f"{path} is not a pass file: expected a JSON object with a 'passes' list")
+    return [pass_from_dict(item) for item in data["passes"]], {k: v for k, v in data.items() if k != "passes"}
