@@ -51,6 +51,27 @@ def diffusers_pixart(seed: int = 0, additional_conditions: bool = False):
     ).eval()
 
 
+def diffusers_sd3(seed: int = 0, num_layers: int = 3):
+    """A tiny SD3 transformer: joint blocks pass two streams on (text, image); the last one
+    ends the text stream."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        num_layers=num_layers,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        caption_projection_dim=16,
+        pooled_projection_dim=8,
+        out_channels=4,
+        pos_embed_max_size=16,
+    ).eval()
+
+
 def diffusers_unet(seed: int = 0):
     from diffusers import UNet2DModel
 
@@ -84,6 +105,13 @@ def inputs_for(kind: str, batch: int, seed: int) -> dict:
             "timestep": t,
             "encoder_hidden_states": torch.randn(batch, 5, 32, generator=g),
             "added_cond_kwargs": NO_EXTRA_CONDITIONS,
+        }
+    if kind == "diffusers_sd3":
+        return {
+            "hidden_states": torch.randn(batch, 4, 8, 8, generator=g),
+            "timestep": t,
+            "encoder_hidden_states": torch.randn(batch, 5, 16, generator=g),
+            "pooled_projections": torch.randn(batch, 8, generator=g),
         }
     if kind == "diffusers_unet":
         return {"sample": torch.randn(batch, 1, 8, 8, generator=g), "timestep": t, "class_labels": labels}

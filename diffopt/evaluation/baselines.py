@@ -2,7 +2,8 @@
 
 ``DiffusersCacheHook(model, method, **options)`` copies a diffusers model, applies one of
 diffusers' cache hooks to the copy (they patch ``forward`` in Python and keep their
-cache in hook objects), and is callable like any denoiser, ``hooked(x, t, *conditions)``,
+cache in hook objects), and is callable like any denoiser, ``hooked(x, t, *conditions)``
+(in the model's argument order, or by the names of a captured ``signature=``),
 so diffopt's ``Sampler`` drives it exactly like the optimized programs. It starts a new
 hook state when a run starts (the timestep does not decrease, or ``reset()``).
 """
@@ -18,16 +19,18 @@ from typing import Any
 
 import torch
 
+from diffopt.ir.signature import Signature
+
 METHODS = ("first-block-cache", "pyramid-attention-broadcast", "taylorseer", "mag-cache")
 
 
 class DiffusersCacheHook:
-    def __init__(self, model: torch.nn.Module, method: str, **options: Any):
+    def __init__(self, model: torch.nn.Module, method: str, signature: Signature | None = None, **options: Any):
         from diffusers import hooks
 
         if method not in METHODS:
             raise ValueError(f"unknown diffusers cache method {method!r}: expected one of {METHODS}")
-        self.method, self.options = method, options
+        self.method, self.options, self.signature = method, options, signature
         self.model = copy.deepcopy(model).eval()
         self._timestep: int = 0
         self._last_timestep: float | None = None
@@ -61,9 +64,17 @@ class DiffusersCacheHook:
         _set_cache_context(self.model, CacheContext("denoise"))
         try:
             with torch.no_grad():
-                return self.model(x, t, *conditions, return_dict=False)[0]
+                return _call(self.model, self.signature, x, t, conditions)
         finally:
             _set_cache_context(self.model, None)
+
+
+def _call(model: torch.nn.Module, signature: Signature | None, x, t, conditions) -> torch.Tensor:
+    """``model(x, t, *conditions)``; by name with a ``signature`` (models whose forward takes the
+    conditions before the timestep, e.g. SD3)."""
+    if signature is None:
+        return model(x, t, *conditions, return_dict=False)[0]
+    return model(**dict(zip(signature.input_names, (x, t, *conditions))), return_dict=False)[0]
 
 
 _MAG_RATIOS_MARKER = "Copy these values to MagCacheConfig(mag_ratios=...):"
@@ -129,4 +140,4 @@ class CacheDitBaseline:
             self.reset()
         self._last_timestep = float(t.max())
         with torch.no_grad():
-            return self.model(x, t, *conditions, return_dict=False)[0]
+            return _call(self.model, None, x, t, conditions)

@@ -20,6 +20,8 @@ first block runs once per step.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import warnings
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -51,31 +53,39 @@ aten = torch.ops.aten
 
 @dataclass(frozen=True)
 class BlockBoundary:
-    """Where a block meets the rest of the graph."""
+    """Where a block meets the rest of the graph: one value it passes on."""
 
-    output: fx.Node  # the one value the block passes on
-    hidden_input: fx.Node | None  # the input with the output's shape (None: the block changes shape)
+    output: fx.Node  # a value the block passes on
+    hidden_input: fx.Node | None  # the one input with the output's shape (None: none, or not one)
 
 
-def block_boundary(graph: fx.Graph, block: str) -> BlockBoundary:
+def block_streams(graph: fx.Graph, block: str) -> list[BlockBoundary]:
+    """Every value ``block`` passes on (one for most blocks; two for SD3 / Flux joint blocks,
+    which return the text and image streams), each with its same-shaped input, in graph order."""
     members = {node for node in graph.nodes if block in module_scopes(node)}
     if not members:
         raise ValueError(f"block {block!r} has no nodes in this graph; blocks: {_all_blocks(graph)}")
-    outputs = [node for node in graph.nodes if node in members and any(u not in members for u in node.users)]
-    if len(outputs) != 1:
-        raise ValueError(
-            f"block {block!r} passes {len(outputs)} values on ({[n.name for n in outputs]}); "
-            f"block caching needs blocks with exactly one output: choose other blocks"
-        )
-    output = outputs[0]
-    shape = _shape(output)
-    inputs = {
-        arg
-        for node in members
-        for arg in node.all_input_nodes
-        if arg not in members and arg.op != "get_attr" and _shape(arg) == shape
+    external_inputs = {
+        arg for node in members for arg in node.all_input_nodes if arg not in members and arg.op != "get_attr"
     }
-    return BlockBoundary(output, inputs.pop() if len(inputs) == 1 else None)
+    streams = []
+    for output in (node for node in graph.nodes if node in members and any(u not in members for u in node.users)):
+        if _shape(output) is None:  # a size the block computed (PixArt's mask path), not a tensor stream
+            continue
+        alike = [arg for arg in external_inputs if _shape(arg) == _shape(output)]
+        streams.append(BlockBoundary(output, alike[0] if len(alike) == 1 else None))
+    return streams
+
+
+def block_boundary(graph: fx.Graph, block: str) -> BlockBoundary:
+    """The one value ``block`` passes on; an error for blocks with several (see ``block_streams``)."""
+    streams = block_streams(graph, block)
+    if len(streams) != 1:
+        raise ValueError(
+            f"block {block!r} passes {len(streams)} values on ({[s.output.name for s in streams]}); "
+            f"this needs blocks with exactly one output: choose other blocks"
+        )
+    return streams[0]
 
 
 def _shape(node: fx.Node) -> tuple[str, ...] | None:
@@ -92,7 +102,7 @@ class BlockCachePass(GraphPass):
     kind: ClassVar[str] = "cache"
     after: ClassVar[tuple[str, ...]] = ("temporal-difference",)
 
-    blocks: tuple[str, ...] | None = None  # e.g. ("transformer_blocks.1", ...); None: every block with one output
+    blocks: tuple[str, ...] | None = None  # e.g. ("transformer_blocks.1", ...); None: every block
     period: int = 2
 
     def __post_init__(self) -> None:
@@ -102,7 +112,10 @@ class BlockCachePass(GraphPass):
     def _selected(self, graph: fx.Graph) -> list[str]:
         found = _all_blocks(graph)
         if self.blocks is None:
-            return [block for block in found if _has_single_output(graph, block)]
+            skipped = {block: "passes no tensor on" for block in found if not block_streams(graph, block)}
+            if skipped:
+                warnings.warn(f"{self.name} skips blocks {skipped}", stacklevel=2)
+            return [block for block in found if block not in skipped]
         missing = sorted(set(self.blocks) - set(found))
         if missing:
             raise ValueError(f"blocks {missing} not found; the graph's blocks are {found}")
@@ -112,41 +125,48 @@ class BlockCachePass(GraphPass):
         if self.already_applied(program):
             return PassResult(program, False)
         self.require_one_variant(program)
-        blocks = self._selected(program.variants[FULL].graph)
+        graph = program.variants[FULL].graph
+        blocks = self._selected(graph)
         if not blocks:
-            raise PassNotApplicable(
-                f"{self.name}: no block of this model has exactly one output; blocks: "
-                f"{_all_blocks(program.variants[FULL].graph)}"
-            )
+            raise PassNotApplicable(f"{self.name}: no block to cache; blocks: {_all_blocks(graph)}")
         add_variant(program, CACHED, copy_of=FULL)
         for block in blocks:
-            boundary = block_boundary(program.variants[FULL].graph, block)
-            kind = "residual" if boundary.hidden_input is not None else "output"
-            entry = StateEntry(
-                f"{block}.cached_{kind}", state_shape(boundary.output), boundary.output.meta["val"].dtype, self.name
-            )
+            streams = block_streams(graph, block)
+            for index, stream in enumerate(streams):
+                kind = "residual" if stream.hidden_input is not None else "output"
+                suffix = f".stream{index}" if len(streams) > 1 else ""
+                out = stream.output
+                entry = StateEntry(f"{block}{suffix}.cached_{kind}", state_shape(out), out.meta["val"].dtype, self.name)
 
-            def update(variant, graph, state_input, block=block, kind=kind):
-                current = block_boundary(graph, block)  # re-read: rewrites of earlier blocks moved its input
-                details = {"block": block, "period": self.period}
-                if variant == FULL:
-                    annotate(current.output, NodeAnnotation("full", self.name, details=details))
-                    if kind == "output":
-                        return current.output
-                    with graph.inserting_after(current.output):
-                        return graph.call_function(aten.sub.Tensor, (current.output, current.hidden_input))
-                rebuilt = state_input
-                if kind == "residual":
-                    with graph.inserting_after(current.output):
-                        rebuilt = graph.call_function(aten.add.Tensor, (current.hidden_input, state_input))
-                    rebuilt.meta["val"] = current.output.meta["val"]  # later blocks find their input by shape
-                    annotate(rebuilt, NodeAnnotation(CACHED, self.name, reason=f"{block} reused", details=details))
-                current.output.replace_all_uses_with(rebuilt)
-                return state_input
+                def update(variant, graph, state_input, block=block, name=stream.output.name, kind=kind):
+                    current = _stream_named(graph, block, name)  # re-read: caching earlier blocks moved its input
+                    details = {"block": block, "period": self.period}
+                    if variant == FULL:
+                        annotate(current.output, NodeAnnotation("full", self.name, details=details))
+                        if kind == "output":
+                            return current.output
+                        with graph.inserting_after(current.output):
+                            return graph.call_function(aten.sub.Tensor, (current.output, current.hidden_input))
+                    rebuilt = state_input
+                    if kind == "residual":
+                        with graph.inserting_after(current.output):
+                            rebuilt = graph.call_function(aten.add.Tensor, (current.hidden_input, state_input))
+                        rebuilt.meta["val"] = current.output.meta["val"]  # later blocks find their input by shape
+                        annotate(rebuilt, NodeAnnotation(CACHED, self.name, reason=f"{block} reused", details=details))
+                    current.output.replace_all_uses_with(rebuilt)
+                    return state_input
 
-            program = thread_state(program, entry, update)
+                program = thread_state(program, entry, update)
         remove_dead_code(program.variants[CACHED])
         return PassResult(self.record(dataclasses.replace(program, schedule=Schedule(FULL, CACHED, self.period))), True)
+
+
+def _stream_named(graph: fx.Graph, block: str, output_name: str) -> BlockBoundary:
+    """The stream of ``block`` whose output is the node called ``output_name`` (variants keep names)."""
+    for stream in block_streams(graph, block):
+        if stream.output.name == output_name:
+            return stream
+    raise ValueError(f"block {block!r} no longer passes {output_name!r} on")
 
 
 def block_chain(graph: fx.Graph, container: str | None = None) -> list[str]:
@@ -160,14 +180,6 @@ def block_chain(graph: fx.Graph, container: str | None = None) -> list[str]:
     if len(chains) != 1:
         raise ValueError(f"found chains of blocks {sorted(chains)}: name one with container=")
     return next(iter(chains.values()))
-
-
-def _has_single_output(graph: fx.Graph, block: str) -> bool:
-    try:
-        block_boundary(graph, block)
-    except ValueError:
-        return False
-    return True
 
 
 @dataclass(frozen=True)
@@ -188,23 +200,21 @@ class FirstBlockCachePass(GraphPass):
         graph = program.variants[FULL].graph
         chain = block_chain(graph, self.container)
         first, last = chain[0], chain[-1]
-        head, tail = block_boundary(graph, first), block_boundary(graph, last)
-        if head.hidden_input is None or _shape(tail.output) != _shape(head.output):
-            raise ValueError(
-                f"first-block caching needs {first!r} to keep its input's shape and {last!r} to "
-                f"return that shape too (a residual chain, as in transformers)"
-            )
+        heads, pairs = _first_and_last_streams(graph, first, last)
         probe = add_variant(program, PROBE, copy_of=FULL)
         add_variant(program, CACHED, copy_of=FULL)
-        shape, dtype = state_shape(head.output), head.output.meta["val"].dtype
         inputs: dict[str, dict[str, fx.Node]] = {}  # variant -> entry -> its state input
+        signal_stream = pairs[0][0]  # the head stream the first tail stream continues (the image stream)
 
-        def entry(name: str) -> StateEntry:
-            return StateEntry(f"{first}.{name}", shape, dtype, self.name)
+        def entry(name: str, stream: BlockBoundary, block: str = first) -> StateEntry:
+            suffix = f".stream{heads.index(stream)}" if len(heads) > 1 and block == first else ""
+            return StateEntry(
+                f"{block}{suffix}.{name}", state_shape(stream.output), stream.output.meta["val"].dtype, self.name
+            )
 
-        def first_output(variant, graph, state_input):
-            inputs.setdefault(variant, {})["output"] = state_input
-            boundary = block_boundary(graph, first)
+        def first_output(variant, graph, state_input, name):
+            inputs.setdefault(variant, {})[name] = state_input
+            boundary = _stream_named(graph, first, name)
             if variant == PROBE:
                 return boundary.output
             boundary.output.replace_all_uses_with(state_input)  # the probe computed it
@@ -214,7 +224,7 @@ class FirstBlockCachePass(GraphPass):
             inputs[variant]["residual"] = state_input
             if variant != PROBE:
                 return state_input
-            boundary = block_boundary(graph, first)
+            boundary = _stream_named(graph, first, signal_stream.output.name)
             with graph.inserting_after(boundary.output):
                 inputs[PROBE]["new_residual"] = graph.call_function(
                     aten.sub.Tensor, (boundary.output, boundary.hidden_input)
@@ -225,11 +235,11 @@ class FirstBlockCachePass(GraphPass):
             inputs[variant]["reference"] = state_input
             return inputs[variant]["residual"] if variant == FULL else state_input
 
-        def later_blocks_residual(variant, graph, state_input):
+        def later_blocks_residual(variant, graph, state_input, head_name, tail_name):
             if variant == PROBE:
                 return state_input
-            output = block_boundary(graph, last).output
-            first_block_output = inputs[variant]["output"]
+            output = _stream_named(graph, last, tail_name).output
+            first_block_output = inputs[variant][head_name]
             details = {"first_block": first, "last_block": last, "threshold": self.threshold}
             with graph.inserting_after(output):
                 if variant == FULL:
@@ -241,13 +251,22 @@ class FirstBlockCachePass(GraphPass):
             output.replace_all_uses_with(rebuilt)
             return state_input
 
-        for name, update in (
-            ("output", first_output),
-            ("residual", first_residual),
-            ("reference_residual", reference_residual),
-            ("later_blocks_residual", later_blocks_residual),
-        ):
-            program = thread_state(program, entry(name), update)
+        updates = [(entry("output", head), functools.partial(first_output, name=head.output.name)) for head in heads]
+        updates += [
+            (entry("residual", signal_stream), first_residual),
+            (entry("reference_residual", signal_stream), reference_residual),
+        ]
+        suffixed = len(pairs) > 1
+        for index, (head, tail) in enumerate(pairs):
+            name = f"{first}{f'.stream{index}' if suffixed else ''}.later_blocks_residual"
+            updates.append(
+                (
+                    StateEntry(name, state_shape(tail.output), tail.output.meta["val"].dtype, self.name),
+                    functools.partial(later_blocks_residual, head_name=head.output.name, tail_name=tail.output.name),
+                )
+            )
+        for state_entry, update in updates:
+            program = thread_state(program, state_entry, update)
         finish_probe(
             probe, insert_relative_change(probe.graph, inputs[PROBE]["new_residual"], inputs[PROBE]["reference"])
         )
@@ -255,3 +274,24 @@ class FirstBlockCachePass(GraphPass):
             remove_dead_code(program.variants[variant])
         schedule = AdaptiveSchedule(PROBE, self.threshold, refresh=FULL, between=CACHED)
         return PassResult(self.record(dataclasses.replace(program, schedule=schedule)), True)
+
+
+def _first_and_last_streams(
+    graph: fx.Graph, first: str, last: str
+) -> tuple[list[BlockBoundary], list[tuple[BlockBoundary, BlockBoundary]]]:
+    """The first block's streams, and (first-block stream, last-block stream) pairs of equal
+    shape: one per value the chain passes on (two for joint blocks that end both streams)."""
+    heads, tails = block_streams(graph, first), block_streams(graph, last)
+    pairs = []
+    for tail in tails:
+        alike = [head for head in heads if _shape(head.output) == _shape(tail.output)]
+        if len(alike) != 1 or alike[0].hidden_input is None:
+            raise ValueError(
+                f"first-block caching needs each value {last!r} passes on to continue one stream of {first!r} "
+                f"that keeps its input's shape (a residual chain, as in transformers); {tail.output.name} "
+                f"matches {[h.output.name for h in alike]}"
+            )
+        pairs.append((alike[0], tail))
+    if not pairs:
+        raise ValueError(f"{last!r} passes no tensor on")
+    return heads, pairs
