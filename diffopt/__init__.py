@@ -4,7 +4,8 @@ capture -> passes -> step program (explicit state, variants, schedule) -> runtim
 
 Layers, each importing only those below it (``tests/test_layers.py`` checks it):
 ``ir`` (program, signature, layers, annotations, policy, statistics) < ``quant`` <
-``capture`` < ``passes`` / ``runtime`` < ``measure`` < ``export`` < ``optimize``, ``cli``;
+``capture`` < ``passes`` / ``runtime`` < ``measure`` < ``export`` < ``optimize`` <
+``pipelines`` (``enable``: drop-in for diffusers pipelines), ``cli``;
 ``models`` (reference models) and ``evaluation`` (metrics, data, training, baselines:
 ``pip install diffopt[eval]``) sit on top and are never imported by the core.
 """
@@ -27,6 +28,7 @@ from diffopt.ir.statistics import CalibrationStatistics
 from diffopt.measure.calibration import calibrate
 from diffopt.optimize import optimize
 from diffopt.passes.base import GraphPass, PassContext, PassError, PassNotApplicable, PassResult, Pipeline
+from diffopt.pipelines import disable, enable
 from diffopt.runtime.denoiser import OptimizedDenoiser
 from diffopt.runtime.flow_map import FlowMapSampler
 from diffopt.runtime.sampler import Sampler
@@ -42,6 +44,8 @@ __all__ = [
     "FlowMapSampler",
     "ListSchedule",
     "optimize",
+    "enable",
+    "disable",
     "calibrate",
     "CalibrationStatistics",
     "GraphPass",

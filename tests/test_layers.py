@@ -8,7 +8,7 @@ from pathlib import Path
 import diffopt
 
 PACKAGE = Path(diffopt.__file__).parent
-CORE = ("ir", "quant", "capture", "passes", "runtime", "measure", "export", "optimize")
+CORE = ("ir", "quant", "capture", "passes", "runtime", "measure", "export", "optimize", "pipelines")
 # what each layer may import (besides itself); anything not listed is refused
 ALLOWED = {
     "version": set(),
@@ -20,10 +20,11 @@ ALLOWED = {
     "measure": {"ir", "quant", "passes", "runtime"},
     "export": {"ir", "quant", "runtime"},
     "optimize": {"ir", "capture", "passes", "runtime"},
+    "pipelines": {"ir", "capture", "passes", "runtime", "optimize"},
     "models": {"ir", "runtime"},
     "evaluation": {"ir", "quant", "capture", "passes", "runtime", "measure", "export", "optimize", "models"},
     "cli": {"ir", "quant", "capture", "passes", "runtime", "measure", "export", "optimize", "models", "evaluation"},
-    "__init__": {"ir", "capture", "passes", "runtime", "measure", "optimize"},
+    "__init__": {"ir", "capture", "passes", "runtime", "measure", "optimize", "pipelines"},
 }
 
 

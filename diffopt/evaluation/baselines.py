@@ -103,17 +103,30 @@ class CacheDitBaseline:
 
     ``options`` are ``DBCacheConfig`` fields (e.g. ``Fn_compute_blocks=1``,
     ``residual_diff_threshold=0.2``, ``max_warmup_steps=4``); ``taylorseer_order`` adds its
-    TaylorSeer calibrator. cache-dit counts steps inside its context, which must be rebuilt
-    before every run (``cache_dit.refresh_context``) or its schedule shifts by one step: this
+    TaylorSeer calibrator, ``calibrator="foca"`` its FoCa one (BDF2 predictor, Heun
+    corrector). cache-dit counts steps inside its context, which must be rebuilt before
+    every run (``cache_dit.refresh_context``) or its schedule shifts by one step: this
     wrapper does that whenever a run starts (the timestep does not decrease, or ``reset()``).
     """
 
-    def __init__(self, model: torch.nn.Module, num_steps: int, taylorseer_order: int | None = None, **options: Any):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        num_steps: int,
+        taylorseer_order: int | None = None,
+        calibrator: str | None = None,
+        **options: Any,
+    ):
         try:
             import cache_dit
         except ImportError as error:
             raise ImportError("the cache-dit baseline needs cache-dit: pip install 'diffopt[bench]'") from error
-        self.options, self.taylorseer_order = {**options, "num_inference_steps": num_steps}, taylorseer_order
+        if calibrator is None and taylorseer_order is not None:
+            calibrator = "taylorseer"
+        if calibrator not in (None, "taylorseer", "foca"):
+            raise ValueError(f"cache-dit calibrator must be 'taylorseer' or 'foca', found {calibrator!r}")
+        self.options, self.calibrator = {**options, "num_inference_steps": num_steps}, calibrator
+        self.taylorseer_order = taylorseer_order or 1
         self.model = copy.deepcopy(model).eval()
         self._cache_dit = cache_dit
         cache_dit.enable_cache(self.model, **self._configs())
@@ -121,14 +134,16 @@ class CacheDitBaseline:
 
     def _configs(self) -> dict[str, Any]:
         configs: dict[str, Any] = {"cache_config": self._cache_dit.DBCacheConfig(**self.options)}
-        if self.taylorseer_order is not None:
+        if self.calibrator == "taylorseer":
             configs["calibrator_config"] = self._cache_dit.TaylorSeerCalibratorConfig(
                 taylorseer_order=self.taylorseer_order
             )
+        elif self.calibrator == "foca":
+            configs["calibrator_config"] = self._cache_dit.FoCaCalibratorConfig()
         return configs
 
     def __repr__(self) -> str:
-        return f"CacheDitBaseline({self.options}, taylorseer_order={self.taylorseer_order})"
+        return f"CacheDitBaseline({self.options}, calibrator={self.calibrator})"
 
     def reset(self) -> None:
         self._cache_dit.refresh_context(self.model, **self._configs())

@@ -12,14 +12,17 @@ one denoiser. ``step`` refuses a cached step on a fresh state, a state from anot
 or from a program with other state, and inputs whose dtype, shape, batch or device do not
 fit the signature (the message names the input).
 
-Eager use: ``denoiser(x, t, *conditions)`` keeps the state itself, per thread. It starts
-a fresh run (zero state, step 0) on the first call, after ``reset()``, whenever the batch
-size changes, and when the timestep does not decrease from the previous call (every
-sampler walks from noise to data, so a timestep that does not go down means a new run).
+Eager use: ``denoiser(x, t, *conditions)`` keeps the state itself, per thread and per
+call stream. It starts a fresh run (zero state, step 0) on the first call, after
+``reset()``, whenever the batch size changes, and when the timestep goes up (every
+sampler walks from noise to data). A second call at the same timestep is another
+stream with its own state (pipelines that call the denoiser twice per step, cond then
+uncond); ``with denoiser.stream("uncond"):`` names a stream explicitly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 from collections.abc import Sequence
@@ -201,23 +204,55 @@ class OptimizedDenoiser:
         outputs = self.backend.run(variant, (x, t, *conditions, *state))
         return outputs[0], RunState(outputs[1:], self._owner, step_index + 1)
 
-    def _starts_new_run(self, x: torch.Tensor, t: torch.Tensor) -> bool:
-        state = getattr(self._local, "state", None)
+    @contextlib.contextmanager
+    def stream(self, name: str):
+        """Calls inside ``with denoiser.stream(name):`` use stream ``name``'s own state (the
+        analogue of diffusers' ``cache_context``): e.g. the unconditional branch of a
+        two-call classifier-free guidance loop. Each stream equals a separate run."""
+        if not isinstance(name, str) or not name:
+            raise InputError(f"a stream name is a non-empty string, found {name!r}")
+        previous = getattr(self._local, "explicit_stream", None)
+        self._local.explicit_stream = name
+        try:
+            yield self
+        finally:
+            self._local.explicit_stream = previous
+
+    def _stream_for(self, x: torch.Tensor, now: float) -> dict:
+        """This thread's stream for a call at timestep ``now``: the explicit one, else the
+        first automatic stream that has not run this timestep yet (a second call at the same
+        timestep, e.g. the unconditional pass of CFG, gets the second stream). A timestep
+        above the first stream's last one starts a new run of every automatic stream."""
+        explicit = getattr(self._local, "explicit_stream", None)
+        if explicit is not None:
+            return self._local.__dict__.setdefault("named_streams", {}).setdefault(explicit, {})
+        streams = self._local.__dict__.setdefault("auto_streams", [])
+        if streams and "last_timestep" in streams[0] and now > streams[0]["last_timestep"]:
+            streams.clear()  # sampling walks from noise to data: a higher timestep is a new run
+        for stream in streams:
+            if stream.get("last_timestep", float("inf")) > now:
+                return stream
+        streams.append({})
+        return streams[-1]
+
+    def _starts_new_run(self, stream: dict, x: torch.Tensor, now: float) -> bool:
+        state = stream.get("state")
         if state is None:
             return True
         try:
             self.program.state.check(state, x.shape[0])
         except StateError:
             return True  # batch size (or composition) changed: never reuse stale state
-        last = getattr(self._local, "last_timestep", None)
-        return last is not None and float(t.max()) >= last
+        return now >= stream["last_timestep"]
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor | float, *conditions: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.dim() == 0:
             raise InputError(f"{self.inputs[0].name}: expected a batched tensor, found {x!r:.60}")
         t = batched_timestep(t, x.shape[0], x.device)
-        if self._starts_new_run(x, t):
-            self._local.state = self.init_state(x.shape[0], x.device)
-        out, self._local.state = self.step(self._local.state.next_step, x, t, *conditions, state=self._local.state)
-        self._local.last_timestep = float(t.max())
+        now = float(t.max())
+        stream = self._stream_for(x, now)
+        if self._starts_new_run(stream, x, now):
+            stream["state"] = self.init_state(x.shape[0], x.device)
+        out, stream["state"] = self.step(stream["state"].next_step, x, t, *conditions, state=stream["state"])
+        stream["last_timestep"] = now
         return out
