@@ -143,3 +143,19 @@ def trained_twice(train, name: str, tmp_path, **recipe):
 def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         torch.testing.assert_close(x, y, rtol=0, atol=0, msg=name)
+
+
+def run_along(optimized, steps) -> tuple[list, list]:
+    """A fresh eager run of ``optimized`` through ``steps`` (each the inputs of one call):
+    its outputs and the variant each step ran."""
+    optimized.reset()
+    outputs, variants = [], []
+    for inputs in steps:
+        outputs.append(optimized(*inputs))
+        variants.append(optimized.last_variant)
+    return outputs, variants
+
+
+def max_relative(actual, expected) -> float:
+    """The largest relative L2 error over pairs of tensors."""
+    return max(float((a - e).norm() / e.norm()) for a, e in zip(actual, expected, strict=True))

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from models import diffusers_dit, diffusers_unet, inputs_for
+from models import diffusers_dit, diffusers_unet, inputs_for, run_along
 
 from diffopt import PassError, capture, optimize
 from diffopt.evaluation.baselines import DiffusersCacheHook
@@ -29,12 +29,7 @@ def _slow_trajectory(steps, seed=1, drift=0.02):
 
 
 def _run(optimized, trajectory):
-    optimized.reset()
-    outputs, variants = [], []
-    for x, t in trajectory:
-        outputs.append(optimized(x, t, LABELS))
-        variants.append(optimized.last_variant)
-    return outputs, variants
+    return run_along(optimized, [(x, t, LABELS) for x, t in trajectory])
 
 
 def _hooked_block_reuse(model, trajectory, blocks, period):

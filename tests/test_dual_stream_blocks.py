@@ -5,7 +5,7 @@ missing text output)."""
 
 import pytest
 import torch
-from models import diffusers_sd3, inputs_for
+from models import diffusers_sd3, inputs_for, max_relative, run_along
 
 from diffopt import PassError, capture, optimize
 from diffopt.ir.program import FULL
@@ -50,19 +50,6 @@ def _eager(model, trajectory, hooks):
     return outputs
 
 
-def _run(optimized, trajectory):
-    optimized.reset()
-    outputs, variants = [], []
-    for step in trajectory:
-        outputs.append(optimized(*step))
-        variants.append(optimized.last_variant)
-    return outputs, variants
-
-
-def _max_relative(actual, expected):
-    return max(float((a - e).norm() / e.norm()) for a, e in zip(actual, expected, strict=True))
-
-
 def test_block_cache_caches_every_joint_block_like_an_eager_reference(sd3_and_graph):
     model, graph = sd3_and_graph
     trajectory = _trajectory(5)
@@ -89,9 +76,9 @@ def test_block_cache_caches_every_joint_block_like_an_eager_reference(sd3_and_gr
         return hook
 
     expected = _eager(model, trajectory, [(block, replay(i)) for i, block in enumerate(model.transformer_blocks)])
-    outputs, variants = _run(optimized, trajectory)
+    outputs, variants = run_along(optimized, trajectory)
     assert variants == [FULL, CACHED, FULL, CACHED, FULL]
-    assert _max_relative(outputs, expected) < 1e-5
+    assert max_relative(outputs, expected) < 1e-5
 
 
 def test_first_block_cache_on_joint_blocks_matches_an_eager_reference(sd3_and_graph):
@@ -121,9 +108,9 @@ def test_first_block_cache_on_joint_blocks_matches_an_eager_reference(sd3_and_gr
     blocks = model.transformer_blocks
     trajectory = _trajectory(8)
     expected = _eager(model, trajectory, [(blocks[0], first), (blocks[-1], last)])
-    outputs, variants = _run(optimized, trajectory)
+    outputs, variants = run_along(optimized, trajectory)
     assert variants == decisions and CACHED in variants and variants.count(FULL) > 1
-    assert _max_relative(outputs, expected) < 1e-5
+    assert max_relative(outputs, expected) < 1e-5
 
 
 def test_block_discovery_names_what_it_skips_and_a_selection_of_nothing_is_an_error(sd3_and_graph, monkeypatch):

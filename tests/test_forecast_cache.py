@@ -1,6 +1,6 @@
 import pytest
 import torch
-from models import diffusers_dit, inputs_for, simple_dit
+from models import diffusers_dit, inputs_for, max_relative, run_along, simple_dit
 
 from diffopt import PassError, capture, optimize
 from diffopt.ir.graph_tools import module_scopes
@@ -75,16 +75,7 @@ def _hooked_forecast(model, trajectory, schedule, order, modules=None, span=None
 
 
 def _run(optimized, trajectory):
-    optimized.reset()
-    outputs, variants = [], []
-    for x, t in trajectory:
-        outputs.append(optimized(x, t, LABELS))
-        variants.append(optimized.last_variant)
-    return outputs, variants
-
-
-def _max_relative(actual, expected):
-    return max(float((a - e).norm() / e.norm()) for a, e in zip(actual, expected, strict=True))
+    return run_along(optimized, [(x, t, LABELS) for x, t in trajectory])
 
 
 MODULES = [f"transformer_blocks.{i}.{part}" for i in range(4) for part in ("attn1", "ff")]
@@ -99,10 +90,10 @@ def test_module_forecast_matches_an_eager_lagrange_reference_at_every_step(dit_a
     outputs, variants = _run(optimized, trajectory)
     assert variants == [schedule.variant_at(k) for k in range(12)]
     assert variants.count(FULL) == 5 and variants[:2] == [FULL, FULL]  # steps 0, 1, 4, 7, 10
-    assert _max_relative(outputs, _hooked_forecast(model, trajectory, schedule, order, modules=MODULES)) < 1e-5
+    assert max_relative(outputs, _hooked_forecast(model, trajectory, schedule, order, modules=MODULES)) < 1e-5
     with torch.no_grad():
         plain = [model(x, t, LABELS, return_dict=False)[0] for x, t in trajectory]
-    assert _max_relative(outputs, plain) > 1e-3  # the forecast steps really differ from recomputation
+    assert max_relative(outputs, plain) > 1e-3  # the forecast steps really differ from recomputation
 
 
 def test_block_span_forecast_matches_an_eager_reference(dit_and_graph):
@@ -112,7 +103,7 @@ def test_block_span_forecast_matches_an_eager_reference(dit_and_graph):
     optimized = optimize(graph, [ForecastCachePass(order=1, period=2, targets="blocks", blocks=blocks)])
     outputs, _ = _run(optimized, trajectory)
     expected = _hooked_forecast(model, trajectory, optimized.program.schedule, 1, span=(1, 2))
-    assert _max_relative(outputs, expected) < 1e-5
+    assert max_relative(outputs, expected) < 1e-5
     # one forecast value for the two consecutive blocks, and their work is gone from the forecast graph
     assert [e.name for e in optimized.program.state.entries][2:] == [
         "transformer_blocks.1..transformer_blocks.2.forecast_value",
@@ -159,7 +150,7 @@ def test_order_two_is_exact_where_the_features_are_quadratic_in_time():
         optimized.reset()
         outputs = [optimized(x, torch.full((3,), t)) for t in times]
         assert optimized.last_variant == FORECAST
-        assert (_max_relative(outputs, expected) < 1e-5) is exact, order
+        assert (max_relative(outputs, expected) < 1e-5) is exact, order
 
 
 def test_warmup_schedule_counts_its_period_from_the_last_warmup_step():
