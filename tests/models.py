@@ -72,6 +72,25 @@ def diffusers_sd3(seed: int = 0, num_layers: int = 3):
     ).eval()
 
 
+def diffusers_flux(seed: int = 0):
+    """A tiny Flux transformer (one joint and one single-stream block); diffusers computes its
+    rotary tables in float64."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        pooled_projection_dim=8,
+        axes_dims_rope=(2, 2, 4),
+    ).eval()
+
+
 def diffusers_unet(seed: int = 0):
     from diffusers import UNet2DModel
 
@@ -112,6 +131,16 @@ def inputs_for(kind: str, batch: int, seed: int) -> dict:
             "timestep": t,
             "encoder_hidden_states": torch.randn(batch, 5, 16, generator=g),
             "pooled_projections": torch.randn(batch, 8, generator=g),
+        }
+    if kind == "diffusers_flux":  # a 4 x 4 grid of packed latents, 5 text tokens
+        grid = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arange(4.0), indexing="ij"), -1)
+        return {
+            "hidden_states": torch.randn(batch, 16, 4, generator=g),
+            "encoder_hidden_states": torch.randn(batch, 5, 16, generator=g),
+            "pooled_projections": torch.randn(batch, 8, generator=g),
+            "timestep": torch.rand(batch, generator=g),
+            "img_ids": grid.reshape(16, 3),
+            "txt_ids": torch.zeros(5, 3),
         }
     if kind == "diffusers_unet":
         return {"sample": torch.randn(batch, 1, 8, 8, generator=g), "timestep": t, "class_labels": labels}

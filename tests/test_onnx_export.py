@@ -149,3 +149,18 @@ def test_clear_errors_for_bad_requests(dit_graph, tmp_path):
     bundle = load_bundle(to_onnx(optimize(dit_graph), tmp_path) and tmp_path)
     with pytest.raises(TypeError, match="loaded from a bundle has no graphs"):
         to_onnx(bundle, tmp_path / "again")
+
+
+def test_flux_exports_with_its_float64_rotary_tables_computed_in_float32(tmp_path):
+    from models import diffusers_flux
+
+    captured = capture(diffusers_flux(seed=1), inputs_for("diffusers_flux", 2, seed=0))
+    optimized = optimize(captured)
+    assert any(  # the torch program keeps diffusers' float64 rotary tables
+        n.meta.get("val") is not None and getattr(n.meta["val"], "dtype", None) == torch.float64
+        for n in optimized.program.variants["full"].graph.nodes
+    )
+    to_onnx(optimized, tmp_path)
+    inputs = inputs_for("diffusers_flux", 3, seed=4)
+    arguments = [inputs[name] for name in captured.signature.input_names]
+    assert _relative_error(load_bundle(tmp_path)(*arguments), optimized(*arguments)) < 1e-5

@@ -39,6 +39,9 @@ from diffopt.runtime.bundle import CHECKSUMS_NAME, MANIFEST_NAME, Manifest, Vari
 from diffopt.runtime.denoiser import OptimizedDenoiser
 from diffopt.version import __version__
 
+aten = torch.ops.aten
+_NARROW_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
 PROFILES = ("onnxruntime", "tensorrt")
 WEIGHTS_FILE = "weights.bin"
 INLINE_LIMIT = 1024  # bytes: smaller tensors stay inside the graph files
@@ -79,6 +82,7 @@ def to_onnx(
         raise ValueError(f"export_batch must be an int >= 1, found {export_batch!r}")
     if scheduler_config is not None and not isinstance(scheduler_config, Mapping):
         raise TypeError(f"scheduler_config must be a mapping (make_scheduler's config), found {scheduler_config!r}")
+    program = _float64_tables_in_float32(program)
     _require_no_float64(program)
     directory = Path(directory)
     _check_target(directory)
@@ -184,6 +188,44 @@ def _swap_in(staging: Path, directory: Path) -> None:
         os.rename(retired, directory)
         raise
     shutil.rmtree(retired)
+
+
+def _node_dtype(node: torch.fx.Node) -> torch.dtype | None:
+    value = node.meta.get("val")
+    return value.dtype if isinstance(value, torch.Tensor) else None
+
+
+def _narrows(node: torch.fx.Node) -> bool:
+    """Whether ``node`` casts to float32 or a narrower float."""
+    return node.target in (aten.to.dtype, aten._to_copy.default) and _node_dtype(node) in _NARROW_FLOATS
+
+
+def _float64_tables_in_float32(program: StepProgram) -> StepProgram:
+    """``program``, or a copy in which float64 computations that read no input or weight and
+    whose every result is cast down to float32 or narrower (diffusers' Flux computes its RoPE
+    tables in float64) compute in float32. Other float64 work (integer emulation) is left
+    as it is, for ``_require_no_float64`` to refuse. The copy is what exports; the torch
+    program keeps float64 (tested: the exported Flux stays within 1e-5 of it)."""
+    narrowed = None
+    for name, module in program.variants.items():
+        wide = [node for node in module.graph.nodes if _node_dtype(node) == torch.float64]
+        leaves = [user for node in wide for user in node.users if _node_dtype(user) != torch.float64]
+        if not wide or any(n.op in ("placeholder", "get_attr") for n in wide) or not all(map(_narrows, leaves)):
+            continue
+        narrowed = narrowed or program.copy()
+        names = {node.name for node in wide}
+        graph = narrowed.variants[name].graph
+        for node in graph.nodes:
+            if node.name not in names:
+                continue
+            if node.kwargs.get("dtype") == torch.float64:
+                node.kwargs = {**node.kwargs, "dtype": torch.float32}
+            node.args = tuple(torch.float32 if arg is torch.float64 else arg for arg in node.args)
+            value = node.meta["val"]
+            with value.fake_mode:
+                node.meta["val"] = value.to(torch.float32)
+        narrowed.variants[name].recompile()
+    return narrowed or program
 
 
 def _require_no_float64(program: StepProgram) -> None:
