@@ -222,13 +222,16 @@ class OptimizedDenoiser:
         """This thread's stream for a call at timestep ``now``: the explicit one, else the
         first automatic stream that has not run this timestep yet (a second call at the same
         timestep, e.g. the unconditional pass of CFG, gets the second stream). A timestep
-        above the first stream's last one starts a new run of every automatic stream."""
+        above the first stream's last one, or another batch size, starts a new run of every
+        automatic stream."""
         explicit = getattr(self._local, "explicit_stream", None)
         if explicit is not None:
             return self._local.__dict__.setdefault("named_streams", {}).setdefault(explicit, {})
         streams = self._local.__dict__.setdefault("auto_streams", [])
-        if streams and "last_timestep" in streams[0] and now > streams[0]["last_timestep"]:
-            streams.clear()  # sampling walks from noise to data: a higher timestep is a new run
+        if streams and "last_timestep" in streams[0]:
+            # sampling walks from noise to data: a higher timestep, or another batch size, is a new run
+            if now > streams[0]["last_timestep"] or streams[0]["batch"] != x.shape[0]:
+                streams.clear()
         for stream in streams:
             if stream.get("last_timestep", float("inf")) > now:
                 return stream
@@ -254,5 +257,5 @@ class OptimizedDenoiser:
         if self._starts_new_run(stream, x, now):
             stream["state"] = self.init_state(x.shape[0], x.device)
         out, stream["state"] = self.step(stream["state"].next_step, x, t, *conditions, state=stream["state"])
-        stream["last_timestep"] = now
+        stream["last_timestep"], stream["batch"] = now, x.shape[0]
         return out
