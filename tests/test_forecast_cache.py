@@ -183,3 +183,29 @@ def test_simple_dit_modules_by_name_and_clear_errors():
         ForecastCachePass(targets="blocks", modules=("x",))
     with pytest.raises(ValueError, match="not a regular expression"):
         ForecastCachePass(modules=("blocks.(",))
+
+
+def test_order_one_on_taylorseers_plan_equals_diffusers_taylorseer_hook(dit_and_graph):
+    """On a uniform grid, order 1 is TaylorSeer: with the hook's own plan (full at step 0,
+    then at 2, 5, 8, ...: interval 3 after 1 warm-up step) the outputs agree at every step."""
+    from diffopt.evaluation.baselines import DiffusersCacheHook
+    from diffopt.ir.program import ListSchedule
+
+    model, graph = dit_and_graph
+    g = torch.Generator().manual_seed(7)
+    x, direction = torch.randn(3, 1, 8, 8, generator=g), torch.randn(3, 1, 8, 8, generator=g)
+    steps = [(x + 0.03 * k * direction, torch.full((3,), 900 - 20 * k), LABELS) for k in range(11)]
+    plan = tuple(FULL if k < 1 or (k - 2) % 3 == 0 else FORECAST for k in range(11))
+    optimized = optimize(graph, [ForecastCachePass(order=1)]).with_schedule(ListSchedule(plan))
+    hook = DiffusersCacheHook(
+        model,
+        "taylorseer",
+        cache_interval=3,
+        disable_cache_before_step=1,
+        max_order=1,
+        taylor_factors_dtype=torch.float32,
+        cache_identifiers=[r"transformer_blocks\.\d+\.(attn1|ff)"],
+    )
+    outputs, variants = run_along(optimized, steps)
+    assert variants == list(plan) and variants.count(FORECAST) == 7
+    assert max_relative(outputs, [hook(*step) for step in steps]) < 1e-5

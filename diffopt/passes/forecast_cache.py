@@ -30,8 +30,12 @@ over the step index. For ``order=1`` on a uniform grid that is exactly this fore
 ``order >= 2`` TaylorSeer's series is not the interpolating polynomial (its second
 difference is centred one interval back); Newton's form is, so it is exact for features
 that are polynomials of degree ``order`` in ``t``. FoCa (Zheng et al. 2025) views the
-feature sequence as an ODE and adds a calibration (corrector) step after the forecast;
-its code is not published and no corrector is implemented here.
+feature sequence as an ODE: it predicts recursively from the last two values, forecasts
+included (BDF2), and corrects with the derivative at the last full step (Heun). Its
+authors' code is not published; cache-dit implements it as a calibrator, and
+``benchmarks/configs/forecast_correctors_dit-digits.json`` compares it with TaylorSeer
+on the same cache schedule (results: ``benchmarks/results/forecast_correctors_dit-digits.md``).
+No corrector is implemented here: see that comparison for whether one pays.
 """
 
 from __future__ import annotations
