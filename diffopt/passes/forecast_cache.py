@@ -34,8 +34,9 @@ feature sequence as an ODE: it predicts recursively from the last two values, fo
 included (BDF2), and corrects with the derivative at the last full step (Heun). Its
 authors' code is not published; cache-dit implements it as a calibrator, and
 ``benchmarks/configs/forecast_correctors_dit-digits.json`` compares it with TaylorSeer
-on the same cache schedule (results: ``benchmarks/results/forecast_correctors_dit-digits.md``).
-No corrector is implemented here: see that comparison for whether one pays.
+on the same cache schedule (``benchmarks/results/forecast_correctors_dit-digits.md``): on
+dit-digits FoCa reached 36.2 dB against TaylorSeer's 43.7 (order 1) and 47.3 (order 2)
+at the same MACs, so no corrector is implemented here.
 """
 
 from __future__ import annotations
