@@ -20,6 +20,7 @@ from diffopt.capture import CaptureError, capture
 from diffopt.export.onnx import ExportError
 from diffopt.ir.program import StateError
 from diffopt.measure.macs import summarize
+from diffopt.models.zoo import UnknownModelError
 from diffopt.passes.base import PassError
 from diffopt.passes.temporal_difference import MODES
 from diffopt.runtime.bundle import BundleError
@@ -370,7 +371,16 @@ def command_tune(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}.json, {args.out}.png and the chosen passes to {passes}")
 
 
-USER_ERRORS = (BundleError, CaptureError, ExportError, InputError, PassError, StateError, FileNotFoundError)
+USER_ERRORS = (
+    BundleError,
+    CaptureError,
+    ExportError,
+    InputError,
+    PassError,
+    StateError,
+    FileNotFoundError,
+    UnknownModelError,
+)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -5,14 +5,17 @@
 ``device``, keyword signature and return type. At its first call it captures the model
 with the arguments the pipeline really passes (shapes, dict arguments, flags) and
 optimizes it; later calls run the step program. The program keeps its cache state per
-call stream, so pipelines that call the denoiser twice per step (true CFG) work.
+call stream, so pipelines that call the denoiser twice per step (true CFG) work; the
+streams follow diffusers' ``cache_context(name)`` where the pipeline opens one.
 Moving the pipeline (``pipe.to(...)``) moves the model and recaptures at the next call.
 ``disable(pipe)`` puts the original model back.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -44,6 +47,7 @@ class OptimizedComponent(torch.nn.Module):
         self._denoiser: OptimizedDenoiser | None = None
         self._static: dict[str, Any] = {}
         self._output_type: type | None = None
+        self._local = threading.local()  # this thread's cache_context name
         self.__signature__ = inspect.signature(model.forward)  # what tools that inspect forward see
 
     @property
@@ -63,6 +67,17 @@ class OptimizedComponent(torch.nn.Module):
         """The optimized program (None until the first call)."""
         return self._denoiser
 
+    @contextlib.contextmanager
+    def cache_context(self, name: str):
+        """diffusers' ``CacheMixin.cache_context``, which pipelines with true CFG call around
+        each branch: calls inside use the program's state stream ``name``."""
+        previous = getattr(self._local, "stream", None)
+        self._local.stream = name
+        try:
+            yield
+        finally:
+            self._local.stream = previous
+
     def _apply(self, fn, *args, **kwargs):
         self._denoiser = None  # moved or cast: capture again, on the new device / dtype, at the next call
         return super()._apply(fn, *args, **kwargs)
@@ -79,7 +94,9 @@ class OptimizedComponent(torch.nn.Module):
             self._capture(arguments)
         self._check_static(arguments)
         values = _flatten(arguments)
-        out = self._denoiser(*(values[name] for name in self._denoiser.program.signature.input_names))
+        stream = getattr(self._local, "stream", None)
+        with self._denoiser.stream(stream) if stream is not None else contextlib.nullcontext():
+            out = self._denoiser(*(values[name] for name in self._denoiser.program.signature.input_names))
         return self._output_type(sample=out) if return_dict else (out,)
 
     def _capture(self, arguments: dict[str, Any]) -> None:

@@ -91,6 +91,44 @@ def diffusers_flux(seed: int = 0):
     ).eval()
 
 
+def diffusers_conditional_unet(seed: int = 0):
+    """A tiny Stable Diffusion UNet (cross-attention on 16-wide text embeddings)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        layers_per_block=1,
+        norm_num_groups=8,
+        cross_attention_dim=16,
+        attention_head_dim=8,
+    ).eval()
+
+
+def tiny_vae(latent_channels: int):
+    """A one-level random VAE (8 x 8 images, latents the same size), for pipelines built offline."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=latent_channels,
+        block_out_channels=(8,),
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=8,
+        shift_factor=0.0,  # SD3 and Flux shift latents by it
+    ).eval()
+
+
 def diffusers_unet(seed: int = 0):
     from diffusers import UNet2DModel
 

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from diffopt.cli import main
@@ -54,3 +56,13 @@ def test_calibrate_then_report_a_temporal_difference_program(capsys, tmp_path):
     unoptimized = next(line for line in out.splitlines() if line.startswith("unoptimized"))
     integer = next(line for line in out.splitlines() if line.startswith("TemporalDifferencePass"))
     assert float(integer.split()[-3]) < float(unoptimized.split()[-3])  # fewer bit-operations than fp32
+
+
+def test_an_unknown_reference_model_is_a_clean_error(capsys, tmp_path):
+    bench_file = tmp_path / "bench.json"
+    bench_file.write_text(json.dumps({"model": "nope", "configurations": [{"name": "a", "steps": 5}]}))
+    for argv in (["tune", "nope", "--min-psnr", "30"], ["bench", str(bench_file), "--out", str(tmp_path / "r")]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+        assert "error: unknown reference model 'nope': available are ['dit-digits'" in capsys.readouterr().err

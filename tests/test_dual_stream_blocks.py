@@ -10,6 +10,7 @@ from models import diffusers_sd3, inputs_for, max_relative, run_along
 from diffopt import PassError, capture, optimize
 from diffopt.ir.program import FULL
 from diffopt.passes.block_cache import CACHED, BlockCachePass, FirstBlockCachePass
+from diffopt.passes.forecast_cache import FORECAST, ForecastCachePass
 
 
 @pytest.fixture(scope="module")
@@ -128,3 +129,46 @@ def test_block_discovery_names_what_it_skips_and_a_selection_of_nothing_is_an_er
     ):
         program = optimize(graph, [BlockCachePass()]).program
     assert not any(name.startswith("transformer_blocks.1.") for name in program.state.names)
+
+
+def _forecast_hook(history, step, schedule, name):
+    """An eager reference for order-1 forecasting of a module's outputs (each stream its own line)."""
+
+    def hook(module, args, kwargs, output):
+        values = output if isinstance(output, tuple) else (output,)
+        if schedule.variant_at(step["k"]) == FULL:
+            history[name] = [(step["t"], values), *history.get(name, [])][:2]
+            return output
+        (t0, y0), (t1, y1) = history[name]  # the warm-up gives two full steps before a forecast
+        line = tuple(None if a is None else a + (step["t"] - t0) / (t0 - t1) * (a - b) for a, b in zip(y0, y1))
+        return line if isinstance(output, tuple) else line[0]
+
+    return hook
+
+
+def test_forecast_of_joint_attention_forecasts_both_streams_like_an_eager_reference(sd3_and_graph):
+    model, graph = sd3_and_graph
+    optimized = optimize(graph, [ForecastCachePass(order=1, period=3, warmup=2)])
+    attention = [f"transformer_blocks.{i}.attn" for i in range(2)]  # the last block's ends the text stream
+    assert {f"{a}.stream{k}.forecast_value" for a in attention for k in (0, 1)} <= set(optimized.program.state.names)
+    modules = [
+        (name, module)
+        for name, module in model.named_modules()
+        if name.count(".") == 2 and type(module).__name__ in ("Attention", "FeedForward")
+    ]
+    history, step, schedule = {}, {"k": -1, "t": 0.0}, optimized.program.schedule
+
+    def clock(module, args, kwargs):
+        step["k"] += 1
+        step["t"] = float(kwargs["timestep"][0])
+
+    trajectory = _trajectory(8)
+    hooks = [(module, _forecast_hook(history, step, schedule, name)) for name, module in modules]
+    model_clock = model.register_forward_pre_hook(clock, with_kwargs=True)
+    try:
+        expected = _eager(model, trajectory, hooks)
+    finally:
+        model_clock.remove()
+    outputs, variants = run_along(optimized, trajectory)
+    assert variants == [schedule.variant_at(k) for k in range(8)] and FORECAST in variants
+    assert max_relative(outputs, expected) < 1e-5

@@ -1,45 +1,158 @@
-"""``diffopt.enable`` inside a diffusers pipeline built offline from tiny random parts."""
+"""``diffopt.enable`` inside diffusers pipelines built offline from tiny random parts:
+prompt embeddings instead of text encoders, a tiny random VAE."""
 
 import copy
+from dataclasses import dataclass, field
 
 import pytest
 import torch
-from models import diffusers_dit
+from models import (
+    diffusers_conditional_unet,
+    diffusers_dit,
+    diffusers_flux,
+    diffusers_pixart,
+    diffusers_sd3,
+    tiny_vae,
+)
 
 import diffopt
 from diffopt.passes.block_cache import BlockCachePass, FirstBlockCachePass
+from diffopt.passes.forecast_cache import ForecastCachePass
+from diffopt.passes.increment_calibrated_cache import IncrementCalibratedCachePass
 from diffopt.passes.temporal_difference import TemporalDifferencePass
 from diffopt.pipelines import OptimizedComponent
 
-
-@pytest.fixture
-def pipe():
-    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=1,
-        block_out_channels=(8,),
-        down_block_types=("DownEncoderBlock2D",),
-        up_block_types=("UpDecoderBlock2D",),
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=8,
-    ).eval()
-    return DiTPipeline(transformer=diffusers_dit(seed=1, num_layers=3), vae=vae, scheduler=DDIMScheduler())
+FLUX_CHAINS = ("transformer_blocks", "single_transformer_blocks")  # joined, as diffusers' hooks walk Flux
+PADDED_MASK = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])  # PixArt: the first prompt has 3 tokens
 
 
-def _images(pipe, labels=(1, 2), steps=8):
+def _embeddings(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+@dataclass
+class Case:
+    """A pipeline, the arguments of one call, and where diffusers' FirstBlockCache hook applies."""
+
+    build: object
+    call: dict = field(default_factory=dict)
+    hook_threshold: float | None = None  # None: the hook does not support this denoiser
+    container: object = None  # FirstBlockCachePass(container=...)
+
+
+def _dit():
+    from diffusers import DDIMScheduler, DiTPipeline
+
+    return DiTPipeline(transformer=diffusers_dit(seed=1, num_layers=3), vae=tiny_vae(1), scheduler=DDIMScheduler())
+
+
+def _pixart():
+    from diffusers import DDIMScheduler, PixArtAlphaPipeline
+
+    return PixArtAlphaPipeline(
+        tokenizer=None,
+        text_encoder=None,
+        vae=tiny_vae(4),
+        transformer=diffusers_pixart(seed=1),
+        scheduler=DDIMScheduler(),
+    )
+
+
+def _stable_diffusion():
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        unet=diffusers_conditional_unet(seed=1),
+        vae=tiny_vae(4),
+        scheduler=DDIMScheduler(),
+        text_encoder=None,
+        tokenizer=None,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def _sd3():
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    encoders = {f"{kind}{suffix}": None for kind in ("text_encoder", "tokenizer") for suffix in ("", "_2", "_3")}
+    return StableDiffusion3Pipeline(
+        transformer=diffusers_sd3(seed=1), scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_vae(4), **encoders
+    )
+
+
+def _flux():
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    encoders = {f"{kind}{suffix}": None for kind in ("text_encoder", "tokenizer") for suffix in ("", "_2")}
+    return FluxPipeline(
+        transformer=diffusers_flux(seed=1), scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_vae(1), **encoders
+    )
+
+
+def _text(width, pooled=None, negative=True):
+    """Prompt (and negative prompt) embeddings for two images: 5 tokens of ``width``."""
+    call = {"prompt_embeds": _embeddings(2, 5, width, seed=1)}
+    if negative:
+        call["negative_prompt_embeds"] = _embeddings(2, 5, width, seed=2)
+    if pooled:
+        call["pooled_prompt_embeds"] = _embeddings(2, pooled, seed=3)
+        call["negative_pooled_prompt_embeds"] = _embeddings(2, pooled, seed=4)
+    return call
+
+
+CASES = {
+    "DiTPipeline": Case(_dit, {"class_labels": [1, 2], "guidance_scale": 1.0}, hook_threshold=0.2),
+    "PixArtAlphaPipeline": Case(
+        _pixart,
+        {
+            **_text(32, negative=False),
+            "prompt_attention_mask": PADDED_MASK,
+            "guidance_scale": 1.0,
+            "use_resolution_binning": False,
+        },
+        hook_threshold=0.2,
+    ),
+    "StableDiffusionPipeline": Case(_stable_diffusion, {**_text(16), "guidance_scale": 2.0}),  # batched CFG
+    # diffusers' FirstBlockCache hook fails on SD3 (its last block returns no text stream);
+    # tests/test_dual_stream_blocks.py checks diffopt's against an independent reference
+    "StableDiffusion3Pipeline": Case(_sd3, {**_text(16, pooled=8), "guidance_scale": 2.0}),
+    "FluxPipeline": Case(  # true CFG: two calls per step, in cache_context("cond") and ("uncond")
+        _flux,
+        {**_text(16, pooled=8), "true_cfg_scale": 2.0},
+        hook_threshold=0.2,
+        container=FLUX_CHAINS,
+    ),
+}
+FIXED_SCHEDULES = {  # passes whose schedule does not depend on the values (on Flux)
+    "block cache": BlockCachePass(period=2),
+    "forecast": ForecastCachePass(order=1, period=2, container=FLUX_CHAINS),
+    "icc": IncrementCalibratedCachePass(rank=4, period=2),
+    "ditto exact": TemporalDifferencePass("exact"),  # exact: the run equals the plain pipeline's
+}
+
+
+def _images(pipe, case, steps=6, output_type="np", **changes):
+    call = {"height": 8, "width": 8, **case.call, **changes}
+    if "class_labels" in call:  # DiTPipeline takes no size
+        del call["height"], call["width"]
     images = pipe(
-        class_labels=list(labels),
-        guidance_scale=1.0,
-        num_inference_steps=steps,
-        generator=torch.Generator().manual_seed(0),
-        output_type="np",
+        **call, num_inference_steps=steps, generator=torch.Generator().manual_seed(0), output_type=output_type
     ).images
     return torch.as_tensor(images)
+
+
+def _run_enabled(pipe, case, passes, **changes):
+    diffopt.enable(pipe, passes)
+    try:
+        return _images(pipe, case, **changes), pipe.components[_denoiser(pipe)].denoiser.last_variant
+    finally:
+        diffopt.disable(pipe)
+
+
+def _denoiser(pipe):
+    return "unet" if hasattr(pipe, "unet") else "transformer"
 
 
 def _with_first_block_cache_hook(pipe, threshold, run):
@@ -56,14 +169,88 @@ def _with_first_block_cache_hook(pipe, threshold, run):
         _set_cache_context(pipe.transformer, None)
 
 
-def test_identity_and_disable_restore_the_pipeline(pipe):
+@pytest.mark.parametrize("name", CASES)
+def test_identity_exact_temporal_differences_and_block_cache_run_in_the_pipeline(name):
+    case = CASES[name]
+    pipe = case.build()
+    expected = _images(pipe, case)
+    identity, _ = _run_enabled(pipe, case, [])
+    exact, _ = _run_enabled(pipe, case, [TemporalDifferencePass("exact")])
+    cached, variant = _run_enabled(pipe, case, [BlockCachePass(period=2)])
+    assert (identity - expected).abs().max() < 1e-4 and (exact - expected).abs().max() < 1e-4
+    assert variant == "cached"  # step 5 of 6, period 2
+    assert 0 < (cached - expected).abs().max() < 0.5  # steps were reused, the picture stays close
+
+
+@pytest.mark.parametrize("name", [name for name, case in CASES.items() if case.hook_threshold is not None])
+def test_first_block_cache_equals_diffusers_hook_on_the_same_weights(name):
+    case = CASES[name]
+    pipe = case.build()
+    hooked = copy.deepcopy(pipe)
+    ours, _ = _run_enabled(pipe, case, [FirstBlockCachePass(case.hook_threshold, container=case.container)])
+    theirs = _with_first_block_cache_hook(hooked, case.hook_threshold, lambda: _images(hooked, case))
+    assert (ours - theirs).abs().max() < 1e-4
+    assert (ours - _images(pipe, case)).abs().max() > 1e-4  # it cached
+
+
+class _BatchedGuidance(torch.nn.Module):
+    """The reference for a two-call CFG loop: at the cond call it runs cond and uncond as one
+    batch through its own optimized component, and answers the uncond call from that."""
+
+    def __init__(self, component, negative):
+        super().__init__()
+        self.component, self.negative, self.pending = component, negative, None
+        self.config, self.dtype, self.device = component.config, component.dtype, component.device
+
+    def cache_context(self, name):
+        return self.component.cache_context("batched")
+
+    def forward(self, **kwargs):
+        if self.pending is not None:
+            out, self.pending = self.pending, None
+            return (out,)
+        batched = dict(kwargs)
+        for key in ("hidden_states", "timestep"):
+            batched[key] = torch.cat([kwargs[key], kwargs[key]])
+        for key, value in self.negative.items():
+            batched[key] = torch.cat([kwargs[key], value])
+        out = self.component(**batched)[0]
+        cond, self.pending = out.chunk(2)
+        return (cond,)
+
+
+@pytest.mark.parametrize("pass_name", FIXED_SCHEDULES)
+def test_true_cfg_two_calls_per_step_equal_the_batched_run(pass_name):
+    case = CASES["FluxPipeline"]
+    pipe = case.build()
+    two_calls, _ = _run_enabled(pipe, case, [FIXED_SCHEDULES[pass_name]], output_type="latent")
+    negative = {
+        "encoder_hidden_states": case.call["negative_prompt_embeds"],
+        "pooled_projections": case.call["negative_pooled_prompt_embeds"],
+    }
     original = pipe.transformer
-    expected = _images(pipe)
+    pipe.transformer = _BatchedGuidance(
+        OptimizedComponent(original, [FIXED_SCHEDULES[pass_name]], None, None), negative
+    )
+    try:
+        batched = _images(pipe, case, output_type="latent")
+    finally:
+        pipe.transformer = original
+    assert float((two_calls - batched).norm() / batched.norm()) < 1e-5
+    change = float((two_calls - _images(pipe, case, output_type="latent")).abs().max())
+    assert change < 1e-4 if pass_name == "ditto exact" else change > 1e-4  # a cache reused values
+
+
+def test_identity_and_disable_restore_the_pipeline():
+    case = CASES["DiTPipeline"]
+    pipe = case.build()
+    original = pipe.transformer
+    expected, expected_single = _images(pipe, case), _images(pipe, case, class_labels=[3])
     diffopt.enable(pipe)
     assert isinstance(pipe.transformer, OptimizedComponent) and pipe.transformer.config is original.config
     assert pipe.transformer.dtype == original.dtype and pipe.transformer.device == original.device
-    assert (_images(pipe) - expected).abs().max() < 1e-4
-    assert (_images(pipe, labels=(3,)) - _images_with(original, pipe, labels=(3,))).abs().max() < 1e-4  # batch 1
+    assert (_images(pipe, case) - expected).abs().max() < 1e-4
+    assert (_images(pipe, case, class_labels=[3]) - expected_single).abs().max() < 1e-4  # batch 1
     with pytest.raises(ValueError, match="already enabled"):
         diffopt.enable(pipe)
     diffopt.disable(pipe)
@@ -72,42 +259,14 @@ def test_identity_and_disable_restore_the_pipeline(pipe):
         diffopt.disable(pipe)
 
 
-def _images_with(model, pipe, labels):
-    enabled = pipe.transformer
-    pipe.transformer = model
-    try:
-        return _images(pipe, labels)
-    finally:
-        pipe.transformer = enabled
-
-
-def test_exact_temporal_differences_and_block_caches_run_in_the_pipeline(pipe):
-    expected = _images(pipe)
-    diffopt.enable(pipe, [TemporalDifferencePass("exact")])
-    assert (_images(pipe) - expected).abs().max() < 1e-4
-    diffopt.disable(pipe)
-    diffopt.enable(pipe, [BlockCachePass(period=2)])
-    cached = _images(pipe)
-    assert pipe.transformer.denoiser.last_variant == "cached"  # step 7 of 8, period 2
-    assert 0 < (cached - expected).abs().max() < 0.5  # steps were reused, the picture stays close
-
-
-def test_first_block_cache_equals_diffusers_hook_on_the_same_weights(pipe):
-    hooked = copy.deepcopy(pipe)
-    diffopt.enable(pipe, [FirstBlockCachePass(0.2)])
-    ours = _images(pipe)
-    theirs = _with_first_block_cache_hook(hooked, 0.2, lambda: _images(hooked))
-    assert (ours - theirs).abs().max() < 1e-4
-    assert (ours - _images_with(pipe.transformer.original, pipe, (1, 2))).abs().max() > 1e-4  # it cached
-
-
-def test_moving_recaptures_and_changed_flags_are_named(pipe):
-    diffopt.enable(pipe)
-    _images(pipe)
+def test_moving_recaptures_and_changed_flags_are_named():
+    case = CASES["DiTPipeline"]
+    pipe = diffopt.enable(case.build())
+    _images(pipe, case)
     assert pipe.transformer.denoiser is not None
     pipe.to("cpu")
     assert pipe.transformer.denoiser is None  # captured again on the new placement at the next call
-    _images(pipe)
+    _images(pipe, case)
     x, t, labels = torch.randn(2, 1, 8, 8), torch.tensor([10, 10]), torch.tensor([1, 2])
     with pytest.raises(ValueError, match="captured with cross_attention_kwargs=None"):
         pipe.transformer(x, timestep=t, class_labels=labels, cross_attention_kwargs={"scale": 0.5})
@@ -116,57 +275,13 @@ def test_moving_recaptures_and_changed_flags_are_named(pipe):
     assert isinstance(pipe.transformer(x, timestep=t, class_labels=labels, return_dict=False), tuple)
 
 
-@pytest.fixture
-def pixart_pipe():
-    from diffusers import AutoencoderKL, DDIMScheduler, PixArtAlphaPipeline
-    from models import diffusers_pixart
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(8,),
-        down_block_types=("DownEncoderBlock2D",),
-        up_block_types=("UpDecoderBlock2D",),
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=8,
-    ).eval()
-    transformer = diffusers_pixart(seed=1)
-    return PixArtAlphaPipeline(
-        tokenizer=None, text_encoder=None, vae=vae, transformer=transformer, scheduler=DDIMScheduler()
-    )
-
-
-def _pixart_images(pipe, mask):
-    """Prompt embeddings instead of a text encoder; the attention mask hides padded tokens."""
-    embeddings = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(1))
-    images = pipe(
-        prompt_embeds=embeddings,
-        prompt_attention_mask=mask,
-        guidance_scale=1.0,
-        num_inference_steps=6,
-        height=8,
-        width=8,
-        use_resolution_binning=False,
-        generator=torch.Generator().manual_seed(0),
-        output_type="np",
-    ).images
-    return torch.as_tensor(images)
-
-
-def test_pixart_pipeline_with_an_attention_mask(pixart_pipe):
-    full, padded = torch.ones(2, 5, dtype=torch.long), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
-    expected = [_pixart_images(pixart_pipe, mask) for mask in (full, padded)]
-    diffopt.enable(pixart_pipe)
-    got = [_pixart_images(pixart_pipe, mask) for mask in (full, padded)]
-    assert "encoder_attention_mask" in pixart_pipe.transformer.denoiser.program.signature.conditions
-    assert all((g - e).abs().max() < 1e-4 for g, e in zip(got, expected))  # the mask is an input, not a constant
+def test_pixart_attention_mask_is_an_input_not_a_constant():
+    case = CASES["PixArtAlphaPipeline"]
+    pipe = case.build()
+    full = torch.ones(2, 5, dtype=torch.long)
+    expected = [_images(pipe, case, prompt_attention_mask=mask) for mask in (full, PADDED_MASK)]
+    diffopt.enable(pipe)
+    got = [_images(pipe, case, prompt_attention_mask=mask) for mask in (full, PADDED_MASK)]
+    assert "encoder_attention_mask" in pipe.transformer.denoiser.program.signature.conditions
+    assert all((g - e).abs().max() < 1e-4 for g, e in zip(got, expected))
     assert (expected[0] - expected[1]).abs().max() > 1e-4
-    diffopt.disable(pixart_pipe)
-    hooked = copy.deepcopy(pixart_pipe)
-    diffopt.enable(pixart_pipe, [FirstBlockCachePass(0.2)])  # was: a symbolic size counted as a block output
-    ours = _pixart_images(pixart_pipe, padded)
-    theirs = _with_first_block_cache_hook(hooked, 0.2, lambda: _pixart_images(hooked, padded))
-    assert (ours - theirs).abs().max() < 1e-4 and (ours - expected[1]).abs().max() > 1e-4

@@ -20,7 +20,7 @@ from diffopt.passes.temporal_difference import TemporalDifferencePass
 PASSES = [
     BlockCachePass(blocks=("transformer_blocks.1", "transformer_blocks.2"), period=3),
     FirstBlockCachePass(0.2, container="transformer_blocks"),
-    ForecastCachePass(order=2, period=4, warmup=3, modules=(r"blocks\.\d+\.fc2",)),
+    ForecastCachePass(order=2, period=4, warmup=3, modules=(r"blocks\.\d+\.fc2",), container=("blocks", "more")),
     IncrementCalibratedCachePass(rank=8, period=3, factorization="channel-aware", mac_budget=0.3),
     LengthShortcutPass(group_size=2, depths=(2, 4), schedule=(2, 4, 4)),
     StaticQuantizationPass(activation_bits=8, weight_bits=None),
@@ -40,6 +40,8 @@ def test_pass_files_and_their_errors(tmp_path):
     passes, extra = load_passes(path)
     assert passes == PASSES[:3] and extra == {"steps": 35}
     assert not list(tmp_path.glob("*.partial"))
+    with pytest.raises(ValueError, match=r"FirstBlockCachePass.container must name a chain of blocks"):
+        pass_from_dict({"pass": "FirstBlockCachePass", "container": []})
     with pytest.raises(ValueError, match="unknown pass 'Nope'"):
         pass_from_dict({"pass": "Nope"})
     with pytest.raises(ValueError, match=r"ForecastCachePass has no options \['speed'\]"):

@@ -33,6 +33,19 @@ def require_number(
         raise ValueError(f"{owner}.{field} must be {expected}, found {value!r}")
 
 
+def chain_names(owner: str, container):
+    """``container`` (which chain(s) of blocks a pass walks): a name, several names as a
+    tuple (a JSON list reads back as one), or None."""
+    if container is None or (isinstance(container, str) and container):
+        return container
+    if isinstance(container, list | tuple) and container and all(isinstance(n, str) and n for n in container):
+        return tuple(container)
+    raise ValueError(
+        f"{owner}.container must name a chain of blocks ('transformer_blocks') or several to join "
+        f"(('transformer_blocks', 'single_transformer_blocks')), found {container!r}"
+    )
+
+
 def block_names(owner: str, blocks, field: str = "blocks") -> tuple[str, ...] | None:
     """``blocks`` as a tuple of (block or module) names (None stays None); a bare string is
     refused, since iterating it would give its characters."""

@@ -148,9 +148,16 @@ def weights_path(name: str) -> Path:
     return WEIGHTS_DIR / f"{name}.safetensors"
 
 
+class UnknownModelError(KeyError):
+    """A reference model name that is not in the zoo."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])  # KeyError would quote the message
+
+
 def get_spec(name: str) -> ReferenceModelSpec:
     if name not in REFERENCE_MODELS:
-        raise KeyError(f"unknown reference model {name!r}: available are {sorted(REFERENCE_MODELS)}")
+        raise UnknownModelError(f"unknown reference model {name!r}: available are {sorted(REFERENCE_MODELS)}")
     return REFERENCE_MODELS[name]
 
 

@@ -40,7 +40,7 @@ from diffopt.ir.graph_tools import (
 )
 from diffopt.ir.layers import find_blocks
 from diffopt.ir.program import CACHED, FULL, PROBE, AdaptiveSchedule, Schedule, StateEntry, StepProgram
-from diffopt.ir.validation import block_names, require_int, require_number
+from diffopt.ir.validation import block_names, chain_names, require_int, require_number
 from diffopt.passes.base import (
     GraphPass,
     PassContext,
@@ -139,7 +139,7 @@ class BlockCachePass(GraphPass):
                 entry = StateEntry(f"{block}{suffix}.cached_{kind}", state_shape(out), out.meta["val"].dtype, self.name)
 
                 def update(variant, graph, state_input, block=block, name=stream.output.name, kind=kind):
-                    current = _stream_named(graph, block, name)  # re-read: caching earlier blocks moved its input
+                    current = stream_named(graph, block, name)  # re-read: caching earlier blocks moved its input
                     details = {"block": block, "period": self.period}
                     if variant == FULL:
                         annotate(current.output, NodeAnnotation("full", self.name, details=details))
@@ -161,7 +161,7 @@ class BlockCachePass(GraphPass):
         return PassResult(self.record(dataclasses.replace(program, schedule=Schedule(FULL, CACHED, self.period))), True)
 
 
-def _stream_named(graph: fx.Graph, block: str, output_name: str) -> BlockBoundary:
+def stream_named(graph: fx.Graph, block: str, output_name: str) -> BlockBoundary:
     """The stream of ``block`` whose output is the node called ``output_name`` (variants keep names)."""
     for stream in block_streams(graph, block):
         if stream.output.name == output_name:
@@ -169,17 +169,29 @@ def _stream_named(graph: fx.Graph, block: str, output_name: str) -> BlockBoundar
     raise ValueError(f"block {block!r} no longer passes {output_name!r} on")
 
 
-def block_chain(graph: fx.Graph, container: str | None = None) -> list[str]:
+def block_chain(graph: fx.Graph, container: str | tuple[str, ...] | None = None) -> list[str]:
     """The blocks of the chain named ``container`` (e.g. ``"transformer_blocks"``) in graph
-    order; ``None``: the graph's only chain of two or more blocks."""
-    chains = {name: blocks for name, blocks in find_blocks(graph).items() if len(blocks) >= 2}
-    if container is not None:
-        if container not in chains:
-            raise ValueError(f"no chain of blocks named {container!r}; chains: {sorted(chains)}")
-        return chains[container]
-    if len(chains) != 1:
-        raise ValueError(f"found chains of blocks {sorted(chains)}: name one with container=")
-    return next(iter(chains.values()))
+    order; several names join their chains in graph order (Flux: ``("transformer_blocks",
+    "single_transformer_blocks")``, as diffusers' hooks walk it); ``None``: the graph's only
+    chain of two or more blocks."""
+    found = find_blocks(graph)
+    if container is None:
+        chains = {name: blocks for name, blocks in found.items() if len(blocks) >= 2}
+        if len(chains) != 1:
+            raise ValueError(
+                f"found {len(chains)} chains of two or more blocks ({sorted(chains)}; all chains: "
+                f"{ {name: len(blocks) for name, blocks in found.items()} }): name one with container=, or several "
+                f"to join, e.g. container=('transformer_blocks', 'single_transformer_blocks')"
+            )
+        return next(iter(chains.values()))
+    names = (container,) if isinstance(container, str) else container
+    missing = [name for name in names if name not in found]
+    if missing:
+        raise ValueError(f"no chain of blocks named {missing}; chains: {sorted(found)}")
+    chain = [block for name in names for block in found[name]]
+    order = {node.name: index for index, node in enumerate(graph.nodes)}
+    first_node = {block: min(order[n.name] for n in graph.nodes if block in module_scopes(n)) for block in chain}
+    return sorted(chain, key=first_node.__getitem__)
 
 
 @dataclass(frozen=True)
@@ -188,10 +200,11 @@ class FirstBlockCachePass(GraphPass):
     after: ClassVar[tuple[str, ...]] = ("temporal-difference",)
 
     threshold: float = 0.05
-    container: str | None = None  # which chain of blocks (e.g. "transformer_blocks"); None: the only chain
+    container: str | tuple[str, ...] | None = None  # the chain(s) of blocks, see block_chain; None: the only chain
 
     def __post_init__(self) -> None:
         require_number(self.name, "threshold", self.threshold, minimum=0.0)
+        object.__setattr__(self, "container", chain_names(self.name, self.container))
 
     def call(self, program: StepProgram, context: PassContext) -> PassResult:
         if self.already_applied(program):
@@ -200,7 +213,7 @@ class FirstBlockCachePass(GraphPass):
         graph = program.variants[FULL].graph
         chain = block_chain(graph, self.container)
         first, last = chain[0], chain[-1]
-        heads, pairs = _first_and_last_streams(graph, first, last)
+        heads, pairs = first_and_last_streams(graph, first, last)
         probe = add_variant(program, PROBE, copy_of=FULL)
         add_variant(program, CACHED, copy_of=FULL)
         inputs: dict[str, dict[str, fx.Node]] = {}  # variant -> entry -> its state input
@@ -214,7 +227,7 @@ class FirstBlockCachePass(GraphPass):
 
         def first_output(variant, graph, state_input, name):
             inputs.setdefault(variant, {})[name] = state_input
-            boundary = _stream_named(graph, first, name)
+            boundary = stream_named(graph, first, name)
             if variant == PROBE:
                 return boundary.output
             boundary.output.replace_all_uses_with(state_input)  # the probe computed it
@@ -224,7 +237,7 @@ class FirstBlockCachePass(GraphPass):
             inputs[variant]["residual"] = state_input
             if variant != PROBE:
                 return state_input
-            boundary = _stream_named(graph, first, signal_stream.output.name)
+            boundary = stream_named(graph, first, signal_stream.output.name)
             with graph.inserting_after(boundary.output):
                 inputs[PROBE]["new_residual"] = graph.call_function(
                     aten.sub.Tensor, (boundary.output, boundary.hidden_input)
@@ -238,7 +251,7 @@ class FirstBlockCachePass(GraphPass):
         def later_blocks_residual(variant, graph, state_input, head_name, tail_name):
             if variant == PROBE:
                 return state_input
-            output = _stream_named(graph, last, tail_name).output
+            output = stream_named(graph, last, tail_name).output
             first_block_output = inputs[variant][head_name]
             details = {"first_block": first, "last_block": last, "threshold": self.threshold}
             with graph.inserting_after(output):
@@ -276,7 +289,7 @@ class FirstBlockCachePass(GraphPass):
         return PassResult(self.record(dataclasses.replace(program, schedule=schedule)), True)
 
 
-def _first_and_last_streams(
+def first_and_last_streams(
     graph: fx.Graph, first: str, last: str
 ) -> tuple[list[BlockBoundary], list[tuple[BlockBoundary, BlockBoundary]]]:
     """The first block's streams, and (first-block stream, last-block stream) pairs of equal
@@ -287,8 +300,9 @@ def _first_and_last_streams(
         alike = [head for head in heads if _shape(head.output) == _shape(tail.output)]
         if len(alike) != 1 or alike[0].hidden_input is None:
             raise ValueError(
-                f"first-block caching needs each value {last!r} passes on to continue one stream of {first!r} "
-                f"that keeps its input's shape (a residual chain, as in transformers); {tail.output.name} "
+                f"a residual over blocks {first!r}..{last!r} needs each value {last!r} passes on to continue one "
+                f"stream of {first!r} that keeps its input's shape (a residual chain, as in transformers); "
+                f"{tail.output.name} "
                 f"matches {[h.output.name for h in alike]}"
             )
         pairs.append((alike[0], tail))

@@ -52,9 +52,9 @@ from torch import fx
 from diffopt.ir.annotations import NodeAnnotation, annotate
 from diffopt.ir.graph_tools import add_variant, placeholders, remove_dead_code, state_shape, thread_states
 from diffopt.ir.program import BATCH, FULL, Schedule, StateEntry, StepProgram
-from diffopt.ir.validation import block_names, require_int
+from diffopt.ir.validation import block_names, chain_names, require_int
 from diffopt.passes.base import GraphPass, PassContext, PassNotApplicable, PassResult
-from diffopt.passes.block_cache import block_boundary, block_chain
+from diffopt.passes.block_cache import block_chain, block_streams, first_and_last_streams, stream_named
 
 aten = torch.ops.aten
 FORECAST = "forecast"
@@ -64,12 +64,14 @@ _DEFAULT_MODULE_CLASSES = re.compile(r"Attention|FeedForward|MLP|Mlp")
 
 @dataclass(frozen=True)
 class ForecastTarget:
-    """A value to forecast: a module's output, or the residual of blocks ``first..last``."""
+    """A value to forecast: a module's output, or the residual of blocks ``first..last``;
+    one per stream for modules and blocks that pass several on (SD3 / Flux joint blocks)."""
 
-    name: str  # the module, or "first..last" for a span of blocks
+    name: str  # the module, or "first..last" for a span of blocks (".streamK" where several)
     first: str
     last: str
-    residual: bool
+    output: str  # the node ``last`` passes this value on as (variants keep node names)
+    head: str | None = None  # a span: the node of ``first``'s stream it continues; None: a module output
 
 
 @dataclass(frozen=True)
@@ -83,9 +85,10 @@ class ForecastCachePass(GraphPass):
     targets: str = "modules"  # "modules" or "blocks"
     blocks: tuple[str, ...] | None = None  # which blocks of the chain; None: all
     modules: tuple[str, ...] | None = None  # targets="modules": regular expressions naming the modules
-    container: str | None = None  # which chain of blocks; None: the graph's only chain
+    container: str | tuple[str, ...] | None = None  # the chain(s) of blocks, see block_chain; None: the only one
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "container", chain_names(self.name, self.container))
         require_int(self.name, "order", self.order, minimum=0)
         require_int(self.name, "period", self.period, minimum=1)
         require_int(self.name, "warmup", self.warmup, minimum=1)
@@ -121,7 +124,14 @@ class ForecastCachePass(GraphPass):
                     spans[-1].append(block)
                 else:
                     spans.append([block])
-            return [ForecastTarget(f"{span[0]}..{span[-1]}", span[0], span[-1], True) for span in spans]
+            targets = []
+            for span in spans:
+                pairs = first_and_last_streams(graph, span[0], span[-1])[1]
+                for index, (head, tail) in enumerate(pairs):
+                    suffix = f".stream{index}" if len(pairs) > 1 else ""
+                    name = f"{span[0]}..{span[-1]}{suffix}"
+                    targets.append(ForecastTarget(name, span[0], span[-1], tail.output.name, head.output.name))
+            return targets
         children = _child_modules(graph, selected)
         chosen = [
             name
@@ -137,7 +147,13 @@ class ForecastCachePass(GraphPass):
                 f"{self.name}: no module to forecast in blocks {selected}; their submodules are "
                 f"{sorted(children.items())}: name some with modules=, or use targets='blocks'"
             )
-        return [ForecastTarget(name, name, name, False) for name in chosen]
+        targets = []
+        for name in chosen:
+            streams = block_streams(graph, name)
+            for index, stream in enumerate(streams):
+                suffix = f".stream{index}" if len(streams) > 1 else ""
+                targets.append(ForecastTarget(f"{name}{suffix}", name, name, stream.output.name))
+        return targets
 
     def call(self, program: StepProgram, context: PassContext) -> PassResult:
         if self.already_applied(program):
@@ -181,13 +197,13 @@ class ForecastCachePass(GraphPass):
                     current = _target_value(graph, target, insert=True)
                     annotate(current, NodeAnnotation("full", self.name, details=details))
                     return _updated_differences(graph, current, differences, clock[variant])
-                boundary = block_boundary(graph, target.last)
+                boundary = stream_named(graph, target.last, target.output)
                 predicted = _evaluate(graph, differences, clock[variant], before=boundary.output)
                 replacement = predicted
-                if target.residual:
+                if target.head is not None:
                     with graph.inserting_after(predicted):
                         replacement = graph.call_function(
-                            aten.add.Tensor, (block_boundary(graph, target.first).hidden_input, predicted)
+                            aten.add.Tensor, (stream_named(graph, target.first, target.head).hidden_input, predicted)
                         )
                 replacement.meta["val"] = boundary.output.meta["val"]  # later blocks find their input by shape
                 annotate(
@@ -233,12 +249,10 @@ def _time_input(graph: fx.Graph) -> fx.Node:
 def _target_value(graph: fx.Graph, target: ForecastTarget, insert: bool = False) -> fx.Node:
     """The target's value: the module output, or ``out - in`` of the block span (inserted
     into the graph only with ``insert``; otherwise a shape-only stand-in for state specs)."""
-    output = block_boundary(graph, target.last).output
-    if not target.residual:
+    output = stream_named(graph, target.last, target.output).output
+    if target.head is None:
         return output
-    hidden_input = block_boundary(graph, target.first).hidden_input
-    if hidden_input is None:
-        raise ValueError(f"block {target.first!r} changes its input's shape: its residual cannot be forecast")
+    hidden_input = stream_named(graph, target.first, target.head).hidden_input
     if not insert:
         return output
     with graph.inserting_after(output):

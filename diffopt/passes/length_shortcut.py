@@ -45,7 +45,7 @@ from torch import fx
 
 from diffopt.ir.graph_tools import add_variant, module_scopes, node_named, remove_dead_code
 from diffopt.ir.program import FULL, ListSchedule, StepProgram
-from diffopt.ir.validation import require_int
+from diffopt.ir.validation import chain_names, require_int
 from diffopt.passes.base import GraphPass, PassContext, PassNotApplicable, PassResult
 from diffopt.passes.block_cache import block_boundary, block_chain
 
@@ -77,10 +77,11 @@ class LengthShortcutPass(GraphPass):
     # (D // G + 1, dim): row l / G joins the conditioning at depth l; None: no length embedding
     length_embedding: torch.Tensor | None = field(default=None, repr=False, compare=False)
     conditioning: str | None = None  # a module path inside each block (e.g. "norm1.emb"); None: found
-    container: str | None = None  # which chain of blocks; None: the only one
+    container: str | tuple[str, ...] | None = None  # the chain(s) of blocks, see block_chain; None: the only one
     schedule: int | tuple[int, ...] | None = None  # depth per step (see depth_schedule); None: the deepest
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "container", chain_names(self.name, self.container))
         require_int(self.name, "group_size", self.group_size, minimum=1)
         if self.depths is not None:
             object.__setattr__(self, "depths", tuple(self.depths))
