@@ -110,9 +110,10 @@ REFERENCE_MODELS: dict[str, ReferenceModelSpec] = {
             _FLOW,
             {
                 **_RECIPE,
-                # shipped run: 1,000 steps decaying from step 500, then resumed to 3,000 steps
-                # (lr back at 5e-5, decay from 2,500); see its training log
-                "steps": 3000,
+                # shipped run: 1,000 steps decaying from step 500, resumed to 3,000 steps (lr back
+                # at 5e-5, decay from 2,500), then to 6,000 (the cosine from 2,500 stretched to
+                # 6,000); see its training log
+                "steps": 6000,
                 "batch_size": 64,
                 "lr": 5e-5,  # 2e-4 for 2,000 steps beat Euler at step 250, then diverged (FD 730 at 4 steps)
                 "decay_start": 2500,
