@@ -178,20 +178,22 @@ def block_chain(graph: fx.Graph, container: str | tuple[str, ...] | None = None)
     if container is None:
         chains = {name: blocks for name, blocks in found.items() if len(blocks) >= 2}
         if len(chains) != 1:
+            lengths = {name: len(blocks) for name, blocks in found.items()}
             raise ValueError(
-                f"found {len(chains)} chains of two or more blocks ({sorted(chains)}; all chains: "
-                f"{ {name: len(blocks) for name, blocks in found.items()} }): name one with container=, or several "
-                f"to join, e.g. container=('transformer_blocks', 'single_transformer_blocks')"
+                f"found {len(chains)} chains of two or more blocks (blocks per chain: {lengths}): name one with "
+                f"container=, or several to join, e.g. container=('transformer_blocks', 'single_transformer_blocks')"
             )
         return next(iter(chains.values()))
     names = (container,) if isinstance(container, str) else container
     missing = [name for name in names if name not in found]
     if missing:
         raise ValueError(f"no chain of blocks named {missing}; chains: {sorted(found)}")
-    chain = [block for name in names for block in found[name]]
-    order = {node.name: index for index, node in enumerate(graph.nodes)}
-    first_node = {block: min(order[n.name] for n in graph.nodes if block in module_scopes(n)) for block in chain}
-    return sorted(chain, key=first_node.__getitem__)
+    chain = {block for name in names for block in found[name]}
+    first_seen: dict[str, int] = {}  # block -> the index of its first node
+    for index, node in enumerate(graph.nodes):
+        for scope in chain.intersection(module_scopes(node)):
+            first_seen.setdefault(scope, index)
+    return sorted(chain, key=first_seen.__getitem__)
 
 
 @dataclass(frozen=True)
