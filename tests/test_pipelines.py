@@ -2,7 +2,9 @@
 prompt embeddings instead of text encoders, a tiny random VAE."""
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 import torch
@@ -34,10 +36,10 @@ def _embeddings(*shape, seed):
 class Case:
     """A pipeline, the arguments of one call, and where diffusers' FirstBlockCache hook applies."""
 
-    build: object
+    build: Callable[[], Any]  # a new pipeline
     call: dict = field(default_factory=dict)
     hook_threshold: float | None = None  # None: the hook does not support this denoiser
-    container: object = None  # FirstBlockCachePass(container=...)
+    container: str | tuple[str, ...] | None = None  # FirstBlockCachePass(container=...)
 
 
 def _dit():
