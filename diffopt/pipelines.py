@@ -26,7 +26,7 @@ from diffopt.ir.policy import LayerPolicy
 from diffopt.ir.statistics import CalibrationStatistics
 from diffopt.optimize import optimize
 from diffopt.passes.base import GraphPass
-from diffopt.runtime.denoiser import OptimizedDenoiser
+from diffopt.runtime.denoiser import InputError, OptimizedDenoiser
 
 DENOISER_NAMES = ("transformer", "unet")
 
@@ -71,6 +71,8 @@ class OptimizedComponent(torch.nn.Module):
     def cache_context(self, name: str):
         """diffusers' ``CacheMixin.cache_context``, which pipelines with true CFG call around
         each branch: calls inside use the program's state stream ``name``."""
+        if not isinstance(name, str) or not name:
+            raise InputError(f"a cache context name is a non-empty string, found {name!r}")
         previous = getattr(self._local, "stream", None)
         self._local.stream = name
         try:
@@ -83,11 +85,11 @@ class OptimizedComponent(torch.nn.Module):
         return super()._apply(fn, *args, **kwargs)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        bound = inspect.signature(self.original.forward).bind(*args, **kwargs)
+        bound = self.__signature__.bind(*args, **kwargs)
         bound.apply_defaults()  # every argument is compared with the captured call, defaults too
         arguments = dict(bound.arguments)
         return_dict = arguments.pop("return_dict", True)
-        varargs = [n for n, p in inspect.signature(self.original.forward).parameters.items() if p.kind == p.VAR_KEYWORD]
+        varargs = [n for n, p in self.__signature__.parameters.items() if p.kind == p.VAR_KEYWORD]
         for name in varargs:  # **kwargs of forward: its entries are keyword arguments
             arguments.update(arguments.pop(name, {}))
         if self._denoiser is None:

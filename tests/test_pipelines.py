@@ -275,6 +275,9 @@ def test_moving_recaptures_and_changed_flags_are_named():
     out = pipe.transformer(x, timestep=t, class_labels=labels)
     assert type(out).__name__ == "Transformer2DModelOutput" and out.sample.shape == x.shape
     assert isinstance(pipe.transformer(x, timestep=t, class_labels=labels, return_dict=False), tuple)
+    with pytest.raises(ValueError, match="a cache context name is a non-empty string, found ''"):
+        with pipe.transformer.cache_context(""):
+            pass
 
 
 def test_pixart_attention_mask_is_an_input_not_a_constant():
