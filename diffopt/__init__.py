@@ -28,7 +28,7 @@ from diffopt.ir.statistics import CalibrationStatistics
 from diffopt.measure.calibration import calibrate
 from diffopt.optimize import optimize
 from diffopt.passes.base import GraphPass, PassContext, PassError, PassNotApplicable, PassResult, Pipeline
-from diffopt.pipelines import disable, enable
+from diffopt.pipelines import disable, enable, summary
 from diffopt.runtime.denoiser import OptimizedDenoiser
 from diffopt.runtime.flow_map import FlowMapSampler
 from diffopt.runtime.sampler import Sampler
@@ -46,6 +46,7 @@ __all__ = [
     "optimize",
     "enable",
     "disable",
+    "summary",
     "calibrate",
     "CalibrationStatistics",
     "GraphPass",

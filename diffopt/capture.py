@@ -10,6 +10,7 @@ placeholders are named after the model's own arguments and whose nodes keep
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import re
 import traceback
@@ -33,20 +34,44 @@ class CaptureError(RuntimeError):
 @dataclass(frozen=True)
 class CallPlan:
     """How ``model.forward`` is called from named values: ``positional`` names (parameters,
-    then the ``*args`` items, named ``args[0]``...), ``keywords`` (name -> value name), and
-    ``dicts`` (a dict argument -> its keys; value ``arg.key`` is entry ``key``)."""
+    then the ``*args`` items, named ``args[0]``...), ``keywords`` (name -> value name),
+    ``dicts`` (a dict argument -> its keys; value ``arg.key`` is entry ``key``) and
+    ``sequences`` (a tuple/list argument of tensors -> its length; value ``arg[i]`` is item i)."""
 
     positional: tuple[str, ...]
     keywords: tuple[str, ...]
     dicts: Mapping[str, tuple[str, ...]]
+    sequences: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
     def call(self, model: torch.nn.Module, values: Mapping[str, Any]) -> Any:
         def value(name: str) -> Any:
             if name in self.dicts:
                 return {key: values[f"{name}.{key}"] for key in self.dicts[name]}
+            if name in self.sequences:
+                return tuple(values[f"{name}[{i}]"] for i in range(self.sequences[name]))
             return values[name]
 
         return model(*(value(n) for n in self.positional), **{n: value(n) for n in self.keywords})
+
+
+def is_tensor_dict(value: Any) -> bool:
+    return isinstance(value, Mapping) and any(isinstance(v, torch.Tensor) for v in value.values())
+
+
+def is_tensor_sequence(value: Any) -> bool:
+    return isinstance(value, (tuple, list)) and bool(value) and all(isinstance(v, torch.Tensor) for v in value)
+
+
+def flatten_argument(name: str, value: Any) -> dict[str, Any]:
+    """One argument as capture names its values: the entries of a dict holding tensors become
+    ``name.key`` (PixArt's ``added_cond_kwargs.resolution``), the items of a tuple or list of
+    tensors ``name[i]`` (ControlNet's ``down_block_additional_residuals``), anything else
+    stays ``name``."""
+    if is_tensor_dict(value):
+        return {f"{name}.{key}": item for key, item in value.items()}
+    if is_tensor_sequence(value):
+        return {f"{name}[{i}]": item for i, item in enumerate(value)}
+    return {name: value}
 
 
 class CanonicalDenoiser(torch.nn.Module):
@@ -86,20 +111,20 @@ def _bind_example_inputs(
     given = 0 if isinstance(example_inputs, Mapping) else len(example_inputs) - len(extra)
     positional = positional_names[:given] + var_names  # a dict of inputs is passed by keyword
     keywords = [n for n in named if n not in positional]
-    bound, dicts = {}, {}
+    bound, dicts, sequences = {}, {}, {}
     for name, value in [*named.items(), *zip(var_names, extra)]:
-        if isinstance(value, Mapping) and any(isinstance(v, torch.Tensor) for v in value.values()):
+        entries = flatten_argument(name, value)
+        if is_tensor_dict(value):
             dicts[name] = tuple(value)
-            bound.update({f"{name}.{key}": item for key, item in value.items()})
-        else:
-            bound[name] = value
-        nested = any(map(_holds_nested_tensors, value.values())) if name in dicts else _holds_nested_tensors(value)
-        if nested:
+        elif is_tensor_sequence(value):
+            sequences[name] = len(value)
+        bound.update(entries)
+        if any(map(_holds_nested_tensors, entries.values())):
             raise CaptureError(
-                f"input {name!r} holds tensors inside a list or nested dict: capture would bake them in as "
-                f"constants. Pass them as separate arguments or as a flat dict of tensors."
+                f"input {name!r} holds tensors nested more than one level deep: capture would bake them in as "
+                f"constants. Pass them as separate arguments, a flat dict of tensors or a flat tuple of tensors."
             )
-    return bound, CallPlan(tuple(positional), tuple(keywords), dicts)
+    return bound, CallPlan(tuple(positional), tuple(keywords), dicts, sequences)
 
 
 def _holds_nested_tensors(value: Any) -> bool:

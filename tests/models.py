@@ -226,3 +226,100 @@ def run_along(optimized, steps) -> tuple[list, list]:
 def max_relative(actual, expected) -> float:
     """The largest relative L2 error over pairs of tensors."""
     return max(float((a - e).norm() / e.norm()) for a, e in zip(actual, expected, strict=True))
+
+
+def diffusers_sdxl_unet(seed: int = 0):
+    """A tiny SDXL UNet: ``text_time`` added conditions (pooled text of width 8 and six size
+    ids, each embedded to 4), a transformer depth of 2 in its cross-attention block."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        transformer_layers_per_block=(1, 2),
+        norm_num_groups=4,
+        cross_attention_dim=24,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=4,
+        projection_class_embeddings_input_dim=4 * 6 + 8,
+    ).eval()
+
+
+def diffusers_wan(seed: int = 0):
+    """A tiny Wan 2.1 video transformer (3-d patches, rotary positions, text cross-attention)."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=4,
+        text_dim=12,
+        freq_dim=16,
+        ffn_dim=24,
+        num_layers=3,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    ).eval()
+
+
+def diffusers_sana(seed: int = 0):
+    """A tiny Sana transformer (linear attention, a masked text cross-attention)."""
+    from diffusers import SanaTransformer2DModel
+
+    torch.manual_seed(seed)
+    return SanaTransformer2DModel(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=4,
+        num_layers=2,
+        num_cross_attention_heads=2,
+        cross_attention_head_dim=4,
+        cross_attention_dim=8,
+        caption_channels=12,
+        sample_size=8,
+        patch_size=1,
+        norm_elementwise_affine=False,
+    ).eval()
+
+
+def diffusers_pixart_sigma(seed: int = 0):
+    """A tiny PixArt-Sigma transformer: three blocks, patch 1, a wider caption than the alpha one."""
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(seed)
+    return PixArtTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=6,
+        in_channels=4,
+        out_channels=4,
+        num_layers=3,
+        cross_attention_dim=12,
+        sample_size=8,
+        patch_size=1,
+        caption_channels=20,
+        use_additional_conditions=False,
+        norm_type="ada_norm_single",
+        interpolation_scale=0.5,
+    ).eval()
+
+
+def diffusers_controlnet(unet):
+    """A tiny ControlNet made from ``unet`` (its conditioning image is not downsampled, so
+    8 x 8 images meet 8 x 8 latents)."""
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(7)
+    return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8,)).eval()

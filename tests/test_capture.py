@@ -168,13 +168,17 @@ def test_tensors_in_dict_arguments_are_graph_inputs_whose_values_count(dynamic_b
     assert not torch.allclose(outputs[0], outputs[1])
 
 
-def test_inputs_capture_would_bake_in_are_refused_by_name():
+def test_a_tuple_of_tensors_is_inputs_and_deeper_nesting_is_refused_by_name():
     class Listed(torch.nn.Module):
         def forward(self, x, t, extras):
-            return x * extras[0]
+            return x * extras[0] + extras[1]
 
-    with pytest.raises(CaptureError, match="input 'extras' holds tensors inside a list"):
-        capture(Listed(), (torch.randn(2, 3), torch.ones(2), [torch.ones(2, 3)]))
+    captured = capture(Listed(), (torch.randn(2, 3), torch.ones(2), (torch.ones(2, 3), torch.zeros(2, 3))))
+    assert captured.signature.conditions == ("extras[0]", "extras[1]")
+    x, scale, shift = torch.randn(3, 3), torch.randn(3, 3), torch.randn(3, 3)  # another batch, other values
+    torch.testing.assert_close(optimize(captured)(x, torch.ones(3), scale, shift), x * scale + shift)
+    with pytest.raises(CaptureError, match="input 'extras' holds tensors nested more than one level deep"):
+        capture(Listed(), (torch.randn(2, 3), torch.ones(2), [[torch.ones(2, 3)], torch.ones(2, 3)]))
 
 
 def test_a_graph_that_ignores_an_input_is_named_at_capture(monkeypatch):

@@ -10,10 +10,15 @@ import pytest
 import torch
 from models import (
     diffusers_conditional_unet,
+    diffusers_controlnet,
     diffusers_dit,
     diffusers_flux,
     diffusers_pixart,
+    diffusers_pixart_sigma,
+    diffusers_sana,
     diffusers_sd3,
+    diffusers_sdxl_unet,
+    diffusers_wan,
     tiny_vae,
 )
 
@@ -261,7 +266,7 @@ def test_identity_and_disable_restore_the_pipeline():
         diffopt.disable(pipe)
 
 
-def test_moving_recaptures_and_changed_flags_are_named():
+def test_moving_recaptures_and_changed_flags_capture_another_program():
     case = CASES["DiTPipeline"]
     pipe = diffopt.enable(case.build())
     _images(pipe, case)
@@ -270,9 +275,12 @@ def test_moving_recaptures_and_changed_flags_are_named():
     assert pipe.transformer.denoiser is None  # captured again on the new placement at the next call
     _images(pipe, case)
     x, t, labels = torch.randn(2, 1, 8, 8), torch.tensor([10, 10]), torch.tensor([1, 2])
-    with pytest.raises(ValueError, match="captured with cross_attention_kwargs=None"):
-        pipe.transformer(x, timestep=t, class_labels=labels, cross_attention_kwargs={"scale": 0.5})
+    flagged = pipe.transformer(x, timestep=t, class_labels=labels, cross_attention_kwargs={"scale": 0.5})[0]
+    assert len(pipe.transformer.programs) == 2  # a changed flag is another program, not an error
+    expected = pipe.transformer.original(x, timestep=t, class_labels=labels, cross_attention_kwargs={"scale": 0.5})
+    assert (flagged - expected.sample).abs().max() < 1e-5
     out = pipe.transformer(x, timestep=t, class_labels=labels)
+    assert len(pipe.transformer.programs) == 2
     assert type(out).__name__ == "Transformer2DModelOutput" and out.sample.shape == x.shape
     assert isinstance(pipe.transformer(x, timestep=t, class_labels=labels, return_dict=False), tuple)
     with pytest.raises(ValueError, match="a cache context name is a non-empty string, found ''"):
@@ -290,3 +298,170 @@ def test_pixart_attention_mask_is_an_input_not_a_constant():
     assert "encoder_attention_mask" in pipe.transformer.denoiser.program.signature.conditions
     assert all((g - e).abs().max() < 1e-4 for g, e in zip(got, expected))
     assert (expected[0] - expected[1]).abs().max() > 1e-4
+
+
+def _sdxl():
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    encoders = {f"{kind}{suffix}": None for kind in ("text_encoder", "tokenizer") for suffix in ("", "_2")}
+    return StableDiffusionXLPipeline(
+        vae=tiny_vae(4), unet=diffusers_sdxl_unet(seed=1), scheduler=EulerDiscreteScheduler(), **encoders
+    )
+
+
+def _wan():
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    return WanPipeline(
+        vae=None,
+        transformer=diffusers_wan(seed=1),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        tokenizer=None,
+        text_encoder=None,
+    )
+
+
+def _pixart_sigma():
+    from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline
+
+    return PixArtSigmaPipeline(
+        vae=None,
+        transformer=diffusers_pixart_sigma(seed=1),
+        scheduler=DPMSolverMultistepScheduler(),
+        tokenizer=None,
+        text_encoder=None,
+    )
+
+
+def _sana():
+    from diffusers import FlowMatchEulerDiscreteScheduler, SanaPipeline
+
+    return SanaPipeline(
+        vae=None,
+        transformer=diffusers_sana(seed=1),
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        tokenizer=None,
+        text_encoder=None,
+    )
+
+
+def _controlnet():
+    from diffusers import DDIMScheduler, StableDiffusionControlNetPipeline
+
+    unet = diffusers_conditional_unet(seed=2)
+    return StableDiffusionControlNetPipeline(
+        vae=tiny_vae(4),
+        unet=unet,
+        controlnet=diffusers_controlnet(unet),
+        scheduler=DDIMScheduler(),
+        text_encoder=None,
+        tokenizer=None,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def _heun():
+    from diffusers import DiTPipeline, HeunDiscreteScheduler
+
+    return DiTPipeline(
+        transformer=diffusers_dit(seed=3, num_layers=2), vae=tiny_vae(1), scheduler=HeunDiscreteScheduler()
+    )
+
+
+def _masked_text(width, tokens=5):
+    """Prompt embeddings for two images with a padded mask (the first prompt is 3 tokens long)."""
+    mask = torch.ones(2, tokens, dtype=torch.long)
+    mask[0, 3:] = 0
+    return {
+        "prompt_embeds": _embeddings(2, tokens, width, seed=1),
+        "prompt_attention_mask": mask,
+        "negative_prompt_embeds": _embeddings(2, tokens, width, seed=2),
+        "negative_prompt_attention_mask": torch.ones(2, tokens, dtype=torch.long),
+        "negative_prompt": None,
+        "use_resolution_binning": False,
+    }
+
+
+@dataclass
+class Family:
+    """A pipeline family the first drop-in tests did not build, one call of it, and a cache for it."""
+
+    build: Callable[[], Any]
+    call: dict
+    cache: Any  # a caching pass that must run (its last step reuses)
+    output: str = "images"  # the attribute of the pipeline's output that holds the result
+
+
+CONTROL_IMAGE = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+FAMILIES = {
+    "SDXL (text_time added conditions)": Family(
+        _sdxl,
+        {**_text(24, pooled=8), "height": 8, "width": 8, "guidance_scale": 3.0},
+        BlockCachePass(period=2),
+    ),
+    "Wan (video, true CFG)": Family(
+        _wan,
+        {
+            "prompt_embeds": _embeddings(1, 6, 12, seed=1),
+            "negative_prompt_embeds": _embeddings(1, 6, 12, seed=2),
+            "height": 16,
+            "width": 16,
+            "num_frames": 5,
+            "guidance_scale": 2.0,
+        },
+        ForecastCachePass(order=1, period=2),
+        output="frames",
+    ),
+    "PixArt-Sigma (masked)": Family(
+        _pixart_sigma,
+        {**_masked_text(20), "height": 64, "width": 64, "guidance_scale": 2.0},
+        FirstBlockCachePass(threshold=0.5),
+    ),
+    "Sana (masked)": Family(
+        _sana,
+        {**_masked_text(12), "height": 256, "width": 256, "guidance_scale": 2.0},
+        BlockCachePass(period=2),
+    ),
+    "ControlNet SD (tuple of residuals)": Family(
+        _controlnet,
+        {**_text(16), "image": CONTROL_IMAGE, "height": 8, "width": 8, "guidance_scale": 2.0},
+        BlockCachePass(blocks=("up_blocks.1",), period=2),  # DeepCache
+    ),
+    "DiT with Heun (two calls per step)": Family(
+        _heun, {"class_labels": [1, 2], "guidance_scale": 1.0}, BlockCachePass(period=2)
+    ),
+}
+
+
+def _latents(pipe, family, steps=4, **changes):
+    result = pipe(
+        **{**family.call, **changes},
+        num_inference_steps=steps,
+        generator=torch.Generator().manual_seed(0),
+        output_type="latent",
+    )
+    return torch.as_tensor(getattr(result, family.output))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_more_families_identity_and_a_cache_that_runs(name):
+    family = FAMILIES[name]
+    pipe = family.build()
+    expected = _latents(pipe, family)
+    diffopt.enable(pipe)
+    identity = _latents(pipe, family)
+    diffopt.disable(pipe)
+    diffopt.enable(pipe, [family.cache])
+    cached = _latents(pipe, family)
+    report = diffopt.summary(pipe)
+    diffopt.disable(pipe)
+    assert float((identity - expected).abs().max()) < 1e-5 * float(expected.abs().max())
+    assert 0 < float((cached - expected).norm() / expected.norm()) < 1.0  # reused, not garbage
+    last_run = [r for r in report.runs if r.run == report.runs[-1].run]
+    assert all(set(r.counts) - {"full"} for r in last_run), str(report)  # every stream reused at some step
+    if not isinstance(family.cache, FirstBlockCachePass):  # a probe's cost can exceed what tiny blocks save
+        assert all(r.work_saved > 0 for r in last_run), str(report)
+    if "Heun" in name:  # 4 steps are 7 calls of one stream: the repeated timestep stays in it
+        assert [r.variants for r in last_run] == [("full", "cached") * 3 + ("full",)]

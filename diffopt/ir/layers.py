@@ -85,3 +85,50 @@ def find_blocks(graph: fx.Graph) -> dict[str, list[str]]:
 def _ancestors(name: str) -> list[str]:
     parts = name.split(".")
     return [".".join(parts[:i]) for i in range(1, len(parts))]
+
+
+def module_chains(model: torch.nn.Module) -> dict[str, list[str]]:
+    """The chains of blocks ``find_blocks`` would find, read from the module tree instead of a
+    graph (before any capture): the outermost indexed children that are not single layers,
+    plus a top-level ``mid_block``."""
+    found: dict[str, list[str]] = {}
+    for name, module in model.named_modules():
+        match = INDEXED_CHILD.match(name)
+        if match and any(True for _ in module.children()) and not any(INDEXED_CHILD.match(p) for p in _ancestors(name)):
+            found.setdefault(match["container"], []).append(name)
+    if isinstance(getattr(model, "mid_block", None), torch.nn.Module):
+        found["mid_block"] = ["mid_block"]
+    return found
+
+
+def choose_chain(found: dict[str, list[str]], container: str | tuple[str, ...] | None, owner: str) -> list[str]:
+    """The blocks of the chain(s) ``container`` names in ``found`` (``find_blocks`` or
+    ``module_chains``), joined in the given order; ``None``: the only chain of two or more
+    blocks. A ``ValueError`` naming ``owner`` lists the chains where the choice fails, and
+    points UNets (down and up blocks: not one residual chain) to ``BlockCachePass``."""
+    is_unet = "down_blocks" in found and "up_blocks" in found
+    unet_hint = (
+        f" {owner} walks one chain of residual blocks; a UNet's down_blocks and up_blocks are not one: use "
+        f"BlockCachePass() (every block) or BlockCachePass(blocks=('up_blocks.1',)) (DeepCache) instead"
+    )
+    if container is None:
+        chains = {name: blocks for name, blocks in found.items() if len(blocks) >= 2}
+        if len(chains) != 1:
+            lengths = {name: len(blocks) for name, blocks in found.items()}
+            raise ValueError(
+                f"{owner}: found {len(chains)} chains of two or more blocks (blocks per chain: {lengths})."
+                + (
+                    unet_hint
+                    if is_unet
+                    else " Name one with container=, or several to join, e.g. "
+                    "container=('transformer_blocks', 'single_transformer_blocks')"
+                )
+            )
+        return next(iter(chains.values()))
+    names = (container,) if isinstance(container, str) else container
+    missing = [name for name in names if name not in found]
+    if missing:
+        raise ValueError(
+            f"{owner}: no chain of blocks named {missing}; chains: {sorted(found)}" + (unet_hint if is_unet else "")
+        )
+    return [block for name in names for block in found[name]]

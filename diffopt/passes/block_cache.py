@@ -38,7 +38,7 @@ from diffopt.ir.graph_tools import (
     state_shape,
     thread_state,
 )
-from diffopt.ir.layers import find_blocks
+from diffopt.ir.layers import choose_chain, find_blocks
 from diffopt.ir.program import CACHED, FULL, PROBE, AdaptiveSchedule, Schedule, StateEntry, StepProgram
 from diffopt.ir.validation import block_names, chain_names, require_int, require_number
 from diffopt.passes.base import (
@@ -169,26 +169,14 @@ def stream_named(graph: fx.Graph, block: str, output_name: str) -> BlockBoundary
     raise ValueError(f"block {block!r} no longer passes {output_name!r} on")
 
 
-def block_chain(graph: fx.Graph, container: str | tuple[str, ...] | None = None) -> list[str]:
+def block_chain(
+    graph: fx.Graph, container: str | tuple[str, ...] | None = None, owner: str = "block_chain"
+) -> list[str]:
     """The blocks of the chain named ``container`` (e.g. ``"transformer_blocks"``) in graph
     order; several names join their chains in graph order (Flux: ``("transformer_blocks",
     "single_transformer_blocks")``, as diffusers' hooks walk it); ``None``: the graph's only
-    chain of two or more blocks."""
-    found = find_blocks(graph)
-    if container is None:
-        chains = {name: blocks for name, blocks in found.items() if len(blocks) >= 2}
-        if len(chains) != 1:
-            lengths = {name: len(blocks) for name, blocks in found.items()}
-            raise ValueError(
-                f"found {len(chains)} chains of two or more blocks (blocks per chain: {lengths}): name one with "
-                f"container=, or several to join, e.g. container=('transformer_blocks', 'single_transformer_blocks')"
-            )
-        return next(iter(chains.values()))
-    names = (container,) if isinstance(container, str) else container
-    missing = [name for name in names if name not in found]
-    if missing:
-        raise ValueError(f"no chain of blocks named {missing}; chains: {sorted(found)}")
-    chain = {block for name in names for block in found[name]}
+    chain of two or more blocks. Errors name ``owner`` (the pass)."""
+    chain = set(choose_chain(find_blocks(graph), container, owner))
     first_seen: dict[str, int] = {}  # block -> the index of its first node
     for index, node in enumerate(graph.nodes):
         for scope in chain.intersection(module_scopes(node)):
@@ -213,7 +201,7 @@ class FirstBlockCachePass(GraphPass):
             return PassResult(program, False)
         self.require_one_variant(program)
         graph = program.variants[FULL].graph
-        chain = block_chain(graph, self.container)
+        chain = block_chain(graph, self.container, self.name)
         first, last = chain[0], chain[-1]
         heads, pairs = first_and_last_streams(graph, first, last)
         probe = add_variant(program, PROBE, copy_of=FULL)

@@ -106,7 +106,7 @@ class ForecastCachePass(GraphPass):
                     raise ValueError(f"{self.name}.modules: {pattern!r} is not a regular expression: {error}") from None
 
     def _chain(self, graph: fx.Graph) -> list[str]:
-        chain = block_chain(graph, self.container)
+        chain = block_chain(graph, self.container, self.name)
         if self.blocks is None:
             return chain
         missing = sorted(set(self.blocks) - set(chain))
@@ -115,7 +115,7 @@ class ForecastCachePass(GraphPass):
         return [block for block in chain if block in self.blocks]
 
     def _targets(self, graph: fx.Graph) -> list[ForecastTarget]:
-        chain = block_chain(graph, self.container)
+        chain = block_chain(graph, self.container, self.name)
         selected = self._chain(graph)
         if self.targets == "blocks":
             spans: list[list[str]] = []

@@ -118,7 +118,7 @@ class LengthShortcutPass(GraphPass):
             return PassResult(program, False)
         self.require_one_variant(program)
         graph = program.variants[FULL].graph
-        blocks = block_chain(graph, self.container)
+        blocks = block_chain(graph, self.container, self.name)
         depths = self._depths(len(blocks))
         for block in blocks:
             if block_boundary(graph, block).hidden_input is None:

@@ -8,6 +8,9 @@ through inductor's C++ code generation; on CUDA the default mode is
 overwrites, so the outputs (the step's result and its new state) are copied out of the
 pool before they are returned and ``cudagraph_mark_step_begin`` marks each call.
 
+Outputs are returned contiguous, so state fed back keeps the strides ``init_state`` gives
+it and no variant compiles twice for a stride.
+
 Shapes: the first call compiles for its shapes; a new batch size recompiles once with a
 dynamic batch (torch's automatic dynamic shapes), after which batch sizes do not
 recompile. Each recompile is counted in ``recompiles`` and reported with a warning.
@@ -15,6 +18,8 @@ recompile. Each recompile is counted in ``recompiles`` and reported with a warni
 
 from __future__ import annotations
 
+import logging
+import time
 import warnings
 from collections.abc import Sequence
 
@@ -22,6 +27,8 @@ import torch
 
 from diffopt.ir.program import StepProgram
 from diffopt.runtime.backends import TorchBackend
+
+logger = logging.getLogger("diffopt")
 
 
 class CompiledBackend(TorchBackend):
@@ -44,18 +51,25 @@ class CompiledBackend(TorchBackend):
         return self.mode in ("reduce-overhead", "max-autotune")
 
     def run(self, variant: str, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        if variant not in self.compiled:
+        first_call = variant not in self.compiled
+        if first_call:
             self.compiled[variant] = torch.compile(
                 self.modules[variant], mode=self.mode, dynamic=self.dynamic, fullgraph=True
             )
+            logger.info("diffopt: compiling variant %r (torch.compile, mode %s)", str(variant), self.mode)
+            start = time.perf_counter()
         self._note_batch(variant, inputs[0].shape[0])
         if self.uses_cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
         with torch.no_grad():
             outputs = tuple(self.compiled[variant](*inputs))
+        if first_call:
+            logger.info("diffopt: compiled variant %r in %.1f s", str(variant), time.perf_counter() - start)
         if self.uses_cuda_graphs:  # the pool is overwritten by the next replay
-            outputs = tuple(output.clone() for output in outputs)
-        return outputs
+            return tuple(output.clone(memory_format=torch.contiguous_format) for output in outputs)
+        # state comes back as the next step's input: contiguous, as init_state allocates it, or the
+        # graph is guarded on the first stride it saw and compiled again for the other
+        return tuple(output.contiguous() for output in outputs)
 
     def _note_batch(self, variant: str, batch_size: int) -> None:
         seen = self.batch_sizes.setdefault(variant, set())

@@ -13,11 +13,12 @@ or from a program with other state, and inputs whose dtype, shape, batch or devi
 fit the signature (the message names the input).
 
 Eager use: ``denoiser(x, t, *conditions)`` keeps the state itself, per thread and per
-call stream. It starts a fresh run (zero state, step 0) on the first call, after
-``reset()``, whenever the batch size changes, and when the timestep goes up (every
-sampler walks from noise to data). A second call at the same timestep is another
-stream with its own state (pipelines that call the denoiser twice per step, cond then
-uncond); ``with denoiser.stream("uncond"):`` names a stream explicitly.
+call stream (``runtime.streams``). In a bare loop it starts a fresh run (zero state,
+step 0) on the first call, after ``reset()``, whenever the batch size changes, and when
+the timestep goes up (every sampler walks from noise to data); a second call at the same
+timestep is another stream with its own state (cond then uncond), and
+``with denoiser.stream("uncond"):`` names a stream explicitly. ``with
+denoiser.run_scope():`` marks one run (a pipeline call) and turns the heuristics off.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import torch
 from diffopt.ir.placement import place
 from diffopt.ir.program import BATCH, AnySchedule, ProgramInterface, StateError, StepProgram, TensorSpec
 from diffopt.runtime.backends import Backend, TorchBackend
+from diffopt.runtime.streams import RunHistory, RunRecord, StreamTable
 
 
 class InputError(ValueError):
@@ -93,6 +95,7 @@ class OptimizedDenoiser:
         self.inputs = program.inputs
         self._owner = (program.state, program.schedule)
         self._local = threading.local()
+        self._history = RunHistory()
 
     @property
     def is_stateful(self) -> bool:
@@ -218,44 +221,42 @@ class OptimizedDenoiser:
         finally:
             self._local.explicit_stream = previous
 
-    def _stream_for(self, x: torch.Tensor, now: float) -> dict:
-        """This thread's stream for a call at timestep ``now``: the explicit one, else the
-        first automatic stream that has not run this timestep yet (a second call at the same
-        timestep, e.g. the unconditional pass of CFG, gets the second stream). A timestep
-        above the first stream's last one, or another batch size, starts a new run of every
-        automatic stream."""
-        explicit = getattr(self._local, "explicit_stream", None)
-        if explicit is not None:
-            return self._local.__dict__.setdefault("named_streams", {}).setdefault(explicit, {})
-        streams = self._local.__dict__.setdefault("auto_streams", [])
-        if streams and "last_timestep" in streams[0]:
-            # sampling walks from noise to data: a higher timestep, or another batch size, is a new run
-            if now > streams[0]["last_timestep"] or streams[0]["batch"] != x.shape[0]:
-                streams.clear()
-        for stream in streams:
-            if stream.get("last_timestep", float("inf")) > now:
-                return stream
-        streams.append({})
-        return streams[-1]
-
-    def _starts_new_run(self, stream: dict, x: torch.Tensor, now: float) -> bool:
-        state = stream.get("state")
-        if state is None:
-            return True
+    @contextlib.contextmanager
+    def run_scope(self):
+        """Eager calls inside belong to one sampling run (a pipeline call): every stream starts
+        fresh here, each call is the next step of its stream (no timestep heuristics), and the
+        streams are released at the end, also when the run is cancelled by an exception."""
+        previous = getattr(self._local, "streams", None)
+        self._local.streams = StreamTable(self._history.new_run(), scoped=True)
         try:
-            self.program.state.check(state, x.shape[0])
-        except StateError:
-            return True  # batch size (or composition) changed: never reuse stale state
-        return now >= stream["last_timestep"]
+            yield self
+        finally:
+            self._local.streams = previous
+
+    @property
+    def active_streams(self) -> int:
+        """How many eager streams this thread holds now (bounded by ``streams.MAX_STREAMS``)."""
+        table = getattr(self._local, "streams", None)
+        return 0 if table is None else len(table.auto) + len(table.named)
+
+    def run_history(self) -> list[RunRecord]:
+        """The variants each stream of the recent eager runs ran (every thread, oldest first)."""
+        return self._history.records()
+
+    def _streams(self) -> StreamTable:
+        table = getattr(self._local, "streams", None)
+        if table is None:
+            table = self._local.streams = StreamTable(self._history.new_run(), scoped=False)
+        return table
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor | float, *conditions: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.dim() == 0:
             raise InputError(f"{self.inputs[0].name}: expected a batched tensor, found {x!r:.60}")
-        t = batched_timestep(t, x.shape[0], x.device)
-        now = float(t.max())
-        stream = self._stream_for(x, now)
-        if self._starts_new_run(stream, x, now):
-            stream["state"] = self.init_state(x.shape[0], x.device)
-        out, stream["state"] = self.step(stream["state"].next_step, x, t, *conditions, state=stream["state"])
-        stream["last_timestep"], stream["batch"] = now, x.shape[0]
+        batch = x.shape[0]
+        t = batched_timestep(t, batch, x.device)
+        streams = self._streams()
+        slot = streams.slot_for(getattr(self._local, "explicit_stream", None), batch, lambda: float(t.max()))
+        state = slot.stream.state if slot.stream is not None else self.init_state(batch, x.device)
+        out, state = self.step(state.next_step, x, t, *conditions, state=state)
+        streams.commit(slot, state, self._local.last_variant, batch, self._history)
         return out

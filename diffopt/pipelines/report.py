@@ -1,0 +1,64 @@
+"""``summary``: what the caches of an enabled pipeline did, per program, run and stream.
+
+Each eager run of a program records the variant of every step (``runtime.streams``); the
+summary counts them and prices them in MACs (``measure.macs``, at batch 1): work saved is
+``1 - MACs run / (steps x MACs of full)``, probes included.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+from diffopt.ir.program import FULL
+from diffopt.measure.macs import macs_per_run, variant_macs
+from diffopt.pipelines.call_key import describe_change
+
+
+@dataclass(frozen=True)
+class StreamRun:
+    """One stream of one run: its steps' variants, counted, and the work it saved."""
+
+    program: str  # what tells the program apart from the others (its call signature)
+    run: int
+    stream: str
+    variants: tuple[str, ...]
+    work_saved: float  # 1 - MACs run / MACs of running full at every step
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return dict(Counter(self.variants))
+
+
+@dataclass(frozen=True)
+class Summary:
+    model: str
+    runs: tuple[StreamRun, ...]
+
+    def __str__(self) -> str:
+        lines = [f"diffopt summary of {self.model}: {len(self.runs)} stream run(s)"]
+        header = f"{'run':>4}  {'stream':<10} {'steps':>5}  {'work saved':>10}  variants"
+        lines.append(header)
+        for r in self.runs:
+            counts = ", ".join(f"{name} {count}" for name, count in r.counts.items())
+            lines.append(f"{r.run:>4}  {r.stream:<10} {len(r.variants):>5}  {r.work_saved:>10.1%}  {counts}")
+            lines.append(f"{'':>4}  program: {r.program}; steps: {' '.join(r.variants)}")
+        return "\n".join(lines)
+
+
+def summarize(component) -> Summary:
+    """The ``Summary`` of an ``OptimizedComponent``'s recent runs (oldest first)."""
+    programs = component.programs
+    runs = []
+    for index, program in enumerate(programs):
+        label = describe_change(programs[0].key, program.key) if index else "first call"
+        denoiser = program.denoiser
+        macs = variant_macs(denoiser.program, program.example)
+        for record in denoiser.run_history():
+            if not record.variants:
+                continue
+            spent = macs_per_run(denoiser.program, program.example, variants_run=record.variants)
+            saved = 1.0 - spent / (len(record.variants) * macs[FULL]) if macs[FULL] else 0.0
+            runs.append(StreamRun(label, record.run, record.stream, tuple(record.variants), saved))
+    runs.sort(key=lambda r: r.run)
+    return Summary(type(component.original).__name__, tuple(runs))
