@@ -18,13 +18,14 @@ import torch
 
 from diffopt.capture import CaptureError, capture
 from diffopt.export.onnx import ExportError
-from diffopt.ir.program import StateError
 from diffopt.measure.macs import summarize
 from diffopt.models.zoo import UnknownModelError
 from diffopt.passes.base import PassError
 from diffopt.passes.temporal_difference import MODES
-from diffopt.runtime.bundle import BundleError
-from diffopt.runtime.denoiser import InputError
+
+
+class UsageError(ValueError):
+    """A command cannot run with what it was given (the message says what to change)."""
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -47,8 +48,8 @@ def _load_model(name: str, require_weights: bool) -> tuple[torch.nn.Module, tupl
     if zoo.weights_path(name).exists():
         model, scheduler_config = zoo.load(name)
     elif require_weights:
-        raise SystemExit(
-            f"error: the weights of {name!r} are missing ({zoo.weights_path(name)}); "
+        raise UsageError(
+            f"the weights of {name!r} are missing ({zoo.weights_path(name)}); "
             f"train them with `python scripts/train_reference.py {name}`"
         )
     else:
@@ -185,11 +186,11 @@ def command_sample(args: argparse.Namespace) -> None:
     denoiser = load_bundle(args.bundle)
     manifest = denoiser.backend.manifest
     if manifest.scheduler is None:
-        raise SystemExit("error: this bundle has no noise-schedule config; export it with scheduler_config=...")
+        raise UsageError("this bundle has no noise-schedule config; export it with scheduler_config=...")
     latent, *_ = next(iter(manifest.variants.values())).inputs
     if len(manifest.signature.conditions) != 1:
-        raise SystemExit(
-            f"error: `diffopt sample` draws class-conditional samples (one class-label condition); "
+        raise UsageError(
+            f"`diffopt sample` draws class-conditional samples (one class-label condition); "
             f"this bundle takes {list(manifest.signature.conditions)}: drive it from Python with "
             f"diffopt.runtime.onnxruntime_backend.load_bundle"
         )
@@ -315,7 +316,7 @@ def _bench_file(path: str):
     try:
         return load_configurations(path)
     except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
+        raise UsageError(str(error)) from None
 
 
 def command_bench(args: argparse.Namespace) -> None:
@@ -325,7 +326,7 @@ def command_bench(args: argparse.Namespace) -> None:
     if args.only:
         unknown = sorted(set(args.only) - {c.name for c in configurations})
         if unknown:
-            raise SystemExit(f"error: --only names no configuration of {args.config}: {unknown}")
+            raise UsageError(f"--only names no configuration of {args.config}: {unknown}")
         configurations = [c for i, c in enumerate(configurations) if i == 0 or c.name in args.only]
     summary = run_bench(
         model,
@@ -360,7 +361,7 @@ def command_tune(args: argparse.Namespace) -> None:
             validation_samples=args.validation_samples,
         )
     except ValueError as error:  # nothing meets the floor, or nothing validates
-        raise SystemExit(f"error: {error}") from None
+        raise UsageError(str(error)) from None
     summary["command"] = (
         f"diffopt tune {args.model} --min-psnr {args.min_psnr} --cost {args.cost} --samples {args.samples} "
         f"--validation-samples {args.validation_samples} --out {args.out}"
@@ -371,16 +372,9 @@ def command_tune(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}.json, {args.out}.png and the chosen passes to {passes}")
 
 
-USER_ERRORS = (
-    BundleError,
-    CaptureError,
-    ExportError,
-    InputError,
-    PassError,
-    StateError,
-    FileNotFoundError,
-    UnknownModelError,
-)
+# what a command may raise for a user's input: every library error (bundle, capture, export, input, pass and
+# state errors, unknown models, bad values) and unreadable files; each becomes exit 2 with one line
+USER_ERRORS = (ValueError, CaptureError, ExportError, PassError, UnknownModelError, OSError)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -484,7 +478,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         args.run(args)
     except USER_ERRORS as error:
-        parser.exit(2, f"diffopt {args.command}: error: {error}\n")
+        message = " ".join(str(error).split()) or type(error).__name__
+        parser.exit(2, f"diffopt {args.command}: error: {message}\n")
 
 
 if __name__ == "__main__":

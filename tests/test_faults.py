@@ -4,6 +4,7 @@ and checks that nothing was lost."""
 
 import json
 import math
+import os
 import shutil
 import signal
 import subprocess
@@ -126,7 +127,7 @@ SCHEMA_FAULTS = {
     "schedule without its variant": (lambda d: d["variants"].pop("cached"), "field 'schedule' uses variants"),
     "file outside the bundle": (lambda d: d["variants"]["full"].update(file="../full.onnx"), "variants"),
     "profile": (lambda d: d.update(profile="coreml"), "field 'profile'"),
-    "version": (lambda d: d.update(format_version=1), "version 2"),
+    "version": (lambda d: d.update(format_version=1), "version 3"),
     "scheduler config": (lambda d: d["scheduler"].update(beta_schedule="cubic"), "field 'scheduler'"),
     "not an object": (lambda d: d.clear() or d.update(variants=[]), "field"),
     "state disagrees with the graphs' inputs": (
@@ -197,7 +198,7 @@ def test_export_refuses_a_directory_with_other_files(cached, tmp_path):
     target = tmp_path / "mine"
     target.mkdir()
     (target / "notes.txt").write_text("keep me")
-    with pytest.raises(ExportError, match=r"not part of a diffopt bundle: \['notes.txt'\]"):
+    with pytest.raises(ExportError, match=r"holds no loadable diffopt bundle .*\['notes.txt'\] are left alone"):
         to_onnx(cached, target)
     assert [p.name for p in target.iterdir()] == ["notes.txt"]
     (tmp_path / "file").write_text("x")
@@ -407,3 +408,364 @@ def test_cli_refuses_bad_arguments_before_any_work(pristine, tmp_path, capsys, f
     assert raised.value.code == 2
     assert message in capsys.readouterr().err
     assert time.perf_counter() - started < 20  # refused up front, not after a run
+
+
+# --- round two: every state checked, no file lost, values checked where they enter -----------------------
+
+
+def test_a_state_not_from_this_denoiser_is_refused(cached):
+    x, t = torch.randn(SHAPE), torch.full((3,), 500)
+    with pytest.raises(StateError, match="must be the RunState"):  # a plain tuple would run `cached` on zeros
+        cached.step(1, x, t, LABELS, state=tuple(cached.init_state(3)))
+    with pytest.raises(StateError, match="must be the RunState"):
+        cached.step(0, x, t, LABELS, state=list(cached.init_state(3)))
+    with pytest.raises(StateError, match="is on meta, the inputs on cpu"):
+        cached.step(0, x, t, LABELS, state=cached.init_state(3, device="meta"))
+    with pytest.raises(InputError, match="batch size 0"):
+        cached.step(0, x[:0], t[:0], LABELS[:0], state=cached.init_state(1))
+
+
+def _bundle_like(directory: Path) -> dict[str, bytes]:
+    directory.mkdir()
+    files = {"model.onnx": b"not ours", MANIFEST_NAME: b'{"mine": true}', "weights.bin": b"\x00\x01"}
+    for name, data in files.items():
+        (directory / name).write_bytes(data)
+    return files
+
+
+def test_export_never_empties_a_directory_that_is_not_a_loadable_bundle(cached, tmp_path):
+    files = _bundle_like(tmp_path / "lookalike")
+    with pytest.raises(ExportError, match="holds no loadable diffopt bundle"):
+        to_onnx(cached, tmp_path / "lookalike")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "lookalike").iterdir()} == files
+    (tmp_path / "link").symlink_to(tmp_path / "lookalike")  # through a link as well
+    with pytest.raises(ExportError, match="holds no loadable diffopt bundle"):
+        to_onnx(cached, tmp_path / "link")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "lookalike").iterdir()} == files
+
+
+def test_export_into_a_symlinked_target_replaces_the_bundle_it_points_to(bundle, graph, tmp_path):
+    link = tmp_path / "current"
+    link.symlink_to(bundle)
+    to_onnx(optimize(graph, [IncrementCalibratedCachePass(rank=4, period=2)]), link)
+    assert link.is_symlink() and set(Manifest.load(link).variants) == {"full", "calibrated"}
+    assert set(Manifest.load(bundle).variants) == {"full", "calibrated"}
+
+
+def test_an_export_killed_between_its_two_renames_is_recovered_at_the_next_load(bundle):
+    before = _digests(bundle)
+    script = textwrap.dedent(f"""
+        import os, signal, sys, torch
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from models import simple_dit
+        import diffopt.export.onnx as exporter
+        from diffopt import capture, optimize
+        rename = os.rename
+        def rename_then_die(source, target):  # the kill lands after the old bundle was moved away
+            rename(source, target)
+            if ".old-" in str(target):
+                os.kill(os.getpid(), signal.SIGKILL)
+        exporter.os.rename = rename_then_die
+        graph = capture(simple_dit(seed=9), (torch.randn(2, 1, 16, 16), torch.tensor([999, 5]), torch.tensor([0, 1])))
+        exporter.to_onnx(optimize(graph), {str(bundle)!r})
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=300)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+    assert not bundle.exists() and list(bundle.parent.glob(".bundle.old-*"))  # the window the kill hit
+    load_bundle(bundle)  # the previous bundle is renamed back
+    assert _digests(bundle) == before
+
+
+def test_stale_staging_of_killed_exports_is_removed_by_the_next_export(cached, tmp_path):
+    target = tmp_path / "bundle"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = [tmp_path / ".bundle.partial-dead", tmp_path / ".bundle.partial-unowned"]
+    running = tmp_path / ".bundle.partial-running"
+    for directory in (*stale, running):
+        directory.mkdir()
+        (directory / "full.onnx").write_bytes(b"half")
+    (stale[0] / ".export-pid").write_text(dead.stdout.strip())
+    (running / ".export-pid").write_text(str(os.getpid()))  # a live export: left alone
+    to_onnx(cached, target)
+    assert not any(p.exists() for p in stale) and running.exists()
+    Manifest.load(target)
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 256 KiB tmpfs (root only; skipped elsewhere) and a way to fill it up."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+
+    def fill():
+        try:
+            with open(mount / "filler", "wb", buffering=0) as filler:
+                while True:
+                    filler.write(b"\0" * 4096)
+        except OSError:  # the disk is full
+            pass
+
+    try:
+        yield mount, fill
+    finally:
+        subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+def _statistics(absmax: float = 1.0):
+    from diffopt import CalibrationStatistics
+    from diffopt.ir.statistics import TemporalStatistics
+
+    layers = {f"transformer_blocks.{i}.attn.to_q": absmax for i in range(200)}
+    return CalibrationStatistics(temporal=TemporalStatistics(input_absmax=layers, difference_absmax=dict(layers)))
+
+
+def _shortcut_table(configs: int):
+    from diffopt.measure.shortcuts import ShortcutConfig, ShortcutTable
+
+    return ShortcutTable(tuple(ShortcutConfig(4, (2,) * 50, 10**9, 0.5, 30.0 + i) for i in range(configs)), 50)
+
+
+WRITERS = {  # every kind of file the project writes: a first version, then one that does not fit the full disk
+    "calibration statistics": lambda path, big: _statistics(2.0 if big else 1.0).save(path),
+    "shortcut table": lambda path, big: _shortcut_table(2000 if big else 2).save(path),
+    "pass file": lambda path, big: __import__("diffopt.passes.registry").passes.registry.save_passes(
+        path, [BlockCachePass()], notes="x" * (10**6 if big else 1)
+    ),
+    "PNG grid": lambda path, big: __import__("diffopt.evaluation.metrics.grid").evaluation.metrics.grid.save_grid(
+        torch.rand(400 if big else 1, 1, 16, 16) * 2 - 1, path
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", WRITERS)
+def test_a_full_disk_leaves_the_previous_file_intact(full_disk, kind):
+    mount, fill = full_disk
+    path = mount / "file"
+    WRITERS[kind](path, big=False)
+    before = path.read_bytes()
+    fill()
+    (mount / "filler").write_bytes((mount / "filler").read_bytes()[: -2 * 4096])  # room for a little
+    with pytest.raises(OSError):
+        WRITERS[kind](path, big=True)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in mount.iterdir()) == ["file", "filler"]  # no partial file left behind
+
+
+def _saved_statistics(tmp_path, edit):
+    path = tmp_path / "calibration.json"
+    _statistics().save(path)
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))  # NaN and Infinity as Python's json writes them
+    return path
+
+
+STATISTICS_FAULTS = {
+    "NaN range": (
+        lambda d: d["temporal"]["input_absmax"].update({"transformer_blocks.3.attn.to_q": math.nan}),
+        r"temporal.input_absmax\['transformer_blocks.3.attn.to_q'\]: expected a finite number",
+    ),
+    "infinite range": (
+        lambda d: d["temporal"]["difference_absmax"].update({"transformer_blocks.4.attn.to_q": math.inf}),
+        r"temporal.difference_absmax\['transformer_blocks.4.attn.to_q'\]: expected a finite number",
+    ),
+    "zero range": (
+        lambda d: d["temporal"]["input_absmax"].update({"transformer_blocks.5.attn.to_q": 0.0}),
+        r"temporal.input_absmax\['transformer_blocks.5.attn.to_q'\]: expected a positive range, found 0.0",
+    ),
+    "negative range": (
+        lambda d: d["temporal"]["difference_absmax"].update({"transformer_blocks.6.attn.to_q": -1.0}),
+        r"temporal.difference_absmax\['transformer_blocks.6.attn.to_q'\]: expected a non-negative range",
+    ),
+    "missing section": (lambda d: d.pop("temporal"), "section 'temporal': expected an object"),
+    "mistyped section": (
+        lambda d: d["temporal"].update(input_absmax=[1.0]),
+        "temporal.input_absmax: expected an object",
+    ),
+    "range as text": (
+        lambda d: d["temporal"]["input_absmax"].update({"transformer_blocks.7.attn.to_q": "1.0"}),
+        r"temporal.input_absmax\['transformer_blocks.7.attn.to_q'\]: expected a finite number",
+    ),
+    "bits": (lambda d: d["temporal"].update(bits=0), r"temporal.bits: expected an int in \[2, 16\]"),
+}
+
+
+@pytest.mark.parametrize("fault", STATISTICS_FAULTS, ids=list(STATISTICS_FAULTS))
+def test_calibration_statistics_are_checked_where_they_are_loaded(tmp_path, fault):
+    from diffopt import CalibrationStatistics
+
+    edit, message = STATISTICS_FAULTS[fault]
+    path = _saved_statistics(tmp_path, edit)
+    with pytest.raises(ValueError, match=f"calibration statistics {path}: {message}"):
+        CalibrationStatistics.load(path)
+
+
+def test_statistics_of_another_model_name_the_file_and_the_layer(graph, tmp_path):
+    from diffopt import CalibrationStatistics
+
+    path = tmp_path / "other-model.json"
+    _statistics().save(path)
+    with pytest.raises(PassError, match=rf"layer '[^']+' was not calibrated in {path}"):
+        optimize(graph, [TemporalDifferencePass("difference")], calibration=CalibrationStatistics.load(path))
+
+
+@pytest.mark.parametrize("labels", [[1, 11, 2], [-1, 0, 3]], ids=["past the table", "negative"])
+def test_class_labels_outside_the_table_are_refused_by_name(cached, pristine, labels):
+    x, t = torch.randn(SHAPE), torch.full((3,), 500)
+    for denoiser in (cached, load_bundle(pristine, threads=1, verify_checksums=False)):
+        with pytest.raises(InputError, match=r"y: values must be in \[0, 10\]"):
+            denoiser.step(0, x, t, torch.tensor(labels), state=denoiser.init_state(3))
+    with pytest.raises(InputError, match=r"y: values must be in \[0, 10\]"):  # before any step runs
+        Sampler(make_scheduler(DDPM, num_steps=2), progress=False).sample(cached, (torch.tensor(labels),), shape=SHAPE)
+    null = torch.tensor(labels[1])
+    guided = Sampler(make_scheduler(DDPM, num_steps=2), guidance_scale=2.0, null_conditions=(null,), progress=False)
+    with pytest.raises(InputError, match=r"y: values must be in \[0, 10\]"):  # a null class past the table
+        guided.sample(cached, (LABELS,), shape=SHAPE)
+
+
+VALUE_FAULTS = {
+    "speculative negative clip": (
+        lambda: SpeculativeDDPMSampler(torch.linspace(0.99, 0.01, 1000), 10, clip_sample=-1),
+        "SpeculativeDDPMSampler.clip_sample must be a finite number >= 0.0",
+    ),
+    "speculative window as text": (
+        lambda: SpeculativeDDPMSampler(torch.linspace(0.99, 0.01, 1000), 10, window="3"),
+        "SpeculativeDDPMSampler.window must be an int >= 1 or None",
+    ),
+    "speculative steps past the schedule": (
+        lambda: SpeculativeDDPMSampler(torch.linspace(0.99, 0.01, 100), 200),
+        "num_steps 200 exceeds the 100 training timesteps",
+    ),
+    "fractional null class": (
+        lambda: Sampler(
+            make_scheduler(DDPM, num_steps=2), guidance_scale=2.0, null_conditions=(torch.tensor(10.5),)
+        ).sample(lambda x, t, c: x, (LABELS,), shape=SHAPE),
+        r"null_conditions\[0\] = \[10.5\] does not convert exactly to the condition's int64",
+    ),
+    "null condition of another shape": (
+        lambda: Sampler(make_scheduler(DDPM, num_steps=2), guidance_scale=2.0, null_conditions=(torch.ones(2),)).sample(
+            lambda x, t, c: x, (LABELS,), shape=SHAPE
+        ),
+        r"null_conditions\[0\] has shape \(2,\)",
+    ),
+    "seed past 64 bits": (
+        lambda: Sampler(make_scheduler(DDPM), progress=False).sample(lambda x, t, c: x, shape=(1, 1), seed=2**64),
+        "seed must be below 2\\*\\*64",
+    ),
+    "no training timesteps": (
+        lambda: make_scheduler({"kind": "ddpm", "num_train_timesteps": 0}),
+        "num_train_timesteps must be an int >= 2",
+    ),
+    "fractional training timesteps": (
+        lambda: make_scheduler({"kind": "ddpm", "num_train_timesteps": 2.5}),
+        "num_train_timesteps must be an int >= 2",
+    ),
+    "a billion training timesteps": (
+        lambda: make_scheduler({"kind": "ddpm", "num_train_timesteps": 10**9}),
+        "num_train_timesteps 1000000000 is above 100000",
+    ),
+    "enable without programs": (
+        lambda: __import__("diffopt").pipelines.OptimizedComponent(simple_dit(), max_programs=0),
+        "max_programs must be an int >= 1",
+    ),
+}
+
+
+@pytest.mark.parametrize("fault", VALUE_FAULTS, ids=list(VALUE_FAULTS))
+def test_values_are_checked_where_they_enter(fault):
+    make, message = VALUE_FAULTS[fault]
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_a_shortcut_table_never_picks_a_run_that_diverged():
+    from diffopt.measure.shortcuts import ShortcutConfig, ShortcutTable
+
+    diverged = ShortcutConfig(2, (2,), 10, 0.1, math.nan)
+    table = ShortcutTable((diverged, ShortcutConfig(4, (2,), 20, 0.2, 30.0)), 50)
+    assert table.pick(max_macs=100).quality == 30.0
+    with pytest.raises(ValueError, match="no configuration fits"):
+        ShortcutTable((diverged,), 50).pick(max_macs=100)
+
+
+BENCH_FAULTS = {
+    "zero steps": ({"name": "x", "steps": 0}, r"configuration 'x'.steps must be an int >= 1"),
+    "passes as an object": ({"name": "x", "passes": {"pass": "BlockCachePass"}}, "passes is a list of pass objects"),
+    "baseline as text": ({"name": "x", "baseline": "cache-dit"}, "baseline is an object"),
+    "nameless": ({"name": ""}, "name is a non-empty string"),
+}
+
+
+@pytest.mark.parametrize("fault", BENCH_FAULTS, ids=list(BENCH_FAULTS))
+def test_bench_files_are_checked_before_any_run(tmp_path, fault):
+    from diffopt.evaluation.bench import load_configurations
+    from diffopt.models.zoo import UnknownModelError
+
+    configuration, message = BENCH_FAULTS[fault]
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps({"model": "dit-digits", "configurations": [{"name": "reference"}, configuration]}))
+    with pytest.raises(ValueError, match=message):
+        load_configurations(path)
+    path.write_text(json.dumps({"model": "no-such-model", "configurations": [{"name": "reference"}]}))
+    with pytest.raises(UnknownModelError, match="unknown reference model 'no-such-model'"):
+        load_configurations(path)
+
+
+def _loaders():
+    from diffopt import CalibrationStatistics
+    from diffopt.evaluation.bench import load_configurations
+    from diffopt.measure.shortcuts import ShortcutTable
+    from diffopt.passes.registry import load_passes
+
+    return {
+        "pass file": load_passes,
+        "bench file": load_configurations,
+        "calibration statistics": CalibrationStatistics.load,
+        "shortcut table": ShortcutTable.load,
+    }
+
+
+@pytest.mark.parametrize("kind", ["pass file", "bench file", "calibration statistics", "shortcut table", "bundle"])
+@pytest.mark.parametrize("content", [b'{"passes": "\xff\xfe"}', b"[" * 100_000], ids=["not UTF-8", "deeply nested"])
+def test_unreadable_json_is_named_by_its_loader(bundle, tmp_path, kind, content):
+    path = bundle / MANIFEST_NAME if kind == "bundle" else tmp_path / "file.json"
+    path.write_bytes(content)
+    load = (lambda p: Manifest.load(p.parent, verify_checksums=False)) if kind == "bundle" else _loaders()[kind]
+    with pytest.raises(ValueError, match=r"file.json is not|manifest.json is not") as raised:
+        load(path)
+    assert "UTF-8" in str(raised.value) or "nested too deeply" in str(raised.value)
+
+
+def test_the_cli_maps_library_value_errors_to_exit_2_and_one_line(tmp_path, capsys):
+    statistics = _saved_statistics(tmp_path, lambda d: d["temporal"]["input_absmax"].update({"a": math.nan}))
+    argv = ["export", "dit-digits", str(tmp_path / "b"), "--temporal-difference", "difference"]
+    with pytest.raises(SystemExit) as raised:
+        main([*argv, "--calibration", str(statistics)])
+    err = capsys.readouterr().err
+    assert raised.value.code == 2 and err.count("\n") == 1 and "expected a finite number" in err
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({"model": "dit-digits", "configurations": [{"name": "r", "steps": "50"}]}))
+    with pytest.raises(SystemExit) as raised:
+        main(["bench", str(bench), "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert raised.value.code == 2 and err.count("\n") == 1 and "steps must be an int" in err
+
+
+def test_graph_files_swapped_between_variants_are_refused_even_with_new_checksums(bundle):
+    full, cached_file = (bundle / "full.onnx").read_bytes(), (bundle / "cached.onnx").read_bytes()
+    (bundle / "full.onnx").write_bytes(cached_file)
+    (bundle / "cached.onnx").write_bytes(full)
+    listed = [line.split("  ")[1] for line in (bundle / CHECKSUMS_NAME).read_text().splitlines()]
+    (bundle / CHECKSUMS_NAME).write_text("".join(f"{sha256_of(bundle / n)}  {n}\n" for n in listed))
+    with pytest.raises(BundleError, match="full.onnx is not the file manifest.json field 'variants.full'"):
+        load_bundle(bundle)
+
+
+def test_symbolic_links_inside_a_bundle_are_refused(bundle, tmp_path):
+    elsewhere = tmp_path / "weights-elsewhere.bin"
+    shutil.move(bundle / "weights.bin", elsewhere)
+    (bundle / "weights.bin").symlink_to(elsewhere)  # the same bytes, checksums still match
+    with pytest.raises(BundleError, match="symbolic link"):
+        load_bundle(bundle)

@@ -205,7 +205,7 @@ def test_budget_api_picks_the_best_calibrated_configuration_within_the_budget(tm
     table.save(tmp_path / "table.json")
     assert ShortcutTable.load(tmp_path / "table.json") == table
     (tmp_path / "broken.json").write_text("{not json")
-    with pytest.raises(ValueError, match="broken.json: not a shortcut table"):
+    with pytest.raises(ValueError, match="broken.json.*not a shortcut table"):
         ShortcutTable.load(tmp_path / "broken.json")
     front = table.pareto()
     assert all(a.macs <= b.macs and a.quality < b.quality for a, b in zip(front, front[1:]))

@@ -1,6 +1,7 @@
 """Pass files, ``diffopt bench`` and ``diffopt tune`` (on the shipped dit-digits, few samples)."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -139,11 +140,14 @@ def test_a_saved_pass_file_reproduces_the_tuned_program(tmp_path):
 def test_cli_bench_refuses_unknown_names_before_running(tmp_path, capsys):
     path = tmp_path / "bench.json"
     path.write_text(json.dumps({"model": "dit-digits", "configurations": [{"name": "DDIM 50"}]}))
-    with pytest.raises(SystemExit, match=r"--only names no configuration .* \['DDIM 51'\]"):
+    with pytest.raises(SystemExit) as raised:
         main(["bench", str(path), "--out", str(tmp_path / "r"), "--only", "DDIM 51"])
+    assert raised.value.code == 2
+    assert re.search(r"--only names no configuration .* \['DDIM 51'\]", capsys.readouterr().err)
     (tmp_path / "broken.json").write_text(json.dumps({"model": "dit-digits"}))
-    with pytest.raises(SystemExit, match="not a bench file"):
+    with pytest.raises(SystemExit) as raised:
         main(["bench", str(tmp_path / "broken.json"), "--out", str(tmp_path / "r")])
+    assert raised.value.code == 2 and "not a bench file" in capsys.readouterr().err
 
 
 def _tiny_run(model, steps):

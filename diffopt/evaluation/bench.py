@@ -32,10 +32,13 @@ import torch
 from diffopt.capture import capture
 from diffopt.evaluation.metrics.digits import class_accuracy, digits_fd, label_agreement
 from diffopt.evaluation.runs import generate, scheduler, time_runs
+from diffopt.ir.files import read_json, replacing, write_text
+from diffopt.ir.validation import require_int
 from diffopt.measure.calibration import calibrate
 from diffopt.measure.fidelity import psnr, relative_l2
 from diffopt.measure.macs import count_macs
 from diffopt.models import example_inputs, load
+from diffopt.models.zoo import get_spec
 from diffopt.optimize import optimize
 from diffopt.passes.registry import pass_from_dict
 from diffopt.runtime.sampler import Sampler
@@ -54,6 +57,19 @@ class Configuration:
     family: str = ""  # groups rows in the plot
 
     def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"a configuration's name is a non-empty string, found {self.name!r}")
+        require_int(f"configuration {self.name!r}", "steps", self.steps, minimum=1)
+        if self.passes is not None and not (
+            isinstance(self.passes, (list, tuple)) and all(isinstance(p, dict) for p in self.passes)
+        ):
+            raise ValueError(
+                f"configuration {self.name!r}: passes is a list of pass objects, found {self.passes!r:.80}"
+            )
+        if self.baseline is not None and not isinstance(self.baseline, dict):
+            raise ValueError(f"configuration {self.name!r}: baseline is an object, found {self.baseline!r:.80}")
+        if not isinstance(self.family, str):
+            raise ValueError(f"configuration {self.name!r}: family is a string, found {self.family!r:.80}")
         if self.backend not in BACKENDS:
             raise ValueError(f"configuration {self.name!r}: backend must be one of {BACKENDS}, found {self.backend!r}")
         if self.baseline is not None and (self.passes is not None or self.baseline.get("kind") not in BASELINE_KINDS):
@@ -86,13 +102,20 @@ class Configuration:
 def load_configurations(path: str | os.PathLike) -> tuple[str, str, list[Configuration]]:
     """(model name, title, configurations) of a bench file
     ``{"model": ..., "title": ..., "configurations": [...]}``."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not a bench file (not JSON: {error})") from None
+    data = read_json(path, "a bench file")
     if not isinstance(data, dict) or not isinstance(data.get("configurations"), list) or "model" not in data:
         raise ValueError(f"{path} is not a bench file: expected an object with 'model' and a 'configurations' list")
-    configurations = [Configuration.from_dict(item) for item in data["configurations"]]
+    if not isinstance(data["model"], str) or not isinstance(data.get("title", ""), str):
+        raise ValueError(
+            f"{path}: 'model' and 'title' are strings, found {data['model']!r:.60}, {data.get('title')!r:.60}"
+        )
+    get_spec(data["model"])  # an unknown model is named before any run
+    if not data["configurations"]:
+        raise ValueError(f"{path}: 'configurations' is empty: the first one is the reference")
+    try:
+        configurations = [Configuration.from_dict(item) for item in data["configurations"]]
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
     names = [c.name for c in configurations]
     if len(set(names)) != len(names):
         raise ValueError(f"{path}: configuration names repeat: {sorted({n for n in names if names.count(n) > 1})}")
@@ -292,7 +315,8 @@ def plot(summary: dict, path: Path, title: str) -> None:
     left.legend(fontsize=8)
     figure.suptitle(f"{summary['model']}: {title} ({summary['samples']} samples each)")
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    with replacing(path) as partial:
+        figure.savefig(partial, dpi=110, format="png")
     plt.close(figure)
 
 
@@ -300,7 +324,7 @@ def write_results(summary: dict, stem: str | os.PathLike, title: str, command: s
     """``<stem>.json``, ``<stem>.md`` and (with quality rows) ``<stem>.png``."""
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps({**summary, "command": command, "title": title}, indent=2))
-    stem.with_suffix(".md").write_text(to_markdown(summary, title, command))
+    write_text(stem.with_suffix(".json"), json.dumps({**summary, "command": command, "title": title}, indent=2))
+    write_text(stem.with_suffix(".md"), to_markdown(summary, title, command))
     if summary["samples"] is not None:
         plot(summary, stem.with_suffix(".png"), title)

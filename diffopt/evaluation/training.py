@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from diffopt.evaluation.data import load_digits_split
+from diffopt.ir.files import replacing
 from diffopt.models.zoo import NULL_CLASS, ReferenceModelSpec, build_architecture
 from diffopt.runtime.noise import make_alphas_cumprod
 
@@ -106,16 +107,20 @@ class TrainingRun:
             for p_ema, p in zip(self.ema.parameters(), self.model.parameters()):
                 p_ema.lerp_(p, 1 - self.recipe["ema_decay"])
         if (step + 1) % self.checkpoint_every == 0 or step + 1 == steps:
-            torch.save(
-                {
-                    "model": self.model.state_dict(),
-                    "ema": self.ema.state_dict(),
-                    "optimizer": self.optimizer.state_dict(),
-                    "generator": self.generator.get_state(),
-                    "step": step + 1,
-                },
-                self.checkpoint_path,
-            )
+            with replacing(self.checkpoint_path) as partial:  # a kill while saving keeps the last checkpoint
+                self._save_checkpoint(partial, step)
+
+    def _save_checkpoint(self, path, step: int) -> None:
+        torch.save(
+            {
+                "model": self.model.state_dict(),
+                "ema": self.ema.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "generator": self.generator.get_state(),
+                "step": step + 1,
+            },
+            path,
+        )
 
 
 def train_reference_model(

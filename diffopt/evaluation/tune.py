@@ -28,6 +28,7 @@ from tqdm import tqdm
 from diffopt.capture import capture
 from diffopt.evaluation.bench import Configuration, build, measure, pareto, reference_calibration
 from diffopt.evaluation.runs import time_runs
+from diffopt.ir.files import replacing, write_text
 from diffopt.ir.layers import find_blocks
 from diffopt.models import example_inputs, load
 from diffopt.passes.base import PassError
@@ -174,7 +175,7 @@ def save(summary: dict[str, Any], stem: str | os.PathLike) -> Path:
     chosen pass list ``<stem>.passes.json``; returns the pass file's path."""
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(summary, indent=2))
+    write_text(stem.with_suffix(".json"), json.dumps(summary, indent=2))
     _plot(summary, stem.with_suffix(".png"))
     chosen = summary["chosen"]
     return save_passes(
@@ -225,5 +226,6 @@ def _plot(summary: dict[str, Any], path: Path) -> None:
     axes.set_title(f"diffopt tune {summary['model']} --min-psnr {summary['min_psnr']}")
     axes.legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    with replacing(path) as partial:
+        figure.savefig(partial, dpi=110, format="png")
     plt.close(figure)

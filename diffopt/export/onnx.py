@@ -22,7 +22,6 @@ import hashlib
 import os
 import shutil
 import tempfile
-import uuid
 import warnings
 from collections.abc import Mapping, Sequence
 from importlib import resources
@@ -35,7 +34,13 @@ from tqdm import tqdm
 from diffopt.ir.graph_tools import attribute
 from diffopt.ir.program import BATCH, StepProgram, TensorSpec, concrete_shape
 from diffopt.quant.ops import ONNX_TRANSLATIONS, quantization_summary
-from diffopt.runtime.bundle import CHECKSUMS_NAME, MANIFEST_NAME, Manifest, VariantFile
+from diffopt.runtime.bundle import (
+    Manifest,
+    VariantFile,
+    recover_interrupted_swap,
+    retired_name,
+    sha256_of,
+)
 from diffopt.runtime.denoiser import OptimizedDenoiser
 from diffopt.version import __version__
 
@@ -44,6 +49,7 @@ _NARROW_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 PROFILES = ("onnxruntime", "tensorrt")
 WEIGHTS_FILE = "weights.bin"
+OWNER_FILE = ".export-pid"  # in a staging directory: the exporting process, for stale-staging cleanup
 INLINE_LIMIT = 1024  # bytes: smaller tensors stay inside the graph files
 ALIGNMENT = 64
 
@@ -85,9 +91,14 @@ def to_onnx(
     program = _float64_tables_in_float32(program)
     _require_no_float64(program)
     directory = Path(directory)
+    if directory.is_symlink():  # a link to where the user keeps bundles: the bundle goes there, the link stays
+        directory = directory.resolve()
+    recover_interrupted_swap(directory)
     _check_target(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(directory)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.partial-", dir=directory.parent))
+    (staging / OWNER_FILE).write_text(str(os.getpid()))
     try:
         manifest = _write_bundle(program, staging, profile, export_batch, scheduler_config)
         _verify(staging, export_batch)
@@ -110,15 +121,15 @@ def _write_bundle(
     for name in tqdm(program.variants, desc="exporting variants", leave=False):
         output_names = ["signal" if name in probes else "out", *(f"next.{n}" for n in program.state.names)]
         models[name] = _export_variant(program.variants[name], example, input_specs, output_names, name)
-        variant_files[name] = VariantFile(f"{name}.onnx", tuple(input_specs), _output_specs(models[name]))
     _store_weights_once(models, directory / WEIGHTS_FILE)
     for name, model in models.items():
         model.graph.ClearField("value_info")  # stale intermediate shapes break onnxruntime.quantization's tools
-        path = directory / variant_files[name].file
+        path = directory / f"{name}.onnx"
         onnx.save(model, str(path))
         onnx.checker.check_model(str(path), full_check=True)
         if profile == "tensorrt":
             check_tensorrt_ready(model, name)
+        variant_files[name] = VariantFile(path.name, tuple(input_specs), _output_specs(model), sha256_of(path))
     manifest = Manifest(
         program.signature,
         program.state,
@@ -126,6 +137,7 @@ def _write_bundle(
         variant_files,
         profile,
         WEIGHTS_FILE,
+        sha256_of(directory / WEIGHTS_FILE),
         __version__,
         program.model_class,
         _opset(next(iter(models.values()))),
@@ -137,7 +149,8 @@ def _write_bundle(
 
 
 def _check_target(directory: Path) -> None:
-    """Refuse, before any work, a target that is a file or holds files that are not a bundle's."""
+    """Refuse, before any work, a target that is a file, that is not a loadable diffopt bundle,
+    or that holds files besides its bundle's: only a bundle of ours is ever replaced."""
     if directory.exists() and not directory.is_dir():
         raise ExportError(f"{directory} exists and is not a directory: choose a directory for the bundle")
     if not directory.exists():
@@ -147,14 +160,40 @@ def _check_target(directory: Path) -> None:
         return
     try:
         bundle_files = set(Manifest.load(directory, verify_checksums=False).files)
-    except (FileNotFoundError, ValueError):
-        bundle_files = {MANIFEST_NAME, CHECKSUMS_NAME, WEIGHTS_FILE} | {n for n in present if n.endswith(".onnx")}
+    except (FileNotFoundError, ValueError) as error:
+        raise ExportError(
+            f"{directory} is not empty and holds no loadable diffopt bundle ({error}); its files {sorted(present)[:8]} "
+            f"are left alone: export into a new or empty directory (nothing was written)"
+        ) from None
     others = sorted(present - bundle_files)
     if others:
         raise ExportError(
             f"{directory} holds files that are not part of a diffopt bundle: {others[:8]}; export into a new or "
             f"empty directory (nothing was written)"
         )
+
+
+def _remove_stale_partials(directory: Path) -> None:
+    """Remove the staging directories of earlier exports to ``directory`` whose process is gone
+    (killed exports); a running export's staging (its process alive) is left alone."""
+    for staging in directory.parent.glob(f".{directory.name}.partial-*"):
+        owner = staging / OWNER_FILE
+        try:
+            pid = int(owner.read_text())
+        except (OSError, ValueError):
+            pid = None
+        if pid is None or not _process_alive(pid):
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _verify(directory: Path, batch_size: int) -> None:
@@ -176,11 +215,14 @@ def _verify(directory: Path, batch_size: int) -> None:
 
 def _swap_in(staging: Path, directory: Path) -> None:
     """Replace ``directory`` by ``staging``: the old bundle is renamed away, the new one
-    renamed in, and only then is the old one removed."""
+    renamed in, and only then is the old one removed. A process killed between the two
+    renames leaves the old bundle at ``retired_name``, which the next load or export of
+    ``directory`` renames back (``bundle.recover_interrupted_swap``)."""
+    (staging / OWNER_FILE).unlink()
     if not directory.exists():
         os.rename(staging, directory)
         return
-    retired = directory.with_name(f".{directory.name}.old-{uuid.uuid4().hex[:8]}")
+    retired = retired_name(directory)
     os.rename(directory, retired)
     try:
         os.rename(staging, directory)

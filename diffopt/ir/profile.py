@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from diffopt.ir.files import read_json, write_text
+
 
 @dataclass(frozen=True)
 class MachineModel:
@@ -47,11 +49,11 @@ class LayerProfile:
     groups: dict[str, GroupCost] = field(default_factory=dict)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(dataclasses.asdict(self), indent=1))
+        write_text(path, json.dumps(dataclasses.asdict(self), indent=1))
 
     @classmethod
     def load(cls, path: str | Path) -> LayerProfile:
-        data = json.loads(Path(path).read_text())
+        data = read_json(path, "a layer profile")
         return cls(
             data["difference"],
             data["batch_size"],

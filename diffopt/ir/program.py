@@ -78,13 +78,23 @@ class TensorSpec:
     name: str
     shape: tuple[int | str, ...]
     dtype: str  # torch dtype name without "torch.", e.g. "float32"
+    bounds: tuple[int, int] | None = None  # the values an index input may take (class labels), inclusive
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+        data = {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+        return data if self.bounds is None else {**data, "bounds": list(self.bounds)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TensorSpec:
-        spec = cls(str(data["name"]), _checked_shape(data["shape"]), str(data["dtype"]))
+        bounds = data.get("bounds")
+        if bounds is not None and not (
+            isinstance(bounds, list)
+            and len(bounds) == 2
+            and all(type(b) is int for b in bounds)
+            and bounds[0] <= bounds[1]
+        ):
+            raise ValueError(f"bounds must be [lowest, highest] ints, found {bounds!r}")
+        spec = cls(str(data["name"]), _checked_shape(data["shape"]), str(data["dtype"]), _tuple_or_none(bounds))
         spec.torch_dtype  # noqa: B018 (raises on an unknown dtype)
         return spec
 
@@ -443,9 +453,12 @@ class StepProgram:
         """Specs of the model inputs ``(latent, timestep, *conditions)``, from the graphs."""
         if self.input_specs is not None:
             return self.input_specs
-        graph = next(iter(self.variants.values())).graph
-        placeholders = [node for node in graph.nodes if node.op == "placeholder"][: self.num_inputs]
-        return tuple(TensorSpec.of_node(name, node) for name, node in zip(self.signature.input_names, placeholders))
+        module = next(iter(self.variants.values()))
+        placeholders = [node for node in module.graph.nodes if node.op == "placeholder"][: self.num_inputs]
+        return tuple(
+            dataclasses.replace(TensorSpec.of_node(name, node), bounds=_index_bounds(module, node))
+            for name, node in zip(self.signature.input_names, placeholders)
+        )
 
     @property
     def interface(self) -> ProgramInterface:
@@ -459,3 +472,48 @@ class StepProgram:
             parts.append(name)
             parts.extend(f"{n.format_node()} {n.meta.get('diffopt')!r}" for n in graph.nodes)
         return "\n".join(parts)
+
+
+def _attribute(module: torch.nn.Module, target: str) -> Any:
+    for part in target.split("."):
+        module = getattr(module, part, None)
+    return module
+
+
+def _tuple_or_none(value: list | None) -> tuple | None:
+    return None if value is None else tuple(value)
+
+
+_INDEX_PASS_THROUGH = {  # ops an index input may pass through on its way to an embedding table
+    torch.ops.aten._to_copy.default,
+    torch.ops.aten.to.dtype,
+    torch.ops.aten.clone.default,
+    torch.ops.aten.view.default,
+    torch.ops.aten.reshape.default,
+    torch.ops.aten.expand.default,
+    torch.ops.aten.unsqueeze.default,
+    torch.ops.aten.flatten.using_ints,
+}
+
+
+def _index_bounds(module: fx.GraphModule, placeholder: fx.Node) -> tuple[int, int] | None:
+    """``(0, rows - 1)`` for an integer input that indexes embedding tables (class labels: an
+    index past the table is an error in torch and silently something else in onnxruntime);
+    None for any other input."""
+    value = placeholder.meta.get("val")
+    if not isinstance(value, torch.Tensor) or value.dtype.is_floating_point or value.dtype == torch.bool:
+        return None
+    rows, frontier = [], [placeholder]
+    while frontier:
+        node = frontier.pop()
+        for user in node.users:
+            if user.op != "call_function":
+                continue
+            if user.target == torch.ops.aten.embedding.default and user.args[1] is node:
+                weight = user.args[0]
+                table = _attribute(module, weight.target) if weight.op == "get_attr" else weight.meta.get("val")
+                if isinstance(table, torch.Tensor):
+                    rows.append(int(table.shape[0]))
+            elif user.target in _INDEX_PASS_THROUGH and user.args[0] is node:
+                frontier.append(user)
+    return (0, min(rows) - 1) if rows else None

@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from diffopt.ir.files import read_json, write_text
+
 FORMAT = "diffopt-calibration"
 FORMAT_VERSION = 1
 WIDTH_CLASSES = ("zero", "4bit", "8bit", "wider")  # |code| == 0, <= 7, <= 127, > 127
@@ -38,6 +40,7 @@ class ActivationStatistics:
 
     sums: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    source: str = field(default="", compare=False, repr=False)  # the file it was loaded from, for errors
 
     def add(self, layer: str, kind: str, per_sample: torch.Tensor) -> None:
         sums, counts = self.sums.setdefault(layer, {}), self.counts.setdefault(layer, {})
@@ -46,7 +49,10 @@ class ActivationStatistics:
 
     def mean(self, layer: str, kind: str) -> torch.Tensor:
         if layer not in self.sums or kind not in self.sums[layer]:
-            raise KeyError(f"no {kind!r} statistics for layer {layer!r}; calibrated layers: {sorted(self.sums)[:8]}...")
+            raise KeyError(
+                f"no {kind!r} statistics for layer {layer!r}{_in(self.source)}; calibrated layers: "
+                f"{sorted(self.sums)[:8]}... (statistics of another model? calibrate this one)"
+            )
         return self.sums[layer][kind] / self.counts[layer][kind]
 
     def channel_weights(self, layer: str, kind: str) -> torch.Tensor:
@@ -81,6 +87,7 @@ class TemporalStatistics:
     difference_absmax: dict[str, float] = field(default_factory=dict)
     step_sums: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # layer -> metric -> per step
     step_counts: dict[str, list[int]] = field(default_factory=dict)  # layer -> samples per step
+    source: str = field(default="", compare=False, repr=False)  # the file it was loaded from, for errors
 
     def input_range(self, layer: str) -> float:
         """Calibrated max |input| of ``layer`` (a static scale is ``quant.symmetric_scale`` of it)."""
@@ -93,8 +100,8 @@ class TemporalStatistics:
     def _lookup(self, table: dict[str, float], layer: str) -> float:
         if layer not in table:
             raise KeyError(
-                f"layer {layer!r} was not calibrated; calibrated layers: {sorted(table)[:6]}... "
-                f"(calibrate the same model with calibrate_temporal or `diffopt calibrate`)"
+                f"layer {layer!r} was not calibrated{_in(self.source)}; calibrated layers: {sorted(table)[:6]}... "
+                f"(statistics of another model? calibrate this one with calibrate_temporal or `diffopt calibrate`)"
             )
         return table[layer]
 
@@ -124,7 +131,7 @@ class TemporalStatistics:
         return sum(self.layer_mean(name, metric) for name in layers) / max(len(layers), 1)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "source"}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TemporalStatistics:
@@ -181,18 +188,71 @@ class CalibrationStatistics:
             "activations": self.activations.to_dict(),
             "temporal": self.temporal.to_dict(),
         }
-        Path(path).write_text(json.dumps(data))
+        write_text(path, json.dumps(data))
 
     @classmethod
     def load(cls, path: str | Path) -> CalibrationStatistics:
+        """Statistics from ``path``, every section, layer and value checked (``_check_file``): a
+        ``ValueError`` names the file, the layer and the field of the first bad value."""
         path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as error:
-            raise ValueError(f"cannot read calibration statistics {path}: {error}") from error
+        data = read_json(path, "calibration statistics")
         if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("version") != FORMAT_VERSION:
             raise ValueError(
                 f"{path} is not a {FORMAT} file of version {FORMAT_VERSION} (write one with "
                 f"diffopt.measure.calibration.calibrate(...).save(path) or `diffopt calibrate`)"
             )
-        return cls(ActivationStatistics.from_dict(data["activations"]), TemporalStatistics.from_dict(data["temporal"]))
+        _check_file(path, data)
+        activations = ActivationStatistics.from_dict(data["activations"])
+        temporal = TemporalStatistics.from_dict(data["temporal"])
+        activations.source = temporal.source = str(path)
+        return cls(activations, temporal)
+
+
+def _check_file(path: Path, data: dict) -> None:
+    """Every section and value a statistics file must hold, with its type and range; the
+    error names the file, the section, the layer and the field."""
+
+    def fail(where: str, problem: str) -> None:
+        raise ValueError(f"calibration statistics {path}: {where}: {problem}")
+
+    def mapping(value: Any, where: str) -> dict:
+        if not isinstance(value, dict):
+            fail(where, f"expected an object, found {type(value).__name__}")
+        return value
+
+    def number(value: Any, where: str, positive: bool) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            fail(where, f"expected a finite number, found {value!r:.40}")
+        if value < 0 or (positive and value == 0):
+            fail(where, f"expected a {'positive' if positive else 'non-negative'} range, found {value!r}")
+
+    activations = mapping(data.get("activations"), "section 'activations'")
+    sums, counts = (mapping(activations.get(k), f"activations.{k}") for k in ("sums", "counts"))
+    for layer, kinds in sums.items():
+        for kind, values in mapping(kinds, f"activations.sums[{layer!r}]").items():
+            where = f"activations.sums[{layer!r}][{kind!r}]"
+            if not isinstance(values, list) or not values:
+                fail(where, f"expected a non-empty list of numbers, found {values!r:.40}")
+            for value in values:
+                number(value, where, positive=False)
+            count = mapping(counts.get(layer), f"activations.counts[{layer!r}]").get(kind)
+            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+                fail(f"activations.counts[{layer!r}][{kind!r}]", f"expected a count >= 1, found {count!r}")
+    temporal = mapping(data.get("temporal"), "section 'temporal'")
+    bits = temporal.get("bits")
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 16:
+        fail("temporal.bits", f"expected an int in [2, 16], found {bits!r}")
+    for section in ("ops", "input_absmax", "difference_absmax", "step_sums", "step_counts"):
+        mapping(temporal.get(section), f"temporal.{section}")
+    for layer, value in temporal["input_absmax"].items():
+        number(value, f"temporal.input_absmax[{layer!r}]", positive=True)  # a zero scale quantizes all to 0
+    for layer, value in temporal["difference_absmax"].items():
+        number(value, f"temporal.difference_absmax[{layer!r}]", positive=False)  # an input that never changes
+    known = {f.name for f in dataclasses.fields(TemporalStatistics)} - {"source"}
+    unknown = sorted(set(temporal) - known)
+    if unknown:
+        fail("section 'temporal'", f"unknown fields {unknown}")
+
+
+def _in(source: str) -> str:
+    return f" in {source}" if source else ""

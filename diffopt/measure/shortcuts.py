@@ -10,6 +10,7 @@ then answers "the best calibrated quality within this MAC / latency budget".
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import time
 from collections.abc import Mapping, Sequence
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from diffopt.ir.files import read_json, write_text
 from diffopt.ir.program import StepProgram
 from diffopt.ir.validation import require_int
 from diffopt.measure.fidelity import psnr
@@ -60,6 +62,7 @@ class ShortcutTable:
             for c in self.configs
             if (max_macs is None or c.macs <= max_macs) and (max_seconds is None or c.seconds <= max_seconds)
         ]
+        fitting = [c for c in fitting if math.isfinite(c.quality)]  # NaN (a run that diverged) ranks above nothing
         if not fitting:
             cheapest = min(self.configs, key=lambda c: c.macs)
             raise ValueError(
@@ -80,12 +83,12 @@ class ShortcutTable:
 
     def save(self, path: str | Path) -> None:
         data = {"reference_steps": self.reference_steps, "configs": [asdict(c) for c in self.configs]}
-        Path(path).write_text(json.dumps(data, indent=2))
+        write_text(path, json.dumps(data, indent=2))
 
     @classmethod
     def load(cls, path: str | Path) -> ShortcutTable:
+        data = read_json(path, "a shortcut table")
         try:
-            data = json.loads(Path(path).read_text())
             configs = tuple(ShortcutConfig(**{**c, "depths": tuple(c["depths"])}) for c in data["configs"])
             return cls(configs, int(data["reference_steps"]))
         except (KeyError, TypeError, ValueError) as error:  # json.JSONDecodeError is a ValueError

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from diffopt.ir.files import read_json, write_text
 from diffopt.passes.base import GraphPass
 from diffopt.passes.block_cache import BlockCachePass, FirstBlockCachePass
 from diffopt.passes.forecast_cache import ForecastCachePass
@@ -84,18 +85,12 @@ def save_passes(path: str | os.PathLike, passes: Sequence[GraphPass], **extra: A
     replacing an existing file only once the new one is complete."""
     path = Path(path)
     text = json.dumps({"passes": [pass_to_dict(p) for p in passes], **extra}, indent=2)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text + "\n")
-    partial.replace(path)
-    return path
+    return write_text(path, text + "\n")
 
 
 def load_passes(path: str | os.PathLike) -> tuple[list[GraphPass], dict[str, Any]]:
     """The passes of a pass file, and its other fields."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not a pass file (not JSON: {error})") from None
+    data = read_json(path, "a pass file")
     if not isinstance(data, dict) or not isinstance(data.get("passes"), list):
         raise ValueError(f"{path} is not a pass file: expected a JSON object with a 'passes' list")
     return [pass_from_dict(item) for item in data["passes"]], {k: v for k, v in data.items() if k != "passes"}

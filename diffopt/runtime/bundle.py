@@ -8,9 +8,12 @@ and ``SHA256SUMS`` (the sha256 of every other file, written last at export).
 ``OptimizedDenoiser`` and the samplers need; no model code is imported.
 
 ``Manifest.load`` verifies the checksums (``verify_checksums=False`` skips hashing for
-huge bundles), then the manifest's schema (format, version, every field's type) and its
-consistency (the schedule's variants exist; every variant file declares the signature's
-inputs and the state entries, in order, with their shapes and dtypes). Every failure is a
+huge bundles) and that each graph file and the weights are the ones the manifest was
+written for (their sha256 is in the manifest too, so graph files swapped between
+variants are refused even with a re-summed ``SHA256SUMS``), refuses symbolic links,
+then the manifest's schema (format, version, every field's type) and its consistency (the
+schedule's variants exist; every variant file declares the signature's inputs and the
+state entries, in order, with their shapes and dtypes). Every failure is a
 ``BundleError`` naming the bundle, the file and the field.
 """
 
@@ -18,11 +21,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from diffopt.ir.files import read_json
 from diffopt.ir.program import (
     AnySchedule,
     ProgramInterface,
@@ -35,7 +41,7 @@ from diffopt.ir.signature import Signature
 from diffopt.runtime.schedulers import make_scheduler
 
 FORMAT = "diffopt-bundle"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: the manifest holds each graph file's and the weights' sha256
 MANIFEST_NAME = "manifest.json"
 CHECKSUMS_NAME = "SHA256SUMS"
 PROFILES = ("onnxruntime", "tensorrt")
@@ -50,10 +56,12 @@ class VariantFile:
     file: str
     inputs: tuple[TensorSpec, ...]  # (latent, timestep, *conditions, *state)
     outputs: tuple[TensorSpec, ...]  # (out or signal, *new state)
+    sha256: str  # of ``file``: ties the graph to its variant (a swapped file is refused)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "file": self.file,
+            "sha256": self.sha256,
             "inputs": [t.to_dict() for t in self.inputs],
             "outputs": [t.to_dict() for t in self.outputs],
         }
@@ -67,7 +75,14 @@ class VariantFile:
             file,
             tuple(map(TensorSpec.from_dict, data["inputs"])),
             tuple(map(TensorSpec.from_dict, data["outputs"])),
+            _digest(data["sha256"]),
         )
+
+
+def _digest(value: Any) -> str:
+    if not isinstance(value, str) or len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+        raise ValueError(f"sha256 must be 64 lowercase hex digits, found {value!r:.80}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -78,6 +93,7 @@ class Manifest:
     variants: dict[str, VariantFile]
     profile: str  # "onnxruntime" or "tensorrt"
     weights_file: str
+    weights_sha256: str
     diffopt_version: str
     model_class: str = ""
     opset: int | None = None
@@ -108,6 +124,7 @@ class Manifest:
             "state": self.state.to_list(),
             "schedule": self.schedule.to_dict(),
             "weights_file": self.weights_file,
+            "weights_sha256": self.weights_sha256,
             "variants": {str(name): v.to_dict() for name, v in self.variants.items()},
             "quantization": self.quantization,
             "scheduler": self.scheduler,
@@ -120,6 +137,7 @@ class Manifest:
     @classmethod
     def load(cls, directory: Path | str, *, verify_checksums: bool = True) -> Manifest:
         directory = Path(directory)
+        recover_interrupted_swap(directory)
         path = directory / MANIFEST_NAME
         if not path.exists():
             raise FileNotFoundError(
@@ -128,15 +146,52 @@ class Manifest:
             )
         listed = _read_checksums(directory) if verify_checksums else None
         try:
-            data = json.loads(path.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise BundleError(f"bundle {directory}: {MANIFEST_NAME} is not valid JSON ({error})") from error
+            data = read_json(path, "a bundle manifest")
+        except ValueError as error:
+            raise BundleError(f"bundle {directory}: {error}") from None
         manifest = _parse(path, data)
+        linked = [name for name in manifest.files if (directory / name).is_symlink()]
+        if linked:
+            raise BundleError(
+                f"bundle {directory}: {linked} are symbolic links; a bundle holds its own files (copy them in)"
+            )
         if listed is not None:
             missing = sorted(set(manifest.files[:-1]) - set(listed))
             if missing:
                 raise BundleError(f"bundle {directory}: {CHECKSUMS_NAME} does not list {missing}; re-export the bundle")
+            owned = [(f"variants.{name}", v.file, v.sha256) for name, v in manifest.variants.items()]
+            for field_name, file, digest in [
+                *owned,
+                ("weights_sha256", manifest.weights_file, manifest.weights_sha256),
+            ]:
+                if listed[file] != digest:
+                    raise BundleError(
+                        f"bundle {directory}: {file} is not the file {MANIFEST_NAME} field {field_name!r} was exported "
+                        f"with (sha256 {listed[file][:16]}..., expected {digest[:16]}...): graph files were swapped "
+                        f"or replaced; re-export the bundle"
+                    )
         return manifest
+
+
+def retired_name(directory: Path) -> Path:
+    """Where an export moves the bundle it replaces, for the moment between its two renames."""
+    return directory.with_name(f".{directory.name}.old-{uuid.uuid4().hex[:8]}")
+
+
+def recover_interrupted_swap(directory: Path) -> bool:
+    """If ``directory`` is missing but an export that replaced it was killed between its two
+    renames (``retired_name`` exists), rename the retired bundle back. Returns whether it did."""
+    directory = Path(directory)
+    if directory.exists() or directory.is_symlink():
+        return False
+    retired = sorted(directory.parent.glob(f".{directory.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if not retired:
+        return False
+    try:
+        os.rename(retired[-1], directory)
+    except FileExistsError:  # another process recovered it first
+        return False
+    return True
 
 
 def sha256_of(path: Path) -> str:
@@ -168,6 +223,8 @@ def _read_checksums(directory: Path) -> dict[str, str]:
     if MANIFEST_NAME not in listed:
         raise BundleError(f"bundle {directory}: {CHECKSUMS_NAME} does not list {MANIFEST_NAME}")
     for name, digest in listed.items():
+        if (directory / name).is_symlink():
+            raise BundleError(f"bundle {directory}: {name} is a symbolic link; a bundle holds its own files")
         if not (directory / name).is_file():
             raise BundleError(f"bundle {directory}: {name} is missing (listed in {CHECKSUMS_NAME})")
         found = sha256_of(directory / name)
@@ -218,6 +275,7 @@ def _parse(path: Path, data: Any) -> Manifest:
         variants=_field(path, data, "variants", dict, lambda v: {k: VariantFile.from_dict(f) for k, f in v.items()}),
         profile=profile,
         weights_file=_field(path, data, "weights_file", str),
+        weights_sha256=_field(path, data, "weights_sha256", str, _digest),
         diffopt_version=_field(path, data, "diffopt_version", str),
         model_class=_field(path, data, "model_class", str),
         opset=_field(path, data, "opset", (int, type(None))),

@@ -71,6 +71,8 @@ def _conform(value, spec: TensorSpec, batch_size: int, device: torch.device) -> 
     expected = tuple(batch_size if d == BATCH else d for d in spec.shape)
     if tuple(value.shape) != expected:
         raise InputError(f"{spec.name}: expected shape {expected} (batch {batch_size}), found {tuple(value.shape)}")
+    if spec.bounds is not None and value.device.type == "cpu":  # host values: no device sync in the step loop
+        check_bounds(value, spec)
     dtype = spec.torch_dtype
     if value.dtype == dtype:
         return value
@@ -81,6 +83,18 @@ def _conform(value, spec: TensorSpec, batch_size: int, device: torch.device) -> 
             f"values that do not convert exactly; pass {spec.dtype}"
         )
     return converted
+
+
+def check_bounds(value: torch.Tensor, spec: TensorSpec) -> None:
+    """Refuse index values (class labels) outside ``spec.bounds``, naming the input: torch would
+    fail with a bare IndexError, onnxruntime silently read another row (-1: the null class)."""
+    lowest, highest = spec.bounds
+    if value.numel() and (int(value.min()) < lowest or int(value.max()) > highest):
+        found = sorted({int(v) for v in value.flatten().tolist() if not lowest <= v <= highest})
+        raise InputError(
+            f"{spec.name}: values must be in [{lowest}, {highest}] (it indexes a table of {highest - lowest + 1} "
+            f"rows), found {found[:8]}"
+        )
 
 
 class OptimizedDenoiser:
@@ -148,12 +162,26 @@ class OptimizedDenoiser:
         state = self.program.state.allocate(batch_size, self.device if device is None else device)
         return RunState(state, self._owner, 0)
 
-    def _check_state(self, step_index: int, state: Sequence[torch.Tensor], batch_size: int) -> None:
+    def _check_state(
+        self, step_index: int, state: Sequence[torch.Tensor], batch_size: int, device: torch.device
+    ) -> None:
         if isinstance(step_index, bool) or not isinstance(step_index, int) or step_index < 0:
             raise InputError(f"step_index must be an int >= 0, found {step_index!r}")
-        self.program.state.check(state, batch_size)
-        if not isinstance(state, RunState) or not self.is_stateful:
+        if not self.is_stateful:
+            self.program.state.check(state, batch_size)
             return
+        if not isinstance(state, RunState):
+            raise StateError(
+                f"state must be the RunState this denoiser's init_state() or step() returned, found a "
+                f"{type(state).__name__}: a plain tuple carries no step index, so a cached step could read zeros"
+            )
+        self.program.state.check(state, batch_size)
+        for entry, tensor in zip(self.program.state.entries, state):
+            if tensor.device != device:
+                raise StateError(
+                    f"state {entry.name!r} is on {tensor.device}, the inputs on {device}: start the run with "
+                    f"init_state(batch_size, device) on the inputs' device"
+                )
         if state.owner != self._owner:
             raise StateError(
                 "this state belongs to a program with another state spec or schedule: start a run with "
@@ -191,12 +219,14 @@ class OptimizedDenoiser:
         if not isinstance(x, torch.Tensor) or x.dim() == 0:
             raise InputError(f"{latent_spec.name}: expected a batched tensor, found {x!r:.60}")
         batch_size = x.shape[0]
+        if batch_size == 0:
+            raise InputError(f"{latent_spec.name}: batch size 0: a step needs at least one sample")
         x = _conform(x, latent_spec, batch_size, x.device)
         t = _conform(batched_timestep(t, batch_size, x.device), timestep_spec, batch_size, x.device)
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise InputError(f"{timestep_spec.name}: not finite: {t}")
         conditions = tuple(_conform(c, s, batch_size, x.device) for c, s in zip(conditions, condition_specs))
-        self._check_state(step_index, state, batch_size)
+        self._check_state(step_index, state, batch_size, x.device)
         schedule = self.program.schedule
         probe, signal = schedule.probe_at(step_index), None
         if probe is not None:

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from diffopt.ir.signature import first_tensor_output
 from diffopt.ir.validation import require_int, require_number
-from diffopt.runtime.denoiser import OptimizedDenoiser
+from diffopt.runtime.denoiser import OptimizedDenoiser, check_bounds
 from diffopt.runtime.schedulers import Scheduler
 
 
@@ -47,6 +47,32 @@ def guidance_inputs(
     return torch.cat([x, x]), torch.cat([t, t]), tuple(torch.cat([c, n]) for c, n in zip(conditions, nulls))
 
 
+def check_null_conditions(
+    owner: str, null_conditions: Sequence[torch.Tensor], conditions: Sequence[torch.Tensor]
+) -> None:
+    """Each null condition is a tensor that broadcasts to its condition's shape and converts to
+    its dtype exactly (a null class of 10.5 for int64 labels is an error, not class 10)."""
+    if len(null_conditions) != len(conditions):
+        raise ValueError(f"{owner}: expected {len(conditions)} null conditions, found {len(null_conditions)}")
+    for index, (null, condition) in enumerate(zip(null_conditions, conditions)):
+        where = f"{owner}: null_conditions[{index}]"
+        if not isinstance(null, torch.Tensor):
+            raise ValueError(f"{where} must be a tensor, found {type(null).__name__} {null!r:.40}")
+        try:
+            torch.broadcast_shapes(null.shape, condition.shape)
+        except RuntimeError:
+            raise ValueError(
+                f"{where} has shape {tuple(null.shape)}, which does not broadcast to the condition's "
+                f"{tuple(condition.shape)}"
+            ) from None
+        converted = null.to(condition.dtype)
+        if null.is_complex() or not torch.equal(converted.to(null.dtype), null):
+            raise ValueError(
+                f"{where} = {null.flatten()[:4].tolist()} does not convert exactly to the condition's "
+                f"{str(condition.dtype).removeprefix('torch.')}: pass it in that dtype"
+            )
+
+
 def combine_guidance(out: torch.Tensor, scale: float) -> torch.Tensor:
     """``u + scale (c - u)`` from a batch laid out by ``guidance_inputs``."""
     if scale == 1.0:
@@ -63,6 +89,8 @@ def initial_noise(
     if (shape is None) == (noise is None):
         raise ValueError(f"{owner}: pass exactly one of shape= (noise is drawn from the seed) or noise=")
     require_int(owner, "seed", seed, minimum=0)
+    if seed >= 2**64:
+        raise ValueError(f"{owner}.seed must be below 2**64 (a torch generator's seed), found {seed}")
     if shape is not None and (
         not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape)
     ):
@@ -171,6 +199,15 @@ class Sampler:
     ) -> torch.Tensor:
         """Run all steps from ``noise`` (or seeded noise of ``shape``); return the final sample."""
         x, generator, conditions = start_run("Sampler.sample", denoiser, conditions, shape, noise, seed)
+        if self.guidance_scale != 1.0:
+            check_null_conditions("Sampler", self.null_conditions, conditions)
+        if isinstance(denoiser, OptimizedDenoiser):  # once per run, on any device (step() checks host tensors)
+            nulls = self.null_conditions if self.guidance_scale != 1.0 else (None,) * len(conditions)
+            for spec, condition, null in zip(denoiser.inputs[2:], conditions, nulls):
+                if spec.bounds is not None:
+                    check_bounds(condition, spec)
+                    if null is not None:
+                        check_bounds(null, spec)
         runner = runner_for(denoiser)
         model_batch = x.shape[0] * (1 if self.guidance_scale == 1.0 else 2)
         runner.start(model_batch, x.device)

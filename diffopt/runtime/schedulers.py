@@ -158,6 +158,7 @@ class FlowEulerScheduler:
 
 
 SAMPLER_KINDS = ("ddpm", "ddim", "flow-euler")
+MAX_TRAIN_TIMESTEPS = 100_000  # a schedule's training steps (1000 in practice); beyond: a typo, and minutes of work
 
 
 def make_scheduler(
@@ -177,7 +178,14 @@ def make_scheduler(
         return FlowEulerScheduler(num_steps, config.get("timestep_scale", 1000.0))
     if model_kind != "ddpm":
         raise ValueError(f"unknown scheduler config kind {model_kind!r}: expected 'ddpm' or 'flow'")
-    alphas_cumprod = make_alphas_cumprod(config.get("beta_schedule", "linear"), config.get("num_train_timesteps", 1000))
+    num_train_timesteps = config.get("num_train_timesteps", 1000)
+    require_int("make_scheduler: config", "num_train_timesteps", num_train_timesteps, minimum=2)
+    if num_train_timesteps > MAX_TRAIN_TIMESTEPS:
+        raise ValueError(
+            f"make_scheduler: config.num_train_timesteps {num_train_timesteps} is above {MAX_TRAIN_TIMESTEPS}: "
+            f"not a noise schedule diffusion models are trained with"
+        )
+    alphas_cumprod = make_alphas_cumprod(config.get("beta_schedule", "linear"), num_train_timesteps)
     prediction_type = config.get("prediction_type", "epsilon")
     clip_sample = config.get("clip_sample")
     kind = kind or "ddim"

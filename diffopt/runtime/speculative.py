@@ -35,8 +35,9 @@ import torch
 from tqdm import tqdm
 
 from diffopt.ir.signature import first_tensor_output
+from diffopt.ir.validation import require_int, require_number
 from diffopt.runtime.denoiser import OptimizedDenoiser
-from diffopt.runtime.sampler import combine_guidance, guidance_inputs, initial_noise
+from diffopt.runtime.sampler import check_null_conditions, combine_guidance, guidance_inputs, initial_noise
 from diffopt.runtime.schedulers import PREDICTION_TYPES, split_prediction, trailing_timesteps
 
 
@@ -92,8 +93,19 @@ class SpeculativeDDPMSampler:
         clip_sample: float | None = None,
         progress: bool = True,
     ):
-        if window is not None and window < 1:
-            raise ValueError(f"window must be >= 1 or None (speculate until the first rejection), found {window}")
+        owner = "SpeculativeDDPMSampler"
+        if not isinstance(alphas_cumprod, torch.Tensor) or alphas_cumprod.dim() != 1 or len(alphas_cumprod) < 2:
+            raise ValueError(
+                f"{owner}: alphas_cumprod must be a 1-d tensor of the training schedule, found {alphas_cumprod!r:.60}"
+            )
+        require_int(owner, "num_steps", num_steps, minimum=1)
+        if num_steps > len(alphas_cumprod):
+            raise ValueError(f"{owner}.num_steps {num_steps} exceeds the {len(alphas_cumprod)} training timesteps")
+        require_int(owner, "window", window, minimum=1, optional=True)  # None: speculate until the first rejection
+        require_number(owner, "guidance_scale", guidance_scale)
+        require_number(owner, "clip_sample", clip_sample, minimum=0.0, optional=True)
+        if clip_sample == 0:
+            raise ValueError(f"{owner}.clip_sample must be > 0 (the clamp of the x0-prediction) or None, found 0")
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"unknown prediction type {prediction_type!r}: expected one of {PREDICTION_TYPES}")
         if guidance_scale != 1.0 and null_conditions is None:
@@ -146,8 +158,10 @@ class SpeculativeDDPMSampler:
         # the same draws as the sequential Sampler; bookkeeping stays on the CPU (see _drift)
         x_start, generator = initial_noise("SpeculativeDDPMSampler.sample", shape, noise, seed)
         x_start = x_start.cpu()
-        acceptance_generator = torch.Generator().manual_seed(seed + 1_000_003)
+        acceptance_generator = torch.Generator().manual_seed((seed + 1_000_003) % 2**64)
         conditions = tuple(conditions)
+        if self.guidance_scale != 1.0:
+            check_null_conditions("SpeculativeDDPMSampler", self.null_conditions, conditions)
         K, B = self.num_steps, x_start.shape[0]
         sample_shape = x_start.shape[1:]
         started = time.perf_counter()

@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from diffopt.ir.files import replacing
+
 
 def save_grid(images: torch.Tensor, path: str | Path, columns: int = 10, scale: int = 3) -> None:
     from PIL import Image
@@ -18,4 +20,6 @@ def save_grid(images: torch.Tensor, path: str | Path, columns: int = 10, scale: 
     for i, image in enumerate(images):
         r, c = divmod(i, columns)
         canvas[1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + c * (w + 1) : 1 + c * (w + 1) + w] = image
-    Image.fromarray(canvas).resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST).save(path)
+    image = Image.fromarray(canvas).resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST)
+    with replacing(path) as partial:
+        image.save(partial, format="PNG")
