@@ -323,3 +323,26 @@ def diffusers_controlnet(unet):
 
     torch.manual_seed(7)
     return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8,)).eval()
+
+
+def dit_pipeline():
+    """A DiTPipeline around a 3-block tiny DiT (DDIM)."""
+    from diffusers import DDIMScheduler, DiTPipeline
+
+    return DiTPipeline(transformer=diffusers_dit(seed=1, num_layers=3), vae=tiny_vae(1), scheduler=DDIMScheduler())
+
+
+def stable_diffusion_pipeline():
+    """A StableDiffusionPipeline around the tiny UNet (DDIM; prompt embeddings, no text encoder)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        unet=diffusers_conditional_unet(seed=1),
+        vae=tiny_vae(4),
+        scheduler=DDIMScheduler(),
+        text_encoder=None,
+        tokenizer=None,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )

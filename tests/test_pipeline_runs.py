@@ -8,7 +8,7 @@ import threading
 
 import pytest
 import torch
-from models import diffusers_conditional_unet, diffusers_dit, tiny_vae
+from models import diffusers_dit, dit_pipeline, stable_diffusion_pipeline, tiny_vae
 
 import diffopt
 from diffopt.passes.block_cache import BlockCachePass, FirstBlockCachePass
@@ -19,27 +19,6 @@ from diffopt.runtime.streams import MAX_STREAMS
 
 def _embeddings(*shape, seed):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-
-
-def _sd():
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
-    return StableDiffusionPipeline(
-        unet=diffusers_conditional_unet(seed=1),
-        vae=tiny_vae(4),
-        scheduler=DDIMScheduler(),
-        text_encoder=None,
-        tokenizer=None,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-
-
-def _dit():
-    from diffusers import DDIMScheduler, DiTPipeline
-
-    return DiTPipeline(transformer=diffusers_dit(seed=1, num_layers=3), vae=tiny_vae(1), scheduler=DDIMScheduler())
 
 
 def _text(tokens=5, seed=1):
@@ -66,7 +45,7 @@ def _close(a, b, tolerance=1e-5):
 
 
 def test_a_new_resolution_or_prompt_length_captures_another_program(caplog):
-    pipe = _sd()
+    pipe = stable_diffusion_pipeline()
     expected = {(s, n): _sd_latents(pipe, size=s, tokens=n) for s, n in ((8, 5), (16, 5), (8, 7))}
     diffopt.enable(pipe)
     with caplog.at_level(logging.INFO, logger="diffopt"):
@@ -83,7 +62,7 @@ def test_a_new_resolution_or_prompt_length_captures_another_program(caplog):
 
 
 def test_a_refused_call_changes_nothing():
-    pipe = diffopt.enable(_dit(), [BlockCachePass(period=2)])
+    pipe = diffopt.enable(dit_pipeline(), [BlockCachePass(period=2)])
     expected = _dit_latents(pipe)
     programs = pipe.transformer.programs
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([10, 10])
@@ -112,7 +91,7 @@ def _cancel_at(step):
 def test_cancel_then_img2img_equals_a_fresh_img2img_run():
     from diffusers import StableDiffusionImg2ImgPipeline
 
-    pipe = diffopt.enable(_sd(), [BlockCachePass(period=2)])
+    pipe = diffopt.enable(stable_diffusion_pipeline(), [BlockCachePass(period=2)])
     image = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))
 
     def img2img(target):
@@ -127,7 +106,7 @@ def test_cancel_then_img2img_equals_a_fresh_img2img_run():
         )
         return torch.as_tensor(out.images)
 
-    fresh_pipe = diffopt.enable(_sd(), [BlockCachePass(period=2)])
+    fresh_pipe = diffopt.enable(stable_diffusion_pipeline(), [BlockCachePass(period=2)])
     fresh = img2img(diffopt.enable(StableDiffusionImg2ImgPipeline(**fresh_pipe.components)))
     with pytest.raises(_Cancel):
         _sd_latents(pipe, steps=5, callback_on_step_end=_cancel_at(2))
@@ -137,8 +116,8 @@ def test_cancel_then_img2img_equals_a_fresh_img2img_run():
 
 
 def test_a_run_abandoned_after_its_first_step_leaves_nothing_behind():
-    pipe = diffopt.enable(_dit(), [FirstBlockCachePass(threshold=0.2)])
-    expected = _dit_latents(diffopt.enable(_dit(), [FirstBlockCachePass(threshold=0.2)]))
+    pipe = diffopt.enable(dit_pipeline(), [FirstBlockCachePass(threshold=0.2)])
+    expected = _dit_latents(diffopt.enable(dit_pipeline(), [FirstBlockCachePass(threshold=0.2)]))
     step = pipe.scheduler.step
     pipe.scheduler.step = lambda *args, **kwargs: (_ for _ in ()).throw(_Cancel())  # DiTPipeline has no callback
     with pytest.raises(_Cancel):
@@ -148,7 +127,7 @@ def test_a_run_abandoned_after_its_first_step_leaves_nothing_behind():
 
 
 def test_many_one_step_calls_keep_a_bounded_number_of_streams():
-    pipe = diffopt.enable(_dit(), [BlockCachePass(period=2)])
+    pipe = diffopt.enable(dit_pipeline(), [BlockCachePass(period=2)])
     for _ in range(100):
         _dit_latents(pipe, steps=1)
     denoiser = pipe.transformer.denoiser
@@ -167,8 +146,8 @@ def test_many_one_step_calls_keep_a_bounded_number_of_streams():
 def test_save_pretrained_saves_the_model_and_loads_back(tmp_path):
     from diffusers import DiTPipeline
 
-    pipe = diffopt.enable(_dit(), [BlockCachePass(period=2)])
-    expected = _dit_latents(_dit())
+    pipe = diffopt.enable(dit_pipeline(), [BlockCachePass(period=2)])
+    expected = _dit_latents(dit_pipeline())
     _dit_latents(pipe)
     assert list(pipe.config["transformer"]) == ["diffusers", "DiTTransformer2DModel"]
     pipe.save_pretrained(tmp_path)
@@ -179,7 +158,7 @@ def test_save_pretrained_saves_the_model_and_loads_back(tmp_path):
 
 
 def test_deepcopy_of_an_enabled_pipeline_runs_on_its_own():
-    pipe = diffopt.enable(_dit(), [BlockCachePass(period=2)])
+    pipe = diffopt.enable(dit_pipeline(), [BlockCachePass(period=2)])
     first = _dit_latents(pipe)
     twin = copy.deepcopy(pipe)
     assert (
@@ -195,7 +174,7 @@ def test_deepcopy_of_an_enabled_pipeline_runs_on_its_own():
 def test_model_methods_and_attributes_pass_through_and_changes_recapture():
     from diffusers.models.attention_processor import AttnProcessor
 
-    pipe = _sd()
+    pipe = stable_diffusion_pipeline()
     expected = _sd_latents(pipe)
     diffopt.enable(pipe)
     assert _close(_sd_latents(pipe), expected)
@@ -249,12 +228,12 @@ def test_two_threads_making_the_first_call():
     shared = diffusers_dit(seed=1, num_layers=3)
     from diffusers import DDIMScheduler, DiTPipeline
 
-    expected = _dit_latents(_dit())
+    expected = _dit_latents(dit_pipeline())
     pipes = [
         diffopt.enable(DiTPipeline(transformer=shared, vae=tiny_vae(1), scheduler=DDIMScheduler()), [])
         for _ in range(2)
     ]
-    same_pipe = diffopt.enable(_dit(), [])
+    same_pipe = diffopt.enable(dit_pipeline(), [])
     results, errors = {}, []
 
     def run(name, pipe):
@@ -276,21 +255,23 @@ def test_two_threads_making_the_first_call():
 
 def test_pass_settings_are_checked_when_enabling():
     with pytest.raises(ValueError, match=r"FirstBlockCachePass: .*use BlockCachePass\(\)"):
-        diffopt.enable(_sd(), [FirstBlockCachePass(threshold=0.1)])  # a UNet has no single residual chain
+        diffopt.enable(
+            stable_diffusion_pipeline(), [FirstBlockCachePass(threshold=0.1)]
+        )  # a UNet has no single residual chain
     with pytest.raises(ValueError, match=r"ForecastCachePass: no chain of blocks named \['transformer_block'\]"):
-        diffopt.enable(_dit(), [ForecastCachePass(container="transformer_block")])
+        diffopt.enable(dit_pipeline(), [ForecastCachePass(container="transformer_block")])
     with pytest.raises(ValueError, match=r"BlockCachePass: blocks \['transformer_blocks.9'\] are not in"):
-        diffopt.enable(_dit(), [BlockCachePass(blocks=("transformer_blocks.9",))])
+        diffopt.enable(dit_pipeline(), [BlockCachePass(blocks=("transformer_blocks.9",))])
     with pytest.raises(ValueError, match="backend must be one of"):
-        diffopt.enable(_dit(), backend="tensorrt-please")
-    pipe = _dit()
+        diffopt.enable(dit_pipeline(), backend="tensorrt-please")
+    pipe = dit_pipeline()
     with pytest.raises(ValueError):
         diffopt.enable(pipe, [ForecastCachePass(container="nope")])
     assert not isinstance(pipe.transformer, OptimizedComponent)  # a refused enable changes nothing
 
 
 def test_summary_reports_each_run_and_stream():
-    pipe = diffopt.enable(_dit(), [BlockCachePass(period=2)])
+    pipe = diffopt.enable(dit_pipeline(), [BlockCachePass(period=2)])
     _dit_latents(pipe, steps=4)
     _dit_latents(pipe, steps=3)
     report = diffopt.summary(pipe)
@@ -299,15 +280,15 @@ def test_summary_reports_each_run_and_stream():
     assert 0.3 < report.runs[0].work_saved < 0.5  # half the steps skip most of three blocks
     assert "full 2, cached 2" in str(report)
     with pytest.raises(ValueError, match="not enabled"):
-        diffopt.summary(_dit())
+        diffopt.summary(dit_pipeline())
 
 
 def test_enable_with_the_compiled_backend_compiles_each_variant_once():
     import torch._dynamo.utils as dynamo_utils
 
     passes = [ForecastCachePass(order=1, period=2)]  # its `times` state came back with other strides
-    eager = _dit_latents(diffopt.enable(_dit(), passes), steps=5)
-    pipe = diffopt.enable(_dit(), passes, backend="compiled")
+    eager = _dit_latents(diffopt.enable(dit_pipeline(), passes), steps=5)
+    pipe = diffopt.enable(dit_pipeline(), passes, backend="compiled")
     torch._dynamo.reset()
     dynamo_utils.counters.clear()
     _dit_latents(pipe, steps=6)

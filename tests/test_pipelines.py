@@ -9,7 +9,6 @@ from typing import Any
 import pytest
 import torch
 from models import (
-    diffusers_conditional_unet,
     diffusers_controlnet,
     diffusers_dit,
     diffusers_flux,
@@ -19,6 +18,8 @@ from models import (
     diffusers_sd3,
     diffusers_sdxl_unet,
     diffusers_wan,
+    dit_pipeline,
+    stable_diffusion_pipeline,
     tiny_vae,
 )
 
@@ -47,12 +48,6 @@ class Case:
     container: str | tuple[str, ...] | None = None  # FirstBlockCachePass(container=...)
 
 
-def _dit():
-    from diffusers import DDIMScheduler, DiTPipeline
-
-    return DiTPipeline(transformer=diffusers_dit(seed=1, num_layers=3), vae=tiny_vae(1), scheduler=DDIMScheduler())
-
-
 def _pixart():
     from diffusers import DDIMScheduler, PixArtAlphaPipeline
 
@@ -62,21 +57,6 @@ def _pixart():
         vae=tiny_vae(4),
         transformer=diffusers_pixart(seed=1),
         scheduler=DDIMScheduler(),
-    )
-
-
-def _stable_diffusion():
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
-    return StableDiffusionPipeline(
-        unet=diffusers_conditional_unet(seed=1),
-        vae=tiny_vae(4),
-        scheduler=DDIMScheduler(),
-        text_encoder=None,
-        tokenizer=None,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
     )
 
 
@@ -110,7 +90,7 @@ def _text(width, pooled=None, negative=True):
 
 
 CASES = {
-    "DiTPipeline": Case(_dit, {"class_labels": [1, 2], "guidance_scale": 1.0}, hook_threshold=0.2),
+    "DiTPipeline": Case(dit_pipeline, {"class_labels": [1, 2], "guidance_scale": 1.0}, hook_threshold=0.2),
     "PixArtAlphaPipeline": Case(
         _pixart,
         {
@@ -121,7 +101,7 @@ CASES = {
         },
         hook_threshold=0.2,
     ),
-    "StableDiffusionPipeline": Case(_stable_diffusion, {**_text(16), "guidance_scale": 2.0}),  # batched CFG
+    "StableDiffusionPipeline": Case(stable_diffusion_pipeline, {**_text(16), "guidance_scale": 2.0}),  # batched CFG
     # diffusers' FirstBlockCache hook fails on SD3 (its last block returns no text stream);
     # tests/test_dual_stream_blocks.py checks diffopt's against an independent reference
     "StableDiffusion3Pipeline": Case(_sd3, {**_text(16, pooled=8), "guidance_scale": 2.0}),
@@ -309,56 +289,38 @@ def _sdxl():
     )
 
 
-def _wan():
-    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+def _without_text_encoder(pipeline: str, transformer, scheduler: str, **kwargs):
+    """A pipeline of class ``pipeline`` with prompt embeddings instead of a text encoder and no VAE
+    (latents out)."""
+    import diffusers
 
-    return WanPipeline(
+    return getattr(diffusers, pipeline)(
         vae=None,
-        transformer=diffusers_wan(seed=1),
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        transformer=transformer,
+        scheduler=getattr(diffusers, scheduler)(**kwargs),
         tokenizer=None,
         text_encoder=None,
     )
+
+
+def _wan():
+    return _without_text_encoder("WanPipeline", diffusers_wan(seed=1), "FlowMatchEulerDiscreteScheduler", shift=3.0)
 
 
 def _pixart_sigma():
-    from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline
-
-    return PixArtSigmaPipeline(
-        vae=None,
-        transformer=diffusers_pixart_sigma(seed=1),
-        scheduler=DPMSolverMultistepScheduler(),
-        tokenizer=None,
-        text_encoder=None,
-    )
+    return _without_text_encoder("PixArtSigmaPipeline", diffusers_pixart_sigma(seed=1), "DPMSolverMultistepScheduler")
 
 
 def _sana():
-    from diffusers import FlowMatchEulerDiscreteScheduler, SanaPipeline
-
-    return SanaPipeline(
-        vae=None,
-        transformer=diffusers_sana(seed=1),
-        scheduler=FlowMatchEulerDiscreteScheduler(),
-        tokenizer=None,
-        text_encoder=None,
-    )
+    return _without_text_encoder("SanaPipeline", diffusers_sana(seed=1), "FlowMatchEulerDiscreteScheduler")
 
 
 def _controlnet():
-    from diffusers import DDIMScheduler, StableDiffusionControlNetPipeline
+    from diffusers import StableDiffusionControlNetPipeline
 
-    unet = diffusers_conditional_unet(seed=2)
+    parts = stable_diffusion_pipeline().components
     return StableDiffusionControlNetPipeline(
-        vae=tiny_vae(4),
-        unet=unet,
-        controlnet=diffusers_controlnet(unet),
-        scheduler=DDIMScheduler(),
-        text_encoder=None,
-        tokenizer=None,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+        **parts, controlnet=diffusers_controlnet(parts["unet"]), requires_safety_checker=False
     )
 
 
