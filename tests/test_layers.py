@@ -20,7 +20,7 @@ ALLOWED = {
     "measure": {"ir", "quant", "passes", "runtime"},
     "export": {"ir", "quant", "runtime"},
     "optimize": {"ir", "capture", "passes", "runtime"},
-    "pipelines": {"ir", "capture", "passes", "runtime", "measure", "optimize"},
+    "pipelines": {"ir", "capture", "passes", "runtime", "measure", "export", "optimize"},
     "models": {"ir", "runtime"},
     "evaluation": {"ir", "quant", "capture", "passes", "runtime", "measure", "export", "optimize", "models"},
     "cli": {"ir", "quant", "capture", "passes", "runtime", "measure", "export", "optimize", "models", "evaluation"},

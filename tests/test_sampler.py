@@ -7,6 +7,9 @@ DDPM and DDIM references use diffusers' own schedulers (trailing spacing, no cli
 final alpha 1); the flow-matching Euler reference is written out by hand.
 """
 
+import inspect
+import json
+
 import pytest
 import torch
 
@@ -165,3 +168,77 @@ def test_bad_scheduler_arguments_are_rejected():
         make_scheduler(CONFIG, "euler", 10)
     with pytest.raises(ValueError, match="flow-euler"):
         make_scheduler({"kind": "flow"}, "ddim", 10)
+
+
+def _scaled_diffusers_loop(scheduler, model, labels, steps, seed):
+    """The loop diffusers pipelines run (scale the input, call the model, step), drawing the
+    initial noise and then each step's noise from one generator, as the sampler does."""
+    scheduler.set_timesteps(steps)
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(SHAPE, generator=generator)
+    takes_generator = "generator" in inspect.signature(scheduler.step).parameters
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            model_x = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
+            out = model(model_x, t.expand(x.shape[0]), labels)
+            x = scheduler.step(out, t, x, **({"generator": generator} if takes_generator else {})).prev_sample
+    return x
+
+
+DIFFUSERS_SCHEDULERS = {  # (class, options): each runs as diffusers runs it
+    "DPM-Solver++ (multistep)": ("DPMSolverMultistepScheduler", {"beta_schedule": "squaredcos_cap_v2"}),
+    "Euler (scaled input, float timesteps)": ("EulerDiscreteScheduler", {"beta_schedule": "squaredcos_cap_v2"}),
+    "flow matching Euler": ("FlowMatchEulerDiscreteScheduler", {"shift": 3.0}),
+    "Heun (two calls per step)": ("HeunDiscreteScheduler", {"beta_schedule": "squaredcos_cap_v2"}),
+    "DDPM with clip_sample=False": ("DDPMScheduler", {"clip_sample": False}),
+}
+
+
+@pytest.mark.parametrize("name", DIFFUSERS_SCHEDULERS)
+def test_diffusers_schedulers_and_their_configs_drive_the_sampler_unchanged(model_and_program, name):
+    import diffusers
+
+    model, program = model_and_program
+    class_name, options = DIFFUSERS_SCHEDULERS[name]
+    scheduler = getattr(diffusers, class_name)(**options)
+    if class_name.startswith("FlowMatch"):  # a velocity model on the flow-matching time axis
+        model = mixture(parametrization="flow", prediction="velocity")
+    labels = torch.tensor([0, 3, NULL_CLASS])
+    expected = _scaled_diffusers_loop(scheduler, model, labels, 6, seed=0)
+    scheduler.set_timesteps(6)
+    denoisers = (model, program) if not scheduler.timesteps.is_floating_point() else (model,)
+    for given in (scheduler, json.loads(scheduler.to_json_string())):  # the object, or its config as saved
+        made = make_scheduler(given, num_steps=6)
+        assert made.name == class_name and len(made.timesteps) == made.num_steps
+        sampler = Sampler(made, progress=False)
+        for denoiser in denoisers:
+            for _ in range(2):  # runs share nothing (a multistep solver's history, the step counter)
+                torch.testing.assert_close(sampler.sample(denoiser, (labels,), shape=SHAPE, seed=0), expected)
+
+
+def test_calibration_runs_on_a_diffusers_scheduler_config():
+    from diffusers import DPMSolverMultistepScheduler
+    from models import simple_dit
+
+    from diffopt import calibrate
+
+    graph = capture(simple_dit(), (torch.randn(2, 1, 16, 16), torch.tensor([999, 5]), torch.tensor([0, 1])))
+    config = json.loads(DPMSolverMultistepScheduler(beta_schedule="squaredcos_cap_v2").to_json_string())
+    sampler = Sampler(make_scheduler(config, num_steps=5), progress=False)
+    statistics = calibrate(optimize(graph).program, sampler, (torch.tensor([0, 3]),), (2, 1, 16, 16), progress=False)
+    assert statistics.temporal.input_absmax and all(v > 0 for v in statistics.temporal.input_absmax.values())
+    assert len(next(iter(statistics.temporal.step_counts.values()))) == 5  # one entry per step of the solver
+
+
+def test_diffusers_scheduler_configs_are_refused_by_name_where_they_cannot_run():
+    from diffusers import DDIMScheduler
+
+    with pytest.raises(ValueError, match="names scheduler 'NoSuchScheduler', which is not a diffusers scheduler"):
+        make_scheduler({"_class_name": "NoSuchScheduler"})
+    with pytest.raises(ValueError, match="a diffusers scheduler samples as itself; drop kind='ddpm'"):
+        make_scheduler(DDIMScheduler(), "ddpm")
+    with pytest.raises(ValueError, match=r"config has keys \['shift'\] that diffopt's scheduler config does not have"):
+        make_scheduler({"shift": 3.0, "num_train_timesteps": 1000})  # a flow-matching config is never read as DDIM
+    plain = make_scheduler({**CONFIG, "clip_sample": False}, "ddim", 10)  # diffusers' flag in diffopt's config
+    assert plain.clip_sample is None
+    assert make_scheduler({**CONFIG, "clip_sample": True, "clip_sample_range": 2.0}, "ddim", 10).clip_sample == 2.0

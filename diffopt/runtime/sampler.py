@@ -174,7 +174,7 @@ class Sampler:
         progress: bool = True,
     ):
         require_number("Sampler", "guidance_scale", guidance_scale)
-        for name in ("num_steps", "timesteps", "step"):
+        for name in ("num_steps", "timesteps", "step", "scale_model_input"):
             if not hasattr(scheduler, name):
                 raise TypeError(f"Sampler: scheduler must be a diffopt scheduler (make_scheduler), found {scheduler!r}")
         if guidance_scale != 1.0 and null_conditions is None:
@@ -198,16 +198,15 @@ class Sampler:
         seed: int = 0,
     ) -> torch.Tensor:
         """Run all steps from ``noise`` (or seeded noise of ``shape``); return the final sample."""
+        if isinstance(denoiser, OptimizedDenoiser):  # host values, once per run: the step loop never reads them
+            nulls = self.null_conditions if self.guidance_scale != 1.0 else (None,) * len(conditions)
+            for spec, condition, null in zip(denoiser.inputs[2:], conditions, nulls):
+                for value in (condition, null) if spec.bounds is not None else ():
+                    if isinstance(value, torch.Tensor) and value.device.type == "cpu":
+                        check_bounds(value, spec)
         x, generator, conditions = start_run("Sampler.sample", denoiser, conditions, shape, noise, seed)
         if self.guidance_scale != 1.0:
             check_null_conditions("Sampler", self.null_conditions, conditions)
-        if isinstance(denoiser, OptimizedDenoiser):  # once per run, on any device (step() checks host tensors)
-            nulls = self.null_conditions if self.guidance_scale != 1.0 else (None,) * len(conditions)
-            for spec, condition, null in zip(denoiser.inputs[2:], conditions, nulls):
-                if spec.bounds is not None:
-                    check_bounds(condition, spec)
-                    if null is not None:
-                        check_bounds(null, spec)
         runner = runner_for(denoiser)
         model_batch = x.shape[0] * (1 if self.guidance_scale == 1.0 else 2)
         runner.start(model_batch, x.device)
@@ -219,7 +218,7 @@ class Sampler:
                 (x.shape[0],), self.scheduler.timesteps[k].item(), dtype=self.scheduler.timesteps.dtype, device=x.device
             )
             model_x, model_t, model_conditions = guidance_inputs(
-                x, t, conditions, self.guidance_scale, self.null_conditions
+                self.scheduler.scale_model_input(x, k), t, conditions, self.guidance_scale, self.null_conditions
             )
             out, variant = runner(k, model_x, model_t, model_conditions)
             x = self.scheduler.step(combine_guidance(out, self.guidance_scale), k, x, generator)

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import torch
 
 from diffopt.ir.validation import require_int, require_number
+from diffopt.runtime.diffusers_schedulers import DiffusersScheduler, is_diffusers_scheduler, scheduler_from_config
 from diffopt.runtime.noise import make_alphas_cumprod
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
@@ -32,6 +33,9 @@ PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 class Scheduler(Protocol):
     timesteps: torch.Tensor  # the model's timestep input at each step
     num_steps: int
+
+    def scale_model_input(self, x: torch.Tensor, step_index: int) -> torch.Tensor:
+        """The model's latent input at ``step_index`` (called first at every step; step 0 starts a run)."""
 
     def step(
         self, model_output: torch.Tensor, step_index: int, x: torch.Tensor, generator: torch.Generator | None
@@ -68,7 +72,13 @@ def clipped_prediction(x0: torch.Tensor, x: torch.Tensor, alpha_cumprod, clip_sa
     return x0, (x - alpha_cumprod**0.5 * x0) / (1 - alpha_cumprod) ** 0.5
 
 
-class _DiscreteScheduler:
+class _UnscaledInput:
+    def scale_model_input(self, x: torch.Tensor, step_index: int) -> torch.Tensor:
+        """These schedulers feed the model x itself."""
+        return x
+
+
+class _DiscreteScheduler(_UnscaledInput):
     def __init__(
         self,
         alphas_cumprod: torch.Tensor,
@@ -141,7 +151,7 @@ class DDIMScheduler(_DiscreteScheduler):
         return x_prev + sigma * torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
 
 
-class FlowEulerScheduler:
+class FlowEulerScheduler(_UnscaledInput):
     """Euler on the flow-matching ODE; the model sees ``timestep_scale * t``."""
 
     def __init__(self, num_steps: int, timestep_scale: float = 1000.0):
@@ -158,19 +168,45 @@ class FlowEulerScheduler:
 
 
 SAMPLER_KINDS = ("ddpm", "ddim", "flow-euler")
+CONFIG_KEYS = {  # diffopt's own scheduler config (diffopt.models.zoo)
+    "kind",
+    "num_train_timesteps",
+    "beta_schedule",
+    "prediction_type",
+    "clip_sample",
+    "clip_sample_range",
+    "timestep_scale",
+}
 MAX_TRAIN_TIMESTEPS = 100_000  # a schedule's training steps (1000 in practice); beyond: a typo, and minutes of work
 
 
 def make_scheduler(
-    config: Mapping[str, Any], kind: str | None = None, num_steps: int = 50, eta: float = 0.0
+    config: Mapping[str, Any] | Any, kind: str | None = None, num_steps: int = 50, eta: float = 0.0
 ) -> Scheduler:
-    """A scheduler for a model's scheduler config (as returned by ``diffopt.models.load``).
+    """A scheduler for a model's scheduler config (as returned by ``diffopt.models.load``), or
+    for a diffusers scheduler (an object, or its config: a mapping with ``_class_name``), which
+    then runs as it is (``DiffusersScheduler``; ``kind`` and ``eta`` are its own business).
 
     Discrete-time models (config ``kind="ddpm"``) sample with ``"ddim"`` (default) or
-    ``"ddpm"``; flow-matching models (``kind="flow"``) with ``"flow-euler"``.
+    ``"ddpm"``; flow-matching models (``kind="flow"``) with ``"flow-euler"``. ``clip_sample``
+    is a range, or diffusers' flag (``True``: ``clip_sample_range``, default 1; ``False``: none).
     """
+    if is_diffusers_scheduler(config) or (isinstance(config, Mapping) and "_class_name" in config):
+        if kind is not None:
+            raise ValueError(f"make_scheduler: a diffusers scheduler samples as itself; drop kind={kind!r}")
+        scheduler = config if is_diffusers_scheduler(config) else scheduler_from_config(config)
+        return DiffusersScheduler(scheduler, num_steps)
     if not isinstance(config, Mapping):
-        raise TypeError(f"make_scheduler: config must be a mapping (a model's scheduler config), found {config!r}")
+        raise TypeError(
+            f"make_scheduler: config must be a mapping (a model's scheduler config) or a diffusers scheduler, "
+            f"found {config!r:.80}"
+        )
+    unknown = sorted(set(config) - CONFIG_KEYS)
+    if unknown:  # e.g. a diffusers config without _class_name: never silently read as another scheduler
+        raise ValueError(
+            f"make_scheduler: config has keys {unknown} that diffopt's scheduler config does not have (its keys: "
+            f"{sorted(CONFIG_KEYS)}); for a diffusers scheduler pass the object or its saved config (with _class_name)"
+        )
     model_kind = config.get("kind", "ddpm")
     if model_kind == "flow":
         if kind not in (None, "flow-euler"):
@@ -188,6 +224,8 @@ def make_scheduler(
     alphas_cumprod = make_alphas_cumprod(config.get("beta_schedule", "linear"), num_train_timesteps)
     prediction_type = config.get("prediction_type", "epsilon")
     clip_sample = config.get("clip_sample")
+    if isinstance(clip_sample, bool):  # diffusers' flag with its range
+        clip_sample = config.get("clip_sample_range", 1.0) if clip_sample else None
     kind = kind or "ddim"
     if kind == "ddim":
         return DDIMScheduler(alphas_cumprod, num_steps, eta, prediction_type, clip_sample)
