@@ -29,6 +29,7 @@ from diffopt.measure.calibration import calibrate
 from diffopt.optimize import optimize
 from diffopt.passes.base import GraphPass, PassContext, PassError, PassNotApplicable, PassResult, Pipeline
 from diffopt.pipelines import disable, enable, summary
+from diffopt.pipelines import export as export_pipeline
 from diffopt.runtime.denoiser import OptimizedDenoiser
 from diffopt.runtime.flow_map import FlowMapSampler
 from diffopt.runtime.sampler import Sampler
@@ -47,6 +48,7 @@ __all__ = [
     "enable",
     "disable",
     "summary",
+    "export_pipeline",
     "calibrate",
     "CalibrationStatistics",
     "GraphPass",

@@ -65,6 +65,7 @@ def to_onnx(
     profile: str = "onnxruntime",
     export_batch: int = 2,
     scheduler_config: Mapping[str, Any] | None = None,
+    call: Mapping[str, Any] | None = None,
 ) -> Manifest:
     """Write the bundle for ``optimized`` into ``directory`` and return its manifest.
 
@@ -74,7 +75,8 @@ def to_onnx(
     and a refused, failed or killed export leaves it as it was. ``directory`` must be
     missing, empty or hold a bundle and nothing else (other files are never touched: the
     export is refused instead). ``scheduler_config`` (the model's ``make_scheduler``
-    config) travels in the manifest so the bundle can be sampled without the model's code."""
+    config) travels in the manifest so the bundle can be sampled without the model's code;
+    ``call`` (``pipelines.bundles.call_record``) records the pipeline call it was captured at."""
     program = optimized.program if isinstance(optimized, OptimizedDenoiser) else optimized
     if profile not in PROFILES:
         raise ValueError(f"unknown export profile {profile!r}: expected one of {PROFILES}")
@@ -100,7 +102,7 @@ def to_onnx(
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.partial-", dir=directory.parent))
     (staging / OWNER_FILE).write_text(str(os.getpid()))
     try:
-        manifest = _write_bundle(program, staging, profile, export_batch, scheduler_config)
+        manifest = _write_bundle(program, staging, profile, export_batch, scheduler_config, call)
         _verify(staging, export_batch)
         _swap_in(staging, directory)
     except BaseException:
@@ -110,7 +112,12 @@ def to_onnx(
 
 
 def _write_bundle(
-    program: StepProgram, directory: Path, profile: str, export_batch: int, scheduler_config: Mapping | None
+    program: StepProgram,
+    directory: Path,
+    profile: str,
+    export_batch: int,
+    scheduler_config: Mapping | None,
+    call: Mapping | None,
 ) -> Manifest:
     import onnx
 
@@ -143,6 +150,7 @@ def _write_bundle(
         _opset(next(iter(models.values()))),
         quantization_summary({name: module.graph for name, module in program.variants.items()}),
         scheduler=dict(scheduler_config) if scheduler_config is not None else None,
+        call=dict(call) if call is not None else None,
     )
     manifest.save(directory)
     return manifest

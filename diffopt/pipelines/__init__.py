@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,13 +24,15 @@ from diffopt.ir.policy import LayerPolicy
 from diffopt.ir.statistics import CalibrationStatistics
 from diffopt.optimize import BACKENDS
 from diffopt.passes.base import GraphPass
+from diffopt.pipelines.bundles import export_component, load_for_pipeline, output_type_of
 from diffopt.pipelines.checks import check_passes_fit
 from diffopt.pipelines.component import MAX_PROGRAMS, CapturedProgram, OptimizedComponent
 from diffopt.pipelines.report import Summary, summarize
+from diffopt.runtime.bundle import Manifest
 
 DENOISER_NAMES = ("transformer", "unet")
 
-__all__ = ["CapturedProgram", "OptimizedComponent", "Summary", "disable", "enable", "summary"]
+__all__ = ["CapturedProgram", "OptimizedComponent", "Summary", "disable", "enable", "export", "summary"]
 
 
 def _denoiser_name(pipe: Any) -> str:
@@ -93,14 +97,20 @@ def enable(
     pipe: Any,
     passes: Sequence[GraphPass] = (),
     *,
+    bundle: str | os.PathLike | None = None,
     calibration: CalibrationStatistics | None = None,
     policy: LayerPolicy | None = None,
     backend: str = "torch",
     max_programs: int = MAX_PROGRAMS,
+    threads: int | None = None,
 ) -> Any:
     """Run ``pipe``'s denoiser as diffopt programs with ``passes`` on ``backend`` (``"torch"``
     or ``"compiled"``); returns ``pipe``. Pass settings that cannot fit the model are refused
     here, naming the pass; programs are captured at the calls that need them.
+
+    ``bundle=DIR`` runs a bundle written by ``export`` on onnxruntime (``threads`` for its
+    sessions) instead of capturing: the denoiser runs no model code, and a call whose
+    non-tensor arguments differ from the exported call's is refused by name.
 
     A pipeline built from an enabled one's components (``from_pipe``, ``Img2ImgPipeline(
     **pipe.components)``) already holds the ``OptimizedComponent``: ``enable(new_pipe)``
@@ -108,8 +118,8 @@ def enable(
     name = _denoiser_name(pipe)
     model = getattr(pipe, name)
     if isinstance(model, OptimizedComponent):
-        settings = (tuple(passes), calibration, policy, backend, max_programs)
-        if type(pipe) in _ENABLED_CLASSES.values() or settings != ((), None, None, "torch", MAX_PROGRAMS):
+        settings = (tuple(passes), bundle, calibration, policy, backend, max_programs)
+        if type(pipe) in _ENABLED_CLASSES.values() or settings != ((), None, None, None, "torch", MAX_PROGRAMS):
             raise ValueError(
                 f"diffopt is already enabled on {type(pipe).__name__}.{name}: call diffopt.disable(pipe) first"
             )
@@ -119,7 +129,15 @@ def enable(
         raise ValueError(f"enable(): backend must be one of {sorted(BACKENDS)}, found {backend!r}")
     passes = tuple(passes)
     check_passes_fit(model, passes)
-    component = OptimizedComponent(model, passes, calibration, policy, backend=backend, max_programs=max_programs)
+    served = None
+    if bundle is not None:
+        if passes or calibration is not None or policy is not None:
+            raise ValueError("enable(bundle=...): the bundle's passes were applied at export; pass no passes")
+        denoiser, record = load_for_pipeline(bundle, threads=threads)
+        served = CapturedProgram(None, denoiser, output_type_of(record, Path(bundle)), (), 0.0, record)
+    component = OptimizedComponent(
+        model, passes, calibration, policy, backend=backend, max_programs=max_programs, bundle=served
+    )
     object.__setattr__(pipe, name, component)  # not the pipeline's __setattr__: its config keeps the model's class
     pipe.__class__ = _enabled_class(type(pipe))
     return pipe
@@ -135,6 +153,19 @@ def disable(pipe: Any) -> Any:
     if not _components(pipe):
         pipe.__class__ = _plain_class(type(pipe))
     return pipe
+
+
+def export(
+    pipe: Any, directory: str | os.PathLike, passes: Sequence[GraphPass] | None = None, **options: Any
+) -> Manifest:
+    """Export the denoiser program an enabled pipeline captured at its most recent call (the
+    arguments it really passes) as an ONNX bundle in ``directory``: with the passes it was
+    enabled with, or ``passes``. ``options`` go to ``export.onnx.to_onnx`` (``profile``,
+    ``scheduler_config``). Run it with ``enable(pipe, bundle=directory)``."""
+    components = _components(pipe)
+    if not components:
+        raise ValueError(f"diffopt is not enabled on {type(pipe).__name__}: enable it and run it once, then export")
+    return export_component(components[0], directory, passes, **options)
 
 
 def summary(pipe_or_component: Any) -> Summary:

@@ -33,9 +33,11 @@ from tqdm.auto import tqdm
 
 from diffopt.capture import capture
 from diffopt.ir.policy import LayerPolicy
+from diffopt.ir.signature import CapturedGraph
 from diffopt.ir.statistics import CalibrationStatistics
 from diffopt.optimize import optimize
 from diffopt.passes.base import GraphPass
+from diffopt.pipelines.bundles import call_record, check_static
 from diffopt.pipelines.call_key import call_key, describe_change, flatten_arguments, model_fingerprint
 from diffopt.runtime.denoiser import InputError, OptimizedDenoiser
 
@@ -46,13 +48,16 @@ _CAPTURE_LOCK = threading.RLock()  # torch.export patches the model while it tra
 
 @dataclass
 class CapturedProgram:
-    """A program captured for one call key, with what ``forward`` needs to call it."""
+    """A program captured for one call key (or loaded from a bundle), with what ``forward``
+    needs to call it."""
 
-    key: tuple
+    key: tuple | None  # None: an exported bundle, used for every call its ``call`` record admits
     denoiser: OptimizedDenoiser
     output_type: type
     example: tuple[torch.Tensor, ...]  # its inputs at batch 1 (for the MACs in ``summary``)
     seconds: float  # capture and passes
+    call: dict[str, Any]  # what capture baked in besides the inputs (``bundles.call_record``)
+    graph: CapturedGraph | None = None  # None for a bundle
 
 
 class OptimizedComponent(torch.nn.Module):
@@ -67,6 +72,7 @@ class OptimizedComponent(torch.nn.Module):
         *,
         backend: str = "torch",
         max_programs: int = MAX_PROGRAMS,
+        bundle: CapturedProgram | None = None,
     ):
         super().__init__()
         if isinstance(max_programs, bool) or not isinstance(max_programs, int) or max_programs < 1:
@@ -74,6 +80,7 @@ class OptimizedComponent(torch.nn.Module):
         self.original = model
         self.passes, self.calibration, self.policy = tuple(passes), calibration, policy
         self.backend, self.max_programs = backend, max_programs
+        self.bundle = bundle  # an exported program that serves every call (``enable(pipe, bundle=...)``)
         self._programs: OrderedDict[tuple, CapturedProgram] = OrderedDict()
         self._fingerprint: tuple | None = None  # of the model the programs were captured from
         self._lock = threading.RLock()
@@ -104,14 +111,16 @@ class OptimizedComponent(torch.nn.Module):
     @property
     def programs(self) -> list[CapturedProgram]:
         """The captured programs, least recently used first."""
+        if self.bundle is not None:
+            return [self.bundle]
         with self._lock:
             return list(self._programs.values())
 
     @property
     def denoiser(self) -> OptimizedDenoiser | None:
         """The most recently used program (None before the first call)."""
-        with self._lock:
-            return next(reversed(self._programs.values())).denoiser if self._programs else None
+        programs = self.programs
+        return programs[-1].denoiser if programs else None
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict:
         return self.original.state_dict(*args, **kwargs)
@@ -128,6 +137,7 @@ class OptimizedComponent(torch.nn.Module):
             self.policy,
             backend=self.backend,
             max_programs=self.max_programs,
+            bundle=self.bundle,
         )
 
     @contextlib.contextmanager
@@ -185,6 +195,10 @@ class OptimizedComponent(torch.nn.Module):
         return program.output_type(sample=out) if return_dict else (out,)
 
     def _program_for(self, arguments: dict[str, Any], values: dict[str, Any]) -> CapturedProgram:
+        if self.bundle is not None:
+            signature = self.bundle.denoiser.program.signature
+            check_static(self.bundle.call, values, signature, f"the bundle serving {type(self.original).__name__}")
+            return self.bundle
         fingerprint = getattr(self._local, "fingerprint", None) or model_fingerprint(self.original)
         key = call_key(values)
         with self._lock:
@@ -239,4 +253,5 @@ class OptimizedComponent(torch.nn.Module):
             v[:1] if v.dim() > 0 and v.shape[0] == batch else v
             for v in (values[name] for name in graph.signature.input_names)
         )
-        return CapturedProgram(key, denoiser, output_type, example, seconds)
+        call = call_record(values, graph.signature, output_type)
+        return CapturedProgram(key, denoiser, output_type, example, seconds, call, graph)

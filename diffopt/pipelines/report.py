@@ -7,6 +7,7 @@ summary counts them and prices them in MACs (``measure.macs``, at batch 1): work
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass
 
@@ -23,7 +24,7 @@ class StreamRun:
     run: int
     stream: str
     variants: tuple[str, ...]
-    work_saved: float  # 1 - MACs run / MACs of running full at every step
+    work_saved: float  # 1 - MACs run / MACs of running full at every step (NaN for a bundle: no graphs)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -51,14 +52,19 @@ def summarize(component) -> Summary:
     programs = component.programs
     runs = []
     for index, program in enumerate(programs):
-        label = describe_change(programs[0].key, program.key) if index else "first call"
+        label = "first call" if index == 0 else describe_change(programs[0].key, program.key)
+        if program.key is None:
+            label = "exported bundle"
         denoiser = program.denoiser
-        macs = variant_macs(denoiser.program, program.example)
+        priced = program.graph is not None  # an exported bundle has no graphs to count MACs in
+        macs = variant_macs(denoiser.program, program.example) if priced else {}
         for record in denoiser.run_history():
             if not record.variants:
                 continue
-            spent = macs_per_run(denoiser.program, program.example, variants_run=record.variants)
-            saved = 1.0 - spent / (len(record.variants) * macs[FULL]) if macs[FULL] else 0.0
+            saved = math.nan
+            if priced and macs[FULL]:
+                spent = macs_per_run(denoiser.program, program.example, variants_run=record.variants)
+                saved = 1.0 - spent / (len(record.variants) * macs[FULL])
             runs.append(StreamRun(label, record.run, record.stream, tuple(record.variants), saved))
     runs.sort(key=lambda r: r.run)
     return Summary(type(component.original).__name__, tuple(runs))

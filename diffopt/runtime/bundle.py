@@ -99,6 +99,7 @@ class Manifest:
     opset: int | None = None
     quantization: dict[str, Any] = field(default_factory=dict)  # quant.ops.quantization_summary; {} without
     scheduler: dict[str, Any] | None = None  # the model's noise-schedule config (make_scheduler), if given
+    call: dict[str, Any] | None = None  # exported from a pipeline: its non-tensor arguments and output type
 
     def interface(self) -> ProgramInterface:
         """The step program's interface (signature, inputs, state, schedule) without graphs."""
@@ -128,6 +129,7 @@ class Manifest:
             "variants": {str(name): v.to_dict() for name, v in self.variants.items()},
             "quantization": self.quantization,
             "scheduler": self.scheduler,
+            "call": self.call,
         }
         (directory / MANIFEST_NAME).write_text(json.dumps(data, indent=2))
         sums = "".join(f"{sha256_of(directory / name)}  {name}\n" for name in self.files[:-1])
@@ -281,9 +283,22 @@ def _parse(path: Path, data: Any) -> Manifest:
         opset=_field(path, data, "opset", (int, type(None))),
         quantization=_field(path, data, "quantization", dict),
         scheduler=_field(path, data, "scheduler", (dict, type(None)), _checked_scheduler_config),
+        call=_field(path, data, "call", (dict, type(None)), _checked_call),
     )
     _check_consistency(path, manifest)
     return manifest
+
+
+def _checked_call(call: dict | None) -> dict | None:
+    """A pipeline call's record: ``static`` (argument name -> repr) and ``output_type`` ("module:Class")."""
+    if call is None:
+        return None
+    static, output_type = call["static"], call["output_type"]
+    if not isinstance(static, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in static.items()):
+        raise ValueError(f"call.static must map argument names to strings, found {static!r:.80}")
+    if not isinstance(output_type, str) or ":" not in output_type or set(call) != {"static", "output_type"}:
+        raise ValueError(f"call holds 'static' and an 'output_type' as 'module:Class', found {call!r:.80}")
+    return call
 
 
 def _checked_scheduler_config(config: dict | None) -> dict | None:
