@@ -183,6 +183,18 @@ def _is_noop_squeeze(node: fx.Node) -> bool:
     return all(isinstance(shape[d], int) and shape[d] != 1 for d in dims)
 
 
+_VIEWS = (torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default)
+
+
+def _inferred_static_dim(node: fx.Node) -> int | None:
+    """The position of a ``-1`` in a view's sizes whose result there is a plain int, if any."""
+    sizes, value = node.args[1], node.meta.get("val")
+    if not isinstance(sizes, (list, tuple)) or -1 not in sizes or not isinstance(value, torch.Tensor):
+        return None
+    position = list(sizes).index(-1)
+    return position if type(value.shape[position]) is int else None
+
+
 def _plain_graph_module(exported: torch.export.ExportedProgram, signature: Signature) -> fx.GraphModule:
     """Unlift an ExportedProgram into a GraphModule with plain positional placeholders and a
     tuple output, without export's guard and metadata assertions, inference-mode dropout
@@ -201,6 +213,12 @@ def _plain_graph_module(exported: torch.export.ExportedProgram, signature: Signa
     for node in list(graph.nodes):
         if (node.op == "call_module" and node.target == "_guards_fn") or node.target in _EXPORT_ASSERTIONS:
             graph.erase_node(node)  # diffopt checks inputs itself; assertions would keep cut-off work alive
+        elif node.target in _VIEWS and _inferred_static_dim(node) is not None:
+            # view(mask, [batch, heads, -1, tokens]) with a dynamic batch infers -1 as a quotient of symbols
+            # that later tracing (the ONNX exporter's) cannot prove to be 1: write the size capture saw
+            sizes = list(node.args[1])
+            sizes[_inferred_static_dim(node)] = int(node.meta["val"].shape[_inferred_static_dim(node)])
+            node.args = (node.args[0], sizes, *node.args[2:])
         elif (node.target == torch.ops.aten.dropout.default and node.args[2] is False) or _is_noop_squeeze(node):
             # inference dropout is the identity, but dead-code elimination keeps it (it is "random"), and
             # with it everything it reads; a squeeze of non-1 dimensions (PixArt) is the identity in torch

@@ -3,7 +3,7 @@ enabled pipeline, then ``diffopt.enable(pipe, bundle=dir)`` runs it on onnxrunti
 
 import pytest
 import torch
-from test_pipelines import CASES, _flux, _sd3, _text
+from test_pipelines import CASES, FAMILIES, _flux, _sd3, _text
 
 import diffopt
 from diffopt.passes.block_cache import BlockCachePass
@@ -11,7 +11,7 @@ from diffopt.runtime.denoiser import InputError
 
 pytest.importorskip("onnxruntime")
 
-PIPELINES = {  # a pipeline, one call of it, and the attribute of its output that holds the result
+PIPELINES = {  # a pipeline and one call of it
     "DiTPipeline": (CASES["DiTPipeline"].build, {"class_labels": [1, 2], "guidance_scale": 1.0}),
     "StableDiffusionPipeline (UNet, batched CFG)": (
         CASES["StableDiffusionPipeline"].build,
@@ -22,6 +22,11 @@ PIPELINES = {  # a pipeline, one call of it, and the attribute of its output tha
         _flux,
         {**_text(16, pooled=8), "height": 8, "width": 8, "true_cfg_scale": 2.0},
     ),
+    "PixArtSigmaPipeline (masked attention)": (
+        FAMILIES["PixArt-Sigma (masked)"].build,
+        FAMILIES["PixArt-Sigma (masked)"].call,
+    ),
+    "SanaPipeline (masked attention)": (FAMILIES["Sana (masked)"].build, FAMILIES["Sana (masked)"].call),
 }
 
 
