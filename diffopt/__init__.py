@@ -28,7 +28,7 @@ from diffopt.ir.statistics import CalibrationStatistics
 from diffopt.measure.calibration import calibrate
 from diffopt.optimize import optimize
 from diffopt.passes.base import GraphPass, PassContext, PassError, PassNotApplicable, PassResult, Pipeline
-from diffopt.pipelines import disable, enable, summary
+from diffopt.pipelines import disable, enable, summary, tune
 from diffopt.pipelines import export as export_pipeline
 from diffopt.runtime.denoiser import OptimizedDenoiser
 from diffopt.runtime.flow_map import FlowMapSampler
@@ -48,6 +48,7 @@ __all__ = [
     "enable",
     "disable",
     "summary",
+    "tune",
     "export_pipeline",
     "calibrate",
     "CalibrationStatistics",

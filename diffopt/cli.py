@@ -57,10 +57,66 @@ def _load_model(name: str, require_weights: bool) -> tuple[torch.nn.Module, tupl
     return model, zoo.example_inputs(name), scheduler_config
 
 
+def _source(args: argparse.Namespace) -> tuple[str, object]:
+    """What a command runs on: ``("zoo", name)`` for a reference model name, ``("pipeline",
+    pipe)`` for ``--pipeline DIR`` or a factory that makes a pipeline, ``("bare", BareModel)``
+    for a factory that returns a model and example inputs."""
+    from diffopt.pipelines.loading import load_factory, load_pipeline
+
+    given = [name for name in ("model", "pipeline", "factory") if getattr(args, name, None)]
+    if len(given) != 1:
+        raise UsageError("name exactly one of: a reference model, --pipeline DIR, --model package.module:function")
+    if args.model:
+        return "zoo", args.model
+    made = load_pipeline(args.pipeline) if args.pipeline else load_factory(args.factory)
+    if hasattr(made, "components"):
+        made.set_progress_bar_config(disable=True)
+        return "pipeline", made
+    return "bare", made
+
+
+def _pipeline_calls(args: argparse.Namespace, pipe) -> list[dict]:
+    """The calls of ``--calls FILE`` (or calls made up from the pipeline's text encoder or
+    class labels), with ``--steps`` when given."""
+    from diffopt.pipelines.loading import default_calls, load_calls
+
+    calls = load_calls(args.calls) if args.calls else default_calls(pipe, args.num_calls)
+    if args.steps is not None:
+        calls = [{**call, "num_inference_steps": args.steps} for call in calls]
+    return calls
+
+
+def _run_enabled(pipe, call: dict, passes=()) -> object:
+    """Enable ``pipe`` with ``passes``, run ``call`` once, and return the program it captured."""
+    from diffopt.pipelines import _components, enable
+    from diffopt.pipelines.tuning import run_call
+
+    enable(pipe, passes)
+    run_call(pipe, call)
+    return _components(pipe)[0].programs[-1]
+
+
+def _batch_one(captured, inputs: tuple | dict) -> tuple[torch.Tensor, ...]:
+    """A captured graph's inputs, in its signature's order, cut to the first sample."""
+    from diffopt.capture import flatten_argument
+
+    if isinstance(inputs, dict):
+        values = {k: v for name, value in inputs.items() for k, v in flatten_argument(name, value).items()}
+        inputs = tuple(values[name] for name in captured.signature.input_names)
+    batch = inputs[0].shape[0]
+    return tuple(v[:1] if v.dim() > 0 and v.shape[0] == batch else v for v in inputs)
+
+
 def command_info(args: argparse.Namespace) -> None:
-    model, inputs, _ = _load_model(args.model, require_weights=False)
-    captured = capture(model, inputs)
-    summary = summarize(captured.module, tuple(v[:1] for v in inputs))
+    kind, source = _source(args)
+    if kind == "pipeline":
+        program = _run_enabled(source, _pipeline_calls(args, source)[0])
+        captured, example = program.graph, program.example
+    else:
+        model, inputs = (source.model, source.inputs) if kind == "bare" else _load_model(source, False)[:2]
+        captured = capture(model, inputs)
+        example = _batch_one(captured, inputs)
+    summary = summarize(captured.module, example)
     print(f"model      {captured.model_class}")
     print(
         f"signature  latent={captured.signature.latent} timestep={captured.signature.timestep} "
@@ -90,54 +146,79 @@ def _timed(run: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float]:
     return result, time.perf_counter() - started
 
 
+# the strongest stack measured on dit-digits: forecasting the whole block span (order 1, period 4, 5 warm-up
+# steps) is the fastest configuration over 45 dB in benchmarks/results/forecast_dit-digits.md (49.5 dB, 0.32 of
+# the MACs) and in a DiTPipeline (benchmarks/results/pipelines.md); exported, it runs on onnxruntime
+DEMO_FORECAST = {"order": 1, "period": 4, "warmup": 5, "targets": "blocks"}
+
+
 def command_demo(args: argparse.Namespace) -> None:
-    from diffopt.measure.fidelity import psnr, relative_l2
-    from diffopt.measure.macs import macs_per_run
+    import statistics
+    import tempfile
+
+    from diffopt.evaluation.metrics.grid import save_grid
+    from diffopt.measure.fidelity import psnr
     from diffopt.models.zoo import NULL_CLASS
     from diffopt.optimize import optimize
-    from diffopt.passes.increment_calibrated_cache import IncrementCalibratedCachePass
+    from diffopt.passes.forecast_cache import ForecastCachePass
     from diffopt.runtime.sampler import Sampler
     from diffopt.runtime.schedulers import make_scheduler
 
-    torch.manual_seed(0)
     model, inputs, scheduler_config = _load_model(args.model, require_weights=True)
-    captured = capture(model, inputs)
-    configurations = {
-        "diffopt identity program": [],
-        "ICC rank 32, refresh every 2nd step": [IncrementCalibratedCachePass(rank=32, period=2)],
-        "ICC rank 16, refresh every 3rd step": [IncrementCalibratedCachePass(rank=16, period=3)],
-        "plain reuse (rank 0), every 2nd step": [IncrementCalibratedCachePass(rank=0, period=2)],
-    }
-    labels = torch.arange(args.samples) % 10
-    shape = (args.samples, *inputs[0].shape[1:])
-    sample_inputs = tuple(v[:1] for v in inputs)
-    sampler = Sampler(
-        make_scheduler(scheduler_config, num_steps=args.steps),
-        progress=True,
-        guidance_scale=args.guidance,
-        null_conditions=(torch.tensor(NULL_CLASS),),
-    )
-    print(
-        f"{args.model}: {args.samples} samples, {args.steps} DDIM steps, guidance {args.guidance}; "
-        f"fidelity is measured against the baseline's samples from the same noise"
-    )
-    baseline, baseline_time = _timed(lambda: sampler.sample(model, (labels,), shape=shape, seed=args.seed))
-    baseline_macs = macs_per_run(optimize(captured).program, sample_inputs, args.steps)
-    rows = [("baseline (eager model)", f"{baseline_macs / 1e9:.3f}", f"{baseline_time:.2f}", "1.00x", "inf", "0")]
-    for name, passes in configurations.items():
-        optimized = optimize(captured, passes)
-        samples, seconds = _timed(lambda: sampler.sample(optimized, (labels,), shape=shape, seed=args.seed))
-        rows.append(
-            (
-                name,
-                f"{macs_per_run(optimized.program, sample_inputs, args.steps) / 1e9:.3f}",
-                f"{seconds:.2f}",
-                f"{baseline_time / seconds:.2f}x",
-                f"{psnr(samples, baseline):.1f}",
-                f"{relative_l2(samples, baseline):.1e}",
-            )
+    forecast = "forecast cache (block span, o1 p4 w5)"
+    runners = {"plain model, torch eager fp32": model}
+    runners[f"{forecast}, torch"] = optimize(capture(model, inputs), [ForecastCachePass(**DEMO_FORECAST)])
+    with tempfile.TemporaryDirectory() as directory:
+        try:
+            from diffopt.export import to_onnx
+            from diffopt.runtime.onnxruntime_backend import load_bundle
+
+            print("exporting the forecast program to an ONNX bundle ...", flush=True)
+            to_onnx(runners[f"{forecast}, torch"], Path(directory) / "bundle", scheduler_config=scheduler_config)
+            runners[f"{forecast}, exported, onnxruntime"] = load_bundle(Path(directory) / "bundle")
+        except ImportError as error:
+            print(f"(no onnxruntime row: {error}; pip install -e '.[onnx]')")
+        labels = torch.arange(args.samples) % 10
+        shape = (args.samples, *inputs[0].shape[1:])
+        sampler = Sampler(
+            make_scheduler(scheduler_config, num_steps=args.steps),
+            progress=False,
+            guidance_scale=args.guidance,
+            null_conditions=(torch.tensor(NULL_CLASS),),
         )
-    print(format_table(["method", "GMACs/sample/run", "wall s", "speed-up", "PSNR dB", "rel-L2"], rows))
+        print(
+            f"{args.model}: {args.samples} samples, {args.steps} DDIM steps, guidance {args.guidance}; "
+            f"{args.repeats} interleaved timed runs per row after a warm-up run, measured now on this machine "
+            f"({torch.get_num_threads()} threads)",
+            flush=True,
+        )
+        times: dict[str, list[float]] = {name: [] for name in runners}
+        samples = {}
+        for repeat in range(args.repeats + 1):
+            for name, denoiser in runners.items():
+                produced, seconds = _timed(lambda: sampler.sample(denoiser, (labels,), shape=shape, seed=args.seed))
+                samples[name] = produced
+                if repeat:
+                    times[name].append(seconds)
+    baseline_name = next(iter(runners))
+    baseline = statistics.median(times[baseline_name])
+    rows = [
+        (
+            name,
+            f"{statistics.median(seconds):.3f}",
+            f"{baseline / statistics.median(seconds):.2f}x",
+            f"{psnr(samples[name], samples[baseline_name]):.1f}",
+        )
+        for name, seconds in times.items()
+    ]
+    print(format_table(["runner", "median s", "speed-up", "PSNR vs plain (dB)"], rows))
+    best = list(runners)[-1]
+    save_grid(torch.cat([samples[baseline_name][:10], samples[best][:10]]), args.out, columns=min(10, args.samples))
+    print(
+        f"\n{args.out}: the plain model's samples (top) and {best}'s (bottom), from the same noise.\n"
+        "Every number above was measured just now; the committed measurements (more samples, FD, "
+        "accuracy) are in benchmarks/results/forecast_dit-digits.md, pipelines.md and runtime_comparison.md."
+    )
 
 
 CACHE_CHOICES = ("none", "icc", "block", "first-block")
@@ -156,22 +237,51 @@ def _cache_passes(args: argparse.Namespace) -> list:
     return []
 
 
+def _pass_file(path: str) -> tuple[list, dict]:
+    """The passes of a pass file (``diffopt tune`` writes one) and its other fields."""
+    from diffopt.passes.registry import load_passes
+
+    try:
+        return load_passes(path)
+    except ValueError as error:
+        raise UsageError(f"--passes {path}: {error}") from None
+
+
 def command_export(args: argparse.Namespace) -> None:
     from diffopt.export import to_onnx
     from diffopt.ir.statistics import CalibrationStatistics
     from diffopt.optimize import optimize
     from diffopt.passes.temporal_difference import TemporalDifferencePass
 
-    model, inputs, scheduler_config = _load_model(args.model, require_weights=True)
-    passes = _cache_passes(args)
+    if args.passes and args.cache != "none":
+        raise UsageError("give either --passes FILE or --cache, not both")
+    passes, extra = _pass_file(args.passes) if args.passes else (_cache_passes(args), {})
     if args.temporal_difference:
         passes.append(TemporalDifferencePass(args.temporal_difference))
     calibration = CalibrationStatistics.load(args.calibration) if args.calibration else None
-    optimized = optimize(capture(model, inputs), passes, calibration=calibration)
+    kind, source = _source(args)
     started = time.perf_counter()
-    manifest = to_onnx(optimized, args.out, profile=args.profile, scheduler_config=scheduler_config)
+    if kind == "pipeline":
+        from diffopt.pipelines import export as export_pipeline
+
+        if calibration is not None:
+            raise UsageError("--calibration is for reference models; a pipeline's passes take none here")
+        call = _pipeline_calls(args, source)[0]
+        if "steps" in extra and args.steps is None:
+            call["num_inference_steps"] = extra["steps"]
+        _run_enabled(source, call, passes)
+        manifest = export_pipeline(source, args.out, profile=args.profile)
+        name = f"the {source.__class__.__name__} denoiser"
+    else:
+        if kind == "bare":
+            model, inputs, scheduler_config = source.model, source.inputs, source.scheduler_config
+        else:
+            model, inputs, scheduler_config = _load_model(source, require_weights=True)
+        optimized = optimize(capture(model, inputs), passes, calibration=calibration)
+        manifest = to_onnx(optimized, args.out, profile=args.profile, scheduler_config=scheduler_config)
+        name = args.model or args.factory
     print(
-        f"exported {args.model} (cache {args.cache}, temporal difference {args.temporal_difference}) to {args.out} "
+        f"exported {name} (passes: {', '.join(map(str, passes)) or 'none'}) to {args.out} "
         f"in {time.perf_counter() - started:.1f} s: variants {list(manifest.variants)}, {len(manifest.state)} state "
         f"tensors, profile {manifest.profile}"
     )
@@ -322,7 +432,11 @@ def _bench_file(path: str):
 def command_bench(args: argparse.Namespace) -> None:
     from diffopt.evaluation.bench import run_bench, write_results
 
+    if args.pipeline or args.factory:
+        return _bench_pipeline(args)
     model, title, configurations = _bench_file(args.config)
+    if model is None:
+        raise UsageError(f'{args.config} names no reference model: add "model" or give --pipeline DIR / --model')
     if args.only:
         unknown = sorted(set(args.only) - {c.name for c in configurations})
         if unknown:
@@ -347,26 +461,78 @@ def command_bench(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}.json, .md" + ("" if args.timing_only else ", .png"))
 
 
-def command_tune(args: argparse.Namespace) -> None:
-    from diffopt.evaluation.tune import format_summary, save, tune
+def _bench_pipeline(args: argparse.Namespace) -> None:
+    """``bench --pipeline``/``--model``: the bench file's pass configurations on a pipeline's calls."""
+    import json
 
-    candidates = _bench_file(args.candidates)[2] if args.candidates else None
+    from diffopt.ir.files import write_text
+    from diffopt.pipelines.tuning import compare
+
+    kind, source = _source(args)
+    if kind != "pipeline":
+        raise UsageError("bench --model runs pipeline calls: the factory must return a diffusers pipeline")
+    candidates = [c for c in _candidates(args.config) if not args.only or c.name in args.only]
+    summary = compare(source, _pipeline_calls(args, source), candidates, repeats=args.repeats)
+    summary["command"] = (
+        f"diffopt bench {args.config} --out {args.out} --repeats {args.repeats}"
+        + (f" --pipeline {args.pipeline}" if args.pipeline else f" --model {args.factory}")
+        + (f" --calls {args.calls}" if args.calls else "")
+        + (f" --steps {args.steps}" if args.steps is not None else "")
+    )
+    write_text(Path(args.out).with_suffix(".json"), json.dumps(summary, indent=2, default=str))
+    rows = [
+        (r["name"], r["steps"], f"{r['mac_fraction']:.3f}", f"{r['psnr']:.1f}", f"{1 / r['time_fraction']:.2f}x")
+        for r in summary["rows"]
+    ]
+    table = format_table(["configuration", "steps", "MACs vs plain", "PSNR vs plain (dB)", "speed-up"], rows)
+    lines = [f"# diffopt bench on {summary['model']}", "", f"`{summary['command']}`", "", "```", table, "```"]
+    write_text(Path(args.out).with_suffix(".md"), "\n".join(lines) + "\n")
+    print(table)
+    print(f"wrote {args.out}.json, .md" + (f"; skipped: {summary['skipped']}" if summary["skipped"] else ""))
+
+
+def _candidates(path: str):
+    """The configurations of a bench file, as search candidates (those with passes)."""
+    from diffopt.measure.search import Candidate
+
+    configurations = _bench_file(path)[2]
+    return [Candidate(c.name, c.passes, c.steps, c.family) for c in configurations if c.passes is not None]
+
+
+def command_tune(args: argparse.Namespace) -> None:
+    from diffopt.measure.search import format_summary, save
+
+    kind, source = _source(args)
+    options = " ".join(
+        f"--{name.replace('_', '-')} {value}"
+        for name, value in vars(args).items()
+        if name in ("pipeline", "factory", "calls", "steps", "min_psnr", "cost", "candidates", "out")
+        and value is not None
+    )
     try:
-        summary = tune(
-            args.model,
-            args.min_psnr,
-            candidates=candidates,
-            cost=args.cost,
-            samples=args.samples,
-            validation_samples=args.validation_samples,
-        )
+        if kind == "pipeline":
+            from diffopt.pipelines import tune
+
+            candidates = _candidates(args.candidates) if args.candidates else None
+            calls = _pipeline_calls(args, source)
+            summary = tune(source, calls, args.min_psnr, cost=args.cost, candidates=candidates)
+        elif kind == "zoo":
+            from diffopt.evaluation.tune import tune
+
+            summary = tune(
+                source,
+                args.min_psnr,
+                candidates=_bench_file(args.candidates)[2] if args.candidates else None,
+                cost=args.cost,
+                samples=args.samples,
+                validation_samples=args.validation_samples,
+            )
+            options += f" --samples {args.samples} --validation-samples {args.validation_samples}"
+        else:
+            raise UsageError("tune scores whole sampling runs: give a pipeline (--pipeline, or a factory making one)")
     except ValueError as error:  # nothing meets the floor, or nothing validates
         raise UsageError(str(error)) from None
-    summary["command"] = (
-        f"diffopt tune {args.model} --min-psnr {args.min_psnr} --cost {args.cost} --samples {args.samples} "
-        f"--validation-samples {args.validation_samples} --out {args.out}"
-        + (f" --candidates {args.candidates}" if args.candidates else "")
-    )
+    summary["command"] = f"diffopt tune {args.model or ''} {options}".replace("  ", " ")
     passes = save(summary, args.out)
     print(format_summary(summary))
     print(f"wrote {args.out}.json, {args.out}.png and the chosen passes to {passes}")
@@ -377,11 +543,37 @@ def command_tune(args: argparse.Namespace) -> None:
 USER_ERRORS = (ValueError, CaptureError, ExportError, PassError, UnknownModelError, OSError)
 
 
+def _add_sources(parser: argparse.ArgumentParser, model_help: str | None) -> None:
+    """The model options of ``info``, ``export``, ``tune`` and ``bench``: a reference model
+    name (positional, where ``model_help`` is given), a saved pipeline or a factory, and the
+    pipeline calls that capture and score it."""
+    if model_help is not None:
+        parser.add_argument("model", nargs="?", help=model_help)
+    else:
+        parser.set_defaults(model=None)
+    parser.add_argument("--pipeline", metavar="DIR", help="a diffusers pipeline saved with save_pretrained (offline)")
+    parser.add_argument(
+        "--model",
+        dest="factory",
+        metavar="PACKAGE.MODULE:FUNCTION",
+        help="a function returning a diffusers pipeline, or (model, example_inputs[, scheduler_config])",
+    )
+    parser.add_argument(
+        "--calls", metavar="FILE", help="pipeline call arguments: a .json or .pt list of dicts (with 'seed')"
+    )
+    parser.add_argument(
+        "--num-calls", type=_bounded(int, 1, "--num-calls"), default=4, help="calls made up without --calls"
+    )
+    parser.add_argument(
+        "--steps", type=_bounded(int, 2, "--steps"), default=None, help="num_inference_steps of every pipeline call"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="diffopt", description="graph compiler for diffusion denoisers")
     commands = parser.add_subparsers(dest="command", required=True)
     info = commands.add_parser("info", help="summarise a captured denoiser graph")
-    info.add_argument("model", help="reference model name (dit-digits, unet-digits, dit-digits-flow) or simple-dit")
+    _add_sources(info, "reference model name (dit-digits, unet-digits, dit-digits-flow) or simple-dit")
     info.add_argument("--layers", action="store_true", help="list every linear layer")
     info.set_defaults(run=command_info)
     demo = commands.add_parser("demo", help="optimize a shipped denoiser, sample, compare before/after")
@@ -390,10 +582,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     demo.add_argument("--samples", type=_bounded(int, 1, "--samples"), default=20)
     demo.add_argument("--guidance", type=_bounded(float, 0.0, "--guidance"), default=1.0)
     demo.add_argument("--seed", type=_bounded(int, 0, "--seed"), default=0)
+    demo.add_argument("--repeats", type=_bounded(int, 1, "--repeats"), default=3, help="timed runs per row")
+    demo.add_argument("--out", type=_output_file, default="demo.png", help="PNG grid: plain (top) vs optimized")
     demo.set_defaults(run=command_demo)
     export = commands.add_parser("export", help="export a shipped denoiser (optionally cached) to an ONNX bundle")
-    export.add_argument("model", help="reference model name")
+    _add_sources(export, "reference model name")
     export.add_argument("out", type=_bundle_directory, help="bundle directory to write")
+    export.add_argument("--passes", metavar="FILE", help="a pass file (what `diffopt tune` writes)")
     export.add_argument("--cache", choices=CACHE_CHOICES, default="none")
     export.add_argument("--rank", type=_bounded(int, 0, "--rank"), default=16, help="ICC rank")
     export.add_argument("--period", type=_bounded(int, 1, "--period"), default=3, help="ICC / block cache period")
@@ -452,6 +647,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "bench", help="run configurations (passes x backends x step counts, baselines) on a model in one run"
     )
     bench.add_argument("config", help="bench file, e.g. benchmarks/configs/caching_dit-digits.json")
+    _add_sources(bench, None)
     bench.add_argument("--out", type=_output_file, required=True, help="results stem: writes .json, .md, .png")
     bench.add_argument("--samples", type=_bounded(int, 10, "--samples"), default=600)
     bench.add_argument("--timing-batch", type=_bounded(int, 1, "--timing-batch"), default=50)
@@ -466,7 +662,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     bench.add_argument("--only", nargs="+", help="run only these configurations (and the first, the reference)")
     bench.set_defaults(run=command_bench)
     tune = commands.add_parser("tune", help="the cheapest configuration whose PSNR meets a floor, validated")
-    tune.add_argument("model", help="reference model name (dit-digits, unet-digits)")
+    _add_sources(tune, "reference model name (dit-digits, unet-digits)")
     tune.add_argument("--min-psnr", type=_bounded(float, 0.0, "--min-psnr"), required=True)
     tune.add_argument("--cost", choices=("macs", "time"), default="macs")
     tune.add_argument("--samples", type=_bounded(int, 10, "--samples"), default=100, help="calibration samples")

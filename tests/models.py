@@ -14,6 +14,13 @@ def simple_dit(seed: int = 0):
     return SimpleDiT(hidden=32, depth=2, heads=2).eval()
 
 
+def simple_dit_with_inputs():
+    """A factory as ``diffopt info --model models:simple_dit_with_inputs`` calls it: a model and example inputs."""
+    from diffopt.models.zoo import example_inputs
+
+    return simple_dit(), example_inputs("dit-digits")
+
+
 def diffusers_dit(seed: int = 0, num_layers: int = 2):
     from diffusers import DiTTransformer2DModel
 

@@ -19,12 +19,17 @@ def test_info_finds_unet_blocks(capsys):
     assert "down_blocks: 3" in out and "mid_block: 1" in out and "up_blocks: 3" in out
 
 
-def test_demo_prints_a_before_after_table(capsys):
-    main(["demo", "--steps", "4", "--samples", "4"])
+def test_demo_compares_the_plain_model_with_the_exported_forecast_cache_and_writes_a_grid(capsys, tmp_path):
+    from PIL import Image
+
+    main(["demo", "--steps", "10", "--samples", "4", "--repeats", "1", "--out", str(tmp_path / "demo.png")])
     out = capsys.readouterr().out
-    assert "baseline (eager model)" in out and "ICC rank 32" in out
-    identity_row = next(line for line in out.splitlines() if line.startswith("diffopt identity program"))
-    assert " inf " in identity_row  # the identity program reproduces the baseline exactly
+    rows = {line.split("  ")[0]: line.split() for line in out.splitlines() if line.startswith(("plain", "forecast"))}
+    assert rows["plain model, torch eager fp32"][-1] == "inf"
+    torch_psnr, onnx_psnr = (float(rows[name][-1]) for name in sorted(rows) if name.startswith("forecast"))
+    assert 20 < torch_psnr < 200 and abs(onnx_psnr - torch_psnr) < 0.5  # onnxruntime runs the same program
+    assert "measured just now" in out
+    assert Image.open(tmp_path / "demo.png").size == (3 * (4 * 17 + 1), 3 * (2 * 17 + 1))  # 2 rows of 4 digits
 
 
 def test_unknown_command_exits_with_usage():

@@ -23,7 +23,19 @@ ALLOWED = {
     "pipelines": {"ir", "capture", "passes", "runtime", "measure", "export", "optimize"},
     "models": {"ir", "runtime"},
     "evaluation": {"ir", "quant", "capture", "passes", "runtime", "measure", "export", "optimize", "models"},
-    "cli": {"ir", "quant", "capture", "passes", "runtime", "measure", "export", "optimize", "models", "evaluation"},
+    "cli": {
+        "ir",
+        "quant",
+        "capture",
+        "passes",
+        "runtime",
+        "measure",
+        "export",
+        "optimize",
+        "pipelines",
+        "models",
+        "evaluation",
+    },
     "__init__": {"ir", "capture", "passes", "runtime", "measure", "optimize", "pipelines"},
 }
 

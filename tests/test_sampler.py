@@ -216,15 +216,20 @@ def test_diffusers_schedulers_and_their_configs_drive_the_sampler_unchanged(mode
                 torch.testing.assert_close(sampler.sample(denoiser, (labels,), shape=SHAPE, seed=0), expected)
 
 
-def test_calibration_runs_on_a_diffusers_scheduler_config():
-    from diffusers import DPMSolverMultistepScheduler
+@pytest.mark.parametrize("name", ["DPM-Solver++ (multistep)", "flow matching Euler"])
+def test_calibration_runs_on_a_diffusers_scheduler_config(name):
+    import diffusers
     from models import simple_dit
 
     from diffopt import calibrate
 
-    graph = capture(simple_dit(), (torch.randn(2, 1, 16, 16), torch.tensor([999, 5]), torch.tensor([0, 1])))
-    config = json.loads(DPMSolverMultistepScheduler(beta_schedule="squaredcos_cap_v2").to_json_string())
-    sampler = Sampler(make_scheduler(config, num_steps=5), progress=False)
+    class_name, options = DIFFUSERS_SCHEDULERS[name]
+    config = json.loads(getattr(diffusers, class_name)(**options).to_json_string())
+    made = make_scheduler(config, num_steps=5)
+    assert made.name == class_name  # flow matching stays flow matching
+    timestep = torch.tensor([999.0, 5.0]) if made.timesteps.is_floating_point() else torch.tensor([999, 5])
+    graph = capture(simple_dit(), (torch.randn(2, 1, 16, 16), timestep, torch.tensor([0, 1])))
+    sampler = Sampler(made, progress=False)
     statistics = calibrate(optimize(graph).program, sampler, (torch.tensor([0, 3]),), (2, 1, 16, 16), progress=False)
     assert statistics.temporal.input_absmax and all(v > 0 for v in statistics.temporal.input_absmax.values())
     assert len(next(iter(statistics.temporal.step_counts.values()))) == 5  # one entry per step of the solver

@@ -8,8 +8,9 @@ import torch
 
 from diffopt import Sampler, make_scheduler, optimize
 from diffopt.cli import main
-from diffopt.evaluation.bench import Configuration, load_configurations, pareto, run_bench, write_results
-from diffopt.evaluation.tune import save, tune
+from diffopt.evaluation.bench import Configuration, load_configurations, run_bench, write_results
+from diffopt.evaluation.tune import tune
+from diffopt.measure.search import pareto, save
 from diffopt.passes.block_cache import BlockCachePass, FirstBlockCachePass
 from diffopt.passes.forecast_cache import ForecastCachePass
 from diffopt.passes.increment_calibrated_cache import IncrementCalibratedCachePass

@@ -37,6 +37,7 @@ from diffopt.ir.validation import require_int
 from diffopt.measure.calibration import calibrate
 from diffopt.measure.fidelity import psnr, relative_l2
 from diffopt.measure.macs import count_macs
+from diffopt.measure.search import pareto
 from diffopt.models import example_inputs, load
 from diffopt.models.zoo import get_spec
 from diffopt.optimize import optimize
@@ -99,17 +100,18 @@ class Configuration:
         return any(pass_from_dict(item).needs_calibration for item in self.passes or ())
 
 
-def load_configurations(path: str | os.PathLike) -> tuple[str, str, list[Configuration]]:
+def load_configurations(path: str | os.PathLike) -> tuple[str | None, str, list[Configuration]]:
     """(model name, title, configurations) of a bench file
-    ``{"model": ..., "title": ..., "configurations": [...]}``."""
+    ``{"model": ..., "title": ..., "configurations": [...]}``; a file for pipelines
+    (``diffopt bench --pipeline``) may name no model (``None``)."""
     data = read_json(path, "a bench file")
-    if not isinstance(data, dict) or not isinstance(data.get("configurations"), list) or "model" not in data:
-        raise ValueError(f"{path} is not a bench file: expected an object with 'model' and a 'configurations' list")
-    if not isinstance(data["model"], str) or not isinstance(data.get("title", ""), str):
-        raise ValueError(
-            f"{path}: 'model' and 'title' are strings, found {data['model']!r:.60}, {data.get('title')!r:.60}"
-        )
-    get_spec(data["model"])  # an unknown model is named before any run
+    if not isinstance(data, dict) or not isinstance(data.get("configurations"), list):
+        raise ValueError(f"{path} is not a bench file: expected an object with a 'configurations' list")
+    model = data.get("model")
+    if not isinstance(model, (str, type(None))) or not isinstance(data.get("title", ""), str):
+        raise ValueError(f"{path}: 'model' and 'title' are strings, found {model!r:.60}, {data.get('title')!r:.60}")
+    if model is not None:
+        get_spec(model)  # an unknown model is named before any run
     if not data["configurations"]:
         raise ValueError(f"{path}: 'configurations' is empty: the first one is the reference")
     try:
@@ -119,7 +121,7 @@ def load_configurations(path: str | os.PathLike) -> tuple[str, str, list[Configu
     names = [c.name for c in configurations]
     if len(set(names)) != len(names):
         raise ValueError(f"{path}: configuration names repeat: {sorted({n for n in names if names.count(n) > 1})}")
-    return data["model"], data.get("title", f"Configurations on {data['model']}"), configurations
+    return model, data.get("title", f"Configurations on {model or 'a pipeline'}"), configurations
 
 
 def build(configuration: Configuration, model: torch.nn.Module, graph, calibration, config: dict) -> Callable:
@@ -235,16 +237,6 @@ def run_bench(
         "machine": platform.processor() or platform.machine(),
         "rows": rows,
     }
-
-
-def pareto(rows: Sequence[dict], cost: str = "mac_fraction", quality: str = "psnr") -> list[dict]:
-    """The rows no other row beats in both cost (lower) and quality (higher), cheapest first."""
-    front, best = [], float("-inf")
-    for row in sorted(rows, key=lambda r: (r[cost], -r[quality])):
-        if row[quality] > best:
-            front.append(row)
-            best = row[quality]
-    return front
 
 
 def to_markdown(summary: dict, title: str, command: str) -> str:

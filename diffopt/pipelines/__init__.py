@@ -6,7 +6,8 @@ gives the pipeline object a subclass of its own class (same name) whose ``__call
 each pipeline call as one run of every stream, and whose ``save_pretrained`` saves the
 original model. Pass settings are checked against the model's modules right away
 (``pipelines.checks``). ``disable(pipe)`` puts the original model and class back;
-``summary(pipe)`` reports what the caches did (``pipelines.report``).
+``summary(pipe)`` reports what the caches did (``pipelines.report``); ``tune(pipe, calls,
+min_psnr=...)`` finds the cheapest pass list over a quality floor (``pipelines.tuning``).
 """
 
 from __future__ import annotations
@@ -28,11 +29,12 @@ from diffopt.pipelines.bundles import export_component, load_for_pipeline, outpu
 from diffopt.pipelines.checks import check_passes_fit
 from diffopt.pipelines.component import MAX_PROGRAMS, CapturedProgram, OptimizedComponent
 from diffopt.pipelines.report import Summary, summarize
+from diffopt.pipelines.tuning import tune
 from diffopt.runtime.bundle import Manifest
 
 DENOISER_NAMES = ("transformer", "unet")
 
-__all__ = ["CapturedProgram", "OptimizedComponent", "Summary", "disable", "enable", "export", "summary"]
+__all__ = ["CapturedProgram", "OptimizedComponent", "Summary", "disable", "enable", "export", "summary", "tune"]
 
 
 def _denoiser_name(pipe: Any) -> str:

@@ -1,0 +1,226 @@
+"""The search behind ``diffopt tune``: candidate pass lists for a captured graph, the Pareto
+set of scored candidates, the validated choice, and the files a tune writes.
+
+A candidate is a pass list (pass-file dicts, ``passes.registry``) and a step count, relative
+to a reference run of ``steps`` steps. Scoring is the caller's: the shipped digits models
+(``evaluation.tune``) or any diffusers pipeline (``pipelines.tuning``). A scored candidate is
+a row: a dict with at least ``name``, ``family``, ``passes``, ``steps``, ``psnr`` and
+``mac_fraction`` (its MACs over the reference run's).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffopt.ir.files import replacing, write_text
+from diffopt.ir.layers import find_blocks
+from diffopt.passes.registry import pass_from_dict, save_passes
+
+logger = logging.getLogger("diffopt")
+
+COSTS = ("macs", "time")
+COST_KEYS = {"macs": "mac_fraction", "time": "time_fraction"}
+MAX_VALIDATIONS = 5  # the cheapest feasible candidates tried on held-out inputs, in order
+STEP_FRACTIONS = (0.4, 0.5, 0.6, 0.7, 0.8)  # plain step reduction
+FORECAST_FEWER_STEPS = 0.7  # forecast caches with a short period are also tried at this fraction of the steps
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A pass list (as pass-file dicts) and the step count it samples with."""
+
+    name: str
+    passes: tuple[dict, ...]
+    steps: int
+    family: str
+
+    @property
+    def needs_calibration(self) -> bool:
+        return any(pass_from_dict(item).needs_calibration for item in self.passes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "passes": list(self.passes)}
+
+
+def search_space(graph: torch.fx.GraphModule, steps: int = 50) -> list[Candidate]:
+    """Candidates that fit ``graph`` for a reference of ``steps`` steps: fewer steps;
+    forecast caching (order, period, warm-up, also at fewer steps); ICC and plain layer reuse;
+    block caching of each block chain ``ir.layers.find_blocks`` sees (transformer chains, UNet
+    down/up blocks); first-block caching. Forecast and first-block caching walk the
+    only chain, or all chains joined (Flux-like models). Passes that turn out not to fit are the scorer's
+    to skip (they raise ``PassError``)."""
+    if not isinstance(steps, int) or steps < 2:
+        raise ValueError(f"search_space(): steps is the reference's step count (>= 2), found {steps!r}")
+    chains = find_blocks(graph.graph)
+    joined = [name for name, blocks in chains.items() if len(blocks) >= 2]
+    # chain passes walk the only chain, or every chain joined in graph order (Flux's double- then single-stream
+    # blocks); a UNet's down and up blocks are no chain (those passes skip it, block caching covers it)
+    chain = {"container": joined} if len(joined) > 1 and not {"down_blocks", "up_blocks"} <= set(chains) else {}
+    fewer = sorted({max(1, round(steps * f)) for f in STEP_FRACTIONS} - {steps})
+    candidates = [Candidate(f"{n} steps", (), n, "steps") for n in fewer]
+    short = max(1, round(steps * FORECAST_FEWER_STEPS))
+    for order in (1, 2):
+        for period in (3, 4, 5, 6):
+            for warmup in (2, 4, 6):
+                for n in (steps, short) if period <= 4 and short != steps else (steps,):
+                    suffix = f", {n} steps" if n != steps else ""
+                    candidates.append(
+                        Candidate(
+                            f"forecast o{order} p{period} w{warmup}{suffix}",
+                            (
+                                {
+                                    "pass": "ForecastCachePass",
+                                    "order": order,
+                                    "period": period,
+                                    "warmup": warmup,
+                                    **chain,
+                                },
+                            ),
+                            n,
+                            "forecast cache",
+                        )
+                    )
+    for rank in (0, 8, 16):
+        for period in (2, 3):
+            candidates.append(
+                Candidate(
+                    f"ICC r{rank} p{period}",
+                    ({"pass": "IncrementCalibratedCachePass", "rank": rank, "period": period},),
+                    steps,
+                    "ICC" if rank else "plain reuse",
+                )
+            )
+    for name, blocks in chains.items():
+        for period in (2, 3):
+            candidates.append(
+                Candidate(
+                    f"block cache {name} p{period}",
+                    ({"pass": "BlockCachePass", "blocks": blocks[1:-1] or blocks, "period": period},),
+                    steps,
+                    "block cache",
+                )
+            )
+    for threshold in (0.05, 0.1):
+        candidates.append(
+            Candidate(
+                f"first-block cache {threshold}",
+                ({"pass": "FirstBlockCachePass", "threshold": threshold, **chain},),
+                steps,
+                "first-block cache",
+            )
+        )
+    return candidates
+
+
+def pareto(rows: Sequence[dict], cost: str = "mac_fraction", quality: str = "psnr") -> list[dict]:
+    """The rows no other row beats in both cost (lower) and quality (higher), cheapest first."""
+    front, best = [], float("-inf")
+    for row in sorted(rows, key=lambda r: (r[cost], -r[quality])):
+        if row[quality] > best:
+            front.append(row)
+            best = row[quality]
+    return front
+
+
+def check_floor(min_psnr: Any, cost: Any) -> None:
+    """Refuse a quality floor or cost a tune cannot use, naming it."""
+    if isinstance(min_psnr, bool) or not isinstance(min_psnr, (int, float)) or not math.isfinite(min_psnr):
+        raise ValueError(f"min_psnr must be a finite number of dB, found {min_psnr!r}")
+    if cost not in COSTS:
+        raise ValueError(f"cost must be one of {COSTS}, found {cost!r}")
+
+
+def choose(
+    rows: Sequence[dict], min_psnr: float, cost: str, validate: Callable[[dict], bool], where: str
+) -> tuple[dict, list[str]]:
+    """The cheapest row over ``min_psnr`` (of equally cheap ones, the best) that ``validate``
+    (held-out inputs) accepts, and the names of the cheaper ones it rejected. Raises
+    ``ValueError`` when nothing qualifies."""
+    feasible = [row for row in rows if row["psnr"] >= min_psnr]
+    if not feasible:
+        best = max(rows, key=lambda r: r["psnr"]) if rows else None
+        raise ValueError(
+            f"no candidate reaches {min_psnr} dB on {where}"
+            + (f" (best: {best['name']} at {best['psnr']:.1f} dB)" if best else "")
+        )
+    rejected = []
+    for row in sorted(feasible, key=lambda r: (r[COST_KEYS[cost]], -r["psnr"]))[:MAX_VALIDATIONS]:
+        if validate(row):
+            return row, rejected
+        rejected.append(row["name"])
+    raise ValueError(f"the {len(rejected)} cheapest candidates over {min_psnr} dB failed validation: {rejected}")
+
+
+def save(summary: dict[str, Any], stem: str | os.PathLike) -> Path:
+    """``<stem>.json`` (every candidate, the Pareto set, the choice), ``<stem>.png`` (where
+    matplotlib is installed) and the chosen pass list ``<stem>.passes.json`` (with its step
+    count and the reference's); returns the pass file's path."""
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    write_text(stem.with_suffix(".json"), json.dumps(summary, indent=2, default=str))
+    _plot(summary, stem.with_suffix(".png"))
+    chosen = summary["chosen"]
+    return save_passes(
+        stem.with_name(stem.name + ".passes.json"),
+        [pass_from_dict(item) for item in chosen["passes"]],
+        steps=chosen["steps"],
+        reference_steps=summary["reference_steps"],
+        model=summary["model"],
+        min_psnr=summary["min_psnr"],
+        psnr=chosen["psnr"],
+        validation_psnr=chosen["validation_psnr"],
+        mac_fraction=chosen["mac_fraction"],
+    )
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The Pareto set and the choice, as lines for the terminal."""
+    by_name = {row["name"]: row for row in summary["rows"]}
+    lines = [f"Pareto set on {summary['model']} (MACs vs PSNR, scored on {summary['scored_on']}):"]
+    for name in summary["pareto"]:
+        row = by_name[name]
+        lines.append(f"  {row['mac_fraction']:.3f} of the MACs  {row['psnr']:6.1f} dB  {name}")
+    chosen = summary["chosen"]
+    lines.append(
+        f"chosen for >= {summary['min_psnr']} dB: {chosen['name']}: {chosen['steps']} steps "
+        f"(reference {summary['reference_steps']}), {chosen['mac_fraction']:.3f} of the MACs, "
+        f"{chosen['psnr']:.1f} dB when scored, {chosen['validation_psnr']:.1f} dB on {summary['validated_on']}"
+    )
+    return "\n".join(lines)
+
+
+def _plot(summary: dict[str, Any], path: Path) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        logger.warning("no Pareto plot written to %s: matplotlib is not installed (pip install diffopt[eval])", path)
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    rows = summary["rows"]
+    for family in sorted({r["family"] for r in rows}):
+        members = [r for r in rows if r["family"] == family]
+        axes.scatter([r["mac_fraction"] for r in members], [min(r["psnr"], 60) for r in members], label=family, s=14)
+    front = [r for name in summary["pareto"] for r in rows if r["name"] == name]
+    axes.plot([r["mac_fraction"] for r in front], [min(r["psnr"], 60) for r in front], "k--", lw=0.8, label="Pareto")
+    chosen = summary["chosen"]
+    axes.scatter([chosen["mac_fraction"]], [min(chosen["psnr"], 60)], marker="*", s=200, c="red", label="chosen")
+    axes.axhline(summary["min_psnr"], color="gray", lw=0.8, ls=":")
+    axes.set(xlabel="MACs / reference run", ylabel="PSNR vs reference (dB, capped at 60)")
+    axes.set_title(f"diffopt tune {summary['model']} --min-psnr {summary['min_psnr']}")
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    with replacing(path) as partial:
+        figure.savefig(partial, dpi=110, format="png")
+    plt.close(figure)
