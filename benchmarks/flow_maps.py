@@ -30,7 +30,7 @@ from diffopt.evaluation.metrics.grid import save_grid
 from diffopt.measure.fidelity import psnr
 from diffopt.measure.macs import macs_per_run
 from diffopt.models import example_inputs, load
-from diffopt.runtime.flow_map import FlowMapSampler
+from diffopt.sampling.flow_map import FlowMapSampler
 
 STEPS = (1, 2, 4, 8)
 RESULTS = Path("benchmarks/results")

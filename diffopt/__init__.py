@@ -3,8 +3,9 @@
 capture -> passes -> step program (explicit state, variants, schedule) -> runtime.
 
 Layers, each importing only those below it (``tests/test_layers.py`` checks it):
-``ir`` (program, signature, layers, annotations, policy, statistics) < ``quant`` <
-``capture`` < ``passes`` / ``runtime`` < ``measure`` < ``export`` < ``optimize`` <
+``ir`` (program, specs, schedules, signature, layers, blocks, annotations, policy,
+statistics) < ``quant`` < ``capture`` < ``passes`` / ``runtime`` < ``sampling`` <
+``measure`` < ``export`` < ``optimize`` <
 ``pipelines`` (``enable``: drop-in for diffusers pipelines), ``cli``;
 ``models`` (reference models) and ``evaluation`` (metrics, data, training, baselines:
 ``pip install diffopt[eval]``) sit on top and are never imported by the core.
@@ -12,18 +13,10 @@ Layers, each importing only those below it (``tests/test_layers.py`` checks it):
 
 from diffopt.capture import CaptureError, capture
 from diffopt.ir.policy import LayerPolicy
-from diffopt.ir.program import (
-    AdaptiveSchedule,
-    ComposedSchedule,
-    ListSchedule,
-    Role,
-    Schedule,
-    StateEntry,
-    StateError,
-    StateSpec,
-    StepProgram,
-)
+from diffopt.ir.program import StepProgram
+from diffopt.ir.schedules import AdaptiveSchedule, ComposedSchedule, ListSchedule, Schedule
 from diffopt.ir.signature import CapturedGraph, Signature
+from diffopt.ir.specs import Role, StateEntry, StateError, StateSpec
 from diffopt.ir.statistics import CalibrationStatistics
 from diffopt.measure.calibration import calibrate
 from diffopt.optimize import optimize
@@ -31,9 +24,9 @@ from diffopt.passes.base import GraphPass, PassContext, PassError, PassNotApplic
 from diffopt.pipelines import disable, enable, summary, tune
 from diffopt.pipelines import export as export_pipeline
 from diffopt.runtime.denoiser import OptimizedDenoiser
-from diffopt.runtime.flow_map import FlowMapSampler
-from diffopt.runtime.sampler import Sampler
 from diffopt.runtime.schedulers import DDIMScheduler, DDPMScheduler, FlowEulerScheduler, make_scheduler
+from diffopt.sampling.flow_map import FlowMapSampler
+from diffopt.sampling.sequential import Sampler
 from diffopt.version import __version__
 
 __all__ = [

@@ -22,6 +22,7 @@ from diffopt.measure.macs import summarize
 from diffopt.models.zoo import UnknownModelError
 from diffopt.passes.base import PassError
 from diffopt.passes.temporal_difference import MODES
+from diffopt.runtime.bundle import PROFILES
 
 
 class UsageError(ValueError):
@@ -161,8 +162,8 @@ def command_demo(args: argparse.Namespace) -> None:
     from diffopt.models.zoo import NULL_CLASS
     from diffopt.optimize import optimize
     from diffopt.passes.forecast_cache import ForecastCachePass
-    from diffopt.runtime.sampler import Sampler
     from diffopt.runtime.schedulers import make_scheduler
+    from diffopt.sampling.sequential import Sampler
 
     model, inputs, scheduler_config = _load_model(args.model, require_weights=True)
     forecast = "forecast cache (block span, o1 p4 w5)"
@@ -221,22 +222,6 @@ def command_demo(args: argparse.Namespace) -> None:
     )
 
 
-CACHE_CHOICES = ("none", "icc", "block", "first-block")
-
-
-def _cache_passes(args: argparse.Namespace) -> list:
-    from diffopt.passes.block_cache import BlockCachePass, FirstBlockCachePass
-    from diffopt.passes.increment_calibrated_cache import IncrementCalibratedCachePass
-
-    if args.cache == "icc":
-        return [IncrementCalibratedCachePass(rank=args.rank, period=args.period)]
-    if args.cache == "block":
-        return [BlockCachePass(period=args.period)]
-    if args.cache == "first-block":
-        return [FirstBlockCachePass(args.threshold)]
-    return []
-
-
 def _pass_file(path: str) -> tuple[list, dict]:
     """The passes of a pass file (``diffopt tune`` writes one) and its other fields."""
     from diffopt.passes.registry import load_passes
@@ -253,9 +238,7 @@ def command_export(args: argparse.Namespace) -> None:
     from diffopt.optimize import optimize
     from diffopt.passes.temporal_difference import TemporalDifferencePass
 
-    if args.passes and args.cache != "none":
-        raise UsageError("give either --passes FILE or --cache, not both")
-    passes, extra = _pass_file(args.passes) if args.passes else (_cache_passes(args), {})
+    passes, extra = _pass_file(args.passes) if args.passes else ([], {})
     if args.temporal_difference:
         passes.append(TemporalDifferencePass(args.temporal_difference))
     calibration = CalibrationStatistics.load(args.calibration) if args.calibration else None
@@ -290,8 +273,8 @@ def command_export(args: argparse.Namespace) -> None:
 def command_sample(args: argparse.Namespace) -> None:
     from diffopt.evaluation.metrics.grid import save_grid
     from diffopt.runtime.onnxruntime_backend import load_bundle
-    from diffopt.runtime.sampler import Sampler
     from diffopt.runtime.schedulers import make_scheduler
+    from diffopt.sampling.sequential import Sampler
 
     denoiser = load_bundle(args.bundle)
     manifest = denoiser.backend.manifest
@@ -318,8 +301,8 @@ def command_sample(args: argparse.Namespace) -> None:
 def _digits_run(args: argparse.Namespace):
     """(baseline program, DDIM sampler, class-label conditions, latent shape) for a reference model."""
     from diffopt.optimize import optimize
-    from diffopt.runtime.sampler import Sampler
     from diffopt.runtime.schedulers import make_scheduler
+    from diffopt.sampling.sequential import Sampler
 
     model, inputs, scheduler_config = _load_model(args.model, require_weights=True)
     program = optimize(capture(model, inputs)).program
@@ -589,13 +572,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     _add_sources(export, "reference model name")
     export.add_argument("out", type=_bundle_directory, help="bundle directory to write")
     export.add_argument("--passes", metavar="FILE", help="a pass file (what `diffopt tune` writes)")
-    export.add_argument("--cache", choices=CACHE_CHOICES, default="none")
-    export.add_argument("--rank", type=_bounded(int, 0, "--rank"), default=16, help="ICC rank")
-    export.add_argument("--period", type=_bounded(int, 1, "--period"), default=3, help="ICC / block cache period")
-    export.add_argument(
-        "--threshold", type=_bounded(float, 0.0, "--threshold"), default=0.1, help="first-block cache threshold"
-    )
-    export.add_argument("--profile", choices=("onnxruntime", "tensorrt"), default="onnxruntime")
+    export.add_argument("--profile", choices=PROFILES, default=PROFILES[0])
     export.add_argument(
         "--temporal-difference",
         choices=("exact", "dynamic", "difference"),

@@ -14,8 +14,7 @@ from diffopt.ir.program import StepProgram
 from diffopt.ir.signature import CapturedGraph
 from diffopt.ir.statistics import CalibrationStatistics
 from diffopt.passes.base import GraphPass, PassContext, Pipeline
-from diffopt.runtime.backends import TorchBackend
-from diffopt.runtime.compiled import CompiledBackend
+from diffopt.runtime.backends import program_backend
 from diffopt.runtime.denoiser import OptimizedDenoiser
 
 
@@ -31,16 +30,15 @@ def optimize(
     backend: str = "torch",
 ) -> OptimizedDenoiser:
     """Capture (if given a module), run ``passes`` in a verifying ``Pipeline``, place the
-    result on ``device`` / in ``dtype`` (``ir.placement``), and run it on ``backend``:
-    ``"torch"`` (eager fx graphs) or ``"compiled"`` (``torch.compile`` per variant; CUDA
-    graphs on CUDA).
+    result on ``device`` / in ``dtype`` (``ir.placement``), and run it on ``backend``, a
+    registered backend that runs programs (``runtime.backends``): ``"torch"`` (eager fx
+    graphs) or ``"compiled"`` (``torch.compile`` per variant; CUDA graphs on CUDA).
 
     The input is never modified: passes work on a copy of the graphs (weights are shared
     until placement copies them). ``optimized.pass_records`` lists each pass and whether it
     changed the program.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"optimize(): backend must be one of {sorted(BACKENDS)}, found {backend!r}")
+    backend_class = program_backend(backend, "optimize()")
     if isinstance(model_or_graph, StepProgram):
         program = model_or_graph.copy()
     elif isinstance(model_or_graph, CapturedGraph):
@@ -64,9 +62,6 @@ def optimize(
     program, records = Pipeline(passes).run(program, context)
     if device is not None or dtype is not None:
         program = place(program, device, dtype)
-    denoiser = OptimizedDenoiser(program, backend=BACKENDS[backend](program))
+    denoiser = OptimizedDenoiser(program, backend=backend_class(program))
     denoiser.pass_records = records
     return denoiser
-
-
-BACKENDS = {"torch": TorchBackend, "compiled": CompiledBackend}

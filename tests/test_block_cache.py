@@ -6,7 +6,8 @@ from diffopt import PassError, capture, optimize
 from diffopt.evaluation.baselines import DiffusersCacheHook
 from diffopt.ir.annotations import annotation_of
 from diffopt.ir.graph_tools import module_scopes
-from diffopt.ir.program import FULL, PROBE, AdaptiveSchedule, Schedule
+from diffopt.ir.schedules import AdaptiveSchedule, Schedule
+from diffopt.ir.specs import FULL, PROBE
 from diffopt.passes.block_cache import CACHED, BlockCachePass, FirstBlockCachePass
 from diffopt.passes.increment_calibrated_cache import IncrementCalibratedCachePass
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from diffopt import ComposedSchedule, PassError, Sampler, capture, make_scheduler, optimize
-from diffopt.ir.program import CACHED, CALIBRATED, DELTA, FULL, PROBE, schedule_from_dict
+from diffopt.ir.schedules import schedule_from_dict
+from diffopt.ir.specs import CACHED, CALIBRATED, DELTA, FULL, PROBE
 from diffopt.measure.calibration import calibrate
 from diffopt.models import zoo
 from diffopt.passes.block_cache import BlockCachePass, FirstBlockCachePass

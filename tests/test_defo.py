@@ -6,7 +6,7 @@ from models import simple_dit
 
 from diffopt import LayerPolicy, Sampler, capture, make_scheduler, optimize
 from diffopt.ir.profile import GroupCost, LayerProfile, MachineModel
-from diffopt.ir.program import FULL
+from diffopt.ir.specs import FULL
 from diffopt.measure.defo_profile import node_seconds, profile_layers
 from diffopt.passes.defo import DefoPass
 from diffopt.passes.temporal_difference import DELTA, TemporalDifferencePass, layer_decisions

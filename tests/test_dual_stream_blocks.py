@@ -8,9 +8,9 @@ import torch
 from models import diffusers_sd3, inputs_for, max_relative, run_along
 
 from diffopt import PassError, capture, optimize
-from diffopt.ir.program import FULL
+from diffopt.ir.specs import FORECAST, FULL
 from diffopt.passes.block_cache import CACHED, BlockCachePass, FirstBlockCachePass
-from diffopt.passes.forecast_cache import FORECAST, ForecastCachePass
+from diffopt.passes.forecast_cache import ForecastCachePass
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ from diffopt.passes.temporal_difference import TemporalDifferencePass
 from diffopt.runtime.bundle import CHECKSUMS_NAME, MANIFEST_NAME, BundleError, Manifest, sha256_of
 from diffopt.runtime.denoiser import InputError
 from diffopt.runtime.onnxruntime_backend import load_bundle
-from diffopt.runtime.speculative import SpeculativeDDPMSampler
+from diffopt.sampling.speculative import SpeculativeDDPMSampler
 
 pytest.importorskip("onnxruntime")
 DDPM = {"kind": "ddpm", "beta_schedule": "squaredcos_cap_v2"}

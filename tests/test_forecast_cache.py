@@ -4,8 +4,9 @@ from models import diffusers_dit, inputs_for, max_relative, run_along, simple_di
 
 from diffopt import PassError, capture, optimize
 from diffopt.ir.graph_tools import module_scopes
-from diffopt.ir.program import FULL, Schedule, schedule_from_dict
-from diffopt.passes.forecast_cache import FORECAST, ForecastCachePass
+from diffopt.ir.schedules import Schedule, schedule_from_dict
+from diffopt.ir.specs import FORECAST, FULL
+from diffopt.passes.forecast_cache import ForecastCachePass
 
 aten = torch.ops.aten
 LABELS = torch.tensor([1, 5, 9])
@@ -189,7 +190,7 @@ def test_order_one_on_taylorseers_plan_equals_diffusers_taylorseer_hook(dit_and_
     """On a uniform grid, order 1 is TaylorSeer: with the hook's own plan (full at step 0,
     then at 2, 5, 8, ...: interval 3 after 1 warm-up step) the outputs agree at every step."""
     from diffopt.evaluation.baselines import DiffusersCacheHook
-    from diffopt.ir.program import ListSchedule
+    from diffopt.ir.schedules import ListSchedule
 
     model, graph = dit_and_graph
     g = torch.Generator().manual_seed(7)

@@ -5,7 +5,9 @@ from models import simple_dit
 from diffopt import LayerPolicy, PassError, Sampler, capture, make_scheduler, optimize
 from diffopt.ir.annotations import annotation_of
 from diffopt.ir.graph_tools import module_path
-from diffopt.ir.program import FULL, PROBE, AdaptiveSchedule, StepProgram
+from diffopt.ir.program import StepProgram
+from diffopt.ir.schedules import AdaptiveSchedule
+from diffopt.ir.specs import FULL, PROBE
 from diffopt.measure.calibration import calibrate
 from diffopt.measure.macs import macs_per_node
 from diffopt.passes.increment_calibrated_cache import CALIBRATED, IncrementCalibratedCachePass

@@ -8,8 +8,9 @@ from pathlib import Path
 import diffopt
 
 PACKAGE = Path(diffopt.__file__).parent
-CORE = ("ir", "quant", "capture", "passes", "runtime", "measure", "export", "optimize", "pipelines")
+CORE = ("ir", "quant", "capture", "passes", "runtime", "sampling", "measure", "export", "optimize", "pipelines")
 # what each layer may import (besides itself); anything not listed is refused
+CORE_TOOLS = {"ir", "quant", "capture", "passes", "runtime", "sampling", "measure", "export", "optimize"}
 ALLOWED = {
     "version": set(),
     "ir": set(),
@@ -17,26 +18,15 @@ ALLOWED = {
     "capture": {"ir"},
     "passes": {"ir", "quant"},
     "runtime": {"ir"},
-    "measure": {"ir", "quant", "passes", "runtime"},
+    "sampling": {"ir", "runtime"},
+    "measure": {"ir", "quant", "passes", "runtime", "sampling"},
     "export": {"ir", "quant", "runtime"},
     "optimize": {"ir", "capture", "passes", "runtime"},
-    "pipelines": {"ir", "capture", "passes", "runtime", "measure", "export", "optimize"},
-    "models": {"ir", "runtime"},
-    "evaluation": {"ir", "quant", "capture", "passes", "runtime", "measure", "export", "optimize", "models"},
-    "cli": {
-        "ir",
-        "quant",
-        "capture",
-        "passes",
-        "runtime",
-        "measure",
-        "export",
-        "optimize",
-        "pipelines",
-        "models",
-        "evaluation",
-    },
-    "__init__": {"ir", "capture", "passes", "runtime", "measure", "optimize", "pipelines"},
+    "pipelines": CORE_TOOLS - {"quant"},
+    "models": {"ir", "runtime", "sampling"},
+    "evaluation": CORE_TOOLS | {"models"},
+    "cli": CORE_TOOLS | {"pipelines", "models", "evaluation"},
+    "__init__": {"ir", "capture", "passes", "runtime", "sampling", "measure", "optimize", "pipelines"},
 }
 
 

@@ -9,7 +9,7 @@ from torch import nn
 from diffopt import Sampler, capture, make_scheduler, optimize
 from diffopt.export.onnx import to_onnx
 from diffopt.ir.graph_tools import module_scopes
-from diffopt.ir.program import ListSchedule, schedule_from_dict
+from diffopt.ir.schedules import ListSchedule, schedule_from_dict
 from diffopt.measure.shortcuts import ShortcutConfig, ShortcutTable, calibrate_shortcuts, spread
 from diffopt.models.length_shortcut import LengthShortcutDiT
 from diffopt.models.simple_dit import timestep_embedding

@@ -9,7 +9,7 @@ from toy_passes import CarryActivationPass, StepCounterPass
 from diffopt import LayerPolicy, PassError, Pipeline, StepProgram, capture, optimize
 from diffopt.ir.annotations import NodeAnnotation, annotate, annotation_of
 from diffopt.ir.graph_tools import module_path, op_type
-from diffopt.ir.program import FULL
+from diffopt.ir.specs import FULL
 from diffopt.ir.statistics import CalibrationStatistics
 from diffopt.passes.base import GraphPass, PassResult
 

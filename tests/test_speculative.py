@@ -8,7 +8,7 @@ from diffopt import Sampler, capture, make_scheduler, optimize
 from diffopt.evaluation.metrics.two_sample import energy_test
 from diffopt.models.gaussian_mixture import two_moons_mixture
 from diffopt.runtime.noise import make_alphas_cumprod
-from diffopt.runtime.speculative import SpeculativeDDPMSampler
+from diffopt.sampling.speculative import SpeculativeDDPMSampler
 
 CONFIG = {"kind": "ddpm", "beta_schedule": "squaredcos_cap_v2"}
 ALPHAS = make_alphas_cumprod("squaredcos_cap_v2")

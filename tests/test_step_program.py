@@ -4,7 +4,8 @@ from models import simple_dit
 from toy_passes import CarryActivationPass, StepCounterPass
 
 from diffopt import Schedule, StateEntry, StateError, StateSpec, capture, optimize
-from diffopt.ir.program import BATCH, AdaptiveSchedule
+from diffopt.ir.schedules import AdaptiveSchedule
+from diffopt.ir.specs import BATCH
 
 
 def _captured_model():

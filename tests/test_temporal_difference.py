@@ -4,7 +4,7 @@ from models import MODEL_FACTORIES, inputs_for
 
 from diffopt import LayerPolicy, PassError, Sampler, capture, make_scheduler, optimize
 from diffopt.ir.annotations import annotation_of
-from diffopt.ir.program import FULL
+from diffopt.ir.specs import FULL
 from diffopt.measure.calibration import calibrate
 from diffopt.measure.cost import measure_run_cost
 from diffopt.models import zoo

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from diffopt.ir.graph_tools import add_variant, output_values, thread_state
-from diffopt.ir.program import BATCH, FULL, Schedule, StateEntry
+from diffopt.ir.schedules import Schedule
+from diffopt.ir.specs import BATCH, FULL, StateEntry
 from diffopt.passes.base import GraphPass, PassResult
 
 aten = torch.ops.aten

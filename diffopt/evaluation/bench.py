@@ -42,9 +42,9 @@ from diffopt.models import example_inputs, load
 from diffopt.models.zoo import get_spec
 from diffopt.optimize import optimize
 from diffopt.passes.registry import pass_from_dict
-from diffopt.runtime.sampler import Sampler
+from diffopt.runtime.backends import program_backend
+from diffopt.sampling.sequential import Sampler
 
-BACKENDS = ("torch", "compiled")  # optimize(backend=): torch eager, or torch.compile
 BASELINE_KINDS = ("diffusers-hook", "cache-dit")
 
 
@@ -71,8 +71,7 @@ class Configuration:
             raise ValueError(f"configuration {self.name!r}: baseline is an object, found {self.baseline!r:.80}")
         if not isinstance(self.family, str):
             raise ValueError(f"configuration {self.name!r}: family is a string, found {self.family!r:.80}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"configuration {self.name!r}: backend must be one of {BACKENDS}, found {self.backend!r}")
+        program_backend(self.backend, f"configuration {self.name!r}")
         if self.baseline is not None and (self.passes is not None or self.baseline.get("kind") not in BASELINE_KINDS):
             raise ValueError(
                 f"configuration {self.name!r}: a baseline has no passes and a kind in {BASELINE_KINDS}, "

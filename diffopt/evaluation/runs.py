@@ -8,8 +8,8 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from diffopt.runtime.sampler import Sampler
 from diffopt.runtime.schedulers import make_scheduler
+from diffopt.sampling.sequential import Sampler
 
 CHUNK = 200  # samples per sampling call in the quality runs
 DIGIT_SHAPE = (1, 16, 16)

@@ -32,9 +32,11 @@ import torch
 from tqdm import tqdm
 
 from diffopt.ir.graph_tools import attribute
-from diffopt.ir.program import BATCH, StepProgram, TensorSpec, concrete_shape
+from diffopt.ir.program import StepProgram
+from diffopt.ir.specs import BATCH, TensorSpec, concrete_shape
 from diffopt.quant.ops import ONNX_TRANSLATIONS, quantization_summary
 from diffopt.runtime.bundle import (
+    PROFILES,
     Manifest,
     VariantFile,
     recover_interrupted_swap,
@@ -47,7 +49,6 @@ from diffopt.version import __version__
 aten = torch.ops.aten
 _NARROW_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
-PROFILES = ("onnxruntime", "tensorrt")
 WEIGHTS_FILE = "weights.bin"
 OWNER_FILE = ".export-pid"  # in a staging directory: the exporting process, for stale-staging cleanup
 INLINE_LIMIT = 1024  # bytes: smaller tensors stay inside the graph files

@@ -16,8 +16,9 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import fx
 
-from diffopt.ir.program import BATCH, StateEntry, StepProgram
+from diffopt.ir.program import StepProgram
 from diffopt.ir.signature import WRAPPED_MODEL_ATTRIBUTE
+from diffopt.ir.specs import BATCH, StateEntry
 
 aten = torch.ops.aten
 

@@ -21,7 +21,8 @@ import torch
 from torch import fx
 
 from diffopt.ir.graph_tools import attribute
-from diffopt.ir.program import StateEntry, StateSpec, StepProgram, TensorSpec
+from diffopt.ir.program import StepProgram
+from diffopt.ir.specs import StateEntry, StateSpec, TensorSpec
 
 CASTABLE = (torch.float32, torch.float16, torch.bfloat16)
 

@@ -34,7 +34,7 @@ from diffopt.passes.base import Pipeline
 from diffopt.passes.observers import InsertObserversPass, is_observer, observed_values
 from diffopt.quant.arithmetic import code_width_fractions, quantize, symmetric_scale
 from diffopt.runtime.denoiser import OptimizedDenoiser
-from diffopt.runtime.sampler import Sampler
+from diffopt.sampling.sequential import Sampler
 
 PHASES = ("ranges", "codes")
 

@@ -30,7 +30,7 @@ from diffopt.measure.interpreter import InstrumentedBackend, NodeHook
 from diffopt.measure.macs import node_macs
 from diffopt.quant.arithmetic import code_width_fractions, mean_operand_bits
 from diffopt.runtime.denoiser import OptimizedDenoiser
-from diffopt.runtime.sampler import Sampler
+from diffopt.sampling.sequential import Sampler
 
 
 @dataclass

@@ -22,13 +22,14 @@ from torch import fx
 
 from diffopt.ir.layers import linear_layers
 from diffopt.ir.profile import GroupCost, LayerProfile, MachineModel
-from diffopt.ir.program import FULL, StepProgram
+from diffopt.ir.program import StepProgram
+from diffopt.ir.specs import FULL
 from diffopt.measure.interpreter import InstrumentedBackend, NodeHook, run_with_hooks
 from diffopt.measure.macs import node_macs
 from diffopt.passes.base import PassContext, Pipeline
 from diffopt.passes.temporal_difference import DELTA, GROUP_INPUT_KEY, GROUP_KEY, TemporalDifferencePass
 from diffopt.runtime.denoiser import OptimizedDenoiser
-from diffopt.runtime.sampler import Sampler
+from diffopt.sampling.sequential import Sampler
 
 
 def _median_seconds(run, repeats: int, number: int = 10) -> float:

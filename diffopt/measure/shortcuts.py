@@ -28,8 +28,8 @@ from diffopt.measure.fidelity import psnr
 from diffopt.measure.macs import macs_per_run
 from diffopt.passes.length_shortcut import depth_schedule, depth_variant
 from diffopt.runtime.denoiser import OptimizedDenoiser
-from diffopt.runtime.sampler import Sampler
 from diffopt.runtime.schedulers import make_scheduler
+from diffopt.sampling.sequential import Sampler
 
 
 @dataclass(frozen=True)

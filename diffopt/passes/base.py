@@ -2,17 +2,29 @@
 
 A pass is a frozen dataclass (options as fields) with ``call(program, context) ->
 PassResult(program, modified)`` and optional ``requires`` / ``ensures`` checks, after
-onnx-ir's pass infrastructure. The ``Pipeline`` runs passes in order, recompiles and verifies the
-program after each one (``graph.lint()`` plus the step-program invariants), checks that
-``modified`` is truthful, and names the failing pass and the passes before it.
+onnx-ir's pass infrastructure. A pass that makes variants derives from ``VariantPass`` and
+writes only ``rewrite(program, context) -> program``: the template refuses programs that
+cannot take it and records it. A pass is its parameters (``identity``), and says whether it
+edits the program it is given (``in_place``).
+
+The ``Pipeline`` runs passes in order (on a copy of the program for an ``in_place`` pass, so
+a pass that fails halfway leaves nothing half-edited), recompiles and verifies the program
+after each one (``graph.lint()`` plus the step-program invariants), checks that ``modified``
+is truthful, and names the failing pass and the passes before it. A pass that does not
+apply reaches the caller as ``PassNotApplicable`` (``PassNotApplicableError``, also a
+``PassError``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from enum import Enum
+from typing import Any, ClassVar
+
+import torch
 
 from diffopt.ir.annotations import META_KEY, NodeAnnotation
 from diffopt.ir.graph_tools import output_values, placeholders
@@ -27,6 +39,22 @@ class PassError(RuntimeError):
 
 class PassNotApplicable(ValueError):
     """A pass cannot apply to the program it was given; the message says why and what to do."""
+
+
+class PassNotApplicableError(PassError, PassNotApplicable):
+    """``PassNotApplicable`` raised inside a ``Pipeline``, with where it happened."""
+
+
+class PassKind(str, Enum):
+    """What a variant-creating pass does; one pass of each kind per program, in an order
+    (``GraphPass.after``)."""
+
+    CACHE = "cache"
+    TEMPORAL_DIFFERENCE = "temporal-difference"
+    LENGTH = "length"
+
+    def __str__(self) -> str:
+        return self.value
 
 
 class ProgramInvariantError(ValueError):
@@ -67,16 +95,26 @@ class PassContext:
 class GraphPass:
     """Base of every pass; subclasses are ``@dataclass(frozen=True)``.
 
-    A pass that creates variants names its ``kind`` (``"cache"``, ``"temporal-difference"``)
-    and calls ``already_applied`` first: the same pass again changes nothing, another pass
-    of the same kind (or a cache after temporal differences) is refused with the reason."""
+    A pass that creates variants names its ``kind`` and calls ``already_applied`` first
+    (``VariantPass`` does it): the same pass again changes nothing, another pass of the same
+    kind (or a cache after temporal differences) is refused with the reason."""
 
-    kind: ClassVar[str | None] = None  # set by passes that create variants
-    after: ClassVar[tuple[str, ...]] = ()  # kinds that must not have been applied before this one
+    kind: ClassVar[PassKind | None] = None  # set by passes that create variants
+    after: ClassVar[tuple[PassKind, ...]] = ()  # kinds that must not have been applied before this one
+    in_place: ClassVar[bool] = True  # call() may edit the program it is given: the Pipeline gives it a copy
 
     @property
     def name(self) -> str:
         return type(self).__name__
+
+    @property
+    def identity(self) -> str:
+        """The pass as its class and parameters (tensors by dtype, shape and a hash of their
+        values): two passes are the same pass exactly when these are equal."""
+        if not dataclasses.is_dataclass(self):
+            return self.name
+        options = ", ".join(f"{f.name}={_identity(getattr(self, f.name))}" for f in dataclasses.fields(self))
+        return f"{self.name}({options})"
 
     @property
     def needs_calibration(self) -> bool:
@@ -86,7 +124,7 @@ class GraphPass:
     def already_applied(self, program: StepProgram) -> bool:
         """True if this very pass made the program's variants; raise ``PassNotApplicable`` if
         the program cannot take it."""
-        if (self.kind, repr(self)) in program.applied:
+        if (self.kind, self.identity) in program.applied:
             return True
         for kind, other in program.applied:
             if kind == self.kind:
@@ -113,7 +151,7 @@ class GraphPass:
 
     def record(self, program: StepProgram) -> StepProgram:
         """``program`` with this pass recorded as applied."""
-        return dataclasses.replace(program, applied=(*program.applied, (self.kind, repr(self))))
+        return dataclasses.replace(program, applied=(*program.applied, (self.kind, self.identity)))
 
     def requires(self, program: StepProgram, context: PassContext) -> None:
         """Raise if the program or context is not ready for this pass."""
@@ -123,6 +161,57 @@ class GraphPass:
 
     def ensures(self, program: StepProgram, context: PassContext) -> None:
         """Raise if the pass did not establish what it promises."""
+
+
+class VariantPass(GraphPass):
+    """A pass that makes variants: ``call`` returns the program unchanged if this very pass
+    made it, refuses programs that cannot take it (another pass of its kind, a kind that must
+    come later, several variants where ``first_variants``), runs ``rewrite`` and records the
+    pass. ``rewrite`` returns the rewritten program, or None when there is nothing to rewrite
+    (the result is modified only if the program's fingerprint changed, e.g. annotations)."""
+
+    first_variants: ClassVar[bool] = True  # rewrites a one-variant program (its variants are the first)
+
+    def call(self, program: StepProgram, context: PassContext) -> PassResult:
+        if self.already_applied(program):
+            return PassResult(program, False)
+        if self.first_variants:
+            self.require_one_variant(program)
+        before = program.fingerprint()
+        rewritten = self.rewrite(program, context)
+        if rewritten is None:
+            return PassResult(program, program.fingerprint() != before)
+        return PassResult(self.record(rewritten), True)
+
+    def rewrite(self, program: StepProgram, context: PassContext) -> StepProgram | None:
+        raise NotImplementedError
+
+
+def _identity(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        data = value.detach().to("cpu").contiguous()
+        digest = hashlib.sha256(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"").hexdigest()
+        return f"tensor({str(data.dtype).removeprefix('torch.')}, {list(data.shape)}, sha256={digest[:16]})"
+    if isinstance(value, GraphPass):
+        return value.identity
+    if isinstance(value, (tuple, list)):
+        return "(" + ", ".join(_identity(item) for item in value) + ")"
+    return repr(value)
+
+
+PASS_TYPES: dict[str, type[GraphPass]] = {}  # what pass files may name: every @register_pass class
+
+
+def register_pass(cls: type[GraphPass]) -> type[GraphPass]:
+    """Class decorator: ``cls`` can be named in pass files (``passes.registry``) and bench
+    files by its class name; its options must be numbers, strings, None or lists of them."""
+    if not (isinstance(cls, type) and issubclass(cls, GraphPass) and dataclasses.is_dataclass(cls)):
+        raise TypeError(f"register_pass takes a GraphPass dataclass, found {cls!r}")
+    known = PASS_TYPES.get(cls.__name__)
+    if known is not None and known.__qualname__ != cls.__qualname__:
+        raise ValueError(f"a pass named {cls.__name__} is registered already ({known.__module__})")
+    PASS_TYPES[cls.__name__] = cls
+    return cls
 
 
 def verify_program(program: StepProgram) -> None:
@@ -187,16 +276,21 @@ class Pipeline:
                 f"pass {graph_pass.name!r} (#{index + 1} of {len(self.passes)}; passes before it: {before or 'none'})"
             )
             fingerprint = program.fingerprint()
+            given = program.copy() if graph_pass.in_place else program
             try:
-                graph_pass.requires(program, context)
-                result = graph_pass.call(program, context)
+                graph_pass.requires(given, context)
+                result = graph_pass.call(given, context)
                 for module in result.program.variants.values():
                     module.recompile()
                 verify_program(result.program)
                 graph_pass.ensures(result.program, context)
+            except PassNotApplicable as error:
+                raise PassNotApplicableError(f"{where} does not apply: {error}") from error
             except Exception as error:
                 raise PassError(f"{where} failed: {type(error).__name__}: {error}") from error
             changed = result.program.fingerprint() != fingerprint
+            if not result.modified and not changed:
+                result = PassResult(program, False)  # unchanged: keep the graphs the caller gave (no copy)
             if changed != result.modified:
                 raise PassError(
                     f"{where} reported modified={result.modified}, but the program "

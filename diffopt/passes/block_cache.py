@@ -29,78 +29,42 @@ import torch
 from torch import fx
 
 from diffopt.ir.annotations import NodeAnnotation, annotate
+from diffopt.ir.blocks import (
+    BlockBoundary,
+    all_blocks,
+    block_chain,
+    block_streams,
+    first_and_last_streams,
+    stream_named,
+)
 from diffopt.ir.graph_tools import (
     add_variant,
     finish_probe,
     insert_relative_change,
-    module_scopes,
     remove_dead_code,
     state_shape,
     thread_state,
 )
-from diffopt.ir.layers import choose_chain, find_blocks
-from diffopt.ir.program import CACHED, FULL, PROBE, AdaptiveSchedule, Schedule, StateEntry, StepProgram
+from diffopt.ir.program import StepProgram
+from diffopt.ir.schedules import AdaptiveSchedule, Schedule
+from diffopt.ir.specs import CACHED, FULL, PROBE, StateEntry
 from diffopt.ir.validation import block_names, chain_names, require_int, require_number
 from diffopt.passes.base import (
-    GraphPass,
     PassContext,
+    PassKind,
     PassNotApplicable,
-    PassResult,
+    VariantPass,
+    register_pass,
 )
 
 aten = torch.ops.aten
 
 
+@register_pass
 @dataclass(frozen=True)
-class BlockBoundary:
-    """Where a block meets the rest of the graph: one value it passes on."""
-
-    output: fx.Node  # a value the block passes on
-    hidden_input: fx.Node | None  # the one input with the output's shape (None: none, or not one)
-
-
-def block_streams(graph: fx.Graph, block: str) -> list[BlockBoundary]:
-    """Every value ``block`` passes on (one for most blocks; two for SD3 / Flux joint blocks,
-    which return the text and image streams), each with its same-shaped input, in graph order."""
-    members = {node for node in graph.nodes if block in module_scopes(node)}
-    if not members:
-        raise ValueError(f"block {block!r} has no nodes in this graph; blocks: {_all_blocks(graph)}")
-    external_inputs = {
-        arg for node in members for arg in node.all_input_nodes if arg not in members and arg.op != "get_attr"
-    }
-    streams = []
-    for output in (node for node in graph.nodes if node in members and any(u not in members for u in node.users)):
-        if _shape(output) is None:  # a size the block computed (PixArt's mask path), not a tensor stream
-            continue
-        alike = [arg for arg in external_inputs if _shape(arg) == _shape(output)]
-        streams.append(BlockBoundary(output, alike[0] if len(alike) == 1 else None))
-    return streams
-
-
-def block_boundary(graph: fx.Graph, block: str) -> BlockBoundary:
-    """The one value ``block`` passes on; an error for blocks with several (see ``block_streams``)."""
-    streams = block_streams(graph, block)
-    if len(streams) != 1:
-        raise ValueError(
-            f"block {block!r} passes {len(streams)} values on ({[s.output.name for s in streams]}); "
-            f"this needs blocks with exactly one output: choose other blocks"
-        )
-    return streams[0]
-
-
-def _shape(node: fx.Node) -> tuple[str, ...] | None:
-    value = node.meta.get("val")
-    return tuple(str(d) for d in value.shape) if isinstance(value, torch.Tensor) else None
-
-
-def _all_blocks(graph: fx.Graph) -> list[str]:
-    return [name for names in find_blocks(graph).values() for name in names]
-
-
-@dataclass(frozen=True)
-class BlockCachePass(GraphPass):
-    kind: ClassVar[str] = "cache"
-    after: ClassVar[tuple[str, ...]] = ("temporal-difference",)
+class BlockCachePass(VariantPass):
+    kind: ClassVar[PassKind] = PassKind.CACHE
+    after: ClassVar[tuple[PassKind, ...]] = (PassKind.TEMPORAL_DIFFERENCE,)
 
     blocks: tuple[str, ...] | None = None  # e.g. ("transformer_blocks.1", ...); None: every block
     period: int = 2
@@ -110,7 +74,7 @@ class BlockCachePass(GraphPass):
         object.__setattr__(self, "blocks", block_names(self.name, self.blocks))
 
     def _selected(self, graph: fx.Graph) -> list[str]:
-        found = _all_blocks(graph)
+        found = all_blocks(graph)
         if self.blocks is None:
             skipped = {block: "passes no tensor on" for block in found if not block_streams(graph, block)}
             if skipped:
@@ -121,14 +85,11 @@ class BlockCachePass(GraphPass):
             raise ValueError(f"blocks {missing} not found; the graph's blocks are {found}")
         return [block for block in found if block in self.blocks]  # graph order
 
-    def call(self, program: StepProgram, context: PassContext) -> PassResult:
-        if self.already_applied(program):
-            return PassResult(program, False)
-        self.require_one_variant(program)
+    def rewrite(self, program: StepProgram, context: PassContext) -> StepProgram:
         graph = program.variants[FULL].graph
         blocks = self._selected(graph)
         if not blocks:
-            raise PassNotApplicable(f"{self.name}: no block to cache; blocks: {_all_blocks(graph)}")
+            raise PassNotApplicable(f"{self.name}: no block to cache; blocks: {all_blocks(graph)}")
         add_variant(program, CACHED, copy_of=FULL)
         for block in blocks:
             streams = block_streams(graph, block)
@@ -142,7 +103,7 @@ class BlockCachePass(GraphPass):
                     current = stream_named(graph, block, name)  # re-read: caching earlier blocks moved its input
                     details = {"block": block, "period": self.period}
                     if variant == FULL:
-                        annotate(current.output, NodeAnnotation("full", self.name, details=details))
+                        annotate(current.output, NodeAnnotation(FULL, self.name, details=details))
                         if kind == "output":
                             return current.output
                         with graph.inserting_after(current.output):
@@ -158,36 +119,14 @@ class BlockCachePass(GraphPass):
 
                 program = thread_state(program, entry, update)
         remove_dead_code(program.variants[CACHED])
-        return PassResult(self.record(dataclasses.replace(program, schedule=Schedule(FULL, CACHED, self.period))), True)
+        return dataclasses.replace(program, schedule=Schedule(FULL, CACHED, self.period))
 
 
-def stream_named(graph: fx.Graph, block: str, output_name: str) -> BlockBoundary:
-    """The stream of ``block`` whose output is the node called ``output_name`` (variants keep names)."""
-    for stream in block_streams(graph, block):
-        if stream.output.name == output_name:
-            return stream
-    raise ValueError(f"block {block!r} no longer passes {output_name!r} on")
-
-
-def block_chain(
-    graph: fx.Graph, container: str | tuple[str, ...] | None = None, owner: str = "block_chain"
-) -> list[str]:
-    """The blocks of the chain named ``container`` (e.g. ``"transformer_blocks"``) in graph
-    order; several names join their chains in graph order (Flux: ``("transformer_blocks",
-    "single_transformer_blocks")``, as diffusers' hooks walk it); ``None``: the graph's only
-    chain of two or more blocks. Errors name ``owner`` (the pass)."""
-    chain = set(choose_chain(find_blocks(graph), container, owner))
-    first_seen: dict[str, int] = {}  # block -> the index of its first node
-    for index, node in enumerate(graph.nodes):
-        for scope in chain.intersection(module_scopes(node)):
-            first_seen.setdefault(scope, index)
-    return sorted(chain, key=first_seen.__getitem__)
-
-
+@register_pass
 @dataclass(frozen=True)
-class FirstBlockCachePass(GraphPass):
-    kind: ClassVar[str] = "cache"
-    after: ClassVar[tuple[str, ...]] = ("temporal-difference",)
+class FirstBlockCachePass(VariantPass):
+    kind: ClassVar[PassKind] = PassKind.CACHE
+    after: ClassVar[tuple[PassKind, ...]] = (PassKind.TEMPORAL_DIFFERENCE,)
 
     threshold: float = 0.05
     container: str | tuple[str, ...] | None = None  # the chain(s) of blocks, see block_chain; None: the only chain
@@ -196,10 +135,7 @@ class FirstBlockCachePass(GraphPass):
         require_number(self.name, "threshold", self.threshold, minimum=0.0)
         object.__setattr__(self, "container", chain_names(self.name, self.container))
 
-    def call(self, program: StepProgram, context: PassContext) -> PassResult:
-        if self.already_applied(program):
-            return PassResult(program, False)
-        self.require_one_variant(program)
+    def rewrite(self, program: StepProgram, context: PassContext) -> StepProgram:
         graph = program.variants[FULL].graph
         chain = block_chain(graph, self.container, self.name)
         first, last = chain[0], chain[-1]
@@ -246,7 +182,7 @@ class FirstBlockCachePass(GraphPass):
             details = {"first_block": first, "last_block": last, "threshold": self.threshold}
             with graph.inserting_after(output):
                 if variant == FULL:
-                    annotate(output, NodeAnnotation("full", self.name, details=details))
+                    annotate(output, NodeAnnotation(FULL, self.name, details=details))
                     return graph.call_function(aten.sub.Tensor, (output, first_block_output))
                 rebuilt = graph.call_function(aten.add.Tensor, (first_block_output, state_input))
             rebuilt.meta["val"] = output.meta["val"]
@@ -276,26 +212,4 @@ class FirstBlockCachePass(GraphPass):
         for variant in (FULL, CACHED):
             remove_dead_code(program.variants[variant])
         schedule = AdaptiveSchedule(PROBE, self.threshold, refresh=FULL, between=CACHED)
-        return PassResult(self.record(dataclasses.replace(program, schedule=schedule)), True)
-
-
-def first_and_last_streams(
-    graph: fx.Graph, first: str, last: str
-) -> tuple[list[BlockBoundary], list[tuple[BlockBoundary, BlockBoundary]]]:
-    """The first block's streams, and (first-block stream, last-block stream) pairs of equal
-    shape: one per value the chain passes on (two for joint blocks that end both streams)."""
-    heads, tails = block_streams(graph, first), block_streams(graph, last)
-    pairs = []
-    for tail in tails:
-        alike = [head for head in heads if _shape(head.output) == _shape(tail.output)]
-        if len(alike) != 1 or alike[0].hidden_input is None:
-            raise ValueError(
-                f"a residual over blocks {first!r}..{last!r} needs each value {last!r} passes on to continue one "
-                f"stream of {first!r} that keeps its input's shape (a residual chain, as in transformers); "
-                f"{tail.output.name} "
-                f"matches {[h.output.name for h in alike]}"
-            )
-        pairs.append((alike[0], tail))
-    if not pairs:
-        raise ValueError(f"{last!r} passes no tensor on")
-    return heads, pairs
+        return dataclasses.replace(program, schedule=schedule)

@@ -24,7 +24,9 @@ import torch
 from torch import fx
 
 from diffopt.ir.graph_tools import output_values, placeholders
-from diffopt.ir.program import FULL, ComposedSchedule, Schedule, StateEntry, StateSpec, StepProgram, combined_name
+from diffopt.ir.program import StepProgram
+from diffopt.ir.schedules import ComposedSchedule, Schedule
+from diffopt.ir.specs import FULL, StateEntry, StateSpec, combined_name
 
 aten = torch.ops.aten
 

@@ -21,15 +21,16 @@ from typing import ClassVar
 from diffopt.ir.layers import linear_layers, op_name
 from diffopt.ir.policy import LayerPolicy
 from diffopt.ir.profile import LayerProfile
-from diffopt.ir.program import DELTA, FULL, StepProgram
-from diffopt.passes.base import GraphPass, PassContext, PassResult
+from diffopt.ir.program import StepProgram
+from diffopt.ir.specs import DELTA, FULL
+from diffopt.passes.base import PassContext, PassKind, VariantPass
 from diffopt.passes.temporal_difference import TemporalDifferencePass
 
 COSTS = ("model", "measured")
 
 
 @dataclass(frozen=True)
-class DefoPass(GraphPass):
+class DefoPass(VariantPass):
     profile: LayerProfile = field(compare=False, repr=False, default=None)
     difference: TemporalDifferencePass = TemporalDifferencePass("exact")
     cost: str = "model"
@@ -42,7 +43,8 @@ class DefoPass(GraphPass):
         if self.profile.difference != dataclasses.asdict(self.difference):
             raise ValueError(f"the profile was measured for {self.profile.difference}, not for {self.difference}")
 
-    kind: ClassVar[str] = TemporalDifferencePass.kind
+    kind: ClassVar[PassKind] = TemporalDifferencePass.kind
+    first_variants: ClassVar[bool] = TemporalDifferencePass.first_variants
 
     @property
     def needs_calibration(self) -> bool:
@@ -65,10 +67,8 @@ class DefoPass(GraphPass):
                 decided[layer] = {"mode": mode, "reason": reason}
         return decided
 
-    def call(self, program: StepProgram, context: PassContext) -> PassResult:
+    def rewrite(self, program: StepProgram, context: PassContext) -> StepProgram | None:
         """``self.difference`` with the user's policy extended by the decisions."""
-        if self.already_applied(program):
-            return PassResult(program, False)
         user, decisions, decided = context.policy, self.decisions(context), {}
         for module in program.variants.values():
             for op, layer in linear_layers(module.graph).items():
@@ -81,7 +81,4 @@ class DefoPass(GraphPass):
             **{name: {**decided.get(name, {}), **settings} for name, settings in user.exact_names.items()},
         }
         policy = LayerPolicy(user.global_settings, user.op_types, user.module_patterns, exact_names)
-        result = self.difference.call(program, dataclasses.replace(context, policy=policy))
-        if not result.modified:
-            return result
-        return PassResult(self.record(result.program), True)
+        return self.difference.rewrite(program, dataclasses.replace(context, policy=policy))

@@ -50,14 +50,15 @@ import torch
 from torch import fx
 
 from diffopt.ir.annotations import NodeAnnotation, annotate
+from diffopt.ir.blocks import block_chain, block_streams, first_and_last_streams, stream_named
 from diffopt.ir.graph_tools import add_variant, placeholders, remove_dead_code, state_shape, thread_states
-from diffopt.ir.program import BATCH, FULL, Schedule, StateEntry, StepProgram
+from diffopt.ir.program import StepProgram
+from diffopt.ir.schedules import Schedule
+from diffopt.ir.specs import BATCH, FORECAST, FULL, StateEntry
 from diffopt.ir.validation import block_names, chain_names, require_int
-from diffopt.passes.base import GraphPass, PassContext, PassNotApplicable, PassResult
-from diffopt.passes.block_cache import block_chain, block_streams, first_and_last_streams, stream_named
+from diffopt.passes.base import PassContext, PassKind, PassNotApplicable, VariantPass, register_pass
 
 aten = torch.ops.aten
-FORECAST = "forecast"
 TARGET_KINDS = ("modules", "blocks")
 _DEFAULT_MODULE_CLASSES = re.compile(r"Attention|FeedForward|MLP|Mlp")
 
@@ -74,10 +75,11 @@ class ForecastTarget:
     head: str | None = None  # a span: the node of ``first``'s stream it continues; None: a module output
 
 
+@register_pass
 @dataclass(frozen=True)
-class ForecastCachePass(GraphPass):
-    kind: ClassVar[str] = "cache"
-    after: ClassVar[tuple[str, ...]] = ("temporal-difference",)
+class ForecastCachePass(VariantPass):
+    kind: ClassVar[PassKind] = PassKind.CACHE
+    after: ClassVar[tuple[PassKind, ...]] = (PassKind.TEMPORAL_DIFFERENCE,)
 
     order: int = 1  # degree of the forecast polynomial; 0 is plain reuse
     period: int = 3  # a full step every `period` steps after the warm-up
@@ -155,10 +157,7 @@ class ForecastCachePass(GraphPass):
                 targets.append(ForecastTarget(f"{name}{suffix}", name, name, stream.output.name))
         return targets
 
-    def call(self, program: StepProgram, context: PassContext) -> PassResult:
-        if self.already_applied(program):
-            return PassResult(program, False)
-        self.require_one_variant(program)
+    def rewrite(self, program: StepProgram, context: PassContext) -> StepProgram:
         targets = self._targets(program.variants[FULL].graph)
         forecast = add_variant(program, FORECAST, copy_of=FULL)
         clock: dict[str, dict[str, fx.Node]] = {}  # variant -> "time", "times", "count" nodes
@@ -195,7 +194,7 @@ class ForecastCachePass(GraphPass):
                 details = {"target": target.name, "order": self.order, "period": self.period}
                 if variant == FULL:
                     current = _target_value(graph, target, insert=True)
-                    annotate(current, NodeAnnotation("full", self.name, details=details))
+                    annotate(current, NodeAnnotation(FULL, self.name, details=details))
                     return _updated_differences(graph, current, differences, clock[variant])
                 boundary = stream_named(graph, target.last, target.output)
                 predicted = _evaluate(graph, differences, clock[variant], before=boundary.output)
@@ -215,7 +214,7 @@ class ForecastCachePass(GraphPass):
             program = thread_states(program, entries, update)
         remove_dead_code(forecast)
         schedule = Schedule(FULL, FORECAST, self.period, self.warmup)
-        return PassResult(self.record(dataclasses.replace(program, schedule=schedule)), True)
+        return dataclasses.replace(program, schedule=schedule)
 
 
 def _child_modules(graph: fx.Graph, blocks: list[str]) -> dict[str, str]:

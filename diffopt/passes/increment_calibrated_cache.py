@@ -41,13 +41,16 @@ from diffopt.ir.graph_tools import (
     thread_state,
 )
 from diffopt.ir.layers import find_blocks, linear_layers
-from diffopt.ir.program import CALIBRATED, FULL, PROBE, AdaptiveSchedule, Schedule, StateEntry, StepProgram
+from diffopt.ir.program import StepProgram
+from diffopt.ir.schedules import AdaptiveSchedule, Schedule
+from diffopt.ir.specs import CALIBRATED, FULL, PROBE, StateEntry
 from diffopt.ir.validation import block_names, require_int, require_number
 from diffopt.passes.base import (
-    GraphPass,
     PassContext,
+    PassKind,
     PassNotApplicable,
-    PassResult,
+    VariantPass,
+    register_pass,
 )
 from diffopt.passes.low_rank import low_rank_factors, ranks_under_budget
 
@@ -55,10 +58,11 @@ aten = torch.ops.aten
 FACTORIZATIONS = {"svd": None, "channel-aware": "input", "channel-aware-increment": "increment"}
 
 
+@register_pass
 @dataclass(frozen=True)
-class IncrementCalibratedCachePass(GraphPass):
-    kind: ClassVar[str] = "cache"
-    after: ClassVar[tuple[str, ...]] = ("temporal-difference",)
+class IncrementCalibratedCachePass(VariantPass):
+    kind: ClassVar[PassKind] = PassKind.CACHE
+    after: ClassVar[tuple[PassKind, ...]] = (PassKind.TEMPORAL_DIFFERENCE,)
 
     rank: int | None = 32  # None: full rank (exact); 0: plain reuse of cached outputs
     period: int = 2
@@ -141,10 +145,7 @@ class IncrementCalibratedCachePass(GraphPass):
     def _factors(self, layer: str, rank: int, weight: torch.Tensor, context: PassContext):
         return low_rank_factors(weight, rank, *self._channel_weights(layer, context))
 
-    def call(self, program: StepProgram, context: PassContext) -> PassResult:
-        if self.already_applied(program):
-            return PassResult(program, False)
-        self.require_one_variant(program)
+    def rewrite(self, program: StepProgram, context: PassContext) -> StepProgram:
         full_module = program.variants[FULL]
         layers = self._select(full_module.graph, context)
         if not layers:
@@ -181,7 +182,7 @@ class IncrementCalibratedCachePass(GraphPass):
                 if variant == PROBE:
                     return state_input
                 if variant == FULL:
-                    annotate(linear, NodeAnnotation("full", self.name, rank=rank, details={"period": self.period}))
+                    annotate(linear, NodeAnnotation(FULL, self.name, rank=rank, details={"period": self.period}))
                     return linear
                 corrected = _calibrated_output(
                     calibrated_module,
@@ -211,7 +212,7 @@ class IncrementCalibratedCachePass(GraphPass):
         if probe is not None:
             finish_probe(probe, insert_relative_change(probe.graph, *probe_increment))
             schedule = AdaptiveSchedule(PROBE, self.refresh_threshold, refresh=FULL, between=CALIBRATED)
-        return PassResult(self.record(dataclasses.replace(program, schedule=schedule)), True)
+        return dataclasses.replace(program, schedule=schedule)
 
 
 _BUDGET = object()  # marks a layer whose rank the MAC budget decides

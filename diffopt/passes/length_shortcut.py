@@ -43,11 +43,13 @@ from typing import ClassVar
 import torch
 from torch import fx
 
+from diffopt.ir.blocks import block_boundary, block_chain
 from diffopt.ir.graph_tools import add_variant, module_scopes, node_named, remove_dead_code
-from diffopt.ir.program import FULL, ListSchedule, StepProgram
+from diffopt.ir.program import StepProgram
+from diffopt.ir.schedules import ListSchedule
+from diffopt.ir.specs import FULL
 from diffopt.ir.validation import chain_names, require_int
-from diffopt.passes.base import GraphPass, PassContext, PassNotApplicable, PassResult
-from diffopt.passes.block_cache import block_boundary, block_chain
+from diffopt.passes.base import PassContext, PassKind, PassNotApplicable, VariantPass, register_pass
 
 aten = torch.ops.aten
 DIT_CONDITIONING = "norm1.emb"  # diffusers' ada_norm_zero blocks embed (timestep, class) here
@@ -67,10 +69,11 @@ def depth_schedule(depths: int | Sequence[int]) -> ListSchedule:
     return ListSchedule(tuple(depth_variant(d) for d in depths))
 
 
+@register_pass
 @dataclass(frozen=True)
-class LengthShortcutPass(GraphPass):
-    kind: ClassVar[str] = "length"
-    after: ClassVar[tuple[str, ...]] = ("cache", "temporal-difference")
+class LengthShortcutPass(VariantPass):
+    kind: ClassVar[PassKind] = PassKind.LENGTH
+    after: ClassVar[tuple[PassKind, ...]] = (PassKind.CACHE, PassKind.TEMPORAL_DIFFERENCE)
 
     group_size: int = 1
     depths: tuple[int, ...] | None = None  # None: every multiple of group_size up to the chain's length
@@ -113,10 +116,7 @@ class LengthShortcutPass(GraphPass):
             )
         return tuple(sorted(set(depths)))
 
-    def call(self, program: StepProgram, context: PassContext) -> PassResult:
-        if self.already_applied(program):
-            return PassResult(program, False)
-        self.require_one_variant(program)
+    def rewrite(self, program: StepProgram, context: PassContext) -> StepProgram:
         graph = program.variants[FULL].graph
         blocks = block_chain(graph, self.container, self.name)
         depths = self._depths(len(blocks))
@@ -136,7 +136,7 @@ class LengthShortcutPass(GraphPass):
         missing = sorted(set(schedule.variants) - set(program.variants))
         if missing:
             raise ValueError(f"{self.name}: schedule uses {missing}; the variants are {sorted(program.variants)}")
-        return PassResult(self.record(dataclasses.replace(program, schedule=schedule)), True)
+        return dataclasses.replace(program, schedule=schedule)
 
     def _conditioning(self, graph: fx.Graph, blocks: list[str]) -> list[fx.Node]:
         """The nodes the length embedding joins (see the module docstring)."""

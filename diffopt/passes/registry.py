@@ -5,38 +5,34 @@ A pass is written as ``{"pass": "<class name>", <option>: <value>, ...}`` with o
 options that differ from their defaults; tuples become lists and come back as tuples.
 Passes whose options hold tensors or profiles (a length embedding, a Defo profile) are
 refused by name: they are built in code, not from a file.
+
+A pass class joins with ``@register_pass`` (``passes.base``); the built-in passes are loaded
+(every module of ``diffopt.passes``) before a name is looked up, and a pass defined anywhere
+else is known once its module is imported.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import os
+import pkgutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from diffopt.ir.files import read_json, write_text
-from diffopt.passes.base import GraphPass
-from diffopt.passes.block_cache import BlockCachePass, FirstBlockCachePass
-from diffopt.passes.forecast_cache import ForecastCachePass
-from diffopt.passes.increment_calibrated_cache import IncrementCalibratedCachePass
-from diffopt.passes.length_shortcut import LengthShortcutPass
-from diffopt.passes.static_quantization import StaticQuantizationPass
-from diffopt.passes.temporal_difference import TemporalDifferencePass
+from diffopt.passes.base import PASS_TYPES, GraphPass
 
-PASS_TYPES: dict[str, type[GraphPass]] = {
-    cls.__name__: cls
-    for cls in (
-        BlockCachePass,
-        FirstBlockCachePass,
-        ForecastCachePass,
-        IncrementCalibratedCachePass,
-        LengthShortcutPass,
-        StaticQuantizationPass,
-        TemporalDifferencePass,
-    )
-}
+
+def registered_passes() -> dict[str, type[GraphPass]]:
+    """Every registered pass class by name, the built-in ones included."""
+    import diffopt.passes
+
+    for module in pkgutil.iter_modules(diffopt.passes.__path__, "diffopt.passes."):
+        importlib.import_module(module.name)
+    return dict(PASS_TYPES)
 
 
 def _plain(value: Any, where: str) -> Any:
@@ -54,8 +50,9 @@ def _tuples(value: Any) -> Any:
 def pass_to_dict(graph_pass: GraphPass) -> dict[str, Any]:
     """``graph_pass`` as a JSON-ready dict of its class and non-default options."""
     name = type(graph_pass).__name__
-    if name not in PASS_TYPES:
-        raise ValueError(f"{name} cannot be written to a pass file; passes that can: {sorted(PASS_TYPES)}")
+    known = registered_passes()
+    if name not in known:
+        raise ValueError(f"{name} cannot be written to a pass file; passes that can: {sorted(known)}")
     options = {}
     for option in dataclasses.fields(graph_pass):
         value = getattr(graph_pass, option.name)
@@ -69,10 +66,10 @@ def pass_from_dict(data: Mapping[str, Any]) -> GraphPass:
     """Inverse of ``pass_to_dict``; unknown passes and options are errors that name them."""
     if not isinstance(data, Mapping) or "pass" not in data:
         raise ValueError(f"a pass is a JSON object with a 'pass' key naming its class, found {data!r}")
-    name = data["pass"]
-    if name not in PASS_TYPES:
-        raise ValueError(f"unknown pass {name!r}: expected one of {sorted(PASS_TYPES)}")
-    cls = PASS_TYPES[name]
+    name, known = data["pass"], registered_passes()
+    if name not in known:
+        raise ValueError(f"unknown pass {name!r}: expected one of {sorted(known)}")
+    cls = known[name]
     known = {option.name for option in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known - {"pass"})
     if unknown:

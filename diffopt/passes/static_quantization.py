@@ -21,7 +21,7 @@ from diffopt.ir.annotations import NodeAnnotation, annotate, annotation_of
 from diffopt.ir.graph_tools import remove_dead_code
 from diffopt.ir.layers import linear_layers, op_name
 from diffopt.ir.program import StepProgram
-from diffopt.passes.base import GraphPass, PassContext, PassResult
+from diffopt.passes.base import GraphPass, PassContext, PassResult, register_pass
 from diffopt.passes.linear_ops import WEIGHT_BITS, IntegerLinear, call_like, to_dtype
 from diffopt.quant.arithmetic import insert_quantize, symmetric_scale
 from diffopt.quant.ops import insert_fake_quantize
@@ -69,6 +69,7 @@ def quantize_op(
     graph.erase_node(op)
 
 
+@register_pass
 @dataclass(frozen=True)
 class StaticQuantizationPass(GraphPass):
     activation_bits: int = 8

@@ -43,9 +43,11 @@ from torch import fx
 from diffopt.ir.annotations import NodeAnnotation, annotate, annotation_of
 from diffopt.ir.graph_tools import add_variant, attribute, node_named, remove_dead_code, state_shape, thread_state
 from diffopt.ir.layers import linear_layers, op_name
-from diffopt.ir.program import DELTA, FULL, Schedule, StateEntry, StepProgram
+from diffopt.ir.program import StepProgram
+from diffopt.ir.schedules import Schedule
+from diffopt.ir.specs import DELTA, FULL, StateEntry
 from diffopt.ir.validation import require_int, require_number
-from diffopt.passes.base import GraphPass, PassContext, PassResult
+from diffopt.passes.base import PassContext, PassKind, VariantPass, register_pass
 from diffopt.passes.composition import rewrite_every_variant
 from diffopt.passes.linear_ops import WEIGHT_BITS, IntegerLinear, call_like, constant, to_dtype
 from diffopt.passes.static_quantization import operand_bits, quantize_op
@@ -59,9 +61,11 @@ MODES = ("exact", "integer", "difference", "dynamic")
 CALIBRATION_FREE_MODES = ("exact", "dynamic")
 
 
+@register_pass
 @dataclass(frozen=True)
-class TemporalDifferencePass(GraphPass):
-    kind: ClassVar[str] = "temporal-difference"
+class TemporalDifferencePass(VariantPass):
+    kind: ClassVar[PassKind] = PassKind.TEMPORAL_DIFFERENCE
+    first_variants: ClassVar[bool] = False  # composes over the variants of a cache pass before it
 
     mode: str = "exact"
     bits: int = 8  # integer / dynamic: 8 only; difference: bits of the difference codes
@@ -109,16 +113,12 @@ class TemporalDifferencePass(GraphPass):
                 chosen[op] = layer
         return chosen
 
-    def call(self, program: StepProgram, context: PassContext) -> PassResult:
-        if self.already_applied(program):
-            return PassResult(program, False)
-        before = program.fingerprint()
+    def rewrite(self, program: StepProgram, context: PassContext) -> StepProgram | None:
         selected = [self.selected_layers(module.graph, context) for module in program.variants.values()]
         if not any(selected) and self.mode != "integer":  # nothing to rewrite; only "kept full" annotations
-            return PassResult(program, program.fingerprint() != before)
+            return None
         apart = _layers_reading_inputs_shared_differently(program)
-        program = rewrite_every_variant(program, lambda single: self._rewrite(single, context, apart))
-        return PassResult(self.record(program), True)
+        return rewrite_every_variant(program, lambda single: self._rewrite(single, context, apart))
 
     def _rewrite(self, program: StepProgram, context: PassContext, apart: set[str]) -> StepProgram:
         """One-variant program -> ``full`` / ``delta`` (module docstring)."""

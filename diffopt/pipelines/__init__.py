@@ -23,13 +23,13 @@ import torch
 
 from diffopt.ir.policy import LayerPolicy
 from diffopt.ir.statistics import CalibrationStatistics
-from diffopt.optimize import BACKENDS
 from diffopt.passes.base import GraphPass
 from diffopt.pipelines.bundles import export_component, load_for_pipeline, output_type_of
 from diffopt.pipelines.checks import check_passes_fit
 from diffopt.pipelines.component import MAX_PROGRAMS, CapturedProgram, OptimizedComponent
 from diffopt.pipelines.report import Summary, summarize
 from diffopt.pipelines.tuning import tune
+from diffopt.runtime.backends import program_backend
 from diffopt.runtime.bundle import Manifest
 
 DENOISER_NAMES = ("transformer", "unet")
@@ -127,8 +127,7 @@ def enable(
             )
         pipe.__class__ = _enabled_class(type(pipe))  # a pipeline made from an enabled one's components: share it
         return pipe
-    if backend not in BACKENDS:
-        raise ValueError(f"enable(): backend must be one of {sorted(BACKENDS)}, found {backend!r}")
+    program_backend(backend, "enable()")
     passes = tuple(passes)
     check_passes_fit(model, passes)
     served = None

@@ -11,7 +11,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 
-from diffopt.ir.program import FULL
+from diffopt.ir.specs import FULL
 from diffopt.measure.macs import macs_per_run, variant_macs
 from diffopt.pipelines.call_key import describe_change
 

@@ -29,15 +29,10 @@ from pathlib import Path
 from typing import Any
 
 from diffopt.ir.files import read_json
-from diffopt.ir.program import (
-    AnySchedule,
-    ProgramInterface,
-    StateEntry,
-    StateSpec,
-    TensorSpec,
-    schedule_from_dict,
-)
+from diffopt.ir.program import ProgramInterface
+from diffopt.ir.schedules import BaseSchedule, schedule_from_dict
 from diffopt.ir.signature import Signature
+from diffopt.ir.specs import StateEntry, StateSpec, TensorSpec
 from diffopt.runtime.schedulers import make_scheduler
 
 FORMAT = "diffopt-bundle"
@@ -89,7 +84,7 @@ def _digest(value: Any) -> str:
 class Manifest:
     signature: Signature
     state: StateSpec
-    schedule: AnySchedule
+    schedule: BaseSchedule
     variants: dict[str, VariantFile]
     profile: str  # "onnxruntime" or "tensorrt"
     weights_file: str

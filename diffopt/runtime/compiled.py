@@ -22,17 +22,19 @@ import logging
 import time
 import warnings
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 
 from diffopt.ir.program import StepProgram
-from diffopt.runtime.backends import TorchBackend
+from diffopt.runtime.backends import TorchBackend, register_backend
 
 logger = logging.getLogger("diffopt")
 
 
+@register_backend
 class CompiledBackend(TorchBackend):
-    name = "compiled"
+    name: ClassVar[str] = "compiled"
 
     def __init__(self, program: StepProgram, *, mode: str | None = None, dynamic: bool | None = None):
         super().__init__(program)

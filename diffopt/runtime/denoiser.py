@@ -19,6 +19,15 @@ the timestep goes up (every sampler walks from noise to data); a second call at 
 timestep is another stream with its own state (cond then uncond), and
 ``with denoiser.stream("uncond"):`` names a stream explicitly. ``with
 denoiser.run_scope():`` marks one run (a pipeline call) and turns the heuristics off.
+
+Nothing in a step waits on the device: per step, inputs are checked by shape, dtype and
+device, and values only where they are on the host already (Python numbers, CPU tensors:
+timesteps come from the scheduler, on the CPU); a dtype cast that may lose values is
+refused for device tensors instead of compared. The documented exceptions read a value
+because a decision needs it: an adaptive schedule's probe signal, the speculative
+sampler's acceptance, and the bare-loop heuristics above (run scopes read nothing).
+``tests/test_meta_device.py`` runs whole sampling loops on the ``meta`` device, where any
+read fails.
 """
 
 from __future__ import annotations
@@ -31,7 +40,9 @@ from collections.abc import Sequence
 import torch
 
 from diffopt.ir.placement import place
-from diffopt.ir.program import BATCH, AnySchedule, ProgramInterface, StateError, StepProgram, TensorSpec
+from diffopt.ir.program import ProgramInterface, StepProgram
+from diffopt.ir.schedules import BaseSchedule
+from diffopt.ir.specs import BATCH, StateError, TensorSpec
 from diffopt.runtime.backends import Backend, TorchBackend
 from diffopt.runtime.streams import RunHistory, RunRecord, StreamTable
 
@@ -76,13 +87,52 @@ def _conform(value, spec: TensorSpec, batch_size: int, device: torch.device) -> 
     dtype = spec.torch_dtype
     if value.dtype == dtype:
         return value
+    if widens(value.dtype, dtype):
+        return value.to(dtype)
+    found = str(value.dtype).removeprefix("torch.")
+    if value.device.type != "cpu":  # reading the values would stop the host until the device catches up
+        raise InputError(
+            f"{spec.name}: expected {spec.dtype}, found {found} on {value.device}; a cast that can lose values is "
+            f"checked only for host (CPU) tensors: pass {spec.dtype}"
+        )
     converted = value.to(dtype)
     if value.is_complex() or not torch.equal(converted.to(value.dtype), value):
-        raise InputError(
-            f"{spec.name}: expected {spec.dtype}, found {str(value.dtype).removeprefix('torch.')} with "
-            f"values that do not convert exactly; pass {spec.dtype}"
-        )
+        raise InputError(f"{spec.name}: expected {spec.dtype}, found {found} with values that do not convert exactly")
     return converted
+
+
+def widens(source: torch.dtype, target: torch.dtype) -> bool:
+    """Whether every ``source`` value a denoiser input takes converts to ``target`` exactly,
+    judged by the dtypes alone (no value is read): bool to anything, integers to floats
+    (timesteps and class labels are far below float32's 2**24) or to wider integers, floats
+    to floats with more precision and range."""
+    if source.is_complex or target.is_complex:
+        return False
+    if source == torch.bool:
+        return True
+    if not source.is_floating_point:
+        if target.is_floating_point:
+            return True
+        return (
+            target != torch.bool
+            and torch.iinfo(target).min <= torch.iinfo(source).min
+            and (torch.iinfo(target).max >= torch.iinfo(source).max)
+        )
+    if not target.is_floating_point:
+        return False
+    wide, narrow = torch.finfo(target), torch.finfo(source)
+    return wide.eps <= narrow.eps and wide.max >= narrow.max
+
+
+def probe_signal(signal: torch.Tensor) -> float:
+    """An adaptive schedule's probe signal on the host: the one value a step reads from the
+    device (the next variant depends on it)."""
+    return float(signal)
+
+
+def _on_host(value: torch.Tensor | float | int) -> bool:
+    """A Python number or a CPU tensor: its values can be read without waiting on a device."""
+    return not isinstance(value, torch.Tensor) or value.device.type == "cpu"
 
 
 def check_bounds(value: torch.Tensor, spec: TensorSpec) -> None:
@@ -131,7 +181,7 @@ class OptimizedDenoiser:
         placed = place(self.program, device, dtype)
         return OptimizedDenoiser(placed, backend=type(self.backend).for_program(placed, self.backend))
 
-    def with_schedule(self, schedule: AnySchedule) -> OptimizedDenoiser:
+    def with_schedule(self, schedule: BaseSchedule) -> OptimizedDenoiser:
         """A denoiser running the same variants on the same backend under another schedule
         (e.g. ``passes.length_shortcut.depth_schedule([2, 4, 6])``); this one is unchanged."""
         missing = sorted(set(schedule.variants) - set(self._variants))
@@ -142,9 +192,7 @@ class OptimizedDenoiser:
     @property
     def _variants(self) -> tuple[str, ...]:
         """The variants this denoiser can run (a bundle's backend holds its manifest)."""
-        if isinstance(self.program, StepProgram):
-            return tuple(self.program.variants)
-        return tuple(self.backend.manifest.variants)
+        return self.backend.variants
 
     @property
     def last_variant(self) -> str | None:
@@ -222,16 +270,16 @@ class OptimizedDenoiser:
         if batch_size == 0:
             raise InputError(f"{latent_spec.name}: batch size 0: a step needs at least one sample")
         x = _conform(x, latent_spec, batch_size, x.device)
-        t = _conform(batched_timestep(t, batch_size, x.device), timestep_spec, batch_size, x.device)
-        if t.is_floating_point() and not torch.isfinite(t).all():
+        if _on_host(t) and not bool(torch.isfinite(torch.as_tensor(t)).all()):  # device values: the sampler's check
             raise InputError(f"{timestep_spec.name}: not finite: {t}")
+        t = _conform(batched_timestep(t, batch_size, x.device), timestep_spec, batch_size, x.device)
         conditions = tuple(_conform(c, s, batch_size, x.device) for c, s in zip(conditions, condition_specs))
         self._check_state(step_index, state, batch_size, x.device)
         schedule = self.program.schedule
         probe, signal = schedule.probe_at(step_index), None
         if probe is not None:
             signal, *state = self.backend.run(probe, (x, t, *conditions, *state))
-            signal = float(signal)
+            signal = probe_signal(signal)
         variant = schedule.variant_at(step_index, signal)
         self._local.last_variant = variant
         outputs = self.backend.run(variant, (x, t, *conditions, *state))
@@ -285,6 +333,8 @@ class OptimizedDenoiser:
         batch = x.shape[0]
         t = batched_timestep(t, batch, x.device)
         streams = self._streams()
+        # outside a run scope (a bare loop), which stream a call continues is guessed from its timestep: that
+        # reads it (a device sync for a device tensor); pipelines and samplers open run scopes and read nothing
         slot = streams.slot_for(getattr(self._local, "explicit_stream", None), batch, lambda: float(t.max()))
         state = slot.stream.state if slot.stream is not None else self.init_state(batch, x.device)
         out, state = self.step(state.next_step, x, t, *conditions, state=state)

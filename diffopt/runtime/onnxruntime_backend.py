@@ -18,11 +18,13 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
 
-from diffopt.ir.program import BATCH, TensorSpec, concrete_shape
+from diffopt.ir.specs import BATCH, TensorSpec, concrete_shape
+from diffopt.runtime.backends import register_backend
 from diffopt.runtime.bundle import BundleError, Manifest
 from diffopt.runtime.denoiser import OptimizedDenoiser
 
@@ -40,8 +42,13 @@ ONNX_TYPES = {  # onnxruntime's type strings -> torch dtype names
 }
 
 
+@register_backend
 class OnnxRuntimeBackend:
-    name = "onnxruntime"
+    """Runs a bundle's variants on onnxruntime; inputs, outputs and state live on the device its
+    providers run on (``device``): the GPU for CUDA / TensorRT providers, else the CPU."""
+
+    name: ClassVar[str] = "onnxruntime"
+    runs: ClassVar[str] = "bundle"
 
     def __init__(
         self,
@@ -64,6 +71,11 @@ class OnnxRuntimeBackend:
         self.providers = providers
         # where inputs, outputs and state live: the GPU when a GPU provider runs the graphs
         self.device = torch.device("cuda" if set(providers) & set(GPU_PROVIDERS) else "cpu")
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(
+                f"onnxruntime providers {providers} run on the GPU, but this torch has no CUDA to hold the inputs "
+                f"and outputs bound to them: install a CUDA torch, or pass providers=['CPUExecutionProvider']"
+            )
         self.directory = Path(bundle)
         self.manifest = Manifest.load(self.directory, verify_checksums=verify_checksums)
         options = onnxruntime.SessionOptions()
@@ -86,6 +98,17 @@ class OnnxRuntimeBackend:
             _check_graph_io(self.directory, variant.file, "output", session.get_outputs(), variant.outputs)
             self.sessions[name] = session
 
+    @property
+    def variants(self) -> tuple[str, ...]:
+        return tuple(self.manifest.variants)
+
+    @classmethod
+    def for_program(cls, program, like: OnnxRuntimeBackend) -> OnnxRuntimeBackend:
+        raise TypeError(
+            "a bundle runs where its onnxruntime providers run: load it again with other providers instead of "
+            "placing it elsewhere"
+        )
+
     def run(self, variant: str, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         spec = self.manifest.variants[variant]
         session = self.sessions[variant]
@@ -93,10 +116,13 @@ class OnnxRuntimeBackend:
         batch_size = inputs[0].shape[0]
         bound = []  # keeps converted inputs alive until the run has finished
         for tensor_spec, tensor in zip(spec.inputs, inputs, strict=True):
-            tensor = tensor.to("cpu", tensor_spec.torch_dtype).contiguous()
+            tensor = tensor.to(self.device, tensor_spec.torch_dtype).contiguous()
             bound.append(tensor)
             _bind(binding.bind_input, tensor_spec, tensor)
-        outputs = tuple(torch.empty(concrete_shape(s.shape, batch_size), dtype=s.torch_dtype) for s in spec.outputs)
+        outputs = tuple(
+            torch.empty(concrete_shape(s.shape, batch_size), dtype=s.torch_dtype, device=self.device)
+            for s in spec.outputs
+        )
         for tensor_spec, tensor in zip(spec.outputs, outputs, strict=True):
             _bind(binding.bind_output, tensor_spec, tensor)
         session.run_with_iobinding(binding)
@@ -114,8 +140,9 @@ def default_providers(available: Sequence[str]) -> list[str]:
 
 
 def _bind(bind, spec: TensorSpec, tensor: torch.Tensor) -> None:
-    """Bind ``tensor``'s memory in place, on its device (a CUDA binding is not exercised on this
-    project's CPU-only CI: the lent GPU machine has the CPU build of onnxruntime)."""
+    """Bind ``tensor``'s memory in place, on its device (the backend's: a CUDA binding is not
+    exercised on this project's CPU-only CI, and the lent GPU machine has the CPU build of
+    onnxruntime, so the CUDA path is untested)."""
     device = tensor.device
     bind(spec.name, device.type, device.index or 0, np.dtype(spec.dtype), list(tensor.shape), tensor.data_ptr())
 

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from diffopt.ir.validation import require_int, require_number
 from diffopt.runtime.denoiser import OptimizedDenoiser
-from diffopt.runtime.sampler import SamplingStats, runner_for, start_run
+from diffopt.sampling.sequential import SamplingStats, runner_for, start_run
 
 
 def uniform_times(num_steps: int) -> torch.Tensor:
