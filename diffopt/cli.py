@@ -526,6 +526,35 @@ def command_tune(args: argparse.Namespace) -> None:
 USER_ERRORS = (ValueError, CaptureError, ExportError, PassError, UnknownModelError, OSError)
 
 
+def command_serve(args: argparse.Namespace) -> None:
+    """Serve a bundle on Ray Serve until interrupted (``serving.deployment``)."""
+    try:
+        import ray
+        from ray import serve
+    except ImportError:
+        raise UsageError('`diffopt serve` needs Ray Serve: pip install -e ".[serve]"') from None
+    from diffopt.serving.deployment import deployment
+
+    null = (torch.tensor(args.null_class),) if args.null_class is not None else None
+    app = deployment(
+        args.bundle,
+        max_batch=args.max_batch,
+        max_waiting=args.max_waiting,
+        null_conditions=null,
+        num_replicas=args.replicas,
+        threads=args.threads,
+    )
+    ray.init(address=args.address, include_dashboard=False)  # RAY_ADDRESS or --address: an existing cluster
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(app, route_prefix="/")
+    print(f"serving {args.bundle} on http://{args.host}:{args.port}/sample ({args.replicas} replica(s)); Ctrl-C stops")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+
+
 def _add_sources(parser: argparse.ArgumentParser, model_help: str | None) -> None:
     """The model options of ``info``, ``export``, ``tune`` and ``bench``: a reference model
     name (positional, where ``model_help`` is given), a saved pipeline or a factory, and the
@@ -647,6 +676,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     tune.add_argument("--candidates", help="bench file of candidates (default: a built-in search space)")
     tune.add_argument("--out", type=_output_file, default="tune", help="results stem: .json, .png, .passes.json")
     tune.set_defaults(run=command_tune)
+    serve = commands.add_parser("serve", help="serve a bundle over HTTP on Ray Serve (step-level continuous batching)")
+    serve.add_argument("bundle", help="an exported bundle directory (with its noise-schedule config)")
+    serve.add_argument("--replicas", type=_bounded(int, 1, "--replicas"), default=1)
+    serve.add_argument("--max-batch", type=_bounded(int, 1, "--max-batch"), default=32, help="rows per forward")
+    serve.add_argument("--max-waiting", type=_bounded(int, 1, "--max-waiting"), default=64, help="queued requests")
+    serve.add_argument("--null-class", type=int, help="the null class label, for guided requests")
+    serve.add_argument("--threads", type=_bounded(int, 1, "--threads"), help="onnxruntime threads per replica")
+    serve.add_argument("--host", default="127.0.0.1", help="HTTP host (0.0.0.0 to listen on every interface)")
+    serve.add_argument("--port", type=_bounded(int, 1, "--port"), default=8000)
+    serve.add_argument("--address", help="a Ray cluster to join (default: RAY_ADDRESS, else a local instance)")
+    serve.set_defaults(run=command_serve)
     args = parser.parse_args(argv)
     try:
         args.run(args)

@@ -8,7 +8,19 @@ from pathlib import Path
 import diffopt
 
 PACKAGE = Path(diffopt.__file__).parent
-CORE = ("ir", "quant", "capture", "passes", "runtime", "sampling", "measure", "export", "optimize", "pipelines")
+CORE = (
+    "ir",
+    "quant",
+    "capture",
+    "passes",
+    "runtime",
+    "sampling",
+    "measure",
+    "export",
+    "optimize",
+    "pipelines",
+    "serving",
+)
 # what each layer may import (besides itself); anything not listed is refused
 CORE_TOOLS = {"ir", "quant", "capture", "passes", "runtime", "sampling", "measure", "export", "optimize"}
 ALLOWED = {
@@ -25,7 +37,8 @@ ALLOWED = {
     "pipelines": CORE_TOOLS - {"quant"},
     "models": {"ir", "runtime", "sampling"},
     "evaluation": CORE_TOOLS | {"models"},
-    "cli": CORE_TOOLS | {"pipelines", "models", "evaluation"},
+    "serving": {"ir", "runtime", "sampling"},
+    "cli": CORE_TOOLS | {"pipelines", "serving", "models", "evaluation"},
     "__init__": {"ir", "capture", "passes", "runtime", "sampling", "measure", "optimize", "pipelines"},
 }
 
@@ -61,7 +74,7 @@ def test_every_import_points_down_the_layers():
 def test_the_core_imports_without_scikit_learn_or_scipy():
     script = (
         "import sys, importlib, pkgutil\n"
-        "for blocked in ('sklearn', 'scipy', 'matplotlib'): sys.modules[blocked] = None\n"
+        "for blocked in ('sklearn', 'scipy', 'matplotlib', 'ray'): sys.modules[blocked] = None\n"
         "import diffopt\n"
         f"core = {CORE!r}\n"
         "for info in pkgutil.walk_packages(diffopt.__path__, 'diffopt.'):\n"

@@ -1,0 +1,323 @@
+"""Step-level continuous batching: requests at different sampling steps share one forward.
+
+A step program's cross-step state is explicit (``RunState``), so the engine can hold many
+sampling runs at once and, at every tick, run each group of requests whose next step uses
+the same variant as one batched ``backend.run``: latents, per-sample timesteps, conditions
+and state are concatenated along the batch axis, and outputs and new state are split back.
+New requests join at the next tick and finished ones leave at once, as LLM servers batch
+tokens. Diffusion servers batch whole requests instead (a request that arrives one step
+after a batch started waits for the whole batch).
+
+Each request carries its own noise (its seed), conditions, step count, scheduler (a fresh
+``make_scheduler`` of the program's config: multistep history stays per request), guidance
+and state, so its result equals the same request sampled alone by ``Sampler`` (within float
+tolerance; exactly the same arithmetic per sample), whatever else shared its forwards.
+
+Bounds: at most ``max_batch`` rows per forward (a guided request counts twice), at most
+``max_active`` requests in flight and ``max_waiting`` queued; ``submit`` beyond that raises
+``Overloaded`` (HTTP 503 in ``serving.deployment``), never an unbounded queue. Programs with
+an adaptive schedule are refused: their probe decides for a whole batch, so batching other
+requests would change a request's result.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import math
+import threading
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from diffopt.ir.specs import BATCH
+from diffopt.runtime.denoiser import OptimizedDenoiser, check_bounds, widens
+from diffopt.runtime.schedulers import make_scheduler
+from diffopt.sampling.sequential import check_null_conditions, combine_guidance, guidance_inputs, initial_noise
+
+MAX_STEPS = 1000  # a request for more steps is refused (it would hold its slot for minutes)
+
+
+class Overloaded(RuntimeError):
+    """The engine holds as many requests as its bounds allow; try again later."""
+
+
+class RequestError(ValueError):
+    """A request does not fit the program; the message names the field."""
+
+
+@dataclass
+class _Run:
+    """One request in flight: its latent, scheduler, state and position in its schedule."""
+
+    id: int
+    x: torch.Tensor
+    conditions: tuple[torch.Tensor, ...]
+    scheduler: Any
+    generator: torch.Generator
+    guidance_scale: float
+    null_conditions: tuple[torch.Tensor, ...] | None
+    state: tuple[torch.Tensor, ...]
+    future: Future
+    step: int = 0
+    variants: list[str] = field(default_factory=list)
+
+    @property
+    def rows(self) -> int:
+        """Samples it puts into a forward (guidance doubles them)."""
+        return self.x.shape[0] * (1 if self.guidance_scale == 1.0 else 2)
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.scheduler.num_steps
+
+
+@dataclass(frozen=True)
+class Result:
+    """A finished request: its sample and the variant each of its steps ran."""
+
+    sample: torch.Tensor
+    variants: tuple[str, ...]
+
+
+class StepEngine:
+    """Holds the active requests of one replica and advances them with batched steps."""
+
+    def __init__(
+        self,
+        denoiser: OptimizedDenoiser,
+        scheduler_config: Mapping[str, Any],
+        *,
+        max_batch: int = 32,
+        max_active: int | None = None,
+        max_waiting: int = 64,
+    ):
+        if denoiser.program.schedule.probes:
+            raise ValueError(
+                "StepEngine: this program's schedule is adaptive (its probe decides for the whole batch), so a "
+                "request's result would depend on the others: serve a program with a fixed schedule"
+            )
+        for name, value in (("max_batch", max_batch), ("max_waiting", max_waiting)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"StepEngine: {name} must be an int >= 1, found {value!r}")
+        self.denoiser = denoiser
+        self.scheduler_config = dict(scheduler_config)
+        make_scheduler(self.scheduler_config, num_steps=2)  # refuse a config that cannot run, now
+        self.max_batch, self.max_waiting = max_batch, max_waiting
+        self.max_active = max_active or max_batch
+        self.batch_axes = [_batch_axis(entry) for entry in denoiser.program.state.entries]
+        self.dtypes = [spec.torch_dtype for spec in denoiser.inputs]
+        self._waiting: collections.deque[_Run] = collections.deque()
+        self._active: list[_Run] = []
+        self._ids = itertools.count()
+        self._lock = threading.Condition()
+        self.forwards: list[tuple[str, int]] = []  # (variant, rows) of every batched forward, for measurements
+
+    # requests
+
+    def submit(
+        self,
+        conditions: Sequence[torch.Tensor],
+        *,
+        steps: int,
+        seed: int = 0,
+        guidance_scale: float = 1.0,
+        null_conditions: Sequence[torch.Tensor] | None = None,
+        samples: int = 1,
+    ) -> Future:
+        """Queue a request of ``samples`` samples; its ``Future`` resolves to a ``Result``.
+        Raises ``RequestError`` for a request that cannot run and ``Overloaded`` when full."""
+        run = self._checked_run(conditions, steps, seed, guidance_scale, null_conditions, samples)
+        with self._lock:
+            if len(self._waiting) >= self.max_waiting:
+                raise Overloaded(
+                    f"{len(self._active)} requests in flight and {len(self._waiting)} waiting (max_waiting="
+                    f"{self.max_waiting}): try again later"
+                )
+            self._waiting.append(run)
+            self._lock.notify_all()
+        return run.future
+
+    def _checked_run(self, conditions, steps, seed, guidance_scale, null_conditions, samples) -> _Run:
+        conditions, nulls = checked_request(
+            self.denoiser, self.max_batch, conditions, steps, samples, guidance_scale, null_conditions
+        )
+        try:
+            scheduler = make_scheduler(self.scheduler_config, num_steps=steps)
+            x, generator = initial_noise("StepEngine", (samples, *self._latent_shape()), None, seed)
+        except ValueError as error:
+            raise RequestError(str(error)) from None
+        device = self.denoiser.device
+        rows = samples * (1 if guidance_scale == 1.0 else 2)
+        return _Run(
+            next(self._ids),
+            x.to(device),
+            tuple(c.to(device) for c in conditions),
+            scheduler,
+            generator,
+            float(guidance_scale),
+            None if nulls is None else tuple(n.to(device) for n in nulls),
+            self.denoiser.program.state.allocate(rows, device),
+            Future(),
+        )
+
+    def _latent_shape(self) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.denoiser.inputs[0].shape[1:])
+
+    # the loop
+
+    @property
+    def load(self) -> tuple[int, int]:
+        """(requests in flight, requests waiting)."""
+        with self._lock:
+            return len(self._active), len(self._waiting)
+
+    def tick(self) -> int:
+        """Admit waiting requests, then run one batched step per variant group (the requests
+        that waited longest first, up to ``max_batch`` rows each); returns the requests advanced."""
+        with self._lock:
+            while self._waiting and len(self._active) < self.max_active:
+                self._active.append(self._waiting.popleft())
+            active = list(self._active)
+        groups: dict[str, list[_Run]] = {}
+        for run in active:
+            groups.setdefault(self.denoiser.program.schedule.variant_at(run.step), []).append(run)
+        advanced = 0
+        for variant, members in groups.items():
+            batch, rows = [], 0
+            for run in members:
+                if rows + run.rows > self.max_batch:
+                    break
+                batch.append(run)
+                rows += run.rows
+            try:
+                self._step(variant, batch)
+            except Exception as error:  # a failed forward fails its requests, never the engine
+                for run in batch:
+                    run.future.set_exception(error)
+                self._retire(batch)
+                continue
+            advanced += len(batch)
+            self._retire([run for run in batch if run.done])
+        return advanced
+
+    def run_until_idle(self) -> None:
+        """Tick until nothing is active or waiting."""
+        while any(self.load):
+            self.tick()
+
+    def serve_forever(self, stop: threading.Event) -> None:
+        """Tick while there is work, sleep while there is none, until ``stop`` is set."""
+        while not stop.is_set():
+            with self._lock:
+                if not self._active and not self._waiting:
+                    self._lock.wait(timeout=0.05)
+                    continue
+            self.tick()
+
+    def _retire(self, runs: list[_Run]) -> None:
+        with self._lock:
+            self._active = [run for run in self._active if run not in runs]
+        for run in runs:
+            if not run.future.done():
+                run.future.set_result(Result(run.x, tuple(run.variants)))
+
+    def _step(self, variant: str, runs: list[_Run]) -> None:
+        """One forward of ``variant`` for ``runs`` (each at its own step), then each run's
+        scheduler step on its share of the output."""
+        inputs, splits = [], []
+        for run in runs:
+            k = run.step
+            t = torch.full((run.x.shape[0],), run.scheduler.timesteps[k].item(), dtype=run.scheduler.timesteps.dtype)
+            x, t, conditions = guidance_inputs(
+                run.scheduler.scale_model_input(run.x, k),
+                t.to(run.x.device),
+                run.conditions,
+                run.guidance_scale,
+                run.null_conditions,
+            )
+            inputs.append([_as(value, dtype) for value, dtype in zip((x, t, *conditions), self.dtypes)])
+            splits.append(x.shape[0])
+        model_inputs = [torch.cat(column) for column in zip(*inputs)]
+        state = [torch.cat([run.state[index] for run in runs], dim=axis) for index, axis in enumerate(self.batch_axes)]
+        outputs = self.denoiser.backend.run(variant, (*model_inputs, *state))
+        self.forwards.append((str(variant), sum(splits)))
+        out_parts = outputs[0].split(splits)
+        state_parts = [tensor.split(splits, dim=axis) for tensor, axis in zip(outputs[1:], self.batch_axes)]
+        for index, run in enumerate(runs):
+            run.state = tuple(parts[index] for parts in state_parts)
+            guided = combine_guidance(out_parts[index].to(run.x.dtype), run.guidance_scale)
+            run.x = run.scheduler.step(guided, run.step, run.x, run.generator)
+            run.variants.append(str(variant))
+            run.step += 1
+
+
+def checked_request(
+    denoiser: OptimizedDenoiser,
+    max_batch: int,
+    conditions: Sequence[torch.Tensor],
+    steps: int,
+    samples: int,
+    guidance_scale: float,
+    null_conditions: Sequence[torch.Tensor] | None,
+) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...] | None]:
+    """(conditions, null conditions) of a request that can run on ``denoiser``; a
+    ``RequestError`` names the field that cannot."""
+    _, _, *specs = denoiser.inputs
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+        raise RequestError(f"steps: an int in [1, {MAX_STEPS}], found {steps!r}")
+    if isinstance(samples, bool) or not isinstance(samples, int) or not 1 <= samples <= max_batch:
+        raise RequestError(f"samples: an int in [1, {max_batch}] (max_batch), found {samples!r}")
+    if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
+        raise RequestError(f"guidance_scale: a finite number, found {guidance_scale!r}")
+    if samples * (1 if guidance_scale == 1.0 else 2) > max_batch:
+        raise RequestError(f"samples: {samples} guided samples need {2 * samples} rows, more than max_batch")
+    if len(conditions) != len(specs):
+        raise RequestError(f"conditions: expected {[s.name for s in specs]}, found {len(conditions)} tensors")
+    checked = tuple(_checked_condition(spec, value, samples) for spec, value in zip(specs, conditions))
+    if guidance_scale == 1.0:
+        return checked, None
+    if null_conditions is None:
+        raise RequestError("guidance_scale: this server has no null conditions to guide with")
+    try:
+        check_null_conditions("null_conditions", null_conditions, checked)
+    except ValueError as error:
+        raise RequestError(str(error)) from None
+    return checked, tuple(null_conditions)
+
+
+def _as(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Floats follow the program's float dtypes (as ``Sampler`` feeds a program); other inputs
+    were checked at submit."""
+    return value.to(dtype) if value.is_floating_point() and dtype.is_floating_point else value.to(dtype)
+
+
+def _batch_axis(entry) -> int:
+    if entry.shape.count(BATCH) != 1:
+        raise ValueError(
+            f"StepEngine: state {entry.name!r} has shape {entry.shape} without one batch axis, so requests "
+            f"cannot share a forward"
+        )
+    return entry.shape.index(BATCH)
+
+
+def _checked_condition(spec, value: Any, samples: int) -> torch.Tensor:
+    """``value`` as ``spec`` takes it for ``samples`` samples; a ``RequestError`` names it."""
+    if not isinstance(value, torch.Tensor):
+        raise RequestError(f"{spec.name}: expected a tensor, found {type(value).__name__}")
+    expected = tuple(samples if d == BATCH else d for d in spec.shape)
+    if tuple(value.shape) != expected:
+        raise RequestError(f"{spec.name}: expected shape {list(expected)}, found {list(value.shape)}")
+    if value.dtype != spec.torch_dtype and not widens(value.dtype, spec.torch_dtype):
+        raise RequestError(f"{spec.name}: expected {spec.dtype}, found {str(value.dtype).removeprefix('torch.')}")
+    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        raise RequestError(f"{spec.name}: values must be finite (found NaN or inf)")
+    if spec.bounds is not None:
+        try:
+            check_bounds(value, spec)
+        except ValueError as error:
+            raise RequestError(str(error)) from None
+    return value
