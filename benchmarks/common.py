@@ -17,7 +17,7 @@ def run_metadata(script: str, args) -> dict:
     """What a results file records about its run: the command that reproduces it (every
     option spelled out), threads, torch version and processor."""
     options = " ".join(
-        f"--{k.replace('_', '-')}" if v is True else f"--{k.replace('_', '-')} {v}"
+        f"--{k.replace('_', '-')}" if v is True else f"--{k.replace('_', '-')} {_argument(v)}"
         for k, v in vars(args).items()
         if v is not None and v is not False
     )
@@ -28,6 +28,11 @@ def run_metadata(script: str, args) -> dict:
         "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),
     }
+
+
+def _argument(value) -> str:
+    """An option's value as typed on the command line (lists: space-separated)."""
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
 class Bf16Autocast:

@@ -533,8 +533,11 @@ def command_serve(args: argparse.Namespace) -> None:
         from ray import serve
     except ImportError:
         raise UsageError('`diffopt serve` needs Ray Serve: pip install -e ".[serve]"') from None
+    from diffopt.runtime.bundle import Manifest
     from diffopt.serving.deployment import deployment
 
+    if Manifest.load(args.bundle).scheduler is None:  # a broken bundle is refused before Ray starts
+        raise UsageError(f"{args.bundle} has no noise-schedule config: export it with scheduler_config=...")
     null = (torch.tensor(args.null_class),) if args.null_class is not None else None
     app = deployment(
         args.bundle,

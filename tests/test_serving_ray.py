@@ -150,3 +150,11 @@ def test_a_replica_killed_mid_load_loses_no_request(server):
         expected = _solo(bundle, payload["class_labels"], payload["steps"], payload["seed"]).numpy()
         np.testing.assert_allclose(result[0], expected, rtol=1e-5, atol=1e-5)
     assert _health(url)["pid"] != health["pid"]  # Ray Serve started another replica
+
+
+def test_serve_refuses_a_directory_that_is_no_bundle_before_starting_ray(tmp_path, capsys):
+    from diffopt.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", str(tmp_path)])
+    assert exit_.value.code == 2 and str(tmp_path) in capsys.readouterr().err

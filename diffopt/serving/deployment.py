@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from diffopt.serving.engine import Overloaded, RequestError, StepEngine
-from diffopt.serving.http import encode_result, parse_request
+from diffopt.serving.http import encode_result, parse_request, response_headers
 
 APP_NAME = "diffopt"
 
@@ -84,8 +84,7 @@ class EngineServer:
             return JSONResponse({"error": str(error)}, status_code=400)
         except Exception as error:  # a failed forward: this request's error, not the server's
             return JSONResponse({"error": f"{type(error).__name__}: {error}"}, status_code=500)
-        headers = {"X-Diffopt-Variants": ",".join(result.variants), "X-Diffopt-Pid": str(os.getpid())}
-        return Response(body, media_type=content_type, headers=headers)
+        return Response(body, media_type=content_type, headers=response_headers(result))
 
     def __del__(self):
         self.stop.set()

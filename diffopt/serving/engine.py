@@ -39,6 +39,7 @@ from diffopt.runtime.schedulers import make_scheduler
 from diffopt.sampling.sequential import check_null_conditions, combine_guidance, guidance_inputs, initial_noise
 
 MAX_STEPS = 1000  # a request for more steps is refused (it would hold its slot for minutes)
+RECENT_FORWARDS = 1000
 
 
 class Overloaded(RuntimeError):
@@ -64,6 +65,7 @@ class _Run:
     future: Future
     step: int = 0
     variants: list[str] = field(default_factory=list)
+    batch_rows: list[int] = field(default_factory=list)  # the rows of each forward it shared
 
     @property
     def rows(self) -> int:
@@ -77,10 +79,12 @@ class _Run:
 
 @dataclass(frozen=True)
 class Result:
-    """A finished request: its sample and the variant each of its steps ran."""
+    """A finished request: its sample, the variant each of its steps ran, and the rows of the
+    forward each step was part of."""
 
     sample: torch.Tensor
     variants: tuple[str, ...]
+    batch_rows: tuple[int, ...]
 
 
 class StepEngine:
@@ -114,7 +118,8 @@ class StepEngine:
         self._active: list[_Run] = []
         self._ids = itertools.count()
         self._lock = threading.Condition()
-        self.forwards: list[tuple[str, int]] = []  # (variant, rows) of every batched forward, for measurements
+        # (variant, rows) of the recent batched forwards, for measurements
+        self.forwards: collections.deque[tuple[str, int]] = collections.deque(maxlen=RECENT_FORWARDS)
 
     # requests
 
@@ -223,7 +228,7 @@ class StepEngine:
             self._active = [run for run in self._active if run not in runs]
         for run in runs:
             if not run.future.done():
-                run.future.set_result(Result(run.x, tuple(run.variants)))
+                run.future.set_result(Result(run.x, tuple(run.variants), tuple(run.batch_rows)))
 
     def _step(self, variant: str, runs: list[_Run]) -> None:
         """One forward of ``variant`` for ``runs`` (each at its own step), then each run's
@@ -252,6 +257,7 @@ class StepEngine:
             guided = combine_guidance(out_parts[index].to(run.x.dtype), run.guidance_scale)
             run.x = run.scheduler.step(guided, run.step, run.x, run.generator)
             run.variants.append(str(variant))
+            run.batch_rows.append(sum(splits))
             run.step += 1
 
 

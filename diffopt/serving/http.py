@@ -21,6 +21,7 @@ import base64
 import binascii
 import io
 import json
+import os
 import time
 import urllib.error
 import urllib.request
@@ -101,6 +102,17 @@ def encode_result(result: Result, output: str) -> tuple[bytes, str]:
     buffer = io.BytesIO()
     np.save(buffer, result.sample.detach().cpu().numpy())
     return buffer.getvalue(), FORMATS["npy"]
+
+
+def response_headers(result: Result) -> dict[str, str]:
+    """What a sample's response says besides the sample: the variants its steps ran, the mean
+    rows of the forwards it shared, and the replica's process id."""
+    mean_rows = sum(result.batch_rows) / max(len(result.batch_rows), 1)
+    return {
+        "X-Diffopt-Variants": ",".join(result.variants),
+        "X-Diffopt-Batch-Rows": f"{mean_rows:.2f}",
+        "X-Diffopt-Pid": str(os.getpid()),
+    }
 
 
 def _png(samples: torch.Tensor) -> bytes:

@@ -20,7 +20,7 @@ from diffopt.runtime.schedulers import make_scheduler
 from diffopt.sampling.sequential import Sampler, initial_noise
 from diffopt.serving.deployment import _load
 from diffopt.serving.engine import RequestError, Result, checked_request
-from diffopt.serving.http import encode_result, parse_request
+from diffopt.serving.http import encode_result, parse_request, response_headers
 
 
 class WholeRunServer:
@@ -31,7 +31,6 @@ class WholeRunServer:
         self.denoiser, self.config = _load(source, scheduler_config, threads)
         self.names = [spec.name for spec in self.denoiser.inputs[2:]]
         self.max_batch = max_batch
-        self.batch_sizes: list[int] = []
 
     def sample_runs(self, requests: list[dict[str, Any]]) -> list[Result]:
         """Sample ``requests`` (checked ``submit`` arguments), one Sampler run per step count."""
@@ -52,16 +51,15 @@ class WholeRunServer:
             )
             sampler = Sampler(make_scheduler(self.config, num_steps=steps), progress=False)
             samples = sampler.sample(self.denoiser, conditions, noise=noise)
-            self.batch_sizes.append(len(noise))
             for i, part in zip(members, samples.split([requests[i]["samples"] for i in members])):
-                results[i] = Result(part, tuple(sampler.last_stats.variants))
+                results[i] = Result(part, tuple(sampler.last_stats.variants), (len(noise),) * steps)
         return [results[i] for i in range(len(requests))]
 
     async def handle(self, request, run) -> Any:
         from starlette.responses import JSONResponse, Response
 
         if request.method == "GET":
-            return JSONResponse({"status": "ok", "pid": os.getpid(), "batch_sizes": self.batch_sizes[-50:]})
+            return JSONResponse({"status": "ok", "pid": os.getpid()})
         try:
             arguments = parse_request(await request.body(), self.names)
             output = arguments.pop("format")
@@ -75,7 +73,7 @@ class WholeRunServer:
             body, content_type = encode_result(result, output)
         except RequestError as error:
             return JSONResponse({"error": str(error)}, status_code=400)
-        return Response(body, media_type=content_type, headers={"X-Diffopt-Pid": str(os.getpid())})
+        return Response(body, media_type=content_type, headers=response_headers(result))
 
 
 def whole_run_deployment(
@@ -84,9 +82,10 @@ def whole_run_deployment(
     """Ray Serve's request-level batching of whole runs (``max_batch=1``: one request at a time)."""
     from ray import serve
 
-    @serve.deployment(
-        name=f"diffopt-whole-runs-{max_batch}", num_replicas=num_replicas, ray_actor_options={"num_cpus": 0}
-    )
+    # as many requests inside a replica as the engine server admits, so @serve.batch can fill its batches
+    options = {"num_replicas": num_replicas, "ray_actor_options": {"num_cpus": 0}, "max_ongoing_requests": 512}
+
+    @serve.deployment(name=f"diffopt-whole-runs-{max_batch}", **options)
     class BatchedWholeRuns(WholeRunServer):
         @serve.batch(max_batch_size=max_batch, batch_wait_timeout_s=batch_wait_s)
         async def run_batch(self, requests: list[dict]) -> list[Result]:
