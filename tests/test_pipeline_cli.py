@@ -69,7 +69,7 @@ def test_tune_pipeline_chooses_passes_that_meet_the_target_on_held_out_calls(fam
     assert "chosen for >= 30.0 dB" in capsys.readouterr().out
     summary = json.loads(stem.with_suffix(".json").read_text())
     assert {r["name"] for r in summary["rows"]} >= {"block cache p2", "identity"}
-    assert (tmp_path / "tuned.png").stat().st_size > 0
+    assert (tmp_path / "tuned.png").stat().st_size > 0 and "| *" in (tmp_path / "tuned.md").read_text()
     passes, extra = load_passes(tmp_path / "tuned.passes.json")
     assert extra["reference_steps"] == STEPS
     held_out = [{**arguments, "seed": seed} for seed in (7, 8)]  # seeds neither the scoring nor tune's check used

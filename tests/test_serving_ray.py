@@ -152,6 +152,20 @@ def test_a_replica_killed_mid_load_loses_no_request(server):
     assert _health(url)["pid"] != health["pid"]  # Ray Serve started another replica
 
 
+def test_a_program_from_python_is_served_like_a_bundle(server):
+    from diffopt.serving.deployment import deployment
+
+    url, bundle = server
+    graph = capture(simple_dit(), (torch.randn(2, *SHAPE), torch.tensor([999, 5]), torch.tensor([0, 1])))
+    program = optimize(graph, [BlockCachePass(period=2)])  # pickled to the replica
+    serve.run(deployment(program, scheduler_config=CONFIG, threads=1), name="program", route_prefix="/program")
+    try:
+        sample, headers = post_sample(f"{url}/program/sample", {"class_labels": [2, 8], "seed": 5, "steps": 4})
+    finally:
+        serve.delete("program")
+    np.testing.assert_allclose(sample, _solo(bundle, [2, 8], 4, 5).numpy(), rtol=1e-5, atol=1e-5)
+
+
 def test_serve_refuses_a_directory_that_is_no_bundle_before_starting_ray(tmp_path, capsys):
     from diffopt.cli import main
 

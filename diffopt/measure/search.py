@@ -161,12 +161,13 @@ def choose(
 
 
 def save(summary: dict[str, Any], stem: str | os.PathLike) -> Path:
-    """``<stem>.json`` (every candidate, the Pareto set, the choice), ``<stem>.png`` (where
-    matplotlib is installed) and the chosen pass list ``<stem>.passes.json`` (with its step
-    count and the reference's); returns the pass file's path."""
+    """``<stem>.json`` (every candidate, the Pareto set, the choice), ``<stem>.md`` (the table),
+    ``<stem>.png`` (where matplotlib is installed) and the chosen pass list
+    ``<stem>.passes.json`` (with its step count and the reference's); returns the pass file's path."""
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     write_text(stem.with_suffix(".json"), json.dumps(summary, indent=2, default=str))
+    write_text(stem.with_suffix(".md"), table(summary))
     _plot(summary, stem.with_suffix(".png"))
     chosen = summary["chosen"]
     return save_passes(
@@ -180,6 +181,28 @@ def save(summary: dict[str, Any], stem: str | os.PathLike) -> Path:
         validation_psnr=chosen["validation_psnr"],
         mac_fraction=chosen["mac_fraction"],
     )
+
+
+def table(summary: dict[str, Any]) -> str:
+    """Every scored candidate as a markdown table, cheapest first; the choice and the Pareto
+    set marked."""
+    chosen, front = summary["chosen"]["name"], set(summary["pareto"])
+    lines = [
+        f"# diffopt tune {summary['model']}: >= {summary['min_psnr']} dB",
+        "",
+        f"Scored on {summary['scored_on']}, validated on {summary['validated_on']}; reference: "
+        f"{summary['reference_steps']} steps. `*` chosen, `P` on the Pareto set (MACs vs PSNR).",
+        "",
+        "| | candidate | steps | MACs vs reference | PSNR (dB) | held-out PSNR (dB) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in sorted(summary["rows"], key=lambda r: (r["mac_fraction"], -r["psnr"])):
+        mark = ("*" if row["name"] == chosen else "") + ("P" if row["name"] in front else "")
+        held_out = f"{row['validation_psnr']:.1f}" if "validation_psnr" in row else ""
+        lines.append(
+            f"| {mark} | {row['name']} | {row['steps']} | {row['mac_fraction']:.3f} | {row['psnr']:.1f} | {held_out} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def format_summary(summary: dict[str, Any]) -> str:

@@ -1,5 +1,7 @@
 """Graph helpers for passes that rewrite linear ops (``aten.linear``, ``aten.conv1d/2d``):
-which ops are eligible, how to call one with other operands, and integer (A8W8) arithmetic.
+which ops are eligible, how to call one with other operands, integer (A8W8) arithmetic, and
+the statically quantized form of an op (``quantize_op``, used by static quantization and
+by temporal differences).
 
 Integer arithmetic keeps codes in float64: products of int8 codes summed over any
 realistic reduction stay far below 2**53, so float64 accumulation is exact and the
@@ -11,9 +13,11 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+from diffopt.ir.annotations import NodeAnnotation, annotate
 from diffopt.ir.graph_tools import attribute
 from diffopt.ir.layers import op_name
-from diffopt.quant.arithmetic import quantize_weight_per_channel
+from diffopt.quant.arithmetic import insert_quantize, quantize_weight_per_channel
+from diffopt.quant.ops import insert_fake_quantize
 
 aten = torch.ops.aten
 WEIGHT_BITS = 8
@@ -70,3 +74,44 @@ class IntegerLinear:
         return graph.call_function(
             aten.add.Tensor, (value, graph.call_function(aten.view.default, (bias, list(self.shape))))
         )
+
+
+def operand_bits(activation_bits: int | str, weight_bits: int, code_scale: float = 1.0) -> dict:
+    """Annotation details cost accounting reads: operand widths of a matmul. ``"codes"``:
+    the activation holds integer codes times ``code_scale``; their widths are counted at run time."""
+    return {"activation_bits": activation_bits, "weight_bits": weight_bits, "code_scale": code_scale}
+
+
+def quantize_op(
+    module: fx.GraphModule,
+    op: fx.Node,
+    layer: str,
+    scale: float,
+    activation_bits: int,
+    weight_bits: int | None,
+    prefix: str,
+    owner: str,
+    mode: str = "quantized",
+    reason: str | None = None,
+) -> None:
+    """Replace linear op ``op`` by its statically quantized form (``passes.static_quantization``
+    describes it): fake-quantized activations, or integer codes with A8W8 arithmetic."""
+    graph = module.graph
+    with graph.inserting_before(op):
+        if weight_bits is None:
+            matmul = call_like(
+                graph,
+                op,
+                insert_fake_quantize(graph, op.args[0], scale, activation_bits, layer),
+                op.args[1],
+                op.args[2] if len(op.args) > 2 else None,
+            )
+            result, bits = matmul, operand_bits(activation_bits, 32)
+        else:
+            codes = insert_quantize(graph, op.args[0], scale, activation_bits)
+            integer = IntegerLinear(module, op, scale, prefix)
+            matmul = integer.accumulate(module, graph, op, to_dtype(graph, codes, torch.float64))
+            result, bits = integer.dequantize(module, graph, op, matmul), operand_bits("codes", 8)
+    annotate(matmul, NodeAnnotation(mode, owner, reason=reason, bits=activation_bits, details={"layer": layer, **bits}))
+    op.replace_all_uses_with(result)
+    graph.erase_node(op)

@@ -22,51 +22,10 @@ from diffopt.ir.graph_tools import remove_dead_code
 from diffopt.ir.layers import linear_layers, op_name
 from diffopt.ir.program import StepProgram
 from diffopt.passes.base import GraphPass, PassContext, PassResult, register_pass
-from diffopt.passes.linear_ops import WEIGHT_BITS, IntegerLinear, call_like, to_dtype
-from diffopt.quant.arithmetic import insert_quantize, symmetric_scale
-from diffopt.quant.ops import insert_fake_quantize
+from diffopt.passes.linear_ops import WEIGHT_BITS, quantize_op
+from diffopt.quant.arithmetic import symmetric_scale
 
 aten = torch.ops.aten
-
-
-def operand_bits(activation_bits: int | str, weight_bits: int, code_scale: float = 1.0) -> dict:
-    """Annotation details cost accounting reads: operand widths of a matmul. ``"codes"``:
-    the activation holds integer codes times ``code_scale``; their widths are counted at run time."""
-    return {"activation_bits": activation_bits, "weight_bits": weight_bits, "code_scale": code_scale}
-
-
-def quantize_op(
-    module: fx.GraphModule,
-    op: fx.Node,
-    layer: str,
-    scale: float,
-    activation_bits: int,
-    weight_bits: int | None,
-    prefix: str,
-    owner: str,
-    mode: str = "quantized",
-    reason: str | None = None,
-) -> None:
-    """Replace linear op ``op`` by its statically quantized form (module docstring)."""
-    graph = module.graph
-    with graph.inserting_before(op):
-        if weight_bits is None:
-            matmul = call_like(
-                graph,
-                op,
-                insert_fake_quantize(graph, op.args[0], scale, activation_bits, layer),
-                op.args[1],
-                op.args[2] if len(op.args) > 2 else None,
-            )
-            result, bits = matmul, operand_bits(activation_bits, 32)
-        else:
-            codes = insert_quantize(graph, op.args[0], scale, activation_bits)
-            integer = IntegerLinear(module, op, scale, prefix)
-            matmul = integer.accumulate(module, graph, op, to_dtype(graph, codes, torch.float64))
-            result, bits = integer.dequantize(module, graph, op, matmul), operand_bits("codes", 8)
-    annotate(matmul, NodeAnnotation(mode, owner, reason=reason, bits=activation_bits, details={"layer": layer, **bits}))
-    op.replace_all_uses_with(result)
-    graph.erase_node(op)
 
 
 @register_pass

@@ -49,8 +49,15 @@ from diffopt.ir.specs import DELTA, FULL, StateEntry
 from diffopt.ir.validation import require_int, require_number
 from diffopt.passes.base import PassContext, PassKind, VariantPass, register_pass
 from diffopt.passes.composition import rewrite_every_variant
-from diffopt.passes.linear_ops import WEIGHT_BITS, IntegerLinear, call_like, constant, to_dtype
-from diffopt.passes.static_quantization import operand_bits, quantize_op
+from diffopt.passes.linear_ops import (
+    WEIGHT_BITS,
+    IntegerLinear,
+    call_like,
+    constant,
+    operand_bits,
+    quantize_op,
+    to_dtype,
+)
 from diffopt.quant.arithmetic import insert_quantize, quantize_weight_per_channel, symmetric_scale
 from diffopt.quant.ops import insert_dequantize_weight, insert_fake_quantize
 

@@ -161,6 +161,13 @@ class OptimizedDenoiser:
         self._local = threading.local()
         self._history = RunHistory()
 
+    def __getstate__(self) -> dict:
+        """Pickled (e.g. sent to a Ray Serve replica) without this process's eager runs."""
+        return {k: v for k, v in self.__dict__.items() if k not in ("_local", "_history")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _local=threading.local(), _history=RunHistory())
+
     @property
     def is_stateful(self) -> bool:
         return len(self.program.state) > 0
