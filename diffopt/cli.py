@@ -546,6 +546,7 @@ def command_serve(args: argparse.Namespace) -> None:
         null_conditions=null,
         num_replicas=args.replicas,
         threads=args.threads,
+        cpus_per_replica=args.cpus_per_replica,
     )
     ray.init(address=args.address, include_dashboard=False)  # RAY_ADDRESS or --address: an existing cluster
     serve.start(http_options={"host": args.host, "port": args.port})
@@ -686,6 +687,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     serve.add_argument("--max-waiting", type=_bounded(int, 1, "--max-waiting"), default=64, help="queued requests")
     serve.add_argument("--null-class", type=int, help="the null class label, for guided requests")
     serve.add_argument("--threads", type=_bounded(int, 1, "--threads"), help="onnxruntime threads per replica")
+    serve.add_argument(
+        "--cpus-per-replica",
+        type=_bounded(float, 0.0, "--cpus-per-replica"),
+        default=0.0,
+        help="CPUs Ray reserves per replica (on a cluster: set it to --threads so replicas spread over nodes)",
+    )
     serve.add_argument("--host", default="127.0.0.1", help="HTTP host (0.0.0.0 to listen on every interface)")
     serve.add_argument("--port", type=_bounded(int, 1, "--port"), default=8000)
     serve.add_argument("--address", help="a Ray cluster to join (default: RAY_ADDRESS, else a local instance)")

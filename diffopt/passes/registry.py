@@ -14,24 +14,20 @@ else is known once its module is imported.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import os
-import pkgutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from diffopt.ir.files import read_json, write_text
+from diffopt.ir.modules import import_package
 from diffopt.passes.base import PASS_TYPES, GraphPass
 
 
 def registered_passes() -> dict[str, type[GraphPass]]:
     """Every registered pass class by name, the built-in ones included."""
-    import diffopt.passes
-
-    for module in pkgutil.iter_modules(diffopt.passes.__path__, "diffopt.passes."):
-        importlib.import_module(module.name)
+    import_package("diffopt.passes")
     return dict(PASS_TYPES)
 
 

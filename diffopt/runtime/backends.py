@@ -11,14 +11,13 @@ a backend class joins the registry with ``@register_backend`` (its module in
 from __future__ import annotations
 
 import copy
-import importlib
-import pkgutil
 from collections.abc import Sequence
 from typing import Any, ClassVar, Literal, Protocol
 
 import torch
 from torch import fx
 
+from diffopt.ir.modules import import_package
 from diffopt.ir.program import StepProgram
 
 
@@ -60,10 +59,7 @@ def register_backend(cls: type) -> type:
 
 def registered_backends() -> dict[str, type]:
     """Every registered backend by name (each module of ``diffopt.runtime`` imported first)."""
-    import diffopt.runtime
-
-    for module in pkgutil.iter_modules(diffopt.runtime.__path__, "diffopt.runtime."):
-        importlib.import_module(module.name)
+    import_package("diffopt.runtime")
     return dict(BACKENDS)
 
 

@@ -100,12 +100,16 @@ def deployment(
     num_replicas: int = 1,
     autoscaling_config: Mapping[str, Any] | None = None,
     threads: int | None = None,
+    cpus_per_replica: float = 0.0,
 ):
     """A Ray Serve application serving ``source`` (a bundle directory, or an
-    ``OptimizedDenoiser`` with ``scheduler_config``) with step-level continuous batching."""
+    ``OptimizedDenoiser`` with ``scheduler_config``) with step-level continuous batching.
+    ``cpus_per_replica`` is what Ray reserves per replica: 0 packs replicas anywhere (one
+    machine); on a cluster, the threads each replica runs spread them over the nodes."""
     from ray import serve
 
-    options: dict[str, Any] = {"max_ongoing_requests": max_batch + max_waiting, "ray_actor_options": {"num_cpus": 0}}
+    actor = {"num_cpus": cpus_per_replica}
+    options: dict[str, Any] = {"max_ongoing_requests": max_batch + max_waiting, "ray_actor_options": actor}
     options |= (
         {"autoscaling_config": dict(autoscaling_config)} if autoscaling_config else {"num_replicas": num_replicas}
     )

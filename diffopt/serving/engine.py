@@ -50,7 +50,7 @@ class RequestError(ValueError):
     """A request does not fit the program; the message names the field."""
 
 
-@dataclass
+@dataclass(eq=False)  # a run is itself: compared by identity, never by its tensors
 class _Run:
     """One request in flight: its latent, scheduler, state and position in its schedule."""
 
