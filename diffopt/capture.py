@@ -237,12 +237,12 @@ def _batch_range(exported: torch.export.ExportedProgram) -> tuple[int, float] | 
     size = placeholder.meta["val"].shape[0]
     if not isinstance(size, torch.SymInt):
         return None
-    bounds = exported.range_constraints[size.node.expr]
-    return int(bounds.lower), float(bounds.upper)
+    bounds = exported.range_constraints.get(size.node.expr)  # absent: export proved the size a constant
+    return None if bounds is None else (int(bounds.lower), float(bounds.upper))
 
 
 def _check_batch_generalises(
-    exported, wrapper: torch.nn.Module, module: fx.GraphModule, inputs: Sequence[torch.Tensor]
+    exported, wrapper: torch.nn.Module, module: fx.GraphModule, inputs: Sequence[torch.Tensor], batched: set[int]
 ) -> None:
     """Make sure the graph is right for every batch size, not just the guarded range.
 
@@ -263,7 +263,7 @@ def _check_batch_generalises(
     probes = {1} | ({int(upper) + 1} if upper != float("inf") else set())
     batch = inputs[0].shape[0]
     for probe in sorted(probes):
-        repeated = [v[torch.arange(probe) % batch] if v.dim() > 0 and v.shape[0] == batch else v for v in inputs]
+        repeated = [v[torch.arange(probe) % batch] if i in batched else v for i, v in enumerate(inputs)]
         with torch.no_grad():
             expected, got = wrapper(*repeated), module(*repeated)[0]
         if not torch.allclose(got, expected, rtol=1e-4, atol=1e-5):
@@ -303,6 +303,30 @@ def _check_inputs_stay_live(wrapper: torch.nn.Module, module: fx.GraphModule, in
             )
 
 
+def _export(
+    wrapper: CanonicalDenoiser,
+    signature: Signature,
+    inputs: Sequence[torch.Tensor],
+    batched: set[int],
+    dynamic_batch: bool,
+) -> tuple[fx.GraphModule, list[torch.Tensor]]:
+    """(graph, the inputs it was exported at) of ``wrapper`` with the inputs at ``batched``
+    positions dynamic along their first dimension (at batch 1 they are exported at batch 2,
+    since export specialises a size-1 dimension), checked to generalise over the batch."""
+    inputs = list(inputs)
+    if dynamic_batch and inputs[0].shape[0] == 1:
+        inputs = [v.expand(2, *v.shape[1:]).contiguous() if i in batched else v for i, v in enumerate(inputs)]
+    dynamic_shapes = None
+    if dynamic_batch:  # one entry: the wrapper's ``*inputs`` varargs, itself a tuple of per-input specs
+        dynamic_shapes = (tuple({0: torch.export.Dim.AUTO} if i in batched else None for i in range(len(inputs))),)
+    with torch.no_grad():
+        exported = torch.export.export(wrapper, tuple(inputs), dynamic_shapes=dynamic_shapes, strict=False)
+    module = _plain_graph_module(exported, signature)
+    if dynamic_batch:
+        _check_batch_generalises(exported, wrapper, module, inputs, batched)
+    return module, inputs
+
+
 def capture(
     model: torch.nn.Module,
     example_inputs: Sequence[Any] | Mapping[str, Any],
@@ -331,27 +355,28 @@ def capture(
         inputs[1] = inputs[1].expand(batch).contiguous()
     static = {n: v for n, v in bound.items() if n not in signature.input_names}
     wrapper = CanonicalDenoiser(model, signature, static, plan).eval()
-    if dynamic_batch and batch == 1:  # export specialises a size-1 dimension: export at batch 2, check at 1
-        inputs = [v.expand(2, *v.shape[1:]).contiguous() if v.dim() > 0 and v.shape[0] == 1 else v for v in inputs]
-        batch = 2
-    dynamic_shapes = None
-    if dynamic_batch:
-        # one entry: the wrapper's ``*inputs`` varargs, itself a tuple of per-input specs
-        auto = torch.export.Dim.AUTO
-        dynamic_shapes = (tuple({0: auto} if v.dim() > 0 and v.shape[0] == batch else None for v in inputs),)
-    try:
-        with torch.no_grad():
-            exported = torch.export.export(wrapper, tuple(inputs), dynamic_shapes=dynamic_shapes, strict=False)
-    except Exception as error:  # torch.export raises many exception types; all mean "not capturable"
-        summary = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    batched = {i for i, v in enumerate(inputs) if v.dim() > 0 and v.shape[0] == batch} if dynamic_batch else set()
+    # a condition whose first size equals the batch by chance (Flux/Chroma's img_ids of one token at batch 1) is
+    # not batched: when export fails with every such input batched, each is tried unbatched, then all of them
+    suspects = sorted(i for i in batched if i >= 2)
+    attempts = [batched, *(batched - {i} for i in suspects)] + ([batched - set(suspects)] if len(suspects) > 1 else [])
+    first_error = None
+    for attempt in attempts:
+        try:
+            module, inputs_used = _export(wrapper, signature, inputs, attempt, dynamic_batch)
+            break
+        except Exception as error:  # torch.export raises many exception types; all mean "not capturable"
+            first_error = first_error or error
+    else:
+        if isinstance(first_error, CaptureError):
+            raise first_error
+        summary = str(first_error).strip().splitlines()[0] if str(first_error).strip() else type(first_error).__name__
         raise CaptureError(
             f"could not capture {type(model).__module__}.{type(model).__name__}: torch.export failed "
-            f"at {_failure_location(error)}: {type(error).__name__}: {summary}. What you can do: "
+            f"at {_failure_location(first_error)}: {type(first_error).__name__}: {summary}. What you can do: "
             f"make that code traceable (no data-dependent Python control flow on tensor values), "
             f"or pass the offending option as a constant."
-        ) from error
-    module = _plain_graph_module(exported, signature)
-    if dynamic_batch:
-        _check_batch_generalises(exported, wrapper, module, inputs)
+        ) from first_error
+    inputs = inputs_used
     _check_inputs_stay_live(wrapper, module, inputs)
     return CapturedGraph(module, signature, f"{type(model).__module__}.{type(model).__name__}")

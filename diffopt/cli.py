@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,6 +25,8 @@ from diffopt.models.zoo import UnknownModelError
 from diffopt.passes.base import PassError
 from diffopt.passes.temporal_difference import MODES
 from diffopt.runtime.bundle import PROFILES
+
+SERVE_SHUTDOWN_S = 20  # diffopt serve: how long Ctrl-C waits for Ray Serve to stop its replicas
 
 
 class UsageError(ValueError):
@@ -462,14 +466,14 @@ def _bench_pipeline(args: argparse.Namespace) -> None:
         + (f" --calls {args.calls}" if args.calls else "")
         + (f" --steps {args.steps}" if args.steps is not None else "")
     )
-    write_text(Path(args.out).with_suffix(".json"), json.dumps(summary, indent=2, default=str))
+    write_text(Path(f"{args.out}.json"), json.dumps(summary, indent=2, default=str))
     rows = [
         (r["name"], r["steps"], f"{r['mac_fraction']:.3f}", f"{r['psnr']:.1f}", f"{1 / r['time_fraction']:.2f}x")
         for r in summary["rows"]
     ]
     table = format_table(["configuration", "steps", "MACs vs plain", "PSNR vs plain (dB)", "speed-up"], rows)
     lines = [f"# diffopt bench on {summary['model']}", "", f"`{summary['command']}`", "", "```", table, "```"]
-    write_text(Path(args.out).with_suffix(".md"), "\n".join(lines) + "\n")
+    write_text(Path(f"{args.out}.md"), "\n".join(lines) + "\n")
     print(table)
     print(f"wrote {args.out}.json, .md" + (f"; skipped: {summary['skipped']}" if summary["skipped"] else ""))
 
@@ -548,15 +552,25 @@ def command_serve(args: argparse.Namespace) -> None:
         threads=args.threads,
         cpus_per_replica=args.cpus_per_replica,
     )
+    stop = threading.Event()
+    for number in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C or a kill: stop serving and take Ray down with us
+        signal.signal(number, lambda *_: stop.set())
     ray.init(address=args.address, include_dashboard=False)  # RAY_ADDRESS or --address: an existing cluster
-    serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(app, route_prefix="/")
-    print(f"serving {args.bundle} on http://{args.host}:{args.port}/sample ({args.replicas} replica(s)); Ctrl-C stops")
     try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        serve.shutdown()
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(app, route_prefix="/")
+        print(
+            f"serving {args.bundle} on http://{args.host}:{args.port}/sample ({args.replicas} replica(s)); "
+            f"Ctrl-C stops",
+            flush=True,
+        )
+        stop.wait()
+        print("stopping: shutting Ray Serve and Ray down", flush=True)
+        shutdown = threading.Thread(target=serve.shutdown, daemon=True)
+        shutdown.start()
+        shutdown.join(timeout=SERVE_SHUTDOWN_S)  # a replica stuck in a forward must not hold Ctrl-C up
+    finally:
+        ray.shutdown()  # the Ray processes this command started (none of an existing cluster's)
 
 
 def _add_sources(parser: argparse.ArgumentParser, model_help: str | None) -> None:

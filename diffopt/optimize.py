@@ -13,7 +13,7 @@ from diffopt.ir.policy import LayerPolicy
 from diffopt.ir.program import StepProgram
 from diffopt.ir.signature import CapturedGraph
 from diffopt.ir.statistics import CalibrationStatistics
-from diffopt.passes.base import GraphPass, PassContext, Pipeline
+from diffopt.passes.base import GraphPass, PassContext, Pipeline, pass_list
 from diffopt.runtime.backends import program_backend
 from diffopt.runtime.denoiser import OptimizedDenoiser
 
@@ -39,6 +39,7 @@ def optimize(
     changed the program.
     """
     backend_class = program_backend(backend, "optimize()")
+    passes = pass_list(passes)  # a single pass or a wrong type is refused before any capture
     if isinstance(model_or_graph, StepProgram):
         program = model_or_graph.copy()
     elif isinstance(model_or_graph, CapturedGraph):

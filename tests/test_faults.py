@@ -589,6 +589,10 @@ STATISTICS_FAULTS = {
         r"temporal.input_absmax\['transformer_blocks.7.attn.to_q'\]: expected a finite number",
     ),
     "bits": (lambda d: d["temporal"].update(bits=0), r"temporal.bits: expected an int in \[2, 16\]"),
+    "every difference zero": (
+        lambda d: d["temporal"].update(difference_absmax=dict.fromkeys(d["temporal"]["difference_absmax"], 0.0)),
+        "temporal.difference_absmax: every layer's input difference is 0",
+    ),
 }
 
 

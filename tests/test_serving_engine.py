@@ -114,3 +114,81 @@ def test_bounds_and_malformed_requests_are_refused_by_field(graph):
     assert all(future.done() for future in first)
     with pytest.raises(ValueError, match="adaptive"):
         StepEngine(optimize(graph, [FirstBlockCachePass(0.1)]), CONFIG)
+
+
+def test_a_cancelled_request_neither_kills_the_loop_nor_changes_the_others(graph):
+    """A caller that cancels its future (or ``abort``) mid-run: the request leaves, the engine's
+    loop lives on, and the other requests equal their solo runs."""
+    program = optimize(graph, [BlockCachePass(period=2)])
+    engine = StepEngine(program, CONFIG, max_batch=8)
+    kept = engine.submit((torch.tensor([1]),), steps=5, seed=0)
+    dropped = engine.submit((torch.tensor([2]),), steps=5, seed=1)
+    engine.tick()
+    assert engine.abort(dropped) and dropped.cancelled()
+    engine.run_until_idle()
+    torch.testing.assert_close(kept.result(timeout=0).sample, _alone(program, torch.tensor([1]), 5, 0))
+    assert engine.load == (0, 0)
+    # cancelled while its forward fails: settling a cancelled future must not raise
+    stop = threading.Event()
+    loop = threading.Thread(target=engine.serve_forever, args=(stop,), daemon=True)
+    loop.start()
+    try:
+        failing = engine.submit((torch.tensor([3]),), steps=3, seed=2)
+        failing.cancel()
+        later = engine.submit((torch.tensor([4]),), steps=3, seed=3)
+        torch.testing.assert_close(later.result(timeout=60).sample, _alone(program, torch.tensor([4]), 3, 3))
+        assert loop.is_alive()
+    finally:
+        stop.set()
+        loop.join(timeout=10)
+
+
+def test_a_failed_forward_settles_even_a_cancelled_future(graph, monkeypatch):
+    program = optimize(graph, [])
+    engine = StepEngine(program, CONFIG, max_batch=8)
+    future = engine.submit((torch.tensor([1]),), steps=2, seed=0)
+    engine.tick()  # admitted
+
+    def fail(*args):
+        future.cancel()  # the caller gives up while the forward runs
+        raise RuntimeError("forward failed")
+
+    monkeypatch.setattr(engine.denoiser.backend, "run", fail)
+    engine.tick()  # must not raise InvalidStateError
+    assert engine.load == (0, 0)
+
+
+def test_a_null_condition_out_of_range_is_refused_at_submit(graph):
+    engine = StepEngine(optimize(graph, []), CONFIG, max_batch=8)
+    with pytest.raises(RequestError, match=r"null_conditions.y: values must be in \[0, 10\]"):
+        engine.submit((torch.tensor([1]),), steps=2, guidance_scale=2.0, null_conditions=(torch.tensor(99),))
+    with pytest.raises(RequestError, match="null_conditions.y"):
+        engine.submit((torch.tensor([1]),), steps=2, guidance_scale=2.0, null_conditions=(torch.tensor(-1),))
+    assert engine.load == (0, 0)
+
+
+def test_a_request_is_copied_at_submit(graph):
+    program = optimize(graph, [])
+    engine = StepEngine(program, CONFIG, max_batch=8)
+    labels, null = torch.tensor([1, 2]), torch.tensor(10)
+    future = engine.submit((labels,), steps=3, seed=5, samples=2, guidance_scale=2.0, null_conditions=(null,))
+    labels[:] = 7  # the caller reuses its tensors
+    null.fill_(3)
+    engine.run_until_idle()
+    expected = _alone(program, torch.tensor([1, 2]), 3, 5, guidance=2.0)
+    torch.testing.assert_close(future.result(timeout=0).sample, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_programs_that_couple_the_samples_of_a_batch_are_refused_by_name(graph):
+    from diffopt.passes.temporal_difference import TemporalDifferencePass
+
+    with pytest.raises(ValueError, match="one scale per batch"):
+        StepEngine(optimize(graph, [TemporalDifferencePass("dynamic")]), CONFIG)
+    with pytest.raises(ValueError, match="adaptive"):
+        StepEngine(optimize(graph, [FirstBlockCachePass(0.1)]), CONFIG)
+
+
+@pytest.mark.parametrize("value", [-1, 0, "3", 2.0, True])
+def test_max_active_must_be_a_positive_int(graph, value):
+    with pytest.raises(ValueError, match="max_active must be an int >= 1"):
+        StepEngine(optimize(graph, []), CONFIG, max_active=value)

@@ -1,5 +1,7 @@
 """``diffopt.serving`` on Ray Serve: a local Ray instance on this machine (2 CPUs, localhost
-only) serves a tiny exported bundle over HTTP; started once for the file, stopped at its end."""
+only) serves a tiny exported bundle over HTTP; started once for the file, stopped at its end
+(``ray_instance.local_ray``). The ``diffopt serve`` test runs first, before that instance
+starts: one Ray on the machine at a time."""
 
 import base64
 import io
@@ -7,6 +9,8 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -16,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from models import simple_dit
+from ray_instance import free_port, local_ray
 
 from diffopt import capture, optimize
 from diffopt.export.onnx import to_onnx
@@ -38,20 +43,50 @@ def server(tmp_path_factory):
     """(url, bundle directory) of a one-replica deployment of a block-cached tiny DiT."""
     from diffopt.serving.deployment import deployment
 
-    bundle = tmp_path_factory.mktemp("serving") / "bundle"
-    graph = capture(simple_dit(), (torch.randn(2, *SHAPE), torch.tensor([999, 5]), torch.tensor([0, 1])))
-    to_onnx(optimize(graph, [BlockCachePass(period=2)]), bundle, scheduler_config=CONFIG)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+    bundle = _bundle(tmp_path_factory.mktemp("serving") / "bundle")
+    with local_ray() as (url, _):
         serve.run(deployment(str(bundle), max_batch=8, max_waiting=32, threads=1), route_prefix="/")
-        yield f"http://127.0.0.1:{port}", bundle
+        yield url, bundle
+
+
+def _bundle(directory):
+    graph = capture(simple_dit(), (torch.randn(2, *SHAPE), torch.tensor([999, 5]), torch.tensor([0, 1])))
+    to_onnx(optimize(graph, [BlockCachePass(period=2)]), directory, scheduler_config=CONFIG)
+    return directory
+
+
+def test_ctrl_c_stops_diffopt_serve_and_its_ray_within_seconds(tmp_path):
+    """Runs before the module's Ray instance starts (one Ray at a time on the machine)."""
+    bundle = _bundle(tmp_path / "bundle")
+    ray_dir = tmp_path.parent / f"r{os.getpid()}"  # Ray's processes name their session directory: found by it
+    port = free_port()
+    command = [sys.executable, "-m", "diffopt.cli", "serve", str(bundle), "--port", str(port), "--threads", "1"]
+    environment = {**os.environ, "RAY_TMPDIR": str(ray_dir), "PYTHONUNBUFFERED": "1"}
+    server = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        started, lines = time.monotonic(), []
+        while time.monotonic() - started < 240:
+            line = server.stdout.readline()
+            lines.append(line)
+            if line.startswith("serving") or not line and server.poll() is not None:
+                break
+        assert lines[-1].startswith("serving"), "".join(lines)[-2000:]
+        sample, _ = post_sample(f"http://127.0.0.1:{port}/sample", {"class_labels": [3], "steps": 2}, retries=2)
+        assert sample.shape == (1, *SHAPE)
+        server.send_signal(signal.SIGINT)
+        server.wait(timeout=60)  # seconds, not the 90+ s the outside review saw
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        if server.poll() is None:
+            server.kill()
+    deadline = time.monotonic() + 15
+    while (left := _processes_under(ray_dir)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, f"Ray processes outlived diffopt serve: {left}"
+
+
+def _processes_under(directory) -> list[str]:
+    found = subprocess.run(["pgrep", "-af", str(directory)], capture_output=True, text=True).stdout
+    return [line for line in found.splitlines() if "pgrep" not in line]
 
 
 def _solo(bundle, labels, steps, seed):
@@ -128,13 +163,14 @@ def test_malformed_requests_get_400_naming_the_field_and_do_not_disturb_others(s
         np.testing.assert_allclose(sample, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_a_replica_killed_mid_load_loses_no_request(server):
+def test_a_replica_killed_mid_load_loses_no_request_of_a_plain_client(server):
+    """The clients do not retry: the ingress sends the dead replica's requests again."""
     url, bundle = server
-    payloads = [{"class_labels": [i % 10], "seed": 100 + i, "steps": 400} for i in range(6)]
+    payloads = [{"class_labels": [i % 10, (i + 1) % 10], "seed": 100 + i, "steps": 1000} for i in range(6)]
     results = [None]
 
     def load():
-        results[0] = _concurrently(url, payloads)
+        results[0] = _concurrently(url, payloads, retries=0)
 
     thread = threading.Thread(target=load)
     thread.start()
@@ -172,3 +208,84 @@ def test_serve_refuses_a_directory_that_is_no_bundle_before_starting_ray(tmp_pat
     with pytest.raises(SystemExit) as exit_:
         main(["serve", str(tmp_path)])
     assert exit_.value.code == 2 and str(tmp_path) in capsys.readouterr().err
+
+
+def _post(url, payload, timeout=120):
+    """(status, headers, body) of a plain POST, no retries."""
+    request = urllib.request.Request(f"{url}/sample", data=json.dumps(payload).encode(), method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), error.read()
+
+
+def test_a_full_server_answers_503_under_ray(server):
+    from diffopt.serving.deployment import deployment
+
+    url, bundle = server
+    serve.run(deployment(str(bundle), max_batch=1, max_waiting=1, threads=1), name="small", route_prefix="/small")
+    try:
+        payloads = [{"class_labels": [i % 10], "seed": i, "steps": 600} for i in range(8)]
+        answers = [None] * len(payloads)
+
+        def post(index):
+            answers[index] = _post(f"{url}/small", payloads[index])
+
+        threads = [threading.Thread(target=post, args=(i,)) for i in range(len(payloads))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=300)
+    finally:
+        serve.delete("small")
+    statuses = sorted(status for status, _, _ in answers)
+    assert 200 in statuses and 503 in statuses and set(statuses) <= {200, 503}, statuses
+    # one active and one waiting in the engine, one waiting in Ray to be routed (+1 that came as one finished)
+    assert statuses.count(200) <= 4, statuses
+    full = next((headers, body) for status, headers, body in answers if status == 503)
+    assert "retry-after" in {name.lower() for name in full[0]} and b"error" in full[1]
+
+
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        (b"[" * 100_000 + b"]" * 100_000, "body: JSON nested too deeply"),
+        (json.dumps({"class_labels": [10**30]}).encode(), "class_labels: ints within int64"),
+        (json.dumps({"conditions": {"y": _npy(np.zeros(1, dtype=[("a", "<i8")]))}}).encode(), "conditions.y"),
+    ],
+    ids=["deep JSON", "huge label", "structured npy"],
+)
+def test_bodies_that_broke_the_parser_get_400_naming_the_field(server, body, field):
+    url, _ = server
+    request = urllib.request.Request(f"{url}/sample", data=body, method="POST")
+    with pytest.raises(urllib.error.HTTPError) as answer:
+        urllib.request.urlopen(request, timeout=60)
+    assert answer.value.code == 400 and field in answer.value.read().decode()
+
+
+def test_a_big_endian_npy_condition_is_read_in_its_byte_order(server):
+    url, bundle = server
+    labels = np.array([2, 7], dtype=">i8")
+    sample, _ = post_sample(f"{url}/sample", {"conditions": {"y": _npy(labels)}, "seed": 3, "steps": 3})
+    np.testing.assert_allclose(sample, _solo(bundle, [2, 7], 3, 3).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_a_client_that_disconnects_aborts_its_request(server):
+    url, _ = server
+    before = _health(url)["aborted"]
+    body = json.dumps({"class_labels": [1, 2, 3, 4], "seed": 0, "steps": 1000}).encode()
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as connection:
+        connection.sendall(
+            b"POST /sample HTTP/1.1\r\nHost: " + host.encode() + b"\r\nContent-Type: application/json\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+        )
+        deadline = time.monotonic() + 60
+        while _health(url)["active"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _health(url)["active"] == 1, "the request never reached the engine"
+    deadline = time.monotonic() + 30
+    while (health := _health(url))["aborted"] == before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert health["aborted"] == before + 1 and health["active"] == 0

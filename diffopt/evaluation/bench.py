@@ -46,13 +46,14 @@ from diffopt.runtime.backends import program_backend
 from diffopt.sampling.sequential import Sampler
 
 BASELINE_KINDS = ("diffusers-hook", "cache-dit")
+REFERENCE_STEPS = 50  # the zoo models' reference run
 
 
 @dataclass(frozen=True)
 class Configuration:
     name: str
     passes: tuple[dict, ...] | None = None  # None: the unmodified model; () the captured graph, no passes
-    steps: int = 50
+    steps: int | None = None  # None: the reference's steps (a pipeline's calls' own, 50 for the zoo models)
     backend: str = "torch"
     baseline: dict | None = None  # another library's method on the model (see BASELINE_KINDS)
     family: str = ""  # groups rows in the plot
@@ -60,7 +61,8 @@ class Configuration:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"a configuration's name is a non-empty string, found {self.name!r}")
-        require_int(f"configuration {self.name!r}", "steps", self.steps, minimum=1)
+        if self.steps is not None:
+            require_int(f"configuration {self.name!r}", "steps", self.steps, minimum=1)
         if self.passes is not None and not (
             isinstance(self.passes, (list, tuple)) and all(isinstance(p, dict) for p in self.passes)
         ):
@@ -97,6 +99,11 @@ class Configuration:
     @property
     def needs_calibration(self) -> bool:
         return any(pass_from_dict(item).needs_calibration for item in self.passes or ())
+
+
+def with_reference_steps(configurations: Sequence[Configuration], steps: int) -> list[Configuration]:
+    """``configurations`` with ``steps`` where they name none (they run the reference's steps)."""
+    return [c if c.steps is not None else dataclasses.replace(c, steps=steps) for c in configurations]
 
 
 def load_configurations(path: str | os.PathLike) -> tuple[str | None, str, list[Configuration]]:
@@ -193,6 +200,7 @@ def run_bench(
     its FD's seed noise (mean and standard deviation in ``reference_fd``)."""
     if not configurations:
         raise ValueError("no configurations to run")
+    configurations = with_reference_steps(configurations, configurations[0].steps or REFERENCE_STEPS)
     model, config = load(model_name)
     graph = capture(model, example_inputs(model_name))
     calibration = reference_calibration(graph, config) if any(c.needs_calibration for c in configurations) else None
@@ -315,7 +323,7 @@ def write_results(summary: dict, stem: str | os.PathLike, title: str, command: s
     """``<stem>.json``, ``<stem>.md`` and (with quality rows) ``<stem>.png``."""
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
-    write_text(stem.with_suffix(".json"), json.dumps({**summary, "command": command, "title": title}, indent=2))
-    write_text(stem.with_suffix(".md"), to_markdown(summary, title, command))
+    write_text(Path(f"{stem}.json"), json.dumps({**summary, "command": command, "title": title}, indent=2))
+    write_text(Path(f"{stem}.md"), to_markdown(summary, title, command))
     if summary["samples"] is not None:
-        plot(summary, stem.with_suffix(".png"), title)
+        plot(summary, Path(f"{stem}.png"), title)

@@ -26,7 +26,14 @@ import torch
 from tqdm import tqdm
 
 from diffopt.capture import capture
-from diffopt.evaluation.bench import Configuration, build, measure, reference_calibration
+from diffopt.evaluation.bench import (
+    REFERENCE_STEPS,
+    Configuration,
+    build,
+    measure,
+    reference_calibration,
+    with_reference_steps,
+)
 from diffopt.evaluation.runs import time_runs
 from diffopt.measure.search import check_floor, choose, pareto, search_space
 from diffopt.models import example_inputs, load
@@ -34,7 +41,6 @@ from diffopt.passes.base import PassError
 
 CALIBRATION_SEED = 0
 VALIDATION_SEED = 1_000_000  # noise no calibration run draws
-REFERENCE_STEPS = 50
 
 
 def default_candidates(graph) -> list[Configuration]:
@@ -61,11 +67,15 @@ def tune(
     check_floor(min_psnr, cost)
     model, config = load(model_name)
     graph = capture(model, example_inputs(model_name))
-    candidates = list(candidates) if candidates is not None else default_candidates(graph)
+    candidates = (
+        with_reference_steps(candidates, REFERENCE_STEPS) if candidates is not None else default_candidates(graph)
+    )
     if not candidates:
         raise ValueError("no candidates to search")
     calibration = reference_calibration(graph, config) if any(c.needs_calibration for c in candidates) else None
-    reference_row, reference = measure(model, config, 50, samples, CALIBRATION_SEED, None, distribution=False)
+    reference_row, reference = measure(
+        model, config, REFERENCE_STEPS, samples, CALIBRATION_SEED, None, distribution=False
+    )
     rows, skipped, denoisers = [], {}, {}
     for candidate in tqdm(candidates, desc=f"tune {model_name}", disable=not progress):
         try:

@@ -18,7 +18,9 @@ done here.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
@@ -49,6 +51,7 @@ from diffopt.version import __version__
 aten = torch.ops.aten
 _NARROW_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
+EXPORTER_REGISTRATION_LOGGER = "torch.onnx._internal.exporter._registration"
 WEIGHTS_FILE = "weights.bin"
 OWNER_FILE = ".export-pid"  # in a staging directory: the exporting process, for stale-staging cleanup
 INLINE_LIMIT = 1024  # bytes: smaller tensors stay inside the graph files
@@ -67,6 +70,7 @@ def to_onnx(
     export_batch: int = 2,
     scheduler_config: Mapping[str, Any] | None = None,
     call: Mapping[str, Any] | None = None,
+    example_inputs: Sequence[torch.Tensor] | None = None,
 ) -> Manifest:
     """Write the bundle for ``optimized`` into ``directory`` and return its manifest.
 
@@ -77,7 +81,10 @@ def to_onnx(
     missing, empty or hold a bundle and nothing else (other files are never touched: the
     export is refused instead). ``scheduler_config`` (the model's ``make_scheduler``
     config) travels in the manifest so the bundle can be sampled without the model's code;
-    ``call`` (``pipelines.bundles.call_record``) records the pipeline call it was captured at."""
+    ``call`` (``pipelines.bundles.call_record``) records the pipeline call it was captured at.
+    ``example_inputs`` (latent, timestep, *conditions: a real call's, e.g. the captured one's)
+    are what the verification runs step 0 on; without them it runs on random floats and ones
+    for integer and boolean inputs (a mask of zeros would hide every token)."""
     program = optimized.program if isinstance(optimized, OptimizedDenoiser) else optimized
     if profile not in PROFILES:
         raise ValueError(f"unknown export profile {profile!r}: expected one of {PROFILES}")
@@ -104,7 +111,7 @@ def to_onnx(
     (staging / OWNER_FILE).write_text(str(os.getpid()))
     try:
         manifest = _write_bundle(program, staging, profile, export_batch, scheduler_config, call)
-        _verify(staging, export_batch)
+        _verify(staging, export_batch, example_inputs)
         _swap_in(staging, directory)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -205,21 +212,48 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def _verify(directory: Path, batch_size: int) -> None:
-    """Load the bundle as a user would (checksums included) and run its step 0."""
+def _verify(directory: Path, batch_size: int, example_inputs: Sequence[torch.Tensor] | None) -> None:
+    """Load the bundle as a user would (checksums included) and run its step 0, on
+    ``example_inputs`` (repeated to ``batch_size``) or on made-up inputs."""
     from diffopt.runtime.onnxruntime_backend import load_bundle
 
     bundle = load_bundle(directory, threads=1)
-    generator = torch.Generator().manual_seed(0)
-    inputs = [
-        torch.randn(concrete_shape(s.shape, batch_size), generator=generator).to(s.torch_dtype)
-        if s.torch_dtype.is_floating_point
-        else torch.zeros(concrete_shape(s.shape, batch_size), dtype=s.torch_dtype)
-        for s in bundle.program.inputs
-    ]
+    specs = bundle.program.inputs
+    if example_inputs is not None:
+        if len(example_inputs) != len(specs):
+            raise ExportError(
+                f"example_inputs: expected {len(specs)} tensors {[s.name for s in specs]}, found {len(example_inputs)}"
+            )
+        inputs = [_repeated(value, spec, batch_size) for value, spec in zip(example_inputs, specs)]
+        made = "the example inputs"
+    else:
+        generator = torch.Generator().manual_seed(0)
+        inputs = [
+            torch.randn(concrete_shape(s.shape, batch_size), generator=generator).to(s.torch_dtype)
+            if s.torch_dtype.is_floating_point
+            else torch.ones(concrete_shape(s.shape, batch_size), dtype=s.torch_dtype)
+            for s in specs
+        ]
+        made = "random inputs (floats normal, integers and booleans 1)"
     out, _ = bundle.step(0, *inputs, state=bundle.init_state(batch_size))
     if not torch.isfinite(out).all():
-        raise ExportError(f"the exported bundle's step 0 gives non-finite values on random inputs ({directory})")
+        names = ", ".join(s.name for s in specs)
+        raise ExportError(
+            f"the exported bundle's step 0 gives non-finite values on {made} ({names}) in {directory}: "
+            + (
+                "pass example_inputs= (a real call's inputs) so verification runs on values the model accepts"
+                if example_inputs is None
+                else "the program itself computes NaN or inf on these inputs; check it in torch first"
+            )
+        )
+
+
+def _repeated(value: torch.Tensor, spec: TensorSpec, batch_size: int) -> torch.Tensor:
+    """An example input (any batch) as ``spec`` takes it at ``batch_size``."""
+    value = torch.as_tensor(value).to("cpu", spec.torch_dtype)
+    if BATCH in spec.shape and value.dim() > 0:
+        value = value[torch.arange(batch_size) % value.shape[0]]
+    return value
 
 
 def _swap_in(staging: Path, directory: Path) -> None:
@@ -311,7 +345,7 @@ def _export_variant(
     dynamic = tuple({0: batch} if spec.shape and spec.shape[0] == BATCH else None for spec in input_specs)
     module.eval()  # the graphs have no train-mode behaviour; this only silences the exporter's warning
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _quiet(EXPORTER_REGISTRATION_LOGGER):
             warnings.filterwarnings("ignore", message=".*axis name.*will not be used")  # all inputs share "batch"
             warnings.filterwarnings("ignore", category=FutureWarning)  # torch-internal deprecations
             exported = torch.onnx.export(
@@ -328,6 +362,19 @@ def _export_variant(
     except Exception as error:
         raise ExportError(f"variant {name!r} could not be exported to ONNX: {type(error).__name__}: {error}") from error
     return exported.model_proto
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str):
+    """Silence ``logger_name`` below errors for a while: the exporter warns, per export, that
+    torchvision's ops (which diffopt graphs never hold) cannot be registered without torchvision."""
+    exporter_logger = logging.getLogger(logger_name)
+    level = exporter_logger.level
+    exporter_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        exporter_logger.setLevel(level)
 
 
 def _output_specs(model) -> tuple[TensorSpec, ...]:

@@ -2,8 +2,11 @@
 
 ``replacing(path)`` gives a temporary file beside ``path`` and renames it over ``path``
 (``os.replace``, atomic) only once it is complete and on disk: an interrupted write, a
-full disk or a crash leaves the previous file as it was. ``read_json`` turns every way a
-JSON file can be unreadable (missing, not UTF-8, not JSON, nested too deeply) into one
+full disk or a crash leaves the previous file as it was. ``replacing_together(paths)`` does
+it for a set of files that belong together: every file is written first, then all are
+renamed in, so an interrupted write leaves the whole previous set (only a kill between the
+final renames can mix sets, which is why such sets also carry a run id that readers check).
+``read_json`` turns every way a JSON file can be unreadable (missing, not UTF-8, not JSON, nested too deeply) into one
 ``ValueError`` that names the file and what it should have been.
 """
 
@@ -13,7 +16,7 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,19 +26,40 @@ def replacing(path: str | os.PathLike) -> Iterator[Path]:
     """Write to the yielded temporary path; at the end of the block it replaces ``path``
     (keeping ``path``'s permissions, or the umask's for a new file). On an error the
     temporary file is removed and ``path`` is untouched."""
-    path = Path(path)
+    with _staged(Path(path)) as (temporary, commit):
+        yield temporary
+        commit()
+
+
+@contextlib.contextmanager
+def replacing_together(paths: Sequence[str | os.PathLike]) -> Iterator[list[Path]]:
+    """``replacing`` for several files: write each to its yielded temporary path; at the end
+    of the block all replace their paths, in order. On an error nothing is replaced."""
+    with contextlib.ExitStack() as stack:
+        temporaries = [stack.enter_context(_staged(Path(path))) for path in paths]
+        yield [temporary for temporary, _ in temporaries]
+        for _, commit in temporaries:
+            commit()
+
+
+@contextlib.contextmanager
+def _staged(path: Path) -> Iterator[tuple[Path, Any]]:
+    """(temporary path, a function that moves it over ``path``); the temporary file is removed
+    if the block fails before the move."""
     descriptor, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     os.close(descriptor)
     temporary = Path(name)
-    try:
-        yield temporary
+
+    def commit() -> None:
         with open(temporary, "rb+") as file:
             os.fsync(file.fileno())
         os.chmod(temporary, path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_umask())
         os.replace(temporary, path)
-    except BaseException:
+
+    try:
+        yield temporary, commit
+    finally:
         temporary.unlink(missing_ok=True)
-        raise
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

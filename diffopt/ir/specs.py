@@ -30,6 +30,9 @@ class Role(str, Enum):
     def __str__(self) -> str:
         return self.value
 
+    def __repr__(self) -> str:  # logs and errors show 'full' (as variant names are written), not <Role.FULL: 'full'>
+        return repr(self.value)
+
 
 FULL, PROBE, CACHED, CALIBRATED, DELTA, FORECAST = Role  # in definition order
 

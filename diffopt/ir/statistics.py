@@ -248,6 +248,12 @@ def _check_file(path: Path, data: dict) -> None:
         number(value, f"temporal.input_absmax[{layer!r}]", positive=True)  # a zero scale quantizes all to 0
     for layer, value in temporal["difference_absmax"].items():
         number(value, f"temporal.difference_absmax[{layer!r}]", positive=False)  # an input that never changes
+    if temporal["difference_absmax"] and not any(temporal["difference_absmax"].values()):
+        fail(
+            "temporal.difference_absmax",
+            "every layer's input difference is 0: the calibration never saw an input change between two steps "
+            "(the latent changes at every step); calibrate again",
+        )
     known = {f.name for f in dataclasses.fields(TemporalStatistics)} - {"source"}
     unknown = sorted(set(temporal) - known)
     if unknown:

@@ -10,10 +10,12 @@ a row: a dict with at least ``name``, ``family``, ``passes``, ``steps``, ``psnr`
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import os
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,27 +23,33 @@ from typing import Any
 
 import torch
 
-from diffopt.ir.files import replacing, write_text
+from diffopt.ir.files import read_json, replacing_together
 from diffopt.ir.layers import find_blocks
-from diffopt.passes.registry import pass_from_dict, save_passes
+from diffopt.passes.registry import load_passes, pass_from_dict
 
 logger = logging.getLogger("diffopt")
 
 COSTS = ("macs", "time")
 COST_KEYS = {"macs": "mac_fraction", "time": "time_fraction"}
 MAX_VALIDATIONS = 5  # the cheapest feasible candidates tried on held-out inputs, in order
+TUNE_FILES = {"json": ".json", "md": ".md", "png": ".png", "passes": ".passes.json"}
 STEP_FRACTIONS = (0.4, 0.5, 0.6, 0.7, 0.8)  # plain step reduction
 FORECAST_FEWER_STEPS = 0.7  # forecast caches with a short period are also tried at this fraction of the steps
 
 
 @dataclass(frozen=True)
 class Candidate:
-    """A pass list (as pass-file dicts) and the step count it samples with."""
+    """A pass list (as pass-file dicts) and the step count it samples with (None: the
+    reference's own, ``for_reference`` fills it in)."""
 
     name: str
     passes: tuple[dict, ...]
-    steps: int
+    steps: int | None
     family: str
+
+    def for_reference(self, steps: int) -> Candidate:
+        """This candidate, sampling ``steps`` steps when it names none."""
+        return self if self.steps is not None else dataclasses.replace(self, steps=steps)
 
     @property
     def needs_calibration(self) -> bool:
@@ -133,8 +141,13 @@ def pareto(rows: Sequence[dict], cost: str = "mac_fraction", quality: str = "psn
 
 def check_floor(min_psnr: Any, cost: Any) -> None:
     """Refuse a quality floor or cost a tune cannot use, naming it."""
-    if isinstance(min_psnr, bool) or not isinstance(min_psnr, (int, float)) or not math.isfinite(min_psnr):
-        raise ValueError(f"min_psnr must be a finite number of dB, found {min_psnr!r}")
+    if (
+        isinstance(min_psnr, bool)
+        or not isinstance(min_psnr, (int, float))
+        or not math.isfinite(min_psnr)
+        or min_psnr <= 0
+    ):
+        raise ValueError(f"min_psnr must be a finite number of dB > 0, found {min_psnr!r}")
     if cost not in COSTS:
         raise ValueError(f"cost must be one of {COSTS}, found {cost!r}")
 
@@ -160,27 +173,60 @@ def choose(
     raise ValueError(f"the {len(rejected)} cheapest candidates over {min_psnr} dB failed validation: {rejected}")
 
 
+def tune_files(stem: str | os.PathLike) -> dict[str, Path]:
+    """The files a tune writes for ``stem``, used as given (``run-1.5`` gives ``run-1.5.json``)."""
+    stem = os.fspath(stem)
+    return {kind: Path(f"{stem}{suffix}") for kind, suffix in TUNE_FILES.items()}
+
+
 def save(summary: dict[str, Any], stem: str | os.PathLike) -> Path:
     """``<stem>.json`` (every candidate, the Pareto set, the choice), ``<stem>.md`` (the table),
     ``<stem>.png`` (where matplotlib is installed) and the chosen pass list
-    ``<stem>.passes.json`` (with its step count and the reference's); returns the pass file's path."""
-    stem = Path(stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    write_text(stem.with_suffix(".json"), json.dumps(summary, indent=2, default=str))
-    write_text(stem.with_suffix(".md"), table(summary))
-    _plot(summary, stem.with_suffix(".png"))
+    ``<stem>.passes.json`` (with its step count and the reference's); returns the pass file's
+    path. The files are one set: all are written before any replaces an earlier run's
+    (``ir.files.replacing_together``), and each carries the run's id (``load_result`` checks it)."""
+    files = tune_files(stem)
+    files["json"].parent.mkdir(parents=True, exist_ok=True)
+    summary["run_id"] = summary.get("run_id") or uuid.uuid4().hex
     chosen = summary["chosen"]
-    return save_passes(
-        stem.with_name(stem.name + ".passes.json"),
-        [pass_from_dict(item) for item in chosen["passes"]],
-        steps=chosen["steps"],
-        reference_steps=summary["reference_steps"],
-        model=summary["model"],
-        min_psnr=summary["min_psnr"],
-        psnr=chosen["psnr"],
-        validation_psnr=chosen["validation_psnr"],
-        mac_fraction=chosen["mac_fraction"],
-    )
+    pass_file = {
+        "passes": chosen["passes"],
+        "steps": chosen["steps"],
+        "reference_steps": summary["reference_steps"],
+        "model": summary["model"],
+        "min_psnr": summary["min_psnr"],
+        "psnr": chosen["psnr"],
+        "validation_psnr": chosen["validation_psnr"],
+        "mac_fraction": chosen["mac_fraction"],
+        "run_id": summary["run_id"],
+    }
+    for item in chosen["passes"]:  # a pass list that cannot load is never written
+        pass_from_dict(item)
+    plotted = _plot_available()
+    kinds = [kind for kind in ("json", "md", "png", "passes") if kind != "png" or plotted]
+    with replacing_together([files[kind] for kind in kinds]) as temporaries:
+        staged = dict(zip(kinds, temporaries))
+        staged["json"].write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
+        staged["md"].write_text(table(summary), encoding="utf-8")
+        staged["passes"].write_text(json.dumps(pass_file, indent=2) + "\n", encoding="utf-8")
+        if plotted:
+            _plot(summary, staged["png"])
+    return files["passes"]
+
+
+def load_result(stem: str | os.PathLike) -> tuple[dict[str, Any], list, dict[str, Any]]:
+    """(summary, passes, pass-file fields) of a tune's files, refused when they come from
+    different runs (a tune interrupted between its renames)."""
+    files = tune_files(stem)
+    summary = read_json(files["json"], "a tune result")
+    passes, fields = load_passes(files["passes"])
+    if not isinstance(summary, dict) or summary.get("run_id") != fields.get("run_id"):
+        raise ValueError(
+            f"{files['json']} and {files['passes']} come from different tune runs (run ids "
+            f"{summary.get('run_id') if isinstance(summary, dict) else None!r} and {fields.get('run_id')!r}): "
+            f"a tune was interrupted; run it again"
+        )
+    return summary, passes, fields
 
 
 def table(summary: dict[str, Any]) -> str:
@@ -221,12 +267,18 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _plot(summary: dict[str, Any], path: Path) -> None:
+def _plot_available() -> bool:
     try:
-        import matplotlib
+        import matplotlib  # noqa: F401
     except ImportError:
-        logger.warning("no Pareto plot written to %s: matplotlib is not installed (pip install diffopt[eval])", path)
-        return
+        logger.warning("no Pareto plot written: matplotlib is not installed (pip install diffopt[eval])")
+        return False
+    return True
+
+
+def _plot(summary: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -244,6 +296,5 @@ def _plot(summary: dict[str, Any], path: Path) -> None:
     axes.set_title(f"diffopt tune {summary['model']} --min-psnr {summary['min_psnr']}")
     axes.legend(fontsize=7)
     figure.tight_layout()
-    with replacing(path) as partial:
-        figure.savefig(partial, dpi=110, format="png")
+    figure.savefig(path, dpi=110, format="png")
     plt.close(figure)

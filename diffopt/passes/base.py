@@ -257,14 +257,24 @@ class PassRecord:
     modified: bool
 
 
+def pass_list(passes: Sequence[GraphPass]) -> tuple[GraphPass, ...]:
+    """``passes`` as a tuple of ``GraphPass`` instances; a single pass or anything else is a
+    ``TypeError`` that says what to write."""
+    if isinstance(passes, GraphPass):
+        raise TypeError(f"passes is a list of passes, found one pass: write passes=[{passes!r}]")
+    if isinstance(passes, (str, bytes, dict)) or not isinstance(passes, (list, tuple)):
+        raise TypeError(f"passes is a list of GraphPass instances, found {type(passes).__name__} {passes!r:.60}")
+    for item in passes:
+        if not isinstance(item, GraphPass):
+            raise TypeError(f"passes holds GraphPass instances, found {type(item).__name__}: {item!r:.60}")
+    return tuple(passes)
+
+
 class Pipeline:
     """Runs passes in order with verification after each."""
 
     def __init__(self, passes: Sequence[GraphPass]):
-        for p in passes:
-            if not isinstance(p, GraphPass):
-                raise TypeError(f"expected GraphPass instances, found {type(p).__name__}")
-        self.passes = tuple(passes)
+        self.passes = pass_list(passes)
 
     def run(self, program: StepProgram, context: PassContext | None = None) -> tuple[StepProgram, list[PassRecord]]:
         context = context or PassContext()

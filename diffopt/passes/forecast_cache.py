@@ -59,6 +59,7 @@ from diffopt.ir.validation import block_names, chain_names, require_int
 from diffopt.passes.base import PassContext, PassKind, PassNotApplicable, VariantPass, register_pass
 
 aten = torch.ops.aten
+MAX_ORDER = 4  # highest forecast order accepted (see ForecastCachePass.__post_init__)
 TARGET_KINDS = ("modules", "blocks")
 _DEFAULT_MODULE_CLASSES = re.compile(r"Attention|FeedForward|MLP|Mlp")
 
@@ -92,6 +93,13 @@ class ForecastCachePass(VariantPass):
     def __post_init__(self) -> None:
         object.__setattr__(self, "container", chain_names(self.name, self.container))
         require_int(self.name, "order", self.order, minimum=0)
+        if self.order > MAX_ORDER:
+            raise ValueError(
+                f"{self.name}.order must be at most {MAX_ORDER}, found {self.order}: a polynomial through "
+                f"{self.order + 1} full steps {self.period} steps apart is fitted only after "
+                f"{self.warmup + self.order * self.period} steps, and extrapolating it amplifies each point's error "
+                f"about 2^order-fold (TaylorSeer and diffusers' hook use order 1 or 2)"
+            )
         require_int(self.name, "period", self.period, minimum=1)
         require_int(self.name, "warmup", self.warmup, minimum=1)
         if self.targets not in TARGET_KINDS:

@@ -23,9 +23,9 @@ import torch
 
 from diffopt.ir.policy import LayerPolicy
 from diffopt.ir.statistics import CalibrationStatistics
-from diffopt.passes.base import GraphPass
-from diffopt.pipelines.bundles import export_component, load_for_pipeline, output_type_of
-from diffopt.pipelines.checks import check_passes_fit
+from diffopt.passes.base import GraphPass, pass_list
+from diffopt.pipelines.bundles import check_weights, export_component, load_for_pipeline, output_type_of
+from diffopt.pipelines.checks import check_family, check_passes_fit
 from diffopt.pipelines.component import MAX_PROGRAMS, CapturedProgram, OptimizedComponent
 from diffopt.pipelines.report import Summary, summarize
 from diffopt.pipelines.tuning import tune
@@ -105,6 +105,7 @@ def enable(
     backend: str = "torch",
     max_programs: int = MAX_PROGRAMS,
     threads: int | None = None,
+    allow_other_weights: bool = False,
 ) -> Any:
     """Run ``pipe``'s denoiser as diffopt programs with ``passes`` on ``backend`` (``"torch"``
     or ``"compiled"``); returns ``pipe``. Pass settings that cannot fit the model are refused
@@ -112,7 +113,9 @@ def enable(
 
     ``bundle=DIR`` runs a bundle written by ``export`` on onnxruntime (``threads`` for its
     sessions) instead of capturing: the denoiser runs no model code, and a call whose
-    non-tensor arguments differ from the exported call's is refused by name.
+    non-tensor arguments differ from the exported call's is refused by name. A bundle exported
+    from other weights or config than the pipeline's denoiser is refused unless
+    ``allow_other_weights=True``.
 
     A pipeline built from an enabled one's components (``from_pipe``, ``Img2ImgPipeline(
     **pipe.components)``) already holds the ``OptimizedComponent``: ``enable(new_pipe)``
@@ -120,7 +123,7 @@ def enable(
     name = _denoiser_name(pipe)
     model = getattr(pipe, name)
     if isinstance(model, OptimizedComponent):
-        settings = (tuple(passes), bundle, calibration, policy, backend, max_programs)
+        settings = (pass_list(passes), bundle, calibration, policy, backend, max_programs)
         if type(pipe) in _ENABLED_CLASSES.values() or settings != ((), None, None, None, "torch", MAX_PROGRAMS):
             raise ValueError(
                 f"diffopt is already enabled on {type(pipe).__name__}.{name}: call diffopt.disable(pipe) first"
@@ -128,13 +131,15 @@ def enable(
         pipe.__class__ = _enabled_class(type(pipe))  # a pipeline made from an enabled one's components: share it
         return pipe
     program_backend(backend, "enable()")
-    passes = tuple(passes)
+    passes = pass_list(passes)
+    check_family(model)
     check_passes_fit(model, passes)
     served = None
     if bundle is not None:
         if passes or calibration is not None or policy is not None:
             raise ValueError("enable(bundle=...): the bundle's passes were applied at export; pass no passes")
         denoiser, record = load_for_pipeline(bundle, threads=threads)
+        check_weights(record, model, Path(bundle), allow_other_weights)
         served = CapturedProgram(None, denoiser, output_type_of(record, Path(bundle)), (), 0.0, record)
     component = OptimizedComponent(
         model, passes, calibration, policy, backend=backend, max_programs=max_programs, bundle=served

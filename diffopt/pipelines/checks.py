@@ -1,7 +1,8 @@
-"""Pass settings checked against the model's module tree when ``enable`` is called, before
-any capture: a chain pass (one with ``container``) must find its chain(s) of blocks, and a
-``BlockCachePass`` its named blocks. The messages are the ones the passes give on the
-graph (``ir.layers.choose_chain``), seconds instead of minutes earlier."""
+"""What ``enable`` checks against the model before any capture: that its family can be
+captured (``UNSUPPORTED_FAMILIES`` are refused by name, with the reason), and that pass
+settings fit its module tree: a chain pass (one with ``container``) must find its chain(s)
+of blocks, and a ``BlockCachePass`` its named blocks. The messages are the ones the passes
+give on the graph (``ir.layers.choose_chain``), seconds instead of minutes earlier."""
 
 from __future__ import annotations
 
@@ -11,6 +12,24 @@ import torch
 
 from diffopt.ir.layers import choose_chain, module_chains
 from diffopt.passes.base import GraphPass
+
+UNSUPPORTED_FAMILIES = {  # model class -> why capture cannot make one graph of it
+    "Lumina2Transformer2DModel": (
+        "its forward reads the text mask's values as Python numbers (attention_mask.sum(dim=1).tolist()) and loops "
+        "over the batch in Python, so every mask and batch size is a different graph, with shapes taken from the "
+        "mask's values; diffopt captures one graph per call signature, not per mask value"
+    ),
+}
+
+
+def check_family(model: torch.nn.Module) -> None:
+    """Refuse, by name and with the reason, a model family capture cannot handle."""
+    reason = UNSUPPORTED_FAMILIES.get(type(model).__name__)
+    if reason is not None:
+        raise ValueError(
+            f"diffopt cannot capture {type(model).__name__}: {reason}. Run this pipeline without diffopt "
+            f"(see the README's table of unsupported families)"
+        )
 
 
 def check_passes_fit(model: torch.nn.Module, passes: Sequence[GraphPass]) -> None:

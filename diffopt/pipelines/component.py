@@ -31,13 +31,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from diffopt.capture import capture
+from diffopt.capture import CaptureError, capture, infer_signature
 from diffopt.ir.policy import LayerPolicy
 from diffopt.ir.signature import CapturedGraph
 from diffopt.ir.statistics import CalibrationStatistics
 from diffopt.optimize import optimize
 from diffopt.passes.base import GraphPass
-from diffopt.pipelines.bundles import call_record, check_static
+from diffopt.pipelines.bundles import call_record, check_resolution, check_static
 from diffopt.pipelines.call_key import call_key, describe_change, flatten_arguments, model_fingerprint
 from diffopt.runtime.denoiser import InputError, OptimizedDenoiser
 
@@ -58,6 +58,30 @@ class CapturedProgram:
     seconds: float  # capture and passes
     call: dict[str, Any]  # what capture baked in besides the inputs (``bundles.call_record``)
     graph: CapturedGraph | None = None  # None for a bundle
+    fixed_batch: bool = False  # captured at the call's batch size only (the model reads it as a Python int)
+
+
+def fixed_batch_key(key: tuple, values: dict[str, Any]) -> tuple:
+    """The key of a program captured at one batch size: ``key`` and that size."""
+    return (*key, ("fixed batch", values[infer_signature(values).latent].shape[0]))
+
+
+def _capture_any_batch(model: torch.nn.Module, arguments: dict[str, Any]) -> tuple[CapturedGraph, bool]:
+    """(graph, whether its batch size is fixed): captured for any batch size, or, where the
+    model makes the batch size a Python number (Chroma builds a list of it), for this call's."""
+    try:
+        return capture(model, arguments), False
+    except CaptureError as error:
+        try:
+            graph = capture(model, arguments, dynamic_batch=False)
+        except CaptureError:
+            raise error from None
+        logger.info(
+            "diffopt: %s captured for this batch size only (%s); another batch size captures again",
+            type(model).__name__,
+            " ".join(str(error).split())[:200],
+        )
+        return graph, True
 
 
 class OptimizedComponent(torch.nn.Module):
@@ -198,6 +222,7 @@ class OptimizedComponent(torch.nn.Module):
         if self.bundle is not None:
             signature = self.bundle.denoiser.program.signature
             check_static(self.bundle.call, values, signature, f"the bundle serving {type(self.original).__name__}")
+            check_resolution(self.bundle.denoiser.program, values, str(self.bundle.denoiser.backend.directory))
             return self.bundle
         fingerprint = getattr(self._local, "fingerprint", None) or model_fingerprint(self.original)
         key = call_key(values)
@@ -211,12 +236,16 @@ class OptimizedComponent(torch.nn.Module):
                     )
                     self._programs.clear()
                 self._fingerprint = fingerprint
+            if key not in self._programs:
+                key = fixed_batch_key(key, values) if fixed_batch_key(key, values) in self._programs else key
             program = self._programs.get(key)
             if program is not None:
                 self._programs.move_to_end(key)
                 return program
             latest = next(reversed(self._programs)) if self._programs else None
             program = self._capture(arguments, values, key, describe_change(latest, key))
+            if program.fixed_batch:
+                program.key = key = fixed_batch_key(key, values)
             self._programs[key] = program
             if len(self._programs) > self.max_programs:
                 dropped = self._programs.popitem(last=False)[1]
@@ -232,7 +261,7 @@ class OptimizedComponent(torch.nn.Module):
             bar.set_postfix_str(stages[0])
             with torch.no_grad():
                 output_type = type(self.original(**arguments, return_dict=True))
-            graph = capture(self.original, arguments)
+            graph, fixed_batch = _capture_any_batch(self.original, arguments)
             bar.update()
             bar.set_postfix_str(stages[1])
             denoiser = optimize(
@@ -250,8 +279,8 @@ class OptimizedComponent(torch.nn.Module):
         )
         batch = values[graph.signature.latent].shape[0]
         example = tuple(
-            v[:1] if v.dim() > 0 and v.shape[0] == batch else v
+            v[:1] if v.dim() > 0 and v.shape[0] == batch and not fixed_batch else v
             for v in (values[name] for name in graph.signature.input_names)
         )
         call = call_record(values, graph.signature, output_type)
-        return CapturedProgram(key, denoiser, output_type, example, seconds, call, graph)
+        return CapturedProgram(key, denoiser, output_type, example, seconds, call, graph, fixed_batch)

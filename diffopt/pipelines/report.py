@@ -1,8 +1,10 @@
 """``summary``: what the caches of an enabled pipeline did, per program, run and stream.
 
 Each eager run of a program records the variant of every step (``runtime.streams``); the
-summary counts them and prices them in MACs (``measure.macs``, at batch 1): work saved is
-``1 - MACs run / (steps x MACs of full)``, probes included.
+summary counts them and prices each variant (and probe) by the MACs its own graph computes
+(``measure.macs``, at batch 1): work saved is ``1 - MACs run / (steps x MACs of the plain
+captured graph)``. The plain graph is the yardstick, not the ``full`` variant: a first-block
+cache's ``full`` variant starts after the first block, which its probe computed.
 """
 
 from __future__ import annotations
@@ -11,8 +13,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 
-from diffopt.ir.specs import FULL
-from diffopt.measure.macs import macs_per_run, variant_macs
+from diffopt.measure.macs import macs_per_node, macs_per_run
 from diffopt.pipelines.call_key import describe_change
 
 
@@ -24,7 +25,7 @@ class StreamRun:
     run: int
     stream: str
     variants: tuple[str, ...]
-    work_saved: float  # 1 - MACs run / MACs of running full at every step (NaN for a bundle: no graphs)
+    work_saved: float  # 1 - MACs run / MACs of the plain graph at every step (NaN for a bundle: no graphs)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -57,14 +58,14 @@ def summarize(component) -> Summary:
             label = "exported bundle"
         denoiser = program.denoiser
         priced = program.graph is not None  # an exported bundle has no graphs to count MACs in
-        macs = variant_macs(denoiser.program, program.example) if priced else {}
+        plain = sum(macs_per_node(program.graph.module, program.example).values()) if priced else 0
         for record in denoiser.run_history():
             if not record.variants:
                 continue
             saved = math.nan
-            if priced and macs[FULL]:
+            if plain:
                 spent = macs_per_run(denoiser.program, program.example, variants_run=record.variants)
-                saved = 1.0 - spent / (len(record.variants) * macs[FULL])
+                saved = 1.0 - spent / (len(record.variants) * plain)
             runs.append(StreamRun(label, record.run, record.stream, tuple(record.variants), saved))
     runs.sort(key=lambda r: r.run)
     return Summary(type(component.original).__name__, tuple(runs))

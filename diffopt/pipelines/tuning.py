@@ -24,12 +24,13 @@ given. The pipeline is left as it came (each candidate is enabled, run and disab
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import math
 import statistics
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -42,6 +43,7 @@ from diffopt.measure.fidelity import psnr
 from diffopt.measure.search import Candidate, check_floor, choose, pareto, save, search_space
 from diffopt.passes.base import PassError
 from diffopt.passes.registry import pass_from_dict
+from diffopt.pipelines.call_key import flatten_arguments
 
 VALIDATION_SEED_OFFSET = 1_000_000  # held-out calls: the same arguments, seeds no scored call uses
 Metric = Callable[[torch.Tensor, torch.Tensor], float]
@@ -74,14 +76,66 @@ def tune(
         raise ValueError("tune(): metric and min_metric go together (the metric's floor on held-out calls)")
     calls = _checked_calls(calls, "calls", seeded=validation_calls is None)
     validation_calls = (
-        [{**call, "seed": call["seed"] + VALIDATION_SEED_OFFSET} for call in calls]
+        held_out_calls(calls)
         if validation_calls is None
-        else _checked_calls(validation_calls, "validation_calls", seeded=False)
+        else _checked_calls(validation_calls, "validation_calls", False)
     )
+    with _progress_bars(pipe, progress):
+        summary = _search(
+            pipe,
+            calls,
+            validation_calls,
+            min_psnr,
+            cost,
+            candidates,
+            metric,
+            min_metric,
+            calibration,
+            repeats,
+            progress,
+        )
+    if out is not None:
+        summary["pass_file"] = str(save(summary, out))
+    return summary
+
+
+def held_out_calls(calls: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """``calls`` with seeds no scored call uses: ``seed + VALIDATION_SEED_OFFSET`` (or more
+    multiples of it, where that seed is itself scored or already taken)."""
+    taken = {call["seed"] for call in calls}
+    held_out = []
+    for call in calls:
+        seed = call["seed"] + VALIDATION_SEED_OFFSET
+        while seed in taken:
+            seed += VALIDATION_SEED_OFFSET
+        taken.add(seed)
+        held_out.append({**call, "seed": seed})
+    return held_out
+
+
+@contextlib.contextmanager
+def _progress_bars(pipe: Any, shown: bool) -> Iterator[None]:
+    """The pipeline's own progress bars hidden while ``shown`` is false (its settings restored after)."""
+    if shown or not hasattr(pipe, "set_progress_bar_config"):
+        yield
+        return
+    saved = dict(getattr(pipe, "_progress_bar_config", {}))
+    pipe.set_progress_bar_config(disable=True)
+    try:
+        yield
+    finally:
+        pipe._progress_bar_config = saved
+
+
+def _search(  # tune's checked arguments, passed on as they are
+    pipe, calls, validation_calls, min_psnr, cost, candidates, metric, min_metric, calibration, repeats, progress
+) -> dict[str, Any]:
+    """``tune``'s search on checked arguments: score, time, validate, choose; the summary."""
     runner = _PipelineRunner(pipe)
     reference_steps = runner.steps(calls[0])
     if candidates is None:
         candidates = search_space(_captured_graph(pipe, runner, calls[0]).module, reference_steps)
+    candidates = [candidate.for_reference(reference_steps) for candidate in candidates]
     rows, skipped = _score(runner, list(candidates), calls, calibration, metric, progress)
     if cost == "time":
         _time(runner, [row for row in rows if row["psnr"] >= min_psnr], calls[0], reference_steps, calibration, repeats)
@@ -94,7 +148,7 @@ def tune(
         outputs, _ = runner.candidate(candidate, validation_calls, reference_steps, calibration)
         row["validation_psnr"] = _psnr(outputs, held_out["reference"])
         if metric is not None:
-            row["validation_metric"] = float(metric(outputs, held_out["reference"]))
+            row["validation_metric"] = _metric_value(metric, outputs, held_out["reference"], row["name"])
         return row["validation_psnr"] >= min_psnr and (metric is None or row["validation_metric"] >= min_metric)
 
     chosen, rejected = choose(rows, min_psnr, cost, validate, type(pipe).__name__)
@@ -114,8 +168,6 @@ def tune(
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
-    if out is not None:
-        summary["pass_file"] = str(save(summary, out))
     return summary
 
 
@@ -138,7 +190,8 @@ def compare(
     calls = _checked_calls(calls, "calls", seeded=True)
     runner = _PipelineRunner(pipe)
     reference_steps = runner.steps(calls[0])
-    rows, skipped = _score(runner, list(candidates), calls, calibration, None, progress)
+    candidates = [candidate.for_reference(reference_steps) for candidate in candidates]
+    rows, skipped = _score(runner, candidates, calls, calibration, None, progress)
     _time(runner, rows, calls[0], reference_steps, calibration, repeats)
     return {
         "model": type(runner.denoiser).__name__ + f" in {type(pipe).__name__}",
@@ -182,11 +235,18 @@ def _score(
             continue
         row = {**candidate.to_dict(), "psnr": _psnr(outputs, reference), "mac_fraction": work / reference_work}
         if metric is not None:
-            row["metric"] = float(metric(outputs, reference))
+            row["metric"] = _metric_value(metric, outputs, reference, candidate.name)
         rows.append(row)
     if not rows:
         raise ValueError(f"no candidate fits {type(runner.pipe).__name__}: {skipped}")
     return rows, skipped
+
+
+def _metric_value(metric: Metric, outputs: torch.Tensor, reference: torch.Tensor, candidate: str) -> float:
+    value = float(metric(outputs, reference))
+    if math.isnan(value):
+        raise ValueError(f"tune(): the metric gave NaN for candidate {candidate!r}: it must give a number to compare")
+    return value
 
 
 def _checked_calls(calls: Any, name: str, seeded: bool) -> list[dict[str, Any]]:
@@ -204,6 +264,9 @@ def _checked_calls(calls: Any, name: str, seeded: bool) -> list[dict[str, Any]]:
                 f"tune(): {name}[{index}] needs an integer 'seed' >= 0 (its noise; held-out calls use other seeds), "
                 f"found {seed!r}"
             )
+        for key, value in flatten_arguments(call).items():
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise ValueError(f"tune(): {name}[{index}].{key} holds NaN or infinite values: give finite tensors")
         checked.append(dict(call))
     return checked
 

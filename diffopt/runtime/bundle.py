@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -284,15 +285,25 @@ def _parse(path: Path, data: Any) -> Manifest:
     return manifest
 
 
+CALL_FIELDS = {"static", "output_type", "weights"}
+
+
 def _checked_call(call: dict | None) -> dict | None:
-    """A pipeline call's record: ``static`` (argument name -> repr) and ``output_type`` ("module:Class")."""
+    """A pipeline call's record: ``static`` (argument name -> repr), ``output_type``
+    ("module:Class") and, from bundles that record it, ``weights`` (the source model's
+    SHA-256 fingerprint, ``pipelines.bundles.weights_fingerprint``)."""
     if call is None:
         return None
     static, output_type = call["static"], call["output_type"]
     if not isinstance(static, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in static.items()):
         raise ValueError(f"call.static must map argument names to strings, found {static!r:.80}")
-    if not isinstance(output_type, str) or ":" not in output_type or set(call) != {"static", "output_type"}:
-        raise ValueError(f"call holds 'static' and an 'output_type' as 'module:Class', found {call!r:.80}")
+    if not isinstance(output_type, str) or ":" not in output_type or not set(call) <= CALL_FIELDS:
+        raise ValueError(
+            f"call holds 'static', an 'output_type' as 'module:Class' and a 'weights' fingerprint, found {call!r:.80}"
+        )
+    weights = call.get("weights")
+    if weights is not None and not (isinstance(weights, str) and re.fullmatch(r"[0-9a-f]{64}", weights)):
+        raise ValueError(f"call.weights is a SHA-256 hex digest, found {weights!r:.80}")
     return call
 
 

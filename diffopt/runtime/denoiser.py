@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import threading
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -159,6 +160,7 @@ class OptimizedDenoiser:
         self.inputs = program.inputs
         self._owner = (program.state, program.schedule)
         self._local = threading.local()
+        self._warned_heuristics = False  # warned once that a bare loop relies on timestep heuristics
         self._history = RunHistory()
 
     def __getstate__(self) -> dict:
@@ -340,6 +342,14 @@ class OptimizedDenoiser:
         batch = x.shape[0]
         t = batched_timestep(t, batch, x.device)
         streams = self._streams()
+        if not streams.scoped and self.program.state.entries and not self._warned_heuristics:
+            self._warned_heuristics = True
+            warnings.warn(
+                "diffopt: this denoiser carries state between steps and is called outside a run scope, so a new "
+                "sampling run is told apart by its timestep going up; a run abandoned and restarted at the same or "
+                "a lower timestep would reuse the old run's cache. Wrap each run in `with denoiser.run_scope():`.",
+                stacklevel=2,
+            )
         # outside a run scope (a bare loop), which stream a call continues is guessed from its timestep: that
         # reads it (a device sync for a device tensor); pipelines and samplers open run scopes and read nothing
         slot = streams.slot_for(getattr(self._local, "explicit_stream", None), batch, lambda: float(t.max()))

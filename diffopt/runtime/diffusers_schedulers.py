@@ -39,6 +39,27 @@ def scheduler_from_config(config: Mapping[str, Any]) -> Any:
     return cls.from_config(dict(config))
 
 
+def scheduler_class_by_keys(config: Mapping[str, Any]) -> Any:
+    """The diffusers scheduler class whose settings are exactly ``config``'s keys (a config
+    copied into a plain dict may have no ``_class_name``: ``dict(pipe.scheduler.config)``), or
+    None when no class has them. Of classes with the same settings (``DDIMScheduler`` and
+    ``DDIMParallelScheduler``, whose sequential steps are the same arithmetic), the plain one:
+    the shortest name."""
+    import diffusers
+
+    keys = {key for key in config if not key.startswith("_")}
+    matches = []
+    for name in (name for name in dir(diffusers) if name.endswith("Scheduler")):
+        try:
+            cls = getattr(diffusers, name)
+            usable = isinstance(cls, type) and hasattr(cls, "set_timesteps") and hasattr(cls, "from_config")
+        except ImportError:  # a scheduler whose optional dependency is not installed
+            continue
+        if usable and set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"} == keys:
+            matches.append(cls)
+    return min(matches, key=lambda cls: len(cls.__name__), default=None)
+
+
 class DiffusersScheduler:
     """A diffusers scheduler behind diffopt's ``Scheduler`` interface (module docstring)."""
 

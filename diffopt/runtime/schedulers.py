@@ -24,7 +24,12 @@ from typing import Any, Protocol
 import torch
 
 from diffopt.ir.validation import require_int, require_number
-from diffopt.runtime.diffusers_schedulers import DiffusersScheduler, is_diffusers_scheduler, scheduler_from_config
+from diffopt.runtime.diffusers_schedulers import (
+    DiffusersScheduler,
+    is_diffusers_scheduler,
+    scheduler_class_by_keys,
+    scheduler_from_config,
+)
 from diffopt.runtime.noise import make_alphas_cumprod
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
@@ -202,7 +207,12 @@ def make_scheduler(
             f"found {config!r:.80}"
         )
     unknown = sorted(set(config) - CONFIG_KEYS)
-    if unknown:  # e.g. a diffusers config without _class_name: never silently read as another scheduler
+    diffusers_class = scheduler_class_by_keys(config) if unknown else None
+    if diffusers_class is not None:  # a diffusers config copied without its _class_name: its keys name it
+        if kind is not None:
+            raise ValueError(f"make_scheduler: a diffusers scheduler samples as itself; drop kind={kind!r}")
+        return DiffusersScheduler(diffusers_class.from_config(dict(config)), num_steps)
+    if unknown:  # never silently read as another scheduler
         raise ValueError(
             f"make_scheduler: config has keys {unknown} that diffopt's scheduler config does not have (its keys: "
             f"{sorted(CONFIG_KEYS)}); for a diffusers scheduler pass the object or its saved config (with _class_name)"

@@ -15,31 +15,43 @@ tolerance; exactly the same arithmetic per sample), whatever else shared its for
 
 Bounds: at most ``max_batch`` rows per forward (a guided request counts twice), at most
 ``max_active`` requests in flight and ``max_waiting`` queued; ``submit`` beyond that raises
-``Overloaded`` (HTTP 503 in ``serving.deployment``), never an unbounded queue. Programs with
-an adaptive schedule are refused: their probe decides for a whole batch, so batching other
-requests would change a request's result.
+``Overloaded`` (HTTP 503 in ``serving.deployment``), never an unbounded queue. Programs whose
+result for one sample depends on the others in its batch are refused, by name: an adaptive
+schedule (its probe decides for the whole batch) and per-batch dynamic quantization (one
+scale for the whole batch, ``TemporalDifferencePass("dynamic")``).
+
+A request's tensors are copied and checked at submit (shapes, dtypes, finite values, index
+ranges, its null conditions too), so a bad request fails alone and a caller that later
+edits its tensors changes nothing. A request whose future is cancelled (``abort``, or a
+client that went away) leaves at the next tick. A failed forward fails only the requests
+in it; ``serve_forever`` never dies of a request.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
+import logging
 import math
 import threading
 from collections.abc import Mapping, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from diffopt.ir.specs import BATCH
+from diffopt.quant.ops import quantization_summary
 from diffopt.runtime.denoiser import OptimizedDenoiser, check_bounds, widens
 from diffopt.runtime.schedulers import make_scheduler
 from diffopt.sampling.sequential import check_null_conditions, combine_guidance, guidance_inputs, initial_noise
 
 MAX_STEPS = 1000  # a request for more steps is refused (it would hold its slot for minutes)
 RECENT_FORWARDS = 1000
+BATCH_COUPLED_SCHEMES = ("dynamic",)  # quantization schemes whose scale is computed over the whole batch
+logger = logging.getLogger("diffopt")
 
 
 class Overloaded(RuntimeError):
@@ -99,24 +111,23 @@ class StepEngine:
         max_active: int | None = None,
         max_waiting: int = 64,
     ):
-        if denoiser.program.schedule.probes:
-            raise ValueError(
-                "StepEngine: this program's schedule is adaptive (its probe decides for the whole batch), so a "
-                "request's result would depend on the others: serve a program with a fixed schedule"
-            )
-        for name, value in (("max_batch", max_batch), ("max_waiting", max_waiting)):
+        _refuse_batch_coupled(denoiser)
+        for name, value in (("max_batch", max_batch), ("max_waiting", max_waiting), ("max_active", max_active)):
+            if value is None and name == "max_active":
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"StepEngine: {name} must be an int >= 1, found {value!r}")
         self.denoiser = denoiser
         self.scheduler_config = dict(scheduler_config)
         make_scheduler(self.scheduler_config, num_steps=2)  # refuse a config that cannot run, now
         self.max_batch, self.max_waiting = max_batch, max_waiting
-        self.max_active = max_active or max_batch
+        self.max_active = max_batch if max_active is None else max_active
         self.batch_axes = [_batch_axis(entry) for entry in denoiser.program.state.entries]
         self.dtypes = [spec.torch_dtype for spec in denoiser.inputs]
         self._waiting: collections.deque[_Run] = collections.deque()
         self._active: list[_Run] = []
         self._ids = itertools.count()
+        self.aborted = 0  # requests whose future was cancelled before they finished
         self._lock = threading.Condition()
         # (variant, rows) of the recent batched forwards, for measurements
         self.forwards: collections.deque[tuple[str, int]] = collections.deque(maxlen=RECENT_FORWARDS)
@@ -157,17 +168,22 @@ class StepEngine:
             raise RequestError(str(error)) from None
         device = self.denoiser.device
         rows = samples * (1 if guidance_scale == 1.0 else 2)
-        return _Run(
+        return _Run(  # copies of the caller's tensors: a later edit of theirs changes nothing here
             next(self._ids),
             x.to(device),
-            tuple(c.to(device) for c in conditions),
+            tuple(c.to(device, copy=True) for c in conditions),
             scheduler,
             generator,
             float(guidance_scale),
-            None if nulls is None else tuple(n.to(device) for n in nulls),
+            None if nulls is None else tuple(n.to(device, copy=True) for n in nulls),
             self.denoiser.program.state.allocate(rows, device),
             Future(),
         )
+
+    def abort(self, future: Future) -> bool:
+        """Stop the request of ``future`` (from ``submit``): it leaves at the next tick, the other
+        requests go on unchanged. False when it had already finished."""
+        return future.cancel()
 
     def _latent_shape(self) -> tuple[int, ...]:
         return tuple(int(d) for d in self.denoiser.inputs[0].shape[1:])
@@ -184,6 +200,10 @@ class StepEngine:
         """Admit waiting requests, then run one batched step per variant group (the requests
         that waited longest first, up to ``max_batch`` rows each); returns the requests advanced."""
         with self._lock:
+            held = len(self._waiting) + len(self._active)
+            self._waiting = collections.deque(run for run in self._waiting if not run.future.cancelled())
+            self._active = [run for run in self._active if not run.future.cancelled()]
+            self.aborted += held - len(self._waiting) - len(self._active)
             while self._waiting and len(self._active) < self.max_active:
                 self._active.append(self._waiting.popleft())
             active = list(self._active)
@@ -202,7 +222,7 @@ class StepEngine:
                 self._step(variant, batch)
             except Exception as error:  # a failed forward fails its requests, never the engine
                 for run in batch:
-                    run.future.set_exception(error)
+                    _settle(run.future, error=error)
                 self._retire(batch)
                 continue
             advanced += len(batch)
@@ -221,14 +241,16 @@ class StepEngine:
                 if not self._active and not self._waiting:
                     self._lock.wait(timeout=0.05)
                     continue
-            self.tick()
+            try:
+                self.tick()
+            except Exception:  # a bug in a tick must not stop every later request: log it, go on
+                logger.exception("diffopt serving: a tick failed; the engine goes on")
 
     def _retire(self, runs: list[_Run]) -> None:
         with self._lock:
             self._active = [run for run in self._active if run not in runs]
         for run in runs:
-            if not run.future.done():
-                run.future.set_result(Result(run.x, tuple(run.variants), tuple(run.batch_rows)))
+            _settle(run.future, result=Result(run.x, tuple(run.variants), tuple(run.batch_rows)))
 
     def _step(self, variant: str, runs: list[_Run]) -> None:
         """One forward of ``variant`` for ``runs`` (each at its own step), then each run's
@@ -259,6 +281,46 @@ class StepEngine:
             run.variants.append(str(variant))
             run.batch_rows.append(sum(splits))
             run.step += 1
+
+
+def _settle(future: Future, *, result: Any = None, error: BaseException | None = None) -> None:
+    """Resolve ``future`` unless it is already done or was cancelled (its caller went away)."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except InvalidStateError:
+        pass
+
+
+def _refuse_batch_coupled(denoiser: OptimizedDenoiser) -> None:
+    """Refuse, by name, a program whose result for one sample depends on the others in its batch."""
+    program = denoiser.program
+    if program.schedule.probes:
+        raise ValueError(
+            "StepEngine: this program's schedule is adaptive (its probe decides for the whole batch), so a "
+            "request's result would depend on the others: serve a program with a fixed schedule"
+        )
+    variants = getattr(program, "variants", None)
+    if isinstance(variants, Mapping):
+        quantization = quantization_summary({name: module.graph for name, module in variants.items()})
+    else:  # a bundle: its manifest records what its graphs quantize
+        quantization = getattr(getattr(denoiser.backend, "manifest", None), "quantization", {}) or {}
+    coupled = sorted(
+        {
+            f"{variant} ({step['layer']})"
+            for variant, steps in quantization.items()
+            for step in steps
+            if str(step.get("scheme", "")).startswith(BATCH_COUPLED_SCHEMES)
+        }
+    )
+    if coupled:
+        raise ValueError(
+            f"StepEngine: variants {coupled[:4]} quantize with one scale per batch (dynamic quantization), so a "
+            f"request's result would depend on the others in its forward: serve a program without "
+            f"TemporalDifferencePass('dynamic'), or static quantization"
+        )
 
 
 def checked_request(
@@ -292,7 +354,11 @@ def checked_request(
         check_null_conditions("null_conditions", null_conditions, checked)
     except ValueError as error:
         raise RequestError(str(error)) from None
-    return checked, tuple(null_conditions)
+    nulls = tuple(
+        _checked_values(spec, value.to(condition.dtype), f"null_conditions.{spec.name}")
+        for spec, value, condition in zip(specs, null_conditions, checked)
+    )
+    return checked, nulls
 
 
 def _as(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -319,11 +385,17 @@ def _checked_condition(spec, value: Any, samples: int) -> torch.Tensor:
         raise RequestError(f"{spec.name}: expected shape {list(expected)}, found {list(value.shape)}")
     if value.dtype != spec.torch_dtype and not widens(value.dtype, spec.torch_dtype):
         raise RequestError(f"{spec.name}: expected {spec.dtype}, found {str(value.dtype).removeprefix('torch.')}")
+    return _checked_values(spec, value, spec.name)
+
+
+def _checked_values(spec, value: torch.Tensor, field: str) -> torch.Tensor:
+    """``value`` if its values suit ``spec`` (finite floats, indices in range); else a
+    ``RequestError`` naming ``field``."""
     if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-        raise RequestError(f"{spec.name}: values must be finite (found NaN or inf)")
+        raise RequestError(f"{field}: values must be finite (found NaN or inf)")
     if spec.bounds is not None:
         try:
-            check_bounds(value, spec)
+            check_bounds(value, dataclasses.replace(spec, name=field))
         except ValueError as error:
             raise RequestError(str(error)) from None
     return value

@@ -32,6 +32,7 @@ import torch
 
 from diffopt.serving.engine import RequestError, Result
 
+INT64_RANGE = (-(2**63), 2**63 - 1)
 FIELDS = {"class_labels", "conditions", "seed", "steps", "guidance_scale", "format"}
 FORMATS = {"npy": "application/octet-stream", "png": "image/png"}
 
@@ -43,6 +44,8 @@ def parse_request(body: bytes, condition_names: list[str]) -> dict[str, Any]:
         data = json.loads(body or b"{}")
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise RequestError(f"body: not JSON ({error})") from None
+    except RecursionError:
+        raise RequestError("body: JSON nested too deeply") from None
     if not isinstance(data, dict):
         raise RequestError("body: expected a JSON object")
     unknown = sorted(set(data) - FIELDS)
@@ -56,6 +59,8 @@ def parse_request(body: bytes, condition_names: list[str]) -> dict[str, Any]:
             raise RequestError(f"class_labels: this model takes conditions {condition_names}: send conditions")
         if not isinstance(labels, list) or not labels or not all(type(v) is int for v in labels):
             raise RequestError(f"class_labels: a non-empty list of ints, found {labels!r:.60}")
+        if not all(INT64_RANGE[0] <= v <= INT64_RANGE[1] for v in labels):
+            raise RequestError(f"class_labels: ints within int64, found {max(labels, key=abs)!r:.40}")
         conditions = (torch.tensor(labels),)
     else:
         conditions = _decoded_conditions(data["conditions"], condition_names)
@@ -64,8 +69,8 @@ def parse_request(body: bytes, condition_names: list[str]) -> dict[str, Any]:
         raise RequestError(f"format: one of {sorted(FORMATS)}, found {output!r:.40}")
     arguments = {"seed": data.get("seed", 0), "steps": data.get("steps", 50)}
     for name, value in arguments.items():
-        if type(value) is not int:
-            raise RequestError(f"{name}: an int, found {value!r:.40}")
+        if type(value) is not int or not INT64_RANGE[0] <= value <= INT64_RANGE[1]:
+            raise RequestError(f"{name}: an int within int64, found {value!r:.40}")
     guidance = data.get("guidance_scale", 1.0)
     if type(guidance) not in (int, float):
         raise RequestError(f"guidance_scale: a number, found {guidance!r:.40}")
@@ -91,8 +96,18 @@ def _decoded_conditions(given: Any, names: list[str]) -> tuple[torch.Tensor, ...
             array = np.load(io.BytesIO(base64.b64decode(given[name], validate=True)), allow_pickle=False)
         except (binascii.Error, ValueError, TypeError, OSError) as error:
             raise RequestError(f"conditions.{name}: not a base64 .npy array ({error})") from None
-        tensors.append(torch.from_numpy(np.ascontiguousarray(array)))
+        tensors.append(_as_tensor(array, f"conditions.{name}"))
     return tuple(tensors)
+
+
+def _as_tensor(array: np.ndarray, field: str) -> torch.Tensor:
+    """A request's array as a tensor: any byte order, plain numeric dtypes only."""
+    if array.dtype.names is not None or array.dtype.kind not in "biuf":
+        raise RequestError(f"{field}: a numeric array (bool, int, uint or float), found dtype {array.dtype.descr}")
+    try:
+        return torch.from_numpy(np.ascontiguousarray(array.astype(array.dtype.newbyteorder("="), copy=False)))
+    except TypeError as error:  # a dtype torch has no tensor of (e.g. uint32 in old torch)
+        raise RequestError(f"{field}: dtype {array.dtype} is not supported ({error})") from None
 
 
 def encode_result(result: Result, output: str) -> tuple[bytes, str]:

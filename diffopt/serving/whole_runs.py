@@ -24,7 +24,7 @@ from diffopt.serving.http import encode_result, parse_request, response_headers
 
 
 class WholeRunServer:
-    """One replica sampling whole runs; ``__call__`` answers HTTP like ``EngineServer``."""
+    """One replica sampling whole runs; ``__call__`` answers HTTP as ``deployment.HttpIngress`` does."""
 
     def __init__(self, source, scheduler_config=None, max_batch=32, threads=None):
         torch.set_num_threads(threads or torch.get_num_threads())
