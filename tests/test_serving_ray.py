@@ -7,14 +7,17 @@ import base64
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -58,7 +61,7 @@ def _bundle(directory):
 def test_ctrl_c_stops_diffopt_serve_and_its_ray_within_seconds(tmp_path):
     """Runs before the module's Ray instance starts (one Ray at a time on the machine)."""
     bundle = _bundle(tmp_path / "bundle")
-    ray_dir = tmp_path.parent / f"r{os.getpid()}"  # Ray's processes name their session directory: found by it
+    ray_dir = Path(tempfile.mkdtemp(prefix="r", dir="/tmp"))  # short (socket paths); Ray's processes name it
     port = free_port()
     command = [sys.executable, "-m", "diffopt.cli", "serve", str(bundle), "--port", str(port), "--threads", "1"]
     environment = {**os.environ, "RAY_TMPDIR": str(ray_dir), "PYTHONUNBUFFERED": "1"}
@@ -81,6 +84,7 @@ def test_ctrl_c_stops_diffopt_serve_and_its_ray_within_seconds(tmp_path):
     deadline = time.monotonic() + 15
     while (left := _processes_under(ray_dir)) and time.monotonic() < deadline:
         time.sleep(0.5)
+    shutil.rmtree(ray_dir, ignore_errors=True)
     assert not left, f"Ray processes outlived diffopt serve: {left}"
 
 

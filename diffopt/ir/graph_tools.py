@@ -169,3 +169,16 @@ def add_variant(program: StepProgram, name: str, copy_of: str) -> fx.GraphModule
     source = program.variants[copy_of]
     program.variants[name] = fx.GraphModule(source, copy.deepcopy(source.graph))
     return program.variants[name]
+
+
+BATCH_COUPLED_OPS = ("diffopt::dynamic_fake_quantize",)  # one sample's result depends on the whole batch (one scale)
+
+
+def batch_coupled_nodes(graph: fx.Graph) -> list[fx.Node]:
+    """The nodes whose result for one sample depends on the other samples of the batch
+    (``quant.ops``' dynamic quantization computes one scale per batch)."""
+    return [
+        node
+        for node in graph.nodes
+        if node.op == "call_function" and getattr(node.target, "name", lambda: "")() in BATCH_COUPLED_OPS
+    ]

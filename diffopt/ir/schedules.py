@@ -60,7 +60,9 @@ class Schedule(BaseSchedule):
     every step does. Otherwise later steps run ``between``, except every ``period``-th
     step counted from the last warm-up step (k - warmup + 1 divisible by ``period``;
     with one warm-up step: k % period == 0), which refreshes; ``period=None`` refreshes
-    only during the warm-up.
+    only during the warm-up. ``phase`` moves that count: with ``phase=1`` the refreshes
+    are at ``warmup + 1``, ``warmup + 1 + period``, ... (k - warmup - 1 divisible by
+    ``period``: diffusers' TaylorSeer plan, whose step ``warmup`` is already forecast).
     """
 
     kind: ClassVar[str] = "periodic"
@@ -68,6 +70,7 @@ class Schedule(BaseSchedule):
     between: str | None = None
     period: int | None = None
     warmup: int = 1
+    phase: int = -1
 
     def __post_init__(self) -> None:
         if self.period is not None and (
@@ -76,12 +79,14 @@ class Schedule(BaseSchedule):
             raise ValueError(f"schedule period must be an int >= 1 or None, found {self.period!r}")
         if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 1:
             raise ValueError(f"schedule warmup must be an int >= 1 (step 0 always refreshes), found {self.warmup!r}")
+        if isinstance(self.phase, bool) or not isinstance(self.phase, int):
+            raise ValueError(f"schedule phase must be an int, found {self.phase!r}")
 
     def variant_at(self, step_index: int, signal: float | None = None) -> str:
         _checked_step(step_index)
         if self.between is None or step_index < self.warmup:
             return self.refresh
-        if self.period is not None and (step_index - self.warmup + 1) % self.period == 0:
+        if self.period is not None and (step_index - self.warmup - self.phase) % self.period == 0:
             return self.refresh
         return self.between
 
@@ -96,6 +101,7 @@ class Schedule(BaseSchedule):
             "between": None if self.between is None else str(self.between),
             "period": self.period,
             **({"warmup": self.warmup} if self.warmup != 1 else {}),  # older manifests have no warmup
+            **({"phase": self.phase} if self.phase != -1 else {}),  # nor a phase
         }
 
 

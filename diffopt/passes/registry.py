@@ -36,7 +36,13 @@ def _plain(value: Any, where: str) -> Any:
         return value
     if isinstance(value, (tuple, list)):
         return [_plain(item, where) for item in value]
-    raise ValueError(f"{where} is a {type(value).__name__}: only numbers, strings and lists are written to a pass file")
+    if hasattr(value, "to_dict"):  # a part of a pass (CachePass' target, policy, predictor): an object with a kind
+        value = value.to_dict()
+    if isinstance(value, Mapping):
+        return {str(key): _plain(item, f"{where}.{key}") for key, item in value.items()}
+    raise ValueError(
+        f"{where} is a {type(value).__name__}: only numbers, strings, lists and objects are written to a pass file"
+    )
 
 
 def _tuples(value: Any) -> Any:

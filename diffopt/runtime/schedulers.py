@@ -185,6 +185,9 @@ CONFIG_KEYS = {  # diffopt's own scheduler config (diffopt.models.zoo)
 MAX_TRAIN_TIMESTEPS = 100_000  # a schedule's training steps (1000 in practice); beyond: a typo, and minutes of work
 
 
+DIFFUSERS_CONFIG_MARKERS = {"_use_default_values", "_diffusers_version"}  # keys only a diffusers config carries
+
+
 def make_scheduler(
     config: Mapping[str, Any] | Any, kind: str | None = None, num_steps: int = 50, eta: float = 0.0
 ) -> Scheduler:
@@ -207,7 +210,8 @@ def make_scheduler(
             f"found {config!r:.80}"
         )
     unknown = sorted(set(config) - CONFIG_KEYS)
-    diffusers_class = scheduler_class_by_keys(config) if unknown else None
+    copied = unknown and DIFFUSERS_CONFIG_MARKERS & set(config)  # dict(pipe.scheduler.config): its keys name it
+    diffusers_class = scheduler_class_by_keys(config) if copied else None
     if diffusers_class is not None:  # a diffusers config copied without its _class_name: its keys name it
         if kind is not None:
             raise ValueError(f"make_scheduler: a diffusers scheduler samples as itself; drop kind={kind!r}")

@@ -42,8 +42,9 @@ from typing import Any
 
 import torch
 
+from diffopt.ir.graph_tools import batch_coupled_nodes
+from diffopt.ir.layers import layer_key
 from diffopt.ir.specs import BATCH
-from diffopt.quant.ops import quantization_summary
 from diffopt.runtime.denoiser import OptimizedDenoiser, check_bounds, widens
 from diffopt.runtime.schedulers import make_scheduler
 from diffopt.sampling.sequential import check_null_conditions, combine_guidance, guidance_inputs, initial_noise
@@ -304,17 +305,23 @@ def _refuse_batch_coupled(denoiser: OptimizedDenoiser) -> None:
         )
     variants = getattr(program, "variants", None)
     if isinstance(variants, Mapping):
-        quantization = quantization_summary({name: module.graph for name, module in variants.items()})
+        coupled = sorted(
+            {
+                f"{variant} ({layer_key(node)})"
+                for variant, module in variants.items()
+                for node in batch_coupled_nodes(module.graph)
+            }
+        )
     else:  # a bundle: its manifest records what its graphs quantize
         quantization = getattr(getattr(denoiser.backend, "manifest", None), "quantization", {}) or {}
-    coupled = sorted(
-        {
-            f"{variant} ({step['layer']})"
-            for variant, steps in quantization.items()
-            for step in steps
-            if str(step.get("scheme", "")).startswith(BATCH_COUPLED_SCHEMES)
-        }
-    )
+        coupled = sorted(
+            {
+                f"{variant} ({step['layer']})"
+                for variant, steps in quantization.items()
+                for step in steps
+                if str(step.get("scheme", "")).startswith(BATCH_COUPLED_SCHEMES)
+            }
+        )
     if coupled:
         raise ValueError(
             f"StepEngine: variants {coupled[:4]} quantize with one scale per batch (dynamic quantization), so a "
