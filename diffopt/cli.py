@@ -493,13 +493,15 @@ def command_tune(args: argparse.Namespace) -> None:
     options = " ".join(
         f"--{name.replace('_', '-')} {value}"
         for name, value in vars(args).items()
-        if name in ("pipeline", "factory", "calls", "steps", "min_psnr", "cost", "candidates", "out")
+        if name in ("pipeline", "factory", "calls", "steps", "min_psnr", "budget", "cost", "candidates", "out")
         and value is not None
     )
     try:
         if kind == "pipeline":
             from diffopt.pipelines import tune
 
+            if args.budget is not None:
+                raise UsageError("tune --pipeline takes a quality floor (--min-psnr); --budget is for reference models")
             candidates = _candidates(args.candidates) if args.candidates else None
             calls = _pipeline_calls(args, source)
             summary = tune(source, calls, args.min_psnr, cost=args.cost, candidates=candidates)
@@ -509,6 +511,7 @@ def command_tune(args: argparse.Namespace) -> None:
             summary = tune(
                 source,
                 args.min_psnr,
+                budget=args.budget,
                 candidates=_bench_file(args.candidates)[2] if args.candidates else None,
                 cost=args.cost,
                 samples=args.samples,
@@ -685,9 +688,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     bench.add_argument("--only", nargs="+", help="run only these configurations (and the first, the reference)")
     bench.set_defaults(run=command_bench)
-    tune = commands.add_parser("tune", help="the cheapest configuration whose PSNR meets a floor, validated")
+    tune = commands.add_parser(
+        "tune", help="the cheapest configuration over a PSNR floor, or the best within a MAC budget, validated"
+    )
     _add_sources(tune, "reference model name (dit-digits, unet-digits)")
-    tune.add_argument("--min-psnr", type=_bounded(float, 0.0, "--min-psnr"), required=True)
+    goal = tune.add_mutually_exclusive_group(required=True)
+    goal.add_argument("--min-psnr", type=_bounded(float, 0.0, "--min-psnr"), help="the quality floor (dB)")
+    goal.add_argument("--budget", type=float, help="reference models: the most MACs, as a fraction of the plain run's")
     tune.add_argument("--cost", choices=("macs", "time"), default="macs")
     tune.add_argument("--samples", type=_bounded(int, 10, "--samples"), default=100, help="calibration samples")
     tune.add_argument("--validation-samples", type=_bounded(int, 10, "--validation-samples"), default=200)

@@ -236,3 +236,28 @@ def test_the_learned_predictor_beats_newton_on_held_out_seeds_at_a_quarter_of_th
     newton_psnr = psnr(generate(newton, config, steps, 32, seed=5000), reference)
     learned_psnr = psnr(generate(fitted, config, steps, 32, seed=5000), reference)
     assert learned_psnr > newton_psnr + 1.0, (learned_psnr, newton_psnr)
+
+
+@pytest.mark.parametrize("predictor", PREDICTORS)
+def test_the_serving_engine_batches_every_fixed_plan_cache_like_solo_runs(predictor):
+    from diffopt.runtime.schedulers import make_scheduler
+    from diffopt.sampling.sequential import Sampler
+    from diffopt.serving.engine import StepEngine
+
+    config = {"kind": "ddpm", "beta_schedule": "squaredcos_cap_v2", "clip_sample": 1.0}
+    graph = capture(simple_dit(), (torch.randn(2, 1, 16, 16), torch.tensor([999, 5]), torch.tensor([0, 1])))
+    program = optimize(
+        graph, [CachePass(target="span", policy=POLICIES["taylorseer"], predictor=PREDICTORS[predictor])]
+    )
+    engine = StepEngine(program, config, max_batch=8)
+    requests = [(torch.tensor([1, 2]), 9, 0), (torch.tensor([3]), 7, 1), (torch.tensor([4, 5, 6]), 9, 2)]
+    futures = [
+        engine.submit((labels,), steps=steps, seed=seed, samples=len(labels)) for labels, steps, seed in requests[:2]
+    ]
+    engine.tick()
+    futures.append(engine.submit((requests[2][0],), steps=9, seed=2, samples=3))  # joins a step later
+    engine.run_until_idle()
+    for (labels, steps, seed), future in zip(requests, futures):
+        sampler = Sampler(make_scheduler(config, num_steps=steps), progress=False)
+        alone = sampler.sample(program, (labels,), shape=(len(labels), 1, 16, 16), seed=seed)
+        torch.testing.assert_close(future.result(timeout=0).sample, alone, rtol=1e-5, atol=1e-5)

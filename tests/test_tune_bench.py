@@ -58,8 +58,8 @@ def test_pass_files_and_their_errors(tmp_path):
 def test_configurations_are_checked_when_read(tmp_path):
     with pytest.raises(ValueError, match="backend must be one of"):
         Configuration("x", (), backend="tensorrt")
-    with pytest.raises(ValueError, match="unknown pass 'CachePass'"):
-        Configuration("x", ({"pass": "CachePass"},))
+    with pytest.raises(ValueError, match="unknown pass 'NoSuchCachePass'"):
+        Configuration("x", ({"pass": "NoSuchCachePass"},))
     with pytest.raises(ValueError, match="a baseline has no passes"):
         Configuration("x", (), baseline={"kind": "cache-dit"})
     path = tmp_path / "bench.json"

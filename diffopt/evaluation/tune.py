@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -35,7 +36,7 @@ from diffopt.evaluation.bench import (
     with_reference_steps,
 )
 from diffopt.evaluation.runs import time_runs
-from diffopt.measure.search import check_floor, choose, pareto, search_space
+from diffopt.measure.search import check_floor, choose, choose_within_budget, pareto, search_space
 from diffopt.models import example_inputs, load
 from diffopt.passes.base import PassError
 
@@ -52,8 +53,9 @@ def default_candidates(graph) -> list[Configuration]:
 
 def tune(
     model_name: str,
-    min_psnr: float,
+    min_psnr: float | None = None,
     *,
+    budget: float | None = None,
     candidates: Sequence[Configuration] | None = None,
     cost: str = "macs",
     samples: int = 100,
@@ -63,32 +65,17 @@ def tune(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Search ``candidates`` (default: ``default_candidates``) on ``model_name``; returns the
-    summary (see the module docstring). Raises ``ValueError`` when nothing meets the floor."""
-    check_floor(min_psnr, cost)
-    model, config = load(model_name)
-    graph = capture(model, example_inputs(model_name))
-    candidates = (
-        with_reference_steps(candidates, REFERENCE_STEPS) if candidates is not None else default_candidates(graph)
-    )
-    if not candidates:
-        raise ValueError("no candidates to search")
-    calibration = reference_calibration(graph, config) if any(c.needs_calibration for c in candidates) else None
-    reference_row, reference = measure(
-        model, config, REFERENCE_STEPS, samples, CALIBRATION_SEED, None, distribution=False
-    )
-    rows, skipped, denoisers = [], {}, {}
-    for candidate in tqdm(candidates, desc=f"tune {model_name}", disable=not progress):
-        try:
-            denoisers[candidate.name] = build(candidate, model, graph, calibration, config)
-        except (PassError, ValueError) as error:  # the pass does not fit this model
-            skipped[candidate.name] = str(error)
-            continue
-        denoiser = denoisers[candidate.name]
-        row, _ = measure(denoiser, config, candidate.steps, samples, CALIBRATION_SEED, reference, distribution=False)
-        row["mac_fraction"] = row["macs_per_sample"] / reference_row["macs_per_sample"]
-        rows.append({**candidate.to_dict(), **row})
-    if not rows:
-        raise ValueError(f"no candidate fits {model_name}: {skipped}")
+    summary (see the module docstring). With ``min_psnr``: the cheapest candidate over that
+    floor on held-out noise (``ValueError`` when none is); with ``budget`` (a fraction of the
+    reference's cost) instead: the best on held-out noise of the best-scoring candidates that
+    cost at most that."""
+    if (min_psnr is None) == (budget is None):
+        raise ValueError("tune(): give exactly one of min_psnr= (a quality floor) or budget= (a cost ceiling)")
+    if budget is not None and cost != "macs":
+        raise ValueError("tune(): a budget is a fraction of the reference's MACs: use cost='macs' with it")
+    check_floor(min_psnr if budget is None else 1.0, cost)
+    scored = score(model_name, candidates, samples, progress)
+    model, config, rows, denoisers, skipped = scored.model, scored.config, scored.rows, scored.denoisers, scored.skipped
     if cost == "time":
         feasible = [row for row in rows if row["psnr"] >= min_psnr]
         runners = {"reference": (model, REFERENCE_STEPS)}
@@ -97,14 +84,17 @@ def tune(
         for row in feasible:
             row["time_fraction"] = statistics.median(times[row["name"]]) / statistics.median(times["reference"])
 
-    def validate(row: dict) -> bool:
-        row["validation_psnr"] = _validate(model, config, row, denoisers, validation_samples)
-        return row["validation_psnr"] >= min_psnr
+    def held_out_psnr(row: dict) -> float:
+        return scored.validate(row, validation_samples)
 
-    chosen, rejected = choose(rows, min_psnr, cost, validate, model_name)
+    if budget is None:
+        chosen, rejected = choose(rows, min_psnr, cost, lambda row: held_out_psnr(row) >= min_psnr, model_name)
+    else:
+        chosen, rejected = choose_within_budget(rows, budget, cost, held_out_psnr, model_name)
     return {
         "model": model_name,
         "min_psnr": min_psnr,
+        "budget": budget,
         "cost": cost,
         "samples": samples,
         "validation_samples": validation_samples,
@@ -123,8 +113,61 @@ def tune(
     }
 
 
-def _validate(model, config, row: dict, denoisers: dict, samples: int) -> float:
-    """PSNR of a scored candidate against the 50-step model on held-out noise."""
-    _, reference = measure(model, config, REFERENCE_STEPS, samples, VALIDATION_SEED, None, distribution=False)
-    scored, _ = measure(denoisers[row["name"]], config, row["steps"], samples, VALIDATION_SEED, reference, False)
-    return scored["psnr"]
+@dataclass
+class Scored:
+    """Every candidate scored on one model: its rows (PSNR and MAC fraction on the calibration
+    noise), the denoisers built for them, and what was skipped and why."""
+
+    model: torch.nn.Module
+    config: dict
+    rows: list[dict]
+    denoisers: dict[str, Any]
+    skipped: dict[str, str]
+    _references: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def validate(self, row: dict, samples: int) -> float:
+        """``row``'s PSNR against the 50-step model on held-out noise (recorded in the row)."""
+        if samples not in self._references:
+            self._references[samples] = measure(
+                self.model, self.config, REFERENCE_STEPS, samples, VALIDATION_SEED, None, distribution=False
+            )[1]
+        denoiser = self.denoisers[row["name"]]
+        result, _ = measure(
+            denoiser, self.config, row["steps"], samples, VALIDATION_SEED, self._references[samples], False
+        )
+        row["validation_psnr"] = result["psnr"]
+        return result["psnr"]
+
+
+def score(
+    model_name: str,
+    candidates: Sequence[Configuration] | None,
+    samples: int,
+    progress: bool = True,
+    seed: int = CALIBRATION_SEED,
+) -> Scored:
+    """``candidates`` (default: ``default_candidates``) built on ``model_name`` and scored on
+    ``samples`` samples of the noise of ``seed`` against the plain 50-step run."""
+    model, config = load(model_name)
+    graph = capture(model, example_inputs(model_name))
+    candidates = (
+        with_reference_steps(candidates, REFERENCE_STEPS) if candidates is not None else default_candidates(graph)
+    )
+    if not candidates:
+        raise ValueError("no candidates to search")
+    calibration = reference_calibration(graph, config) if any(c.needs_calibration for c in candidates) else None
+    reference_row, reference = measure(model, config, REFERENCE_STEPS, samples, seed, None, distribution=False)
+    rows, skipped, denoisers = [], {}, {}
+    for candidate in tqdm(candidates, desc=f"tune {model_name}", disable=not progress):
+        try:
+            denoisers[candidate.name] = build(candidate, model, graph, calibration, config)
+        except (PassError, ValueError) as error:  # the pass does not fit this model
+            skipped[candidate.name] = str(error)
+            continue
+        denoiser = denoisers[candidate.name]
+        row, _ = measure(denoiser, config, candidate.steps, samples, seed, reference, distribution=False)
+        row["mac_fraction"] = row["macs_per_sample"] / reference_row["macs_per_sample"]
+        rows.append({**candidate.to_dict(), **row})
+    if not rows:
+        raise ValueError(f"no candidate fits {model_name}: {skipped}")
+    return Scored(model, config, rows, denoisers, skipped)

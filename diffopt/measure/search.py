@@ -34,7 +34,8 @@ COST_KEYS = {"macs": "mac_fraction", "time": "time_fraction"}
 MAX_VALIDATIONS = 5  # the cheapest feasible candidates tried on held-out inputs, in order
 TUNE_FILES = {"json": ".json", "md": ".md", "png": ".png", "passes": ".passes.json"}
 STEP_FRACTIONS = (0.4, 0.5, 0.6, 0.7, 0.8)  # plain step reduction
-FORECAST_FEWER_STEPS = 0.7  # forecast caches with a short period are also tried at this fraction of the steps
+FORECAST_FEWER_STEPS = 0.7  # caches with a short period are also tried at this fraction of the steps
+CACHE_INTERVALS = (3, 4, 5, 6, 8, 10)  # full steps every i steps (TaylorSeer's plan)
 
 
 @dataclass(frozen=True)
@@ -60,43 +61,23 @@ class Candidate:
 
 
 def search_space(graph: torch.fx.GraphModule, steps: int = 50) -> list[Candidate]:
-    """Candidates that fit ``graph`` for a reference of ``steps`` steps: fewer steps;
-    forecast caching (order, period, warm-up, also at fewer steps); ICC and plain layer reuse;
+    """Candidates that fit ``graph`` for a reference of ``steps`` steps: fewer steps; caches of
+    the product target x plan x predictor (``cache_candidates``); ICC and plain layer reuse;
     block caching of each block chain ``ir.layers.find_blocks`` sees (transformer chains, UNet
-    down/up blocks); first-block caching. Forecast and first-block caching walk the
-    only chain, or all chains joined (Flux-like models). Passes that turn out not to fit are the scorer's
-    to skip (they raise ``PassError``)."""
+    down/up blocks); first-block caching. Chain caches walk the only chain, or all chains
+    joined (Flux-like models). Passes that turn out not to fit are the scorer's to skip
+    (they raise ``PassError``)."""
     if not isinstance(steps, int) or steps < 2:
         raise ValueError(f"search_space(): steps is the reference's step count (>= 2), found {steps!r}")
     chains = find_blocks(graph.graph)
     joined = [name for name, blocks in chains.items() if len(blocks) >= 2]
     # chain passes walk the only chain, or every chain joined in graph order (Flux's double- then single-stream
     # blocks); a UNet's down and up blocks are no chain (those passes skip it, block caching covers it)
-    chain = {"container": joined} if len(joined) > 1 and not {"down_blocks", "up_blocks"} <= set(chains) else {}
+    unet = {"down_blocks", "up_blocks"} <= set(chains)
+    chain = {"container": joined} if len(joined) > 1 and not unet else {}
     fewer = sorted({max(1, round(steps * f)) for f in STEP_FRACTIONS} - {steps})
     candidates = [Candidate(f"{n} steps", (), n, "steps") for n in fewer]
-    short = max(1, round(steps * FORECAST_FEWER_STEPS))
-    for order in (1, 2):
-        for period in (3, 4, 5, 6):
-            for warmup in (2, 4, 6):
-                for n in (steps, short) if period <= 4 and short != steps else (steps,):
-                    suffix = f", {n} steps" if n != steps else ""
-                    candidates.append(
-                        Candidate(
-                            f"forecast o{order} p{period} w{warmup}{suffix}",
-                            (
-                                {
-                                    "pass": "ForecastCachePass",
-                                    "order": order,
-                                    "period": period,
-                                    "warmup": warmup,
-                                    **chain,
-                                },
-                            ),
-                            n,
-                            "forecast cache",
-                        )
-                    )
+    candidates += cache_candidates(chains, chain, unet, steps)
     for rank in (0, 8, 16):
         for period in (2, 3):
             candidates.append(
@@ -126,6 +107,34 @@ def search_space(graph: torch.fx.GraphModule, steps: int = 50) -> list[Candidate
                 "first-block cache",
             )
         )
+    return candidates
+
+
+def cache_candidates(chains: dict[str, list[str]], chain: dict, unet: bool, steps: int) -> list[Candidate]:
+    """``CachePass`` candidates, the product of: targets (a chain's span, its residual or its
+    output; a UNet's up blocks), plans (TaylorSeer's first-D-then-every-i, the shape the peers
+    win with, and periodic ones, at fewer steps too) and predictors (Newton order 1,
+    TaylorSeer's order 2). Family ``forecast cache``."""
+    if unet:
+        targets = {block: {"kind": "blocks", "blocks": [block]} for block in chains["up_blocks"][1:]}
+    elif any(len(blocks) >= 2 for blocks in chains.values()):
+        targets = {f"span {value}": {"kind": "span", "value": value, **chain} for value in ("output", "residual")}
+    else:
+        return []
+    plans = {f"D{d} i{i}": {"kind": "taylorseer", "warmup": d, "period": i} for d in (2, 3) for i in CACHE_INTERVALS}
+    plans |= {f"p{p} w3": {"kind": "periodic", "period": p, "warmup": 3} for p in (4, 6)}
+    predictors = {"newton o1": {"kind": "newton", "order": 1}, "taylorseer o2": {"kind": "taylorseer", "order": 2}}
+    short = max(2, round(steps * FORECAST_FEWER_STEPS))
+    candidates = []
+    for target_name, target in targets.items():
+        for plan_name, plan in plans.items():
+            for predictor_name, predictor in predictors.items():
+                for n in (steps, short) if plan.get("period", 0) <= 4 and short != steps else (steps,):
+                    suffix = f", {n} steps" if n != steps else ""
+                    cache = {"pass": "CachePass", "target": target, "policy": plan, "predictor": predictor}
+                    candidates.append(
+                        Candidate(f"{target_name} {plan_name} {predictor_name}{suffix}", (cache,), n, "forecast cache")
+                    )
     return candidates
 
 
@@ -179,6 +188,27 @@ def tune_files(stem: str | os.PathLike) -> dict[str, Path]:
     return {kind: Path(f"{stem}{suffix}") for kind, suffix in TUNE_FILES.items()}
 
 
+def choose_within_budget(
+    rows: Sequence[dict], budget: float, cost: str, validate: Callable[[dict], float], where: str
+) -> tuple[dict, list[str]]:
+    """The row with the best held-out quality (``validate`` gives its held-out PSNR) among the
+    ``MAX_VALIDATIONS`` best-scoring rows whose cost is at most ``budget``, and the names of
+    the others tried. Raises ``ValueError`` when no row fits the budget."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1:
+        raise ValueError(f"the budget is a fraction of the reference's cost in (0, 1], found {budget!r}")
+    fitting = [row for row in rows if row[COST_KEYS[cost]] <= budget + 1e-9]
+    if not fitting:
+        cheapest = min(rows, key=lambda r: r[COST_KEYS[cost]]) if rows else None
+        raise ValueError(
+            f"no candidate costs at most {budget} of the reference on {where}"
+            + (f" (cheapest: {cheapest['name']} at {cheapest[COST_KEYS[cost]]:.3f})" if cheapest else "")
+        )
+    tried = sorted(fitting, key=lambda r: -r["psnr"])[:MAX_VALIDATIONS]
+    scores = {row["name"]: validate(row) for row in tried}
+    best = max(tried, key=lambda row: scores[row["name"]])
+    return best, [row["name"] for row in tried if row is not best]
+
+
 def save(summary: dict[str, Any], stem: str | os.PathLike) -> Path:
     """``<stem>.json`` (every candidate, the Pareto set, the choice), ``<stem>.md`` (the table),
     ``<stem>.png`` (where matplotlib is installed) and the chosen pass list
@@ -195,6 +225,7 @@ def save(summary: dict[str, Any], stem: str | os.PathLike) -> Path:
         "reference_steps": summary["reference_steps"],
         "model": summary["model"],
         "min_psnr": summary["min_psnr"],
+        "budget": summary.get("budget"),
         "psnr": chosen["psnr"],
         "validation_psnr": chosen["validation_psnr"],
         "mac_fraction": chosen["mac_fraction"],
@@ -234,7 +265,7 @@ def table(summary: dict[str, Any]) -> str:
     set marked."""
     chosen, front = summary["chosen"]["name"], set(summary["pareto"])
     lines = [
-        f"# diffopt tune {summary['model']}: >= {summary['min_psnr']} dB",
+        f"# diffopt tune {summary['model']}: {goal(summary)}",
         "",
         f"Scored on {summary['scored_on']}, validated on {summary['validated_on']}; reference: "
         f"{summary['reference_steps']} steps. `*` chosen, `P` on the Pareto set (MACs vs PSNR).",
@@ -251,6 +282,13 @@ def table(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def goal(summary: dict[str, Any]) -> str:
+    """What a tune asked for: a PSNR floor or a MAC budget."""
+    if summary.get("budget") is not None:
+        return f"<= {summary['budget']} of the reference's {summary.get('cost', 'macs')}"
+    return f">= {summary['min_psnr']} dB"
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     """The Pareto set and the choice, as lines for the terminal."""
     by_name = {row["name"]: row for row in summary["rows"]}
@@ -260,7 +298,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(f"  {row['mac_fraction']:.3f} of the MACs  {row['psnr']:6.1f} dB  {name}")
     chosen = summary["chosen"]
     lines.append(
-        f"chosen for >= {summary['min_psnr']} dB: {chosen['name']}: {chosen['steps']} steps "
+        f"chosen for {goal(summary)}: {chosen['name']}: {chosen['steps']} steps "
         f"(reference {summary['reference_steps']}), {chosen['mac_fraction']:.3f} of the MACs, "
         f"{chosen['psnr']:.1f} dB when scored, {chosen['validation_psnr']:.1f} dB on {summary['validated_on']}"
     )
@@ -291,9 +329,12 @@ def _plot(summary: dict[str, Any], path: Path) -> None:
     axes.plot([r["mac_fraction"] for r in front], [min(r["psnr"], 60) for r in front], "k--", lw=0.8, label="Pareto")
     chosen = summary["chosen"]
     axes.scatter([chosen["mac_fraction"]], [min(chosen["psnr"], 60)], marker="*", s=200, c="red", label="chosen")
-    axes.axhline(summary["min_psnr"], color="gray", lw=0.8, ls=":")
+    if summary["min_psnr"] is not None:
+        axes.axhline(summary["min_psnr"], color="gray", lw=0.8, ls=":")
+    if summary.get("budget") is not None:
+        axes.axvline(summary["budget"], color="gray", lw=0.8, ls=":")
     axes.set(xlabel="MACs / reference run", ylabel="PSNR vs reference (dB, capped at 60)")
-    axes.set_title(f"diffopt tune {summary['model']} --min-psnr {summary['min_psnr']}")
+    axes.set_title(f"diffopt tune {summary['model']}: {goal(summary)}")
     axes.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=110, format="png")

@@ -1,0 +1,348 @@
+"""Caching at every budget: diffopt's caches (target x policy x predictor) against diffusers'
+cache hooks and cache-dit, on the same weights and the same noise.
+
+Per model (dit-digits; unet-digits; dit-digits with its weights perturbed by our own seeded
+noise, a held-out model nothing was tuned on) every row samples ``--samples`` digits from
+one seeded noise with 50 DDIM steps: PSNR against the plain 50-step samples, digits FD, and
+MACs counted as the row ran (``measure.macs.count_macs``: hooks and cache-dit included).
+The learned predictor is fitted on other seeds (``CALIBRATION_SEED``) than the scored ones.
+
+Rows are measured once each and appended to ``results/caching_pareto/rows.jsonl``
+(resumable: a rerun skips the rows it finds), in priority order: every model's main rows
+(stage 1), then the wider sweeps (stage 2); ``--report`` writes ``summary.json``,
+``summary.md`` (best PSNR per library at MACs <= each budget) and ``<model>.png`` there from
+the rows measured so far.
+
+    nohup python benchmarks/caching_pareto.py > benchmarks/results/caching_pareto.log 2>&1 &
+    python benchmarks/caching_pareto.py --report
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+from diffopt import capture, optimize
+from diffopt.evaluation.baselines import CacheDitBaseline, DiffusersCacheHook, mag_cache_ratios
+from diffopt.evaluation.bench import measure
+from diffopt.evaluation.metrics.digits import digits_fd
+from diffopt.evaluation.runs import generate
+from diffopt.evaluation.tune import score
+from diffopt.ir.program import StepProgram
+from diffopt.measure.predictor_fit import fit_learned
+from diffopt.measure.search import choose_within_budget
+from diffopt.models import example_inputs, load
+from diffopt.passes.cache import CachePass
+from diffopt.passes.caching.policies import Periodic, TaylorSeerPlan
+from diffopt.passes.caching.targets import Blocks, Span
+from diffopt.passes.registry import pass_from_dict, pass_to_dict, save_passes
+
+STEPS = 50
+SEED = 0  # the scored noise, the same for every library
+CALIBRATION_SEED = 900_000  # the learned predictor's fit
+TUNE_SEED = 300_000  # tune scores its candidates on this noise (validation: its own held-out seed)
+PERTURBATION_SEED = 20261207
+PERTURBATION = 0.05  # each weight += 0.05 x its tensor's std x N(0, 1)
+BUDGETS = (0.15, 0.20, 0.25, 0.30, 0.35, 0.40, 0.50)
+MODELS = ("dit-digits", "dit-digits-perturbed", "unet-digits")
+RESULTS = Path(__file__).parent / "results" / "caching_pareto"
+ROWS = "rows.jsonl"
+
+
+def perturbed(model: torch.nn.Module) -> torch.nn.Module:
+    """A held-out copy of ``model``: each weight moved by seeded noise scaled to its tensor."""
+    model = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(PERTURBATION_SEED)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            noise = torch.randn(parameter.shape, generator=generator)
+            parameter.add_(PERTURBATION * float(parameter.std() if parameter.numel() > 1 else 0.0) * noise)
+    return model
+
+
+def model_for(name: str) -> tuple[torch.nn.Module, dict, str]:
+    base = name.removesuffix("-perturbed")
+    model, config = load(base)
+    return (perturbed(model) if name.endswith("-perturbed") else model), config, base
+
+
+def diffopt_rows(name: str, graph, config) -> Iterator[tuple[int, str, dict, Callable]]:
+    """(stage, row name, settings, builder) of diffopt's caches on ``name``."""
+    unet = name.startswith("unet")
+    targets = (
+        {"up_blocks.1": Blocks(blocks=("up_blocks.1",)), "up_blocks.2": Blocks(blocks=("up_blocks.2",))}
+        if unet
+        else {"span output": Span(value="output"), "span residual": Span(value="residual")}
+    )
+    plans = {
+        f"TaylorSeer plan D{d} i{i}": TaylorSeerPlan(period=i, warmup=d) for d in (2, 3) for i in (3, 4, 5, 6, 8, 10)
+    }
+    periodic = {f"periodic p{p} w3": Periodic(period=p, warmup=3) for p in (4, 6)}
+    predictors = {"newton o1": {"kind": "newton", "order": 1}, "taylorseer o2": {"kind": "taylorseer", "order": 2}}
+    for target_name, target in targets.items():
+        for policy_name, policy in {**plans, **periodic}.items():
+            for predictor_name, predictor in predictors.items():
+                cache = CachePass(target=target, policy=policy, predictor=predictor)
+                yield (
+                    1,
+                    f"{target_name}, {policy_name}, {predictor_name}",
+                    {"passes": [pass_to_dict(cache)]},
+                    (lambda cache=cache: optimize(graph, [cache])),
+                )
+        for policy_name, policy in periodic.items():
+            yield (
+                1,
+                f"{target_name}, {policy_name}, learned h2",
+                {"fitted on": f"16 samples, seed {CALIBRATION_SEED}"},
+                (lambda target=target, policy=policy: optimize(graph, [learned_cache(graph, config, target, policy)])),
+            )
+
+
+def learned_cache(graph, config, target, policy) -> CachePass:
+    predictor = fit_learned(
+        StepProgram.from_captured(graph),
+        target,
+        policy,
+        STEPS,
+        2,
+        lambda denoiser: generate(denoiser, config, STEPS, 16, seed=CALIBRATION_SEED),
+    )
+    return CachePass(target=target, policy=policy, predictor=predictor)
+
+
+def peer_rows(name: str, model, config) -> Iterator[tuple[int, str, dict, Callable]]:
+    """(stage, row name, settings, builder) of diffusers' TaylorSeer (its plan sweep, block
+    targets first, module targets in stage 2), FirstBlockCache and MagCache hooks, and
+    cache-dit's DBCache with its TaylorSeer and FoCa calibrators (DiTs: cache-dit has no UNet
+    support)."""
+    unet = name.startswith("unet")
+    identifiers = (
+        {"up_blocks.2": (1, r"up_blocks\.2"), "up_blocks.1": (1, r"up_blocks\.1")}
+        if unet
+        else {"blocks": (1, r"transformer_blocks\.\d+"), "modules": (2, r"transformer_blocks\.\d+\.(attn1|ff)")}
+    )
+    for target, (stage, pattern) in identifiers.items():
+        for d in (1, 2, 3, 5):  # the issue's D in {1, 3, 5}, and D = 2 as diffopt's plans use
+            for i in (3, 4, 5, 6, 7, 8, 10):
+                for order in (1, 2):
+                    options = {
+                        "cache_interval": i,
+                        "disable_cache_before_step": d,
+                        "max_order": order,
+                        "taylor_factors_dtype": torch.float32,
+                        "cache_identifiers": [pattern],
+                    }
+                    yield (
+                        stage,
+                        f"diffusers TaylorSeer {target} D{d} i{i} o{order}",
+                        ({"library": "diffusers", **{k: str(v) for k, v in options.items()}}),
+                        lambda options=options: DiffusersCacheHook(model, "taylorseer", **options),
+                    )
+    if unet:
+        return
+    for threshold in (0.05, 0.1, 0.2, 0.3, 0.5):
+        yield (
+            1,
+            f"diffusers FirstBlockCache {threshold}",
+            {"library": "diffusers", "threshold": threshold},
+            (lambda threshold=threshold: DiffusersCacheHook(model, "first-block-cache", threshold=threshold)),
+        )
+    ratios: list[float] = []
+
+    def mag_cache(threshold):
+        ratios[:] = ratios or mag_cache_ratios(model, STEPS, lambda hook: generate(hook, config, STEPS, 20, 777))
+        return DiffusersCacheHook(model, "mag-cache", threshold=threshold, mag_ratios=ratios, num_inference_steps=STEPS)
+
+    for threshold in (0.06, 0.12, 0.24, 0.5):
+        yield (
+            1,
+            f"diffusers MagCache {threshold}",
+            {"library": "diffusers", "threshold": threshold},
+            (lambda threshold=threshold: mag_cache(threshold)),
+        )
+    for stage, threshold in ((1, 0.12), (1, 0.3), (2, 0.2), (2, 0.5)):
+        for calibrator, order in (("taylorseer", 1), ("taylorseer", 2), ("foca", None)):
+            options = {"Fn_compute_blocks": 1, "residual_diff_threshold": threshold, "max_warmup_steps": 4}
+            label = f"{calibrator} o{order}" if order else calibrator
+            yield (
+                stage,
+                f"cache-dit DBCache {threshold} w4 {label}",
+                ({"library": "cache-dit", **options, "calibrator": label}),
+                lambda options=options, calibrator=calibrator, order=order: CacheDitBaseline(
+                    model, STEPS, taylorseer_order=order, calibrator=calibrator, **options
+                ),
+            )
+
+
+def run(out: Path, samples: int, models: tuple[str, ...]) -> None:
+    """Measure every row not yet in ``out/rows.jsonl``: stage 1 of every model, then stage 2."""
+    done = {(r["model"], r["name"]) for r in _rows(out)}
+    for stage in (1, 2):
+        for name in models:
+            model, config, base = model_for(name)
+            graph = capture(model, example_inputs(base))
+            rows = [(1, "plain 50 steps", {"library": "plain"}, lambda model=model: model)]
+            rows += [*diffopt_rows(name, graph, config), *peer_rows(name, model, config)]
+            todo = [row for row in rows if row[0] == stage and (name, row[1]) not in done]
+            if not todo:
+                continue
+            _, reference = measure(model, config, STEPS, samples, SEED, None, distribution=False)
+            for _, row_name, settings, build in todo:
+                started = time.perf_counter()
+                row, images = measure(build(), config, STEPS, samples, SEED, reference, distribution=False)
+                record = {
+                    "model": name,
+                    "name": row_name,
+                    "library": settings.get("library", "diffopt"),
+                    "settings": settings,
+                    "samples": samples,
+                    "fd": digits_fd(images),
+                    **row,
+                    "seconds": time.perf_counter() - started,
+                }
+                _append(out, record)
+                print(f"{name:22} {row_name:60} {row['psnr']:6.2f} dB  {row['macs_per_sample']:.4g} MACs", flush=True)
+
+
+def tune_picks(out: Path, samples: int, name: str = "dit-digits") -> None:
+    """diffopt tune's pick for each budget on ``name``: every candidate of the default search
+    space scored once on 100 samples of ``TUNE_SEED`` noise (not the benchmark's), the best
+    ``MAX_VALIDATIONS`` under each budget checked on held-out noise (tune's), the pick written
+    as ``<name>_<budget>.passes.json`` and measured like every other row."""
+    done = {(r["model"], r["name"]) for r in _rows(out)}
+    model, config = load(name)
+    scored = score(name, None, 100, progress=False, seed=TUNE_SEED)
+    _, reference = measure(model, config, STEPS, samples, SEED, None, distribution=False)
+    for budget in BUDGETS:
+        chosen, tried = choose_within_budget(scored.rows, budget, "macs", lambda row: scored.validate(row, 200), name)
+        row_name = f"tune pick <= {budget}: {chosen['name']}"
+        save_passes(
+            out / f"{name}_{budget}.passes.json",
+            [pass_from_dict(item) for item in chosen["passes"]],
+            steps=chosen["steps"],
+            reference_steps=STEPS,
+            model=name,
+            budget=budget,
+            scored_psnr=chosen["psnr"],
+            validation_psnr=chosen["validation_psnr"],
+            mac_fraction=chosen["mac_fraction"],
+            command="python benchmarks/caching_pareto.py --tune-picks",
+        )
+        if (name, row_name) in done:
+            continue
+        row, images = measure(
+            scored.denoisers[chosen["name"]], config, chosen["steps"], samples, SEED, reference, False
+        )
+        record = {"model": name, "name": row_name, "library": "diffopt tune", "settings": {"tried": tried}}
+        _append(out, {**record, "samples": samples, "fd": digits_fd(images), **row})
+        print(f"{name:22} {row_name:60} {row['psnr']:6.2f} dB", flush=True)
+
+
+def _rows(out: Path) -> list[dict]:
+    path = out / ROWS
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _append(out: Path, record: dict) -> None:
+    with open(out / ROWS, "a", encoding="utf-8") as file:
+        file.write(json.dumps(record, default=str) + "\n")
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def report(out: Path) -> None:
+    """``summary.json`` and ``summary.md`` in ``out``: per model and budget, each library's
+    best PSNR at MACs <= budget (fractions of the plain row's MACs), and the plots."""
+    rows = _rows(out)
+    summary = {"command": "python benchmarks/caching_pareto.py", "steps": STEPS, "budgets": BUDGETS, "models": {}}
+    lines = [
+        "# Caching at every budget: diffopt vs diffusers' hooks vs cache-dit",
+        "",
+        f"`python benchmarks/caching_pareto.py` then `--report`. {STEPS} DDIM steps; every row samples the same "
+        "seeded noise with the same weights; PSNR against the plain 50-step samples; MACs counted as each row ran, "
+        "as a fraction of the plain row's. Best PSNR (dB) at MACs <= budget; `-`: no row of that library fits.",
+        "",
+    ]
+    for model in MODELS:
+        members = [r for r in rows if r["model"] == model]
+        plain = next((r for r in members if r["name"] == "plain 50 steps"), None)
+        if plain is None:
+            continue
+        for r in members:
+            r["mac_fraction"] = r["macs_per_sample"] / plain["macs_per_sample"]
+        libraries = sorted({r["library"] for r in members} - {"plain"})
+        table = {}
+        lines += [f"## {model} ({len(members) - 1} rows, {plain['samples']} samples each)", ""]
+        lines += [
+            "| budget | " + " | ".join(libraries) + " | diffopt - best peer |",
+            "|---" * (len(libraries) + 2) + "|",
+        ]
+        for budget in BUDGETS:
+            best = {}
+            for library in libraries:
+                fits = [r for r in members if r["library"] == library and r["mac_fraction"] <= budget + 1e-9]
+                best[library] = max(fits, key=lambda r: r["psnr"]) if fits else None
+            peers = [b["psnr"] for lib, b in best.items() if lib != "diffopt" and b is not None]
+            ours = best.get("diffopt")
+            lead = f"{ours['psnr'] - max(peers):+.2f}" if ours and peers else "-"
+            cells = [f"{b['psnr']:.2f} ({b['name']}, {b['mac_fraction']:.3f})" if b else "-" for b in best.values()]
+            lines.append(f"| {budget:.2f} | " + " | ".join(cells) + f" | {lead} |")
+            table[str(budget)] = {
+                lib: (b and {k: b[k] for k in ("name", "psnr", "mac_fraction", "fd")}) for lib, b in best.items()
+            }
+        lines.append("")
+        summary["models"][model] = {"plain_fd": plain["fd"], "best_at_budget": table, "rows": members}
+        _plot(model, members, out / f"{model}.png")
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+
+
+def _plot(model: str, members: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for library in sorted({r["library"] for r in members} - {"plain"}):
+        points = [r for r in members if r["library"] == library and math.isfinite(r["psnr"])]
+        axes.scatter([r["mac_fraction"] for r in points], [r["psnr"] for r in points], s=10, label=library)
+    axes.set(xlabel="MACs / plain 50-step run", ylabel="PSNR vs plain (dB)", xlim=(0, 1.05), title=model)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=200)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--report", action="store_true", help="only write the tables and plots from the rows there are")
+    parser.add_argument(
+        "--tune-picks", action="store_true", help="only add diffopt tune's pick per budget (dit-digits)"
+    )
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.tune_picks:
+        tune_picks(out, args.samples)
+    elif not args.report:
+        run(out, args.samples, tuple(args.models))
+    report(out)
+
+
+if __name__ == "__main__":
+    main()
