@@ -8,8 +8,9 @@ MACs counted as the row ran (``measure.macs.count_macs``: hooks and cache-dit in
 The learned predictor is fitted on other seeds (``CALIBRATION_SEED``) than the scored ones.
 
 Rows are measured once each and appended to ``results/caching_pareto/rows.jsonl``
-(resumable: a rerun skips the rows it finds), in priority order: every model's main rows
-(stage 1), then the wider sweeps (stage 2); ``--report`` writes ``summary.json``,
+(resumable: a rerun skips the rows it finds), in priority order: dit-digits' main rows
+(stage 1), diffopt tune's pick per budget on it (``tune_picks``), the other models' main
+rows, then the wider sweeps (stage 2); ``--report`` writes ``summary.json``,
 ``summary.md`` (best PSNR per library at MACs <= each budget) and ``<model>.png`` there from
 the rows measured so far.
 
@@ -125,7 +126,7 @@ def peer_rows(name: str, model, config) -> Iterator[tuple[int, str, dict, Callab
     support)."""
     unet = name.startswith("unet")
     identifiers = (
-        {"up_blocks.2": (1, r"up_blocks\.2"), "up_blocks.1": (1, r"up_blocks\.1")}
+        {"up_blocks.2": (1, r"up_blocks\.2"), "up_blocks.1": (2, r"up_blocks\.1")}
         if unet
         else {"blocks": (1, r"transformer_blocks\.\d+"), "modules": (2, r"transformer_blocks\.\d+\.(attn1|ff)")}
     )
@@ -183,33 +184,42 @@ def peer_rows(name: str, model, config) -> Iterator[tuple[int, str, dict, Callab
 
 
 def run(out: Path, samples: int, models: tuple[str, ...]) -> None:
-    """Measure every row not yet in ``out/rows.jsonl``: stage 1 of every model, then stage 2."""
+    """Measure every row not yet in ``out/rows.jsonl``: stage 1 of dit-digits, tune's picks on
+    it, stage 1 of the other models, then stage 2 of all."""
+    if "dit-digits" in models:
+        run_stage(out, samples, ("dit-digits",), 1)
+        tune_picks(out, samples)
+    run_stage(out, samples, models, 1)
+    run_stage(out, samples, models, 2)
+
+
+def run_stage(out: Path, samples: int, models: tuple[str, ...], stage: int) -> None:
+    """Measure the rows of ``stage`` of ``models`` not yet in ``out/rows.jsonl``."""
     done = {(r["model"], r["name"]) for r in _rows(out)}
-    for stage in (1, 2):
-        for name in models:
-            model, config, base = model_for(name)
-            graph = capture(model, example_inputs(base))
-            rows = [(1, "plain 50 steps", {"library": "plain"}, lambda model=model: model)]
-            rows += [*diffopt_rows(name, graph, config), *peer_rows(name, model, config)]
-            todo = [row for row in rows if row[0] == stage and (name, row[1]) not in done]
-            if not todo:
-                continue
-            _, reference = measure(model, config, STEPS, samples, SEED, None, distribution=False)
-            for _, row_name, settings, build in todo:
-                started = time.perf_counter()
-                row, images = measure(build(), config, STEPS, samples, SEED, reference, distribution=False)
-                record = {
-                    "model": name,
-                    "name": row_name,
-                    "library": settings.get("library", "diffopt"),
-                    "settings": settings,
-                    "samples": samples,
-                    "fd": digits_fd(images),
-                    **row,
-                    "seconds": time.perf_counter() - started,
-                }
-                _append(out, record)
-                print(f"{name:22} {row_name:60} {row['psnr']:6.2f} dB  {row['macs_per_sample']:.4g} MACs", flush=True)
+    for name in models:
+        model, config, base = model_for(name)
+        graph = capture(model, example_inputs(base))
+        rows = [(1, "plain 50 steps", {"library": "plain"}, lambda model=model: model)]
+        rows += [*diffopt_rows(name, graph, config), *peer_rows(name, model, config)]
+        todo = [row for row in rows if row[0] == stage and (name, row[1]) not in done]
+        if not todo:
+            continue
+        _, reference = measure(model, config, STEPS, samples, SEED, None, distribution=False)
+        for _, row_name, settings, build in todo:
+            started = time.perf_counter()
+            row, images = measure(build(), config, STEPS, samples, SEED, reference, distribution=False)
+            record = {
+                "model": name,
+                "name": row_name,
+                "library": settings.get("library", "diffopt"),
+                "settings": settings,
+                "samples": samples,
+                "fd": digits_fd(images),
+                **row,
+                "seconds": time.perf_counter() - started,
+            }
+            _append(out, record)
+            print(f"{name:22} {row_name:60} {row['psnr']:6.2f} dB  {row['macs_per_sample']:.4g} MACs", flush=True)
 
 
 def tune_picks(out: Path, samples: int, name: str = "dit-digits") -> None:
