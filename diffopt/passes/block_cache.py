@@ -1,6 +1,7 @@
 """Block caching: reuse what whole blocks computed on an earlier step.
 
-``BlockCachePass`` (FORA / DeepCache style, fixed period). Before: every step runs every
+``BlockCachePass`` (FORA / DeepCache style, fixed period), a preset of ``passes.caching``
+(``blocks`` target, ``periodic`` policy, ``reuse`` predictor). Before: every step runs every
 block. After: variant ``full`` runs them and stores, per selected block, its residual
 ``out - in`` (a block whose output has the shape of its hidden input, e.g. a transformer
 block) or else its output (e.g. a UNet up block); variant ``cached`` rebuilds the
@@ -46,7 +47,7 @@ from diffopt.ir.graph_tools import (
     thread_state,
 )
 from diffopt.ir.program import StepProgram
-from diffopt.ir.schedules import AdaptiveSchedule, Schedule
+from diffopt.ir.schedules import AdaptiveSchedule
 from diffopt.ir.specs import CACHED, FULL, PROBE, StateEntry
 from diffopt.ir.validation import block_names, chain_names, require_int, require_number
 from diffopt.passes.base import (
@@ -56,6 +57,10 @@ from diffopt.passes.base import (
     VariantPass,
     register_pass,
 )
+from diffopt.passes.caching.policies import Periodic
+from diffopt.passes.caching.predictors import Reuse
+from diffopt.passes.caching.rewrite import cache_rewrite
+from diffopt.passes.caching.targets import Blocks
 
 aten = torch.ops.aten
 
@@ -86,40 +91,20 @@ class BlockCachePass(VariantPass):
         return [block for block in found if block in self.blocks]  # graph order
 
     def rewrite(self, program: StepProgram, context: PassContext) -> StepProgram:
+        """The preset: each selected block's residual (or output) reused between refreshes
+        every ``period`` steps (``passes.caching``: ``blocks`` x ``periodic`` x ``reuse``)."""
         graph = program.variants[FULL].graph
         blocks = self._selected(graph)
         if not blocks:
             raise PassNotApplicable(f"{self.name}: no block to cache; blocks: {all_blocks(graph)}")
-        add_variant(program, CACHED, copy_of=FULL)
-        for block in blocks:
-            streams = block_streams(graph, block)
-            for index, stream in enumerate(streams):
-                kind = "residual" if stream.hidden_input is not None else "output"
-                suffix = f".stream{index}" if len(streams) > 1 else ""
-                out = stream.output
-                entry = StateEntry(f"{block}{suffix}.cached_{kind}", state_shape(out), out.meta["val"].dtype, self.name)
-
-                def update(variant, graph, state_input, block=block, name=stream.output.name, kind=kind):
-                    current = stream_named(graph, block, name)  # re-read: caching earlier blocks moved its input
-                    details = {"block": block, "period": self.period}
-                    if variant == FULL:
-                        annotate(current.output, NodeAnnotation(FULL, self.name, details=details))
-                        if kind == "output":
-                            return current.output
-                        with graph.inserting_after(current.output):
-                            return graph.call_function(aten.sub.Tensor, (current.output, current.hidden_input))
-                    rebuilt = state_input
-                    if kind == "residual":
-                        with graph.inserting_after(current.output):
-                            rebuilt = graph.call_function(aten.add.Tensor, (current.hidden_input, state_input))
-                        rebuilt.meta["val"] = current.output.meta["val"]  # later blocks find their input by shape
-                        annotate(rebuilt, NodeAnnotation(CACHED, self.name, reason=f"{block} reused", details=details))
-                    current.output.replace_all_uses_with(rebuilt)
-                    return state_input
-
-                program = thread_state(program, entry, update)
-        remove_dead_code(program.variants[CACHED])
-        return dataclasses.replace(program, schedule=Schedule(FULL, CACHED, self.period))
+        return cache_rewrite(
+            program,
+            self.name,
+            Blocks(blocks=tuple(blocks)),
+            Periodic(self.period),
+            Reuse(),
+            state_name=lambda target, _: f"{target.name}.cached_{'output' if target.head is None else 'residual'}",
+        )
 
 
 @register_pass

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable
 
 import torch
 from torch import fx
@@ -32,10 +33,17 @@ CLOCK_NAMES = ("value", "t", "step")
 
 
 def cache_rewrite(
-    program: StepProgram, owner: str, target: Target, policy: Policy, predictor: Predictor
+    program: StepProgram,
+    owner: str,
+    target: Target,
+    policy: Policy,
+    predictor: Predictor,
+    state_name: Callable[[CacheTarget, str], str] | None = None,
 ) -> StepProgram:
     """``program`` with a cache of ``target`` refreshed by ``policy`` and stood in for by
-    ``predictor`` (see the module docstring); state entries are owned by ``owner``."""
+    ``predictor`` (see the module docstring); state entries are owned by ``owner`` and named
+    ``<target>.<predictor's name>``, or by ``state_name(target, name)`` (presets keep the
+    names their bundles were written with)."""
     targets = target.select(program.variants[FULL].graph, owner)
     between = CACHED if predictor.reuses else FORECAST
     add_variant(program, between, copy_of=FULL)
@@ -71,7 +79,9 @@ def cache_rewrite(
 
         program = thread_states(program, entries, thread_clock)
     for cache_target in targets:
-        program = _cache_one(program, owner, cache_target, predictor, between, clock, clock_inputs, constants)
+        program = _cache_one(
+            program, owner, cache_target, predictor, between, clock, clock_inputs, constants, state_name
+        )
     remove_dead_code(program.variants[between])
     return dataclasses.replace(program, schedule=policy.schedule(between))
 
@@ -110,6 +120,7 @@ def _cache_one(
     clock: dict[str, dict[str, fx.Node]],
     clock_inputs: dict[str, torch.Tensor],
     constants: dict[str, torch.Tensor],
+    state_name: Callable[[CacheTarget, str], str] | None,
 ) -> StepProgram:
     """Thread ``predictor``'s state for ``target`` and rewrite its value in every variant."""
     output = stream_named(program.variants[FULL].graph, target.last, target.output).output
@@ -137,8 +148,10 @@ def _cache_one(
         raise ValueError(
             f"{predictor.kind} predictor: update returns {sorted(update.outputs)}, its state is {sorted(state)}"
         )
-    entries = tuple(_entry(f"{target.name}.{name}", tensor, owner) for name, tensor in state.items())
-    details = {"target": target.name, "predictor": predictor.kind}
+    named = state_name or (lambda target, name: f"{target.name}.{name}")
+    entries = tuple(_entry(named(target, name), tensor, owner) for name, tensor in state.items())
+    block = target.first if target.first == target.last else f"{target.first}..{target.last}"
+    details = {"target": target.name, "block": block, "predictor": predictor.kind}
 
     def rewrite(variant, graph, state_inputs):
         constant_nodes = _constants(program.variants[variant], graph, owner, target, constants)
