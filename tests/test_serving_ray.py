@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 from models import simple_dit
-from ray_instance import free_port, local_ray
+from ray_instance import LOADED_MACHINE_TIMEOUTS, free_port, local_ray
 
 from diffopt import capture, optimize
 from diffopt.export.onnx import to_onnx
@@ -64,7 +64,7 @@ def test_ctrl_c_stops_diffopt_serve_and_its_ray_within_seconds(tmp_path):
     ray_dir = Path(tempfile.mkdtemp(prefix="r", dir="/tmp"))  # short (socket paths); Ray's processes name it
     port = free_port()
     command = [sys.executable, "-m", "diffopt.cli", "serve", str(bundle), "--port", str(port), "--threads", "1"]
-    environment = {**os.environ, "RAY_TMPDIR": str(ray_dir), "PYTHONUNBUFFERED": "1"}
+    environment = {**os.environ, **LOADED_MACHINE_TIMEOUTS, "RAY_TMPDIR": str(ray_dir), "PYTHONUNBUFFERED": "1"}
     server = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         started, lines = time.monotonic(), []
@@ -100,13 +100,13 @@ def _solo(bundle, labels, steps, seed):
     )
 
 
-def _concurrently(url, payloads, retries=8):
+def _concurrently(url, payloads, retries=8, timeout=120.0):
     """Each payload posted from its own thread; (result or ServingError) per payload."""
     results = [None] * len(payloads)
 
     def post(index):
         try:
-            results[index] = post_sample(f"{url}/sample", payloads[index], retries=retries)
+            results[index] = post_sample(f"{url}/sample", payloads[index], retries=retries, timeout=timeout)
         except ServingError as error:
             results[index] = error
 
@@ -114,7 +114,7 @@ def _concurrently(url, payloads, retries=8):
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join(timeout=300)
+        thread.join(timeout=max(300.0, timeout + 60))
     return results
 
 
@@ -174,7 +174,7 @@ def test_a_replica_killed_mid_load_loses_no_request_of_a_plain_client(server):
     results = [None]
 
     def load():
-        results[0] = _concurrently(url, payloads, retries=0)
+        results[0] = _concurrently(url, payloads, retries=0, timeout=900.0)  # a loaded machine: minutes
 
     thread = threading.Thread(target=load)
     thread.start()
@@ -183,7 +183,7 @@ def test_a_replica_killed_mid_load_loses_no_request_of_a_plain_client(server):
         time.sleep(0.05)
     assert health["active"] > 0, "the load never reached the replica"
     os.kill(health["pid"], signal.SIGKILL)  # the replica process, with requests in flight
-    thread.join(timeout=400)
+    thread.join(timeout=1000)
     assert not thread.is_alive()
     for payload, result in zip(payloads, results[0]):
         assert not isinstance(result, ServingError), f"request {payload['seed']} ended without a sample: {result}"
