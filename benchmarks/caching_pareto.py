@@ -91,13 +91,7 @@ def diffopt_rows(name: str, graph, config) -> Iterator[tuple[int, str, dict, Cal
     for target_name, target in targets.items():
         for policy_name, policy in {**plans, **periodic}.items():
             for predictor_name, predictor in predictors.items():
-                cache = CachePass(target=target, policy=policy, predictor=predictor)
-                yield (
-                    1,
-                    f"{target_name}, {policy_name}, {predictor_name}",
-                    {"passes": [pass_to_dict(cache)]},
-                    (lambda cache=cache: optimize(graph, [cache])),
-                )
+                yield _cache_row(graph, target_name, target, policy_name, policy, predictor_name, predictor)
         for policy_name, policy in periodic.items():
             yield (
                 1,
@@ -105,6 +99,22 @@ def diffopt_rows(name: str, graph, config) -> Iterator[tuple[int, str, dict, Cal
                 {"fitted on": f"16 samples, seed {CALIBRATION_SEED}"},
                 (lambda target=target, policy=policy: optimize(graph, [learned_cache(graph, config, target, policy)])),
             )
+    # the rest of the peers' plan grid (D in {1, 5}, i = 7), on the target the hook forecasts
+    target_name, target = next(iter(targets.items()))
+    for d, i in [(d, i) for d in (1, 5) for i in (3, 4, 5, 6, 7, 8, 10)] + [(2, 7), (3, 7)]:
+        for predictor_name, predictor in predictors.items():
+            plan = TaylorSeerPlan(period=i, warmup=d)
+            yield _cache_row(graph, target_name, target, f"TaylorSeer plan D{d} i{i}", plan, predictor_name, predictor)
+
+
+def _cache_row(graph, target_name, target, policy_name, policy, predictor_name, predictor):
+    cache = CachePass(target=target, policy=policy, predictor=predictor)
+    return (
+        1,
+        f"{target_name}, {policy_name}, {predictor_name}",
+        {"passes": [pass_to_dict(cache)]},
+        (lambda: optimize(graph, [cache])),
+    )
 
 
 def learned_cache(graph, config, target, policy) -> CachePass:
@@ -294,21 +304,22 @@ def report(out: Path) -> None:
         table = {}
         lines += [f"## {model} ({len(members) - 1} rows, {plain['samples']} samples each)", ""]
         lines += [
-            "| budget | " + " | ".join(libraries) + " | diffopt - best peer |",
-            "|---" * (len(libraries) + 2) + "|",
+            "| budget | " + " | ".join(libraries) + " | diffopt - best peer | tune - diffopt's best |",
+            "|---" * (len(libraries) + 3) + "|",
         ]
         for budget in BUDGETS:
             best = {}
             for library in libraries:
                 fits = [r for r in members if r["library"] == library and r["mac_fraction"] <= budget + 1e-9]
                 best[library] = max(fits, key=lambda r: r["psnr"]) if fits else None
-            peers = [b["psnr"] for lib, b in best.items() if lib != "diffopt" and b is not None]
-            ours = best.get("diffopt")
+            peers = [b["psnr"] for lib, b in best.items() if not lib.startswith("diffopt") and b is not None]
+            ours, tuned = best.get("diffopt"), best.get("diffopt tune")
             lead = f"{ours['psnr'] - max(peers):+.2f}" if ours and peers else "-"
+            gap = f"{tuned['psnr'] - ours['psnr']:+.2f}" if ours and tuned else "-"
             cells = [f"{b['psnr']:.2f} ({b['name']}, {b['mac_fraction']:.3f})" if b else "-" for b in best.values()]
-            lines.append(f"| {budget:.2f} | " + " | ".join(cells) + f" | {lead} |")
+            lines.append(f"| {budget:.2f} | " + " | ".join(cells) + f" | {lead} | {gap} |")
             table[str(budget)] = {
-                lib: (b and {k: b[k] for k in ("name", "psnr", "mac_fraction", "fd")}) for lib, b in best.items()
+                lib: (b and {k: b.get(k) for k in ("name", "psnr", "mac_fraction", "fd")}) for lib, b in best.items()
             }
         lines.append("")
         summary["models"][model] = {"plain_fd": plain["fd"], "best_at_budget": table, "rows": members}

@@ -1,4 +1,10 @@
-"""Reference outputs of ForecastCachePass before it became a preset (run once with the old code)."""
+"""Reference samples of ``ForecastCachePass`` before it became a preset of ``passes.caching``,
+for ``tests/test_cache_parts.py``. Run once, from the repository root, with the former
+implementation beside it:
+
+    git show 3b78a66:diffopt/passes/forecast_cache.py > /tmp/w/old_forecast.py
+    python scripts/forecast_preset_reference.py   # writes tests/data/forecast_preset_reference.pt
+"""
 
 import importlib.util
 import sys

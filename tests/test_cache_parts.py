@@ -261,3 +261,26 @@ def test_the_serving_engine_batches_every_fixed_plan_cache_like_solo_runs(predic
         sampler = Sampler(make_scheduler(config, num_steps=steps), progress=False)
         alone = sampler.sample(program, (labels,), shape=(len(labels), 1, 16, 16), seed=seed)
         torch.testing.assert_close(future.result(timeout=0).sample, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_the_committed_tune_picks_rebuild_from_their_pass_files_alone():
+    """``benchmarks/caching_pareto.py`` commits tune's pick per budget for dit-digits;
+    ``load_passes`` + ``optimize`` rebuild each, at the step count the file names."""
+    from pathlib import Path
+
+    from diffopt.models import example_inputs, load
+    from diffopt.runtime.schedulers import make_scheduler
+    from diffopt.sampling.sequential import Sampler
+
+    files = sorted(
+        (Path(__file__).parents[1] / "benchmarks" / "results" / "caching_pareto").glob("dit-digits_*.passes.json")
+    )
+    assert len(files) == 7, files
+    model, config = load("dit-digits")
+    graph = capture(model, example_inputs("dit-digits"))
+    for path in files:
+        passes, fields = load_passes(path)
+        assert fields["mac_fraction"] <= fields["budget"] and fields["steps"] == 50
+        sampler = Sampler(make_scheduler(config, num_steps=fields["steps"]), progress=False)
+        images = sampler.sample(optimize(graph, passes), (torch.tensor([1, 7]),), shape=(2, 1, 16, 16), seed=0)
+        assert torch.isfinite(images).all()
