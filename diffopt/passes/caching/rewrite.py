@@ -49,14 +49,15 @@ def cache_rewrite(
     add_variant(program, between, copy_of=FULL)
     clock: dict[str, dict[str, fx.Node]] = {}  # variant -> "t", "step" (if used), the shared clock state
     device = program.variants[FULL].graph.output_node().args[0][0].meta["val"].device
-    column = torch.zeros(EXAMPLE_BATCH, device=device)
+    batch = _example_batch(program)
+    column = torch.zeros(batch, device=device)
     for variant, module in program.variants.items():
         clock[variant] = {"t": _time_input(module.graph)}
     if predictor.uses_step:
         program = thread_states(
             program, (StateEntry(f"{owner}.step", (BATCH,), torch.float32, owner),), _count_steps(clock)
         )
-    shared = {name: _example_like(tensor) for name, tensor in predictor.clock_state(column).items()}
+    shared = {name: _example_like(tensor, batch) for name, tensor in predictor.clock_state(column).items()}
     clock_inputs = {"t": column, **({"step": column} if predictor.uses_step else {}), **shared}
     constants = predictor.constants()
     _check_names(predictor, shared, constants)
@@ -124,8 +125,9 @@ def _cache_one(
 ) -> StepProgram:
     """Thread ``predictor``'s state for ``target`` and rewrite its value in every variant."""
     output = stream_named(program.variants[FULL].graph, target.last, target.output).output
-    value = _example(output)
-    state = {name: _example_like(tensor) for name, tensor in predictor.state(value).items()}
+    batch = _example_batch(program)
+    value = _example(output, batch)
+    state = {name: _example_like(tensor, batch) for name, tensor in predictor.state(value).items()}
     _check_names(predictor, {**{k: v for k, v in clock_inputs.items() if k not in CLOCK_NAMES}, **state}, constants)
     batched = ["value", *clock_inputs, *state]
 
@@ -177,15 +179,22 @@ def _cache_one(
     return thread_states(program, entries, rewrite)
 
 
-def _example(node: fx.Node) -> torch.Tensor:
-    """Zeros like ``node``'s value at the example batch size, on its device (traced creation
-    ops keep the device they saw, as capture's do)."""
-    shape = tuple(EXAMPLE_BATCH if d == BATCH else d for d in state_shape(node))
+def _example_batch(program: StepProgram) -> int:
+    """The batch size predictors are traced at: ``EXAMPLE_BATCH``, or the one a graph captured
+    for a fixed batch size has (Chroma)."""
+    size = placeholders(program.variants[FULL].graph)[0].meta["val"].shape[0]
+    return size if type(size) is int else EXAMPLE_BATCH
+
+
+def _example(node: fx.Node, batch: int) -> torch.Tensor:
+    """Zeros like ``node``'s value at ``batch``, on its device (traced creation ops keep the
+    device they saw, as capture's do)."""
+    shape = tuple(batch if d == BATCH else d for d in state_shape(node))
     return torch.zeros(shape, dtype=node.meta["val"].dtype, device=node.meta["val"].device)
 
 
-def _example_like(tensor: torch.Tensor) -> torch.Tensor:
-    if tensor.dim() == 0 or tensor.shape[0] != EXAMPLE_BATCH:
+def _example_like(tensor: torch.Tensor, batch: int) -> torch.Tensor:
+    if tensor.dim() == 0 or tensor.shape[0] != batch:
         raise ValueError(f"a predictor's state tensors are batch first, found shape {tuple(tensor.shape)}")
     return torch.zeros(tensor.shape, dtype=tensor.dtype, device=tensor.device)
 
