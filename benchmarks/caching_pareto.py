@@ -42,14 +42,15 @@ from diffopt.measure.predictor_fit import fit_learned
 from diffopt.measure.search import choose_within_budget
 from diffopt.models import example_inputs, load
 from diffopt.passes.cache import CachePass
-from diffopt.passes.caching.policies import Periodic, TaylorSeerPlan
-from diffopt.passes.caching.targets import Blocks, Span
-from diffopt.passes.registry import pass_from_dict, pass_to_dict, save_passes
+from diffopt.passes.caching.policies import ErrorGated, Periodic, TaylorSeerPlan
+from diffopt.passes.caching.targets import AfterFirst, Blocks, Span
+from diffopt.passes.registry import load_passes, pass_from_dict, pass_to_dict, save_passes
 
 STEPS = 50
 SEED = 0  # the scored noise, the same for every library
 CALIBRATION_SEED = 900_000  # the learned predictor's fit
 TUNE_SEED = 300_000  # tune scores its candidates on this noise (validation: its own held-out seed)
+TUNE_SAMPLES = 64  # tune's samples per candidate (its plan search: fewer, see evaluation.tune)
 PERTURBATION_SEED = 20261207
 PERTURBATION = 0.05  # each weight += 0.05 x its tensor's std x N(0, 1)
 BUDGETS = (0.15, 0.20, 0.25, 0.30, 0.35, 0.40, 0.50)
@@ -99,18 +100,27 @@ def diffopt_rows(name: str, graph, config) -> Iterator[tuple[int, str, dict, Cal
                 {"fitted on": f"16 samples, seed {CALIBRATION_SEED}"},
                 (lambda target=target, policy=policy: optimize(graph, [learned_cache(graph, config, target, policy)])),
             )
-    # the rest of the peers' plan grid (D in {1, 5}, i = 7), on the target the hook forecasts
+    if not unet:  # error-gated forecasting of the blocks after the first (the first block is the gate)
+        for threshold in (0.05, 0.1, 0.2, 0.3):
+            policy = ErrorGated(threshold=threshold)
+            for predictor_name, predictor in predictors.items():
+                name = f"error-gated {threshold}"
+                yield _cache_row(
+                    graph, "after first output", AfterFirst(value="output"), name, policy, predictor_name, predictor
+                )
+    # the rest of the peers' plan grid (D in {1, 5}, i = 7), on the target the hook forecasts (UNet: stage 2)
     target_name, target = next(iter(targets.items()))
     for d, i in [(d, i) for d in (1, 5) for i in (3, 4, 5, 6, 7, 8, 10)] + [(2, 7), (3, 7)]:
         for predictor_name, predictor in predictors.items():
             plan = TaylorSeerPlan(period=i, warmup=d)
-            yield _cache_row(graph, target_name, target, f"TaylorSeer plan D{d} i{i}", plan, predictor_name, predictor)
+            name = f"TaylorSeer plan D{d} i{i}"
+            yield _cache_row(graph, target_name, target, name, plan, predictor_name, predictor, 2 if unet else 1)
 
 
-def _cache_row(graph, target_name, target, policy_name, policy, predictor_name, predictor):
+def _cache_row(graph, target_name, target, policy_name, policy, predictor_name, predictor, stage=1):
     cache = CachePass(target=target, policy=policy, predictor=predictor)
     return (
-        1,
+        stage,
         f"{target_name}, {policy_name}, {predictor_name}",
         {"passes": [pass_to_dict(cache)]},
         (lambda: optimize(graph, [cache])),
@@ -135,14 +145,21 @@ def peer_rows(name: str, model, config) -> Iterator[tuple[int, str, dict, Callab
     cache-dit's DBCache with its TaylorSeer and FoCa calibrators (DiTs: cache-dit has no UNet
     support)."""
     unet = name.startswith("unet")
+    # a UNet's up block cached by the hook still computes all that feeds it (hooks skip no upstream work); caching
+    # the mid and all up blocks is the hook's cheapest UNet plan (its down blocks return tuples the hook refuses)
     identifiers = (
-        {"up_blocks.2": (1, r"up_blocks\.2"), "up_blocks.1": (2, r"up_blocks\.1")}
+        {
+            "up_blocks.2": (1, r"up_blocks\.2"),
+            "mid+up_blocks": (1, r"(mid_block|up_blocks\.\d+)"),
+            "up_blocks.1": (2, r"up_blocks\.1"),
+        }
         if unet
         else {"blocks": (1, r"transformer_blocks\.\d+"), "modules": (2, r"transformer_blocks\.\d+\.(attn1|ff)")}
     )
     for target, (stage, pattern) in identifiers.items():
-        for d in (1, 2, 3, 5):  # the issue's D in {1, 3, 5}, and D = 2 as diffopt's plans use
-            for i in (3, 4, 5, 6, 7, 8, 10):
+        narrow = target == "mid+up_blocks"  # the issue's grid only: D in {1, 3, 5}, i in 3..8
+        for d in (1, 3, 5) if narrow else (1, 2, 3, 5):  # the issue's D in {1, 3, 5}, and D = 2 as diffopt's use
+            for i in range(3, 9) if narrow else (3, 4, 5, 6, 7, 8, 10):
                 for order in (1, 2):
                     options = {
                         "cache_interval": i,
@@ -193,14 +210,18 @@ def peer_rows(name: str, model, config) -> Iterator[tuple[int, str, dict, Callab
             )
 
 
-def run(out: Path, samples: int, models: tuple[str, ...]) -> None:
-    """Measure every row not yet in ``out/rows.jsonl``: stage 1 of dit-digits, tune's picks on
-    it, stage 1 of the other models, then stage 2 of all."""
-    if "dit-digits" in models:
-        run_stage(out, samples, ("dit-digits",), 1)
-        tune_picks(out, samples)
-    run_stage(out, samples, models, 1)
-    run_stage(out, samples, models, 2)
+def run(out: Path, samples: int, models: tuple[str, ...], stages: tuple[int, ...] = (1, 2)) -> None:
+    """Measure every row of ``stages`` not yet in ``out/rows.jsonl``: stage 1 of dit-digits,
+    tune's picks on it, stage 1 of the other models, then stage 2 of all."""
+    if 1 in stages:
+        for name in ("dit-digits", "unet-digits"):
+            if name in models:
+                run_stage(out, samples, (name,), 1)
+                if not (out / f"{name}_{BUDGETS[-1]}.passes.json").exists():
+                    tune_picks(out, samples, name)
+        run_stage(out, samples, models, 1)
+    if 2 in stages:
+        run_stage(out, samples, models, 2)
 
 
 def run_stage(out: Path, samples: int, models: tuple[str, ...], stage: int) -> None:
@@ -210,14 +231,17 @@ def run_stage(out: Path, samples: int, models: tuple[str, ...], stage: int) -> N
         model, config, base = model_for(name)
         graph = capture(model, example_inputs(base))
         rows = [(1, "plain 50 steps", {"library": "plain"}, lambda model=model: model)]
-        rows += [*diffopt_rows(name, graph, config), *peer_rows(name, model, config)]
+        rows += [*peer_rows(name, model, config), *diffopt_rows(name, graph, config)]
+        if name == "dit-digits-perturbed":
+            rows += transferred_picks(graph)
         todo = [row for row in rows if row[0] == stage and (name, row[1]) not in done]
         if not todo:
             continue
         _, reference = measure(model, config, STEPS, samples, SEED, None, distribution=False)
         for _, row_name, settings, build in todo:
             started = time.perf_counter()
-            row, images = measure(build(), config, STEPS, samples, SEED, reference, distribution=False)
+            steps = settings.get("steps", STEPS)
+            row, images = measure(build(), config, steps, samples, SEED, reference, distribution=False)
             record = {
                 "model": name,
                 "name": row_name,
@@ -232,18 +256,22 @@ def run_stage(out: Path, samples: int, models: tuple[str, ...], stage: int) -> N
             print(f"{name:22} {row_name:60} {row['psnr']:6.2f} dB  {row['macs_per_sample']:.4g} MACs", flush=True)
 
 
-def tune_picks(out: Path, samples: int, name: str = "dit-digits") -> None:
+def tune_picks(out: Path, samples: int, name: str, budgets: tuple[float, ...] = BUDGETS) -> None:
     """diffopt tune's pick for each budget on ``name``: every candidate of the default search
-    space scored once on 100 samples of ``TUNE_SEED`` noise (not the benchmark's), the best
-    ``MAX_VALIDATIONS`` under each budget checked on held-out noise (tune's), the pick written
-    as ``<name>_<budget>.passes.json`` and measured like every other row."""
-    done = {(r["model"], r["name"]) for r in _rows(out)}
+    space scored once on ``TUNE_SAMPLES`` samples of ``TUNE_SEED`` noise (not the benchmark's), the best
+    ``MAX_VALIDATIONS`` under each budget checked on held-out noise (tune's), the choice's plan
+    refined (``Scored.refine_choice``), the pick written as ``<name>_<budget>.passes.json``
+    and measured like every other row. Replaces the rows of an earlier tune of ``name`` at ``budgets``."""
+    redone = tuple(f"tune pick <= {budget}:" for budget in budgets)
+    kept = [r for r in _rows(out) if not (r["model"] == name and r["name"].startswith(redone))]
+    _write_rows(out, kept)
     model, config = load(name)
-    scored = score(name, None, 100, progress=False, seed=TUNE_SEED)
+    scored = score(name, None, TUNE_SAMPLES, progress=True, seed=TUNE_SEED)
     _, reference = measure(model, config, STEPS, samples, SEED, None, distribution=False)
-    for budget in BUDGETS:
-        chosen, tried = choose_within_budget(scored.rows, budget, "macs", lambda row: scored.validate(row, 200), name)
-        row_name = f"tune pick <= {budget}: {chosen['name']}"
+    grid = list(scored.rows)  # each budget refines a choice of the search space, not another budget's plan
+    for budget in budgets:
+        chosen, tried = choose_within_budget(grid, budget, "macs", lambda row: scored.validate(row, 200), name)
+        chosen = scored.refine_choice(chosen, 200)
         save_passes(
             out / f"{name}_{budget}.passes.json",
             [pass_from_dict(item) for item in chosen["passes"]],
@@ -254,16 +282,33 @@ def tune_picks(out: Path, samples: int, name: str = "dit-digits") -> None:
             scored_psnr=chosen["psnr"],
             validation_psnr=chosen["validation_psnr"],
             mac_fraction=chosen["mac_fraction"],
-            command="python benchmarks/caching_pareto.py --tune-picks",
+            plans_tried=chosen.get("plans_tried"),
+            command=f"python benchmarks/caching_pareto.py --tune-picks {name}",
         )
-        if (name, row_name) in done:
-            continue
         row, images = measure(
             scored.denoisers[chosen["name"]], config, chosen["steps"], samples, SEED, reference, False
         )
-        record = {"model": name, "name": row_name, "library": "diffopt tune", "settings": {"tried": tried}}
+        record = {"model": name, "name": f"tune pick <= {budget}: {chosen['name']}", "library": "diffopt tune"}
+        record["settings"] = {"tried": tried, "passes": chosen["passes"], "steps": chosen["steps"]}
         _append(out, {**record, "samples": samples, "fd": digits_fd(images), **row})
-        print(f"{name:22} {row_name:60} {row['psnr']:6.2f} dB", flush=True)
+        print(f"{name:22} {record['name'][:60]:60} {row['psnr']:6.2f} dB", flush=True)
+
+
+def transferred_picks(graph) -> Iterator[tuple[int, str, dict, Callable]]:
+    """dit-digits' tune picks (their pass files) applied as they are to other weights: how a
+    plan searched on one model holds on a held-out one."""
+    for budget in BUDGETS:
+        path = RESULTS / f"dit-digits_{budget}.passes.json"
+        if not path.exists():
+            continue
+        passes, fields = load_passes(path)
+        settings = {"pass file": path.name, "steps": fields["steps"], "passes": [pass_to_dict(p) for p in passes]}
+        yield (
+            1,
+            f"dit-digits' tune pick <= {budget}, applied",
+            settings,
+            lambda passes=passes: optimize(graph, passes),
+        )
 
 
 def _rows(out: Path) -> list[dict]:
@@ -271,6 +316,13 @@ def _rows(out: Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _write_rows(out: Path, rows: list[dict]) -> None:
+    """Replace ``out/rows.jsonl`` with ``rows`` (written aside, then moved over it)."""
+    staged = out / (ROWS + ".new")
+    staged.write_text("".join(json.dumps(row, default=str) + "\n" for row in rows), encoding="utf-8")
+    os.replace(staged, out / ROWS)
 
 
 def _append(out: Path, record: dict) -> None:
@@ -290,7 +342,8 @@ def report(out: Path) -> None:
         "",
         f"`python benchmarks/caching_pareto.py` then `--report`. {STEPS} DDIM steps; every row samples the same "
         "seeded noise with the same weights; PSNR against the plain 50-step samples; MACs counted as each row ran, "
-        "as a fraction of the plain row's. Best PSNR (dB) at MACs <= budget; `-`: no row of that library fits.",
+        "as a fraction of the plain row's. Best PSNR (dB) at MACs <= budget; `-`: no row of that library fits. "
+        "diffopt's best is over all its rows, tune's picks included.",
         "",
     ]
     for model in MODELS:
@@ -313,7 +366,10 @@ def report(out: Path) -> None:
                 fits = [r for r in members if r["library"] == library and r["mac_fraction"] <= budget + 1e-9]
                 best[library] = max(fits, key=lambda r: r["psnr"]) if fits else None
             peers = [b["psnr"] for lib, b in best.items() if not lib.startswith("diffopt") and b is not None]
-            ours, tuned = best.get("diffopt"), best.get("diffopt tune")
+            tuned = best.get("diffopt tune")
+            ours = max(
+                (b for lib, b in best.items() if lib.startswith("diffopt") and b), key=lambda b: b["psnr"], default=None
+            )
             lead = f"{ours['psnr'] - max(peers):+.2f}" if ours and peers else "-"
             gap = f"{tuned['psnr'] - ours['psnr']:+.2f}" if ours and tuned else "-"
             cells = [f"{b['psnr']:.2f} ({b['name']}, {b['mac_fraction']:.3f})" if b else "-" for b in best.values()]
@@ -350,18 +406,21 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=200)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS), help="--tune-picks: these only")
+    parser.add_argument("--stages", type=int, nargs="+", default=[1, 2], choices=(1, 2))
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (1 when two runs share the CPU)")
     parser.add_argument("--report", action="store_true", help="only write the tables and plots from the rows there are")
     parser.add_argument(
-        "--tune-picks", action="store_true", help="only add diffopt tune's pick per budget (dit-digits)"
+        "--tune-picks", choices=("dit-digits", "unet-digits"), help="only (re)make diffopt tune's pick per budget"
     )
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.tune_picks:
-        tune_picks(out, args.samples)
+        tune_picks(out, args.samples, args.tune_picks, tuple(args.budgets))
     elif not args.report:
-        run(out, args.samples, tuple(args.models))
+        run(out, args.samples, tuple(args.models), tuple(args.stages))
     report(out)
 
 

@@ -500,11 +500,9 @@ def command_tune(args: argparse.Namespace) -> None:
         if kind == "pipeline":
             from diffopt.pipelines import tune
 
-            if args.budget is not None:
-                raise UsageError("tune --pipeline takes a quality floor (--min-psnr); --budget is for reference models")
             candidates = _candidates(args.candidates) if args.candidates else None
             calls = _pipeline_calls(args, source)
-            summary = tune(source, calls, args.min_psnr, cost=args.cost, candidates=candidates)
+            summary = tune(source, calls, args.min_psnr, budget=args.budget, cost=args.cost, candidates=candidates)
         elif kind == "zoo":
             from diffopt.evaluation.tune import tune
 
@@ -694,7 +692,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     _add_sources(tune, "reference model name (dit-digits, unet-digits)")
     goal = tune.add_mutually_exclusive_group(required=True)
     goal.add_argument("--min-psnr", type=_bounded(float, 0.0, "--min-psnr"), help="the quality floor (dB)")
-    goal.add_argument("--budget", type=float, help="reference models: the most MACs, as a fraction of the plain run's")
+    goal.add_argument("--budget", type=float, help="the most MACs, as a fraction of the plain run's (plan refined)")
     tune.add_argument("--cost", choices=("macs", "time"), default="macs")
     tune.add_argument("--samples", type=_bounded(int, 10, "--samples"), default=100, help="calibration samples")
     tune.add_argument("--validation-samples", type=_bounded(int, 10, "--validation-samples"), default=200)

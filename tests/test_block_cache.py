@@ -7,8 +7,8 @@ from diffopt.evaluation.baselines import DiffusersCacheHook
 from diffopt.ir.annotations import annotation_of
 from diffopt.ir.graph_tools import module_scopes
 from diffopt.ir.schedules import AdaptiveSchedule, Schedule
-from diffopt.ir.specs import FULL, PROBE
-from diffopt.passes.block_cache import CACHED, BlockCachePass, FirstBlockCachePass
+from diffopt.ir.specs import CACHED, FULL, PROBE
+from diffopt.passes.block_cache import BlockCachePass, FirstBlockCachePass
 from diffopt.passes.increment_calibrated_cache import IncrementCalibratedCachePass
 
 aten = torch.ops.aten

@@ -14,7 +14,8 @@ from models import diffusers_dit, inputs_for, max_relative, run_along, simple_di
 
 from diffopt import capture, optimize
 from diffopt.ir.schedules import ListSchedule, Schedule, schedule_from_dict
-from diffopt.ir.specs import CACHED, FORECAST, FULL
+from diffopt.ir.specs import CACHED, FORECAST, FULL, PROBE
+from diffopt.passes.base import PassError
 from diffopt.passes.cache import CachePass
 from diffopt.passes.caching.policies import Periodic, StepMask, TaylorSeerPlan
 from diffopt.passes.caching.predictors import Predictor, per_sample
@@ -80,26 +81,44 @@ def test_taylorseer_predictor_on_its_plan_equals_diffusers_hook(dit_and_graph, o
     assert max_relative(outputs, [hook(*step) for step in steps]) < 1e-5
 
 
-def test_the_forecast_preset_equals_the_implementation_it_replaced():
-    """``tests/data/forecast_preset_reference.pt``: samples of the shipped dit-digits made by
-    ``ForecastCachePass`` before it became a preset (``scripts/forecast_preset_reference.py``)."""
+PRESET_REFERENCES = {  # preset -> (its former implementation's samples, the pass, sampling steps)
+    "forecast": ("forecast_preset_reference.pt", "ForecastCachePass", 16),
+    "first block": ("first_block_preset_reference.pt", "FirstBlockCachePass", 20),
+}
+
+
+@pytest.mark.parametrize("preset", PRESET_REFERENCES)
+def test_the_presets_equal_the_implementations_they_replaced(preset):
+    """``tests/data/<preset>_preset_reference.pt``: samples of the shipped dit-digits made by
+    the pass before it became a preset of ``passes.caching`` (``scripts/preset_reference.py``);
+    each file holds several settings whose samples differ (different steps cached)."""
     from pathlib import Path
 
     from diffopt.models import example_inputs, load
-    from diffopt.passes.forecast_cache import ForecastCachePass
+    from diffopt.passes.registry import registered_passes
     from diffopt.runtime.schedulers import make_scheduler
     from diffopt.sampling.sequential import Sampler
 
-    reference = torch.load(Path(__file__).parent / "data" / "forecast_preset_reference.pt")
+    file, pass_name, steps = PRESET_REFERENCES[preset]
+    reference = torch.load(Path(__file__).parent / "data" / file)
     model, config = load("dit-digits")
     graph = capture(model, example_inputs("dit-digits"))
+    samples = []
     for index, settings in enumerate(reference["settings"]):
-        sampler = Sampler(make_scheduler(config, num_steps=16), progress=False)
+        sampler = Sampler(make_scheduler(config, num_steps=steps), progress=False)
         shape = (4, *example_inputs("dit-digits")[0].shape[1:])
-        got = sampler.sample(
-            optimize(graph, [ForecastCachePass(**settings)]), (torch.tensor([0, 3, 7, 9]),), shape=shape, seed=11
-        )
-        torch.testing.assert_close(got, reference["samples"][index], rtol=0, atol=1e-6, msg=str(settings))
+        cache = registered_passes()[pass_name](**settings)
+        samples.append(sampler.sample(optimize(graph, [cache]), (torch.tensor([0, 3, 7, 9]),), shape=shape, seed=11))
+        torch.testing.assert_close(samples[-1], reference["samples"][index], rtol=0, atol=1e-6, msg=str(settings))
+    assert min(float((x - y).abs().max()) for x, y in zip(samples, samples[1:])) > 1e-2
+
+
+def test_a_second_cache_in_one_program_is_refused_by_name(dit_and_graph):
+    _, graph = dit_and_graph
+    first = CachePass(target={"kind": "span", "blocks": ["transformer_blocks.0"]}, label="early")
+    second = CachePass(target={"kind": "span", "blocks": ["transformer_blocks.2"]}, label="late")
+    with pytest.raises(PassError, match="cache passes do not stack"):
+        optimize(graph, [first, second])
 
 
 def test_parts_compose_and_round_trip_through_a_pass_file(tmp_path):
@@ -186,6 +205,9 @@ POLICIES = {
     "periodic": {"kind": "periodic", "period": 2, "warmup": 2},
     "taylorseer": {"kind": "taylorseer", "period": 2, "warmup": 2},
     "mask": {"kind": "mask", "steps": [1, 1, 0, 0, 1, 0, 1, 0, 0]},
+    # adaptive, on the blocks after the first; so high a threshold that only step 0 refreshes (each step's
+    # inputs here are fresh noise, so the probe's signal is large): the probe and its state run, the decisions are fixed
+    "error_gated": {"kind": "error_gated", "threshold": 1e9},
 }
 
 
@@ -197,7 +219,8 @@ def test_every_predictor_and_policy_exports_and_runs_on_onnxruntime(tmp_path, pr
     from diffopt.runtime.onnxruntime_backend import load_bundle
 
     graph = capture(simple_dit(), (torch.randn(2, 1, 16, 16), torch.tensor([999, 5]), torch.tensor([0, 1])))
-    optimized = optimize(graph, [CachePass(target="span", policy=POLICIES[policy], predictor=PREDICTORS[predictor])])
+    target = "after_first" if policy == "error_gated" else "span"
+    optimized = optimize(graph, [CachePass(target=target, policy=POLICIES[policy], predictor=PREDICTORS[predictor])])
     to_onnx(optimized, tmp_path / "bundle")
     g = torch.Generator().manual_seed(2)
     steps = [
@@ -284,3 +307,66 @@ def test_the_committed_tune_picks_rebuild_from_their_pass_files_alone():
         sampler = Sampler(make_scheduler(config, num_steps=fields["steps"]), progress=False)
         images = sampler.sample(optimize(graph, passes), (torch.tensor([1, 7]),), shape=(2, 1, 16, 16), seed=0)
         assert torch.isfinite(images).all()
+
+
+def _first_block_residuals(model, steps) -> list[torch.Tensor]:
+    """The first block's ``out - in`` at each step of the plain eager model (a forward hook)."""
+    residuals = []
+    hook = model.transformer_blocks[0].register_forward_hook(
+        lambda module, args, output: residuals.append((output - args[0]).detach())
+    )
+    try:
+        with torch.no_grad():
+            for x, t, labels in steps:
+                model(x, timestep=t, class_labels=labels)
+    finally:
+        hook.remove()
+    return residuals
+
+
+def test_error_gated_refreshes_exactly_where_the_gate_forecast_misses_and_equals_its_own_plan(dit_and_graph):
+    """Reuse as the predictor: the probe's signal is ``mean|r_last_full - r_k| / mean|r_k|``
+    of the first block's residual ``r``. An eager reference (a hook on the plain model)
+    gives the decisions; the adaptive run must make them, and equal the fixed mask of them."""
+    model, graph = dit_and_graph
+    steps = _steps(14)
+    residuals = _first_block_residuals(model, steps)
+    plain, _ = run_along(optimize(graph), steps)
+    target = {"kind": "after_first", "value": "output"}
+    for threshold in (0.0, 0.1, 0.15):
+        expected, last_full = [], None
+        for r in residuals:
+            full = last_full is None or float((last_full - r).abs().mean() / r.abs().mean()) > threshold
+            expected.append(FULL if full else CACHED)
+            last_full = r if full else last_full
+        gated = optimize(graph, [CachePass(target=target, policy={"kind": "error_gated", "threshold": threshold})])
+        outputs, variants = run_along(gated, steps)
+        assert variants == expected, threshold
+        if threshold == 0.0:
+            assert variants == [FULL] * len(steps) and max_relative(outputs, plain) < 1e-6
+            continue
+        assert CACHED in variants and variants.count(FULL) > 1
+        mask = [int(variant == FULL) for variant in variants]
+        fixed, _ = run_along(optimize(graph, [CachePass(target=target, policy={"kind": "mask", "steps": mask})]), steps)
+        assert max_relative(outputs, fixed) < 1e-6
+
+
+def test_error_gated_with_a_forecasting_predictor_and_its_refusals(dit_and_graph):
+    _, graph = dit_and_graph
+    cache = CachePass(
+        target={"kind": "after_first", "value": "residual"},
+        policy={"kind": "error_gated", "threshold": 0.15},
+        predictor={"kind": "newton", "order": 1},
+    )
+    program = optimize(graph, [cache]).program
+    assert set(program.variants) == {FULL, PROBE, FORECAST}
+    assert {entry for entry in program.state.names if ".gate" in entry} >= {"transformer_blocks.0.gate_output"}
+    outputs, variants = run_along(optimize(graph, [cache]), _steps(12))
+    assert variants[0] == FULL and variants.count(FULL) > 1 and FORECAST in variants
+    assert all(torch.isfinite(output).all() for output in outputs)
+    with pytest.raises(PassError, match="probes the block before the target; transformer_blocks.0 is the first"):
+        optimize(graph, [CachePass(target="span", policy={"kind": "error_gated"})])
+    with pytest.raises(PassError, match="gates one span of blocks"):
+        optimize(graph, [CachePass(target="blocks", policy={"kind": "error_gated"})])
+    with pytest.raises(ValueError, match="threshold"):
+        CachePass(policy={"kind": "error_gated", "threshold": -1})

@@ -8,8 +8,8 @@ import torch
 from models import diffusers_sd3, inputs_for, max_relative, run_along
 
 from diffopt import PassError, capture, optimize
-from diffopt.ir.specs import FORECAST, FULL
-from diffopt.passes.block_cache import CACHED, BlockCachePass, FirstBlockCachePass
+from diffopt.ir.specs import CACHED, FORECAST, FULL
+from diffopt.passes.block_cache import BlockCachePass, FirstBlockCachePass
 from diffopt.passes.forecast_cache import ForecastCachePass
 
 
@@ -118,11 +118,11 @@ def test_block_discovery_names_what_it_skips_and_a_selection_of_nothing_is_an_er
     _, graph = sd3_and_graph
     with pytest.raises(PassError, match=r"blocks \['transformer_blocks.7'\] not found"):
         optimize(graph, [BlockCachePass(blocks=("transformer_blocks.7",))])
-    import diffopt.passes.block_cache as block_cache
+    import diffopt.passes.caching.targets as targets
 
-    real = block_cache.block_streams
+    real = targets.block_streams
     monkeypatch.setattr(  # as if block 1 passed nothing on that could be cached
-        block_cache, "block_streams", lambda g, block: [] if block == "transformer_blocks.1" else real(g, block)
+        targets, "block_streams", lambda g, block: [] if block == "transformer_blocks.1" else real(g, block)
     )
     with pytest.warns(
         UserWarning, match=r"BlockCachePass skips blocks \{'transformer_blocks.1': 'passes no tensor on'\}"

@@ -84,6 +84,28 @@ def test_sampling_loops_on_meta_read_nothing_but_probe_signals(timestep_dtype, p
     assert adaptive == ["FirstBlockCachePass"]  # the registry's adaptive passes (defaults)
 
 
+CACHE_PARTS = [  # (target, policy, predictor): every policy and predictor of passes.caching
+    ("span", {"kind": "taylorseer", "warmup": 1, "period": 2}, {"kind": "taylorseer", "order": 2}),
+    ("span", {"kind": "mask", "steps": [1, 0, 1, 0]}, {"kind": "newton", "order": 2}),
+    ("blocks", {"kind": "periodic", "period": 2}, {"kind": "learned", "history": 2, "weights": [[1.0, 0.0]] * 4}),
+    ("after_first", {"kind": "error_gated", "threshold": 0.1}, {"kind": "newton", "order": 1}),
+]
+
+
+@pytest.mark.parametrize("target, policy, predictor", CACHE_PARTS, ids=[part[1]["kind"] for part in CACHE_PARTS])
+def test_cache_parts_sample_on_meta(target, policy, predictor, probe_reads):
+    from diffopt.passes.cache import CachePass
+
+    sampler = Sampler(make_scheduler({"kind": "ddpm"}, "ddim", 4), progress=False)
+    graph = capture(simple_dit(), (torch.randn(SHAPE), torch.tensor([999, 5]), LABELS))
+    program = optimize(graph, [CachePass(target=target, policy=policy, predictor=predictor)], device="meta")
+    for run, scope in _runs(program):
+        with scope:
+            out = sampler.sample(run, (LABELS,), shape=SHAPE, seed=0)
+        assert out.device.type == "meta" and out.shape == SHAPE
+    assert len(probe_reads) == (2 * 4 if policy["kind"] == "error_gated" else 0)
+
+
 def test_flow_map_loops_on_meta(probe_reads):
     flow_map = FlowMapTransformer(diffusers_dit(0)).eval()
     inputs = inputs_for("diffusers_dit", 2, 0)

@@ -8,7 +8,11 @@
 2. The candidates that meet the floor, cheapest first, are validated on held-out noise
    (other seeds, ``validation_samples`` digits): the first that meets the floor there
    too is chosen. One that fails validation is reported and the next is tried.
-3. The result lists every candidate, the Pareto set (cost vs PSNR) and the choice;
+3. With a budget, the choice's cache plan is then refined (``Scored.refine_plan``: its full
+   steps moved, their count and so the MACs kept, ``measure.plan_search``) on a few
+   calibration samples, and the refined plan replaces the choice when it also does better
+   on the held-out noise.
+4. The result lists every candidate, the Pareto set (cost vs PSNR) and the choice;
    ``measure.search.save`` writes it as JSON and PNG and the choice as a pass file
    (``diffopt.passes.registry.load_passes``), so deployment applies exactly that.
 
@@ -36,19 +40,19 @@ from diffopt.evaluation.bench import (
     with_reference_steps,
 )
 from diffopt.evaluation.runs import time_runs
-from diffopt.measure.search import check_floor, choose, choose_within_budget, pareto, search_space
+from diffopt.measure.plan_search import refined_candidate
+from diffopt.measure.search import Candidate, check_floor, choose, choose_within_budget, pareto, search_space
 from diffopt.models import example_inputs, load
 from diffopt.passes.base import PassError
 
 CALIBRATION_SEED = 0
 VALIDATION_SEED = 1_000_000  # noise no calibration run draws
+PLAN_SEARCH_SAMPLES = 24  # samples per plan the plan search measures
 
 
 def default_candidates(graph) -> list[Configuration]:
     """``measure.search.search_space`` of the captured model at 50 steps, as bench configurations."""
-    return [
-        Configuration(c.name, c.passes, c.steps, family=c.family) for c in search_space(graph.module, REFERENCE_STEPS)
-    ]
+    return [_configuration(c) for c in search_space(graph.module, REFERENCE_STEPS)]
 
 
 def tune(
@@ -62,13 +66,14 @@ def tune(
     validation_samples: int = 200,
     timing_batch: int = 20,
     repeats: int = 3,
+    refine_plan: bool = True,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Search ``candidates`` (default: ``default_candidates``) on ``model_name``; returns the
     summary (see the module docstring). With ``min_psnr``: the cheapest candidate over that
     floor on held-out noise (``ValueError`` when none is); with ``budget`` (a fraction of the
     reference's cost) instead: the best on held-out noise of the best-scoring candidates that
-    cost at most that."""
+    cost at most that, its cache plan refined when that does better there (``refine_plan``)."""
     if (min_psnr is None) == (budget is None):
         raise ValueError("tune(): give exactly one of min_psnr= (a quality floor) or budget= (a cost ceiling)")
     if budget is not None and cost != "macs":
@@ -91,6 +96,8 @@ def tune(
         chosen, rejected = choose(rows, min_psnr, cost, lambda row: held_out_psnr(row) >= min_psnr, model_name)
     else:
         chosen, rejected = choose_within_budget(rows, budget, cost, held_out_psnr, model_name)
+        if refine_plan:
+            chosen = scored.refine_choice(chosen, validation_samples, progress)
     return {
         "model": model_name,
         "min_psnr": min_psnr,
@@ -115,31 +122,81 @@ def tune(
 
 @dataclass
 class Scored:
-    """Every candidate scored on one model: its rows (PSNR and MAC fraction on the calibration
-    noise), the denoisers built for them, and what was skipped and why."""
+    """Every candidate scored on one model: its rows (PSNR and MAC fraction on ``samples``
+    samples of the noise of ``seed``), the denoisers built for them, and what was skipped
+    and why."""
 
     model: torch.nn.Module
     config: dict
+    graph: Any
+    calibration: Any
+    samples: int
+    seed: int
     rows: list[dict]
     denoisers: dict[str, Any]
     skipped: dict[str, str]
-    _references: dict[int, torch.Tensor] = field(default_factory=dict)
+    _references: dict[tuple[int, int], tuple[dict, torch.Tensor]] = field(default_factory=dict)
+
+    def reference(self, samples: int, seed: int) -> tuple[dict, torch.Tensor]:
+        """The plain 50-step run's row and images on ``samples`` samples of ``seed``'s noise."""
+        if (samples, seed) not in self._references:
+            self._references[samples, seed] = measure(
+                self.model, self.config, REFERENCE_STEPS, samples, seed, None, distribution=False
+            )
+        return self._references[samples, seed]
+
+    def denoiser(self, candidate: Configuration) -> Any:
+        """``candidate`` built on the model (once; kept in ``denoisers``)."""
+        if candidate.name not in self.denoisers:
+            self.denoisers[candidate.name] = build(candidate, self.model, self.graph, self.calibration, self.config)
+        return self.denoisers[candidate.name]
+
+    def measure(self, candidate: Configuration, samples: int, seed: int) -> dict:
+        """``candidate`` measured against the reference on the same noise: its row
+        (``psnr``, ``mac_fraction``)."""
+        reference_row, reference = self.reference(samples, seed)
+        row, _ = measure(self.denoiser(candidate), self.config, candidate.steps, samples, seed, reference, False)
+        row["mac_fraction"] = row["macs_per_sample"] / reference_row["macs_per_sample"]
+        return row
 
     def validate(self, row: dict, samples: int) -> float:
         """``row``'s PSNR against the 50-step model on held-out noise (recorded in the row,
         and read back from it when it was checked on as many samples)."""
         if row.get("validation_samples") == samples:
             return row["validation_psnr"]
-        if samples not in self._references:
-            self._references[samples] = measure(
-                self.model, self.config, REFERENCE_STEPS, samples, VALIDATION_SEED, None, distribution=False
-            )[1]
-        denoiser = self.denoisers[row["name"]]
-        result, _ = measure(
-            denoiser, self.config, row["steps"], samples, VALIDATION_SEED, self._references[samples], False
-        )
-        row["validation_psnr"], row["validation_samples"] = result["psnr"], samples
-        return result["psnr"]
+        candidate = Configuration(row["name"], tuple(row["passes"]), row["steps"], family=row["family"])
+        row["validation_psnr"] = self.measure(candidate, samples, VALIDATION_SEED)["psnr"]
+        row["validation_samples"] = samples
+        return row["validation_psnr"]
+
+    def refine_plan(self, row: dict, progress: bool = False) -> dict | None:
+        """``row``'s cache with its plan refined (``measure.plan_search``: its full steps
+        moved, their count kept) on ``PLAN_SEARCH_SAMPLES`` samples of the scoring noise (at
+        most the scoring's), scored like every row and added to ``rows``; None when ``row`` is
+        not one cache with a fixed plan."""
+        samples = min(PLAN_SEARCH_SAMPLES, self.samples)
+        found = refined_candidate(row, lambda c: self.measure(_configuration(c), samples, self.seed)["psnr"], progress)
+        if found is None:
+            return None
+        refined, tried = found
+        existing = next((r for r in self.rows if r["name"] == refined.name), None)
+        if existing is not None:
+            return existing
+        refined_row = {**refined.to_dict(), **self.measure(_configuration(refined), self.samples, self.seed)}
+        self.rows.append({**refined_row, "plans_tried": tried})
+        return self.rows[-1]
+
+    def refine_choice(self, row: dict, validation_samples: int, progress: bool = False) -> dict:
+        """``row``, or its refined plan (``refine_plan``) when that does better on held-out noise."""
+        refined = self.refine_plan(row, progress=progress)
+        if refined is None or refined is row:
+            return row
+        better = self.validate(refined, validation_samples) > self.validate(row, validation_samples)
+        return refined if better else row
+
+
+def _configuration(candidate: Candidate) -> Configuration:
+    return Configuration(candidate.name, candidate.passes, candidate.steps, family=candidate.family)
 
 
 def score(
@@ -159,18 +216,14 @@ def score(
     if not candidates:
         raise ValueError("no candidates to search")
     calibration = reference_calibration(graph, config) if any(c.needs_calibration for c in candidates) else None
-    reference_row, reference = measure(model, config, REFERENCE_STEPS, samples, seed, None, distribution=False)
-    rows, skipped, denoisers = [], {}, {}
+    scored = Scored(model, config, graph, calibration, samples, seed, [], {}, {})
     for candidate in tqdm(candidates, desc=f"tune {model_name}", disable=not progress):
         try:
-            denoisers[candidate.name] = build(candidate, model, graph, calibration, config)
+            scored.denoiser(candidate)
         except (PassError, ValueError) as error:  # the pass does not fit this model
-            skipped[candidate.name] = str(error)
+            scored.skipped[candidate.name] = str(error)
             continue
-        denoiser = denoisers[candidate.name]
-        row, _ = measure(denoiser, config, candidate.steps, samples, seed, reference, distribution=False)
-        row["mac_fraction"] = row["macs_per_sample"] / reference_row["macs_per_sample"]
-        rows.append({**candidate.to_dict(), **row})
-    if not rows:
-        raise ValueError(f"no candidate fits {model_name}: {skipped}")
-    return Scored(model, config, rows, denoisers, skipped)
+        scored.rows.append({**candidate.to_dict(), **scored.measure(candidate, samples, seed)})
+    if not scored.rows:
+        raise ValueError(f"no candidate fits {model_name}: {scored.skipped}")
+    return scored

@@ -6,6 +6,7 @@ shortcuts all read the graph through these.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +60,15 @@ def value_shape(node: fx.Node) -> tuple[str, ...] | None:
 
 def all_blocks(graph: fx.Graph) -> list[str]:
     return [name for names in find_blocks(graph).values() for name in names]
+
+
+def selected_blocks(found: Sequence[str], names: Sequence[str] | None, owner: str) -> list[str]:
+    """The blocks of ``found`` (graph order) that ``names`` selects (None: all of them); a
+    name not among them is refused, naming it and what there is."""
+    missing = sorted(set(names or ()) - set(found))
+    if missing:
+        raise ValueError(f"{owner}: blocks {missing} not found; the graph's blocks are {list(found)}")
+    return [block for block in found if names is None or block in names]
 
 
 def stream_named(graph: fx.Graph, block: str, output_name: str) -> BlockBoundary:

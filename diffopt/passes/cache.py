@@ -6,8 +6,9 @@ update the predictor; the others put the predictor's value in its place
 pass file each part is an object with a ``kind`` and its options, e.g.
 ``{"pass": "CachePass", "target": {"kind": "span", "value": "output"}, "policy": {"kind":
 "taylorseer", "warmup": 3, "period": 4}, "predictor": {"kind": "taylorseer", "order": 2}}``.
-Targets that do not overlap may each have a cache of their own in one program (two
-``CachePass``es with different ``name``s).
+One target kind may select several targets (``blocks``: each block; ``modules``: each
+module), all under one policy. Two ``CachePass``es in one program are refused by the pass
+contract (one pass of kind ``cache``): their plans would need a variant per combination.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ class CachePass(VariantPass):
     target: Any = "span"  # a Target, or its pass-file dict / kind
     policy: Any = "periodic"  # a Policy, likewise
     predictor: Any = "reuse"  # a Predictor, likewise
-    label: str = "CachePass"  # names its state; two caches in one program need two labels
+    label: str = "CachePass"  # names its state entries
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "target", part_from_dict(self.target, Target, TARGETS, "CachePass.target"))

@@ -31,6 +31,7 @@ import torch
 from torch import fx
 
 from diffopt.ir.annotations import NodeAnnotation, annotate
+from diffopt.ir.blocks import all_blocks, selected_blocks
 from diffopt.ir.graph_tools import (
     add_variant,
     finish_probe,
@@ -40,7 +41,7 @@ from diffopt.ir.graph_tools import (
     state_shape,
     thread_state,
 )
-from diffopt.ir.layers import find_blocks, linear_layers
+from diffopt.ir.layers import linear_layers
 from diffopt.ir.program import StepProgram
 from diffopt.ir.schedules import AdaptiveSchedule, Schedule
 from diffopt.ir.specs import CALIBRATED, FULL, PROBE, StateEntry
@@ -92,13 +93,7 @@ class IncrementCalibratedCachePass(VariantPass):
             context.require_statistics(self.name)
 
     def _block_members(self, graph: fx.Graph) -> list[str]:
-        found = [name for names in find_blocks(graph).values() for name in names]
-        if self.blocks is None:
-            return found
-        missing = sorted(set(self.blocks) - set(found))
-        if missing:
-            raise ValueError(f"blocks {missing} not found; the graph's blocks are {found}")
-        return list(self.blocks)
+        return selected_blocks(all_blocks(graph), self.blocks, self.name)
 
     def _select(self, graph: fx.Graph, context: PassContext) -> list[tuple[fx.Node, str, int | None]]:
         blocks = self._block_members(graph)

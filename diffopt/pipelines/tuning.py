@@ -17,6 +17,8 @@ pipeline whose images stay within a PSNR floor of the unmodified pipeline's.
    (``validation_calls``, by default the same calls with other seeds), optionally also
    with ``metric(outputs, reference) >= min_metric``; the first that passes is chosen.
    ``out=STEM`` writes ``STEM.json``, ``STEM.png`` and the pass file ``STEM.passes.json``.
+   With a ``budget`` instead of a floor, the best held-out candidate within it is chosen
+   and its cache plan refined (the full steps moved, their count kept) on the calls.
 
 Passes that need calibration statistics (ICC) are searched only when ``calibration`` is
 given. The pipeline is left as it came (each candidate is enabled, run and disabled).
@@ -31,7 +33,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -40,7 +42,8 @@ from tqdm import tqdm
 from diffopt.capture import CaptureError
 from diffopt.ir.statistics import CalibrationStatistics
 from diffopt.measure.fidelity import psnr
-from diffopt.measure.search import Candidate, check_floor, choose, pareto, save, search_space
+from diffopt.measure.plan_search import refined_candidate
+from diffopt.measure.search import Candidate, check_floor, choose, choose_within_budget, pareto, save, search_space
 from diffopt.passes.base import PassError
 from diffopt.passes.registry import pass_from_dict
 from diffopt.pipelines.call_key import flatten_arguments
@@ -52,8 +55,9 @@ Metric = Callable[[torch.Tensor, torch.Tensor], float]
 def tune(
     pipe: Any,
     calls: Sequence[Mapping[str, Any]],
-    min_psnr: float,
+    min_psnr: float | None = None,
     *,
+    budget: float | None = None,
     cost: str = "macs",
     validation_calls: Sequence[Mapping[str, Any]] | None = None,
     candidates: Sequence[Candidate] | None = None,
@@ -66,10 +70,17 @@ def tune(
 ) -> dict[str, Any]:
     """Search pass lists for ``pipe`` (see the module docstring); returns the summary: every
     scored row, the Pareto set, the choice and what was skipped. Raises ``ValueError`` when
-    no candidate meets ``min_psnr`` (and ``min_metric``) on the calls and held-out calls."""
+    no candidate meets ``min_psnr`` (and ``min_metric``) on the calls and held-out calls.
+    With ``budget`` (a fraction of the reference's MACs) instead of ``min_psnr``: the best on
+    held-out calls of the best-scoring candidates that cost at most that, its cache plan
+    refined when that does better there (``measure.plan_search.refined_candidate``)."""
     from diffopt.pipelines import _components
 
-    check_floor(min_psnr, cost)
+    if (min_psnr is None) == (budget is None):
+        raise ValueError("tune(): give exactly one of min_psnr= (a quality floor) or budget= (a cost ceiling)")
+    if budget is not None and (cost != "macs" or metric is not None):
+        raise ValueError("tune(): a budget is a fraction of the reference's MACs: use cost='macs' and no metric")
+    check_floor(min_psnr if budget is None else 1.0, cost)
     if _components(pipe):
         raise ValueError(f"tune(): diffopt is enabled on {type(pipe).__name__}: pass the plain pipeline")
     if (metric is None) != (min_metric is None):
@@ -80,20 +91,9 @@ def tune(
         if validation_calls is None
         else _checked_calls(validation_calls, "validation_calls", False)
     )
+    options = _Options(min_psnr, budget, cost, candidates, metric, min_metric, calibration, repeats, progress)
     with _progress_bars(pipe, progress):
-        summary = _search(
-            pipe,
-            calls,
-            validation_calls,
-            min_psnr,
-            cost,
-            candidates,
-            metric,
-            min_metric,
-            calibration,
-            repeats,
-            progress,
-        )
+        summary = _search(pipe, calls, validation_calls, options)
     if out is not None:
         summary["pass_file"] = str(save(summary, out))
     return summary
@@ -127,10 +127,23 @@ def _progress_bars(pipe: Any, shown: bool) -> Iterator[None]:
         pipe._progress_bar_config = saved
 
 
-def _search(  # tune's checked arguments, passed on as they are
-    pipe, calls, validation_calls, min_psnr, cost, candidates, metric, min_metric, calibration, repeats, progress
-) -> dict[str, Any]:
+class _Options(NamedTuple):
+    """``tune``'s checked options, as ``_search`` takes them."""
+
+    min_psnr: float | None
+    budget: float | None
+    cost: str
+    candidates: Sequence[Candidate] | None
+    metric: Metric | None
+    min_metric: float | None
+    calibration: CalibrationStatistics | None
+    repeats: int
+    progress: bool
+
+
+def _search(pipe, calls: list[dict], validation_calls: list[dict], options: _Options) -> dict[str, Any]:
     """``tune``'s search on checked arguments: score, time, validate, choose; the summary."""
+    min_psnr, budget, cost, candidates, metric, min_metric, calibration, repeats, progress = options
     runner = _PipelineRunner(pipe)
     reference_steps = runner.steps(calls[0])
     if candidates is None:
@@ -141,7 +154,9 @@ def _search(  # tune's checked arguments, passed on as they are
         _time(runner, [row for row in rows if row["psnr"] >= min_psnr], calls[0], reference_steps, calibration, repeats)
     held_out: dict[str, torch.Tensor] = {}
 
-    def validate(row: dict) -> bool:
+    def held_out_psnr(row: dict) -> float:
+        if "validation_psnr" in row:
+            return row["validation_psnr"]
         if "reference" not in held_out:
             held_out["reference"] = runner.reference(validation_calls)[0]
         candidate = Candidate(row["name"], tuple(row["passes"]), row["steps"], row["family"])
@@ -149,12 +164,23 @@ def _search(  # tune's checked arguments, passed on as they are
         row["validation_psnr"] = _psnr(outputs, held_out["reference"])
         if metric is not None:
             row["validation_metric"] = _metric_value(metric, outputs, held_out["reference"], row["name"])
-        return row["validation_psnr"] >= min_psnr and (metric is None or row["validation_metric"] >= min_metric)
+        return row["validation_psnr"]
 
-    chosen, rejected = choose(rows, min_psnr, cost, validate, type(pipe).__name__)
+    def validate(row: dict) -> bool:
+        return held_out_psnr(row) >= min_psnr and (metric is None or row["validation_metric"] >= min_metric)
+
+    if budget is None:
+        chosen, rejected = choose(rows, min_psnr, cost, validate, type(pipe).__name__)
+    else:
+        chosen, rejected = choose_within_budget(rows, budget, cost, held_out_psnr, type(pipe).__name__)
+        refined = _refined_row(runner, chosen, calls, reference_steps, calibration, progress)
+        if refined is not None:
+            rows.append(refined)
+            chosen = refined if held_out_psnr(refined) > held_out_psnr(chosen) else chosen
     summary = {
         "model": type(runner.denoiser).__name__ + f" in {type(pipe).__name__}",
         "min_psnr": min_psnr,
+        "budget": budget,
         "min_metric": min_metric,
         "cost": cost,
         "reference_steps": reference_steps,
@@ -240,6 +266,23 @@ def _score(
     if not rows:
         raise ValueError(f"no candidate fits {type(runner.pipe).__name__}: {skipped}")
     return rows, skipped
+
+
+def _refined_row(runner, row: dict, calls: list[dict], reference_steps: int, calibration, progress) -> dict | None:
+    """``row``'s cache with its plan refined on ``calls`` (``measure.plan_search``), as a
+    scored row; None when it has no fixed plan to refine."""
+    reference, reference_work = runner.reference(calls)
+
+    def run(candidate: Candidate) -> tuple[float, float]:
+        outputs, work = runner.candidate(candidate, calls, reference_steps, calibration)
+        return _psnr(outputs, reference), work / reference_work
+
+    found = refined_candidate(row, lambda candidate: run(candidate)[0], progress)
+    if found is None:
+        return None
+    refined, tried = found
+    psnr_value, mac_fraction = run(refined)
+    return {**refined.to_dict(), "psnr": psnr_value, "mac_fraction": mac_fraction, "plans_tried": tried}
 
 
 def _metric_value(metric: Metric, outputs: torch.Tensor, reference: torch.Tensor, candidate: str) -> float:

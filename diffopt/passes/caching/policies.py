@@ -6,10 +6,17 @@
   full steps, a cached step, then a full step every ``period`` (``cache_interval``)
   starting at ``warmup + 1``: ``Schedule(period, warmup, phase=1)``;
 - ``mask``: an explicit plan, one flag per step (1 full, 0 cached): ``ListSchedule``; its
-  length is the run's step count.
+  length is the run's step count;
+- ``error_gated`` (adaptive): every step first runs a probe, the model up to the block
+  before the target (the gate), and forecasts the gate's own value with the cache's
+  predictor; the target runs in full at step 0 and where ``mean|forecast - gate| /
+  mean|gate|`` (``relative_to="forecast"``: ``/ mean|forecast|``) exceeds ``threshold``:
+  ``AdaptiveSchedule`` (``passes.caching.rewrite`` builds the probe). With the ``reuse``
+  predictor and ``relative_to="forecast"`` this is diffusers' FirstBlockCache.
 
-Each lowers to a fixed schedule, so export and the no-host-sync rule hold, and the serving
-engine batches it.
+The fixed ones lower to a fixed schedule, so export and the no-host-sync rule hold, and the
+serving engine batches them; the adaptive one exports too (its probe's signal picks the
+variant on the host, as the first-block cache's does).
 """
 
 from __future__ import annotations
@@ -18,9 +25,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from diffopt.ir.schedules import BaseSchedule, ListSchedule, Schedule
-from diffopt.ir.specs import FULL
-from diffopt.ir.validation import require_int
+from diffopt.ir.schedules import AdaptiveSchedule, BaseSchedule, ListSchedule, Schedule
+from diffopt.ir.specs import FULL, PROBE
+from diffopt.ir.validation import require_int, require_number
 
 POLICIES: dict[str, type[Policy]] = {}
 
@@ -33,9 +40,11 @@ def register_policy(cls: type[Policy]) -> type[Policy]:
 
 class Policy:
     """Base of the refresh policies: ``schedule(between)`` is the plan, ``between`` the
-    variant of the steps that do not run in full."""
+    variant of the steps that do not run in full; ``adaptive`` ones decide at run time from a
+    probe variant the rewrite builds."""
 
     kind: ClassVar[str]
+    adaptive: ClassVar[bool] = False
 
     def schedule(self, between: str) -> BaseSchedule:
         raise NotImplementedError
@@ -90,3 +99,20 @@ class StepMask(Policy):
 
     def schedule(self, between):
         return ListSchedule(tuple(FULL if flag else between for flag in self.steps))
+
+
+@register_policy
+@dataclass(frozen=True)
+class ErrorGated(Policy):
+    kind: ClassVar[str] = "error_gated"
+    adaptive: ClassVar[bool] = True
+    threshold: float = 0.05
+    relative_to: str = "value"  # the error's scale: the gate's value, or the forecast (diffusers' FirstBlockCache)
+
+    def __post_init__(self) -> None:
+        require_number("error_gated policy", "threshold", self.threshold, minimum=0.0)
+        if self.relative_to not in ("value", "forecast"):
+            raise ValueError(f"error_gated policy: relative_to is 'value' or 'forecast', found {self.relative_to!r}")
+
+    def schedule(self, between):
+        return AdaptiveSchedule(PROBE, float(self.threshold), refresh=FULL, between=between)

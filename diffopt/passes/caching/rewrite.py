@@ -6,7 +6,8 @@ or ``forecast`` (any other) puts the predictor's ``predict`` where each target's
 was, so the target's work, and everything that only fed it, is gone from that graph. A
 residual target adds the prediction to the value entering its first block. The predictor's
 state, and a step counter, are threaded through every variant; the policy's schedule picks
-the variant of each step.
+the variant of each step. An adaptive policy also gets a ``probe`` variant (``_gate``): the
+model up to the block before the target, whose forecast error picks each step's variant.
 """
 
 from __future__ import annotations
@@ -19,12 +20,21 @@ import torch
 from torch import fx
 
 from diffopt.ir.annotations import NodeAnnotation, annotate
-from diffopt.ir.blocks import stream_named
-from diffopt.ir.graph_tools import add_variant, placeholders, remove_dead_code, state_shape, thread_states
+from diffopt.ir.blocks import all_blocks, first_and_last_streams, stream_named
+from diffopt.ir.graph_tools import (
+    add_variant,
+    finish_probe,
+    insert_relative_change,
+    placeholders,
+    remove_dead_code,
+    state_shape,
+    thread_states,
+)
 from diffopt.ir.program import StepProgram
-from diffopt.ir.specs import BATCH, CACHED, FORECAST, FULL, StateEntry
+from diffopt.ir.specs import BATCH, CACHED, FORECAST, FULL, PROBE, StateEntry
+from diffopt.passes.base import PassNotApplicable
 from diffopt.passes.caching.policies import Policy
-from diffopt.passes.caching.predictors import Predictor, trace_checked, trace_into
+from diffopt.passes.caching.predictors import Predictor, Traced, trace_checked, trace_into
 from diffopt.passes.caching.targets import CacheTarget, Target
 
 aten = torch.ops.aten
@@ -45,6 +55,9 @@ def cache_rewrite(
     ``<target>.<predictor's name>``, or by ``state_name(target, name)`` (presets keep the
     names their bundles were written with)."""
     targets = target.select(program.variants[FULL].graph, owner)
+    gate = _gate_block(program.variants[FULL].graph, targets, owner) if policy.adaptive else None
+    if gate is not None:
+        add_variant(program, PROBE, copy_of=FULL)
     between = CACHED if predictor.reuses else FORECAST
     add_variant(program, between, copy_of=FULL)
     clock: dict[str, dict[str, fx.Node]] = {}  # variant -> "t", "step" (if used), the shared clock state
@@ -83,8 +96,97 @@ def cache_rewrite(
         program = _cache_one(
             program, owner, cache_target, predictor, between, clock, clock_inputs, constants, state_name
         )
+    if gate is not None:
+        relative_to_forecast = policy.relative_to == "forecast"
+        gate_parts = (gate, targets[0].last, relative_to_forecast)
+        program = _gate(program, owner, gate_parts, predictor, between, clock, clock_inputs, constants)
+        remove_dead_code(program.variants[FULL])
     remove_dead_code(program.variants[between])
     return dataclasses.replace(program, schedule=policy.schedule(between))
+
+
+def _gate_block(graph: fx.Graph, targets: list[CacheTarget], owner: str) -> str:
+    """The block an error-gated cache probes: the one right before its targets' first block."""
+    firsts = {target.first for target in targets}
+    blocks = all_blocks(graph)
+    if len(firsts) != 1:
+        raise ValueError(f"{owner}: an adaptive policy gates one span of blocks, the targets start at {sorted(firsts)}")
+    (first,) = firsts
+    if blocks.index(first) == 0:
+        raise PassNotApplicable(f"{owner}: an adaptive policy probes the block before the target; {first} is the first")
+    return blocks[blocks.index(first) - 1]
+
+
+def _gate(
+    program: StepProgram,
+    owner: str,
+    gate_parts: tuple[str, str, bool],
+    predictor: Predictor,
+    between: str,
+    clock: dict[str, dict[str, fx.Node]],
+    clock_inputs: dict[str, torch.Tensor],
+    constants: dict[str, torch.Tensor],
+) -> StepProgram:
+    """The probe of an adaptive policy; ``gate_parts``: the gate block, the target's last
+    block, and whether the error is relative to the forecast. The ``probe`` variant runs the
+    model up to the gate's outputs and returns ``mean|forecast - value| / mean|value|`` (or
+    ``/ mean|forecast|``) of the gate's value (the residual, or output, of the gate stream
+    the target's first stream continues) against ``predictor``'s forecast of it; the gate's
+    outputs reach ``full`` and ``between`` through state (the gate runs once per step), and
+    ``full`` updates the gate's predictor state with its value."""
+    gate, last, relative_to_forecast = gate_parts
+    graph = program.variants[FULL].graph
+    batch = _example_batch(program)
+    streams, pairs = first_and_last_streams(graph, gate, last)
+    signal_stream = streams.index(pairs[0][0])
+    names = [stream.output.name for stream in streams]
+    suffixes = [f".stream{index}" if len(streams) > 1 else "" for index in range(len(streams))]
+    outputs, hidden_inputs = {}, {}  # variant -> the gate's outputs, its signal stream's hidden input
+
+    def pass_outputs(variant, graph, state_inputs):
+        boundaries = [stream_named(graph, gate, name) for name in names]
+        hidden_inputs[variant] = boundaries[signal_stream].hidden_input
+        if variant == PROBE:
+            outputs[variant] = [boundary.output for boundary in boundaries]
+            return outputs[variant]
+        for boundary, state_input in zip(boundaries, state_inputs):
+            boundary.output.replace_all_uses_with(state_input)  # the probe computed it
+        outputs[variant] = list(state_inputs)
+        return list(state_inputs)
+
+    entries = tuple(
+        _entry(f"{gate}{suffix}.gate_output", _example(stream.output, batch), owner)
+        for stream, suffix in zip(streams, suffixes)
+    )
+    program = thread_states(program, entries, pass_outputs)
+    example = _example(streams[signal_stream].output, batch)
+    state, update, predict = _traced(predictor, example, clock_inputs, constants)
+    signal = {}
+
+    def gate_state(variant, graph, state_inputs):
+        if variant == between:
+            return list(state_inputs)
+        constant_nodes = _constants(program.variants[variant], graph, owner, f"{gate}.gate", constants)
+        times = [clock[variant][name] for name in clock_inputs]
+        with graph.inserting_before(graph.output_node()):
+            value = outputs[variant][signal_stream]
+            if hidden_inputs[variant] is not None:
+                value = graph.call_function(aten.sub.Tensor, (value, hidden_inputs[variant]))
+            if variant == FULL:
+                new = trace_into(graph, update, [value, *times, *state_inputs, *constant_nodes])
+                return [new[name] for name in state]
+            forecast = trace_into(graph, predict, [*times, *state_inputs, *constant_nodes])["value"]
+        signal[variant] = (
+            insert_relative_change(graph, value, forecast)
+            if relative_to_forecast
+            else insert_relative_change(graph, forecast, value)
+        )
+        return list(state_inputs)
+
+    entries = tuple(_entry(f"{gate}.gate.{name}", tensor, owner) for name, tensor in state.items())
+    program = thread_states(program, entries, gate_state)
+    finish_probe(program.variants[PROBE], signal[PROBE])
+    return program
 
 
 def _count_steps(clock: dict[str, dict[str, fx.Node]]):
@@ -93,6 +195,8 @@ def _count_steps(clock: dict[str, dict[str, fx.Node]]):
     def count(variant, graph, state_inputs):
         (step,) = state_inputs
         clock[variant]["step"] = step
+        if variant == PROBE:  # the step's variant counts it
+            return (step,)
         with graph.inserting_before(graph.output_node()):
             return (graph.call_function(aten.add.Tensor, (step, 1.0)),)
 
@@ -125,8 +229,44 @@ def _cache_one(
 ) -> StepProgram:
     """Thread ``predictor``'s state for ``target`` and rewrite its value in every variant."""
     output = stream_named(program.variants[FULL].graph, target.last, target.output).output
-    batch = _example_batch(program)
-    value = _example(output, batch)
+    state, update, predict = _traced(predictor, _example(output, _example_batch(program)), clock_inputs, constants)
+    named = state_name or (lambda target, name: f"{target.name}.{name}")
+    entries = tuple(_entry(named(target, name), tensor, owner) for name, tensor in state.items())
+    block = target.first if target.first == target.last else f"{target.first}..{target.last}"
+    details = {"target": target.name, "block": block, "predictor": predictor.kind}
+
+    def rewrite(variant, graph, state_inputs):
+        if variant == PROBE:  # an adaptive policy's probe stops before the target
+            return list(state_inputs)
+        constant_nodes = _constants(program.variants[variant], graph, owner, target.name, constants)
+        times = [clock[variant][name] for name in clock_inputs]
+        if variant == FULL:
+            current = _target_value(graph, target)
+            annotate(current, NodeAnnotation(FULL, owner, details=details))
+            with graph.inserting_before(current.next):  # inserting_after would reverse the copied nodes
+                new = trace_into(graph, update, [current, *times, *state_inputs, *constant_nodes])
+            return [new[name] for name in state]
+        boundary = stream_named(graph, target.last, target.output)
+        with graph.inserting_before(boundary.output):
+            predicted = trace_into(graph, predict, [*times, *state_inputs, *constant_nodes])["value"]
+            replacement = predicted
+            if target.head is not None:
+                hidden_input = stream_named(graph, target.first, target.head).hidden_input
+                replacement = graph.call_function(aten.add.Tensor, (hidden_input, predicted))
+        replacement.meta["val"] = boundary.output.meta["val"]  # later blocks find their input by shape
+        annotate(replacement, NodeAnnotation(between, owner, reason=f"{target.name} {predictor.kind}", details=details))
+        boundary.output.replace_all_uses_with(replacement)
+        return list(state_inputs)
+
+    return thread_states(program, entries, rewrite)
+
+
+def _traced(
+    predictor: Predictor, value: torch.Tensor, clock_inputs: dict[str, torch.Tensor], constants: dict
+) -> tuple[dict[str, torch.Tensor], Traced, Traced]:
+    """``predictor``'s state examples for a value like ``value``, and its ``update`` and
+    ``predict`` traced for it."""
+    batch = value.shape[0]
     state = {name: _example_like(tensor, batch) for name, tensor in predictor.state(value).items()}
     _check_names(predictor, {**{k: v for k, v in clock_inputs.items() if k not in CLOCK_NAMES}, **state}, constants)
     batched = ["value", *clock_inputs, *state]
@@ -150,33 +290,7 @@ def _cache_one(
         raise ValueError(
             f"{predictor.kind} predictor: update returns {sorted(update.outputs)}, its state is {sorted(state)}"
         )
-    named = state_name or (lambda target, name: f"{target.name}.{name}")
-    entries = tuple(_entry(named(target, name), tensor, owner) for name, tensor in state.items())
-    block = target.first if target.first == target.last else f"{target.first}..{target.last}"
-    details = {"target": target.name, "block": block, "predictor": predictor.kind}
-
-    def rewrite(variant, graph, state_inputs):
-        constant_nodes = _constants(program.variants[variant], graph, owner, target, constants)
-        times = [clock[variant][name] for name in clock_inputs]
-        if variant == FULL:
-            current = _target_value(graph, target)
-            annotate(current, NodeAnnotation(FULL, owner, details=details))
-            with graph.inserting_before(current.next):  # inserting_after would reverse the copied nodes
-                new = trace_into(graph, update, [current, *times, *state_inputs, *constant_nodes])
-            return [new[name] for name in state]
-        boundary = stream_named(graph, target.last, target.output)
-        with graph.inserting_before(boundary.output):
-            predicted = trace_into(graph, predict, [*times, *state_inputs, *constant_nodes])["value"]
-            replacement = predicted
-            if target.head is not None:
-                hidden_input = stream_named(graph, target.first, target.head).hidden_input
-                replacement = graph.call_function(aten.add.Tensor, (hidden_input, predicted))
-        replacement.meta["val"] = boundary.output.meta["val"]  # later blocks find their input by shape
-        annotate(replacement, NodeAnnotation(between, owner, reason=f"{target.name} {predictor.kind}", details=details))
-        boundary.output.replace_all_uses_with(replacement)
-        return list(state_inputs)
-
-    return thread_states(program, entries, rewrite)
+    return state, update, predict
 
 
 def _example_batch(program: StepProgram) -> int:
@@ -228,12 +342,13 @@ def _target_value(graph: fx.Graph, target: CacheTarget) -> fx.Node:
 
 
 def _constants(
-    module: fx.GraphModule, graph: fx.Graph, owner: str, target: CacheTarget, constants: dict[str, torch.Tensor]
+    module: fx.GraphModule, graph: fx.Graph, owner: str, user: str, constants: dict[str, torch.Tensor]
 ) -> list[fx.Node]:
-    """``get_attr`` nodes of the predictor's constants, registered as buffers of ``module``."""
+    """``get_attr`` nodes of the predictor's constants for ``user`` (a target's name),
+    registered as buffers of ``module``."""
     nodes = []
     for name, tensor in constants.items():
-        attribute = re.sub(r"\W", "_", f"{owner}.{target.name}.{name}")
+        attribute = re.sub(r"\W", "_", f"{owner}.{user}.{name}")
         module.register_buffer(attribute, tensor)
         with graph.inserting_after(placeholders(graph)[-1]):
             nodes.append(graph.get_attr(attribute))

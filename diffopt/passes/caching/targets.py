@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from torch import fx
 
-from diffopt.ir.blocks import all_blocks, block_chain, block_streams, first_and_last_streams
+from diffopt.ir.blocks import all_blocks, block_chain, block_streams, first_and_last_streams, selected_blocks
 from diffopt.ir.validation import block_names, chain_names
 from diffopt.passes.base import PassNotApplicable
 
@@ -70,12 +71,7 @@ class _ChainTarget(Target):
 
     def _selected(self, graph: fx.Graph, owner: str) -> tuple[list[str], list[str]]:
         chain = block_chain(graph, self.container, owner)
-        if self.blocks is None:
-            return chain, chain
-        missing = sorted(set(self.blocks) - set(chain))
-        if missing:
-            raise ValueError(f"{owner}: blocks {missing} are not in the chain {chain}")
-        return chain, [block for block in chain if block in self.blocks]
+        return chain, selected_blocks(chain, self.blocks, owner)
 
 
 def span_targets(graph: fx.Graph, chain: list[str], selected: list[str], value: str) -> list[CacheTarget]:
@@ -137,12 +133,12 @@ class Blocks(Target):
 
     def select(self, graph, owner):
         found = all_blocks(graph)
-        missing = sorted(set(self.blocks or ()) - set(found))
-        if missing:
-            raise ValueError(f"{owner}: blocks {missing} not found; the graph's blocks are {found}")
+        blocks = {block: block_streams(graph, block) for block in selected_blocks(found, self.blocks, owner)}
+        skipped = {block: "passes no tensor on" for block, streams in blocks.items() if not streams}
+        if skipped and self.blocks is None:
+            warnings.warn(f"{owner} skips blocks {skipped}", stacklevel=2)
         targets = []
-        for block in [b for b in found if self.blocks is None or b in self.blocks]:
-            streams = block_streams(graph, block)
+        for block, streams in blocks.items():
             for index, stream in enumerate(streams):
                 suffix = f".stream{index}" if len(streams) > 1 else ""
                 head = stream.output.name if stream.hidden_input is not None else None
