@@ -62,12 +62,14 @@ def all_blocks(graph: fx.Graph) -> list[str]:
     return [name for names in find_blocks(graph).values() for name in names]
 
 
-def selected_blocks(found: Sequence[str], names: Sequence[str] | None, owner: str) -> list[str]:
-    """The blocks of ``found`` (graph order) that ``names`` selects (None: all of them); a
-    name not among them is refused, naming it and what there is."""
+def selected_blocks(
+    found: Sequence[str], names: Sequence[str] | None, owner: str, where: str = "the graph's blocks"
+) -> list[str]:
+    """The blocks of ``found`` (graph order; ``where`` says what they are) that ``names``
+    selects (None: all of them); a name not among them is refused, naming it and what there is."""
     missing = sorted(set(names or ()) - set(found))
     if missing:
-        raise ValueError(f"{owner}: blocks {missing} not found; the graph's blocks are {list(found)}")
+        raise ValueError(f"{owner}: blocks {missing} not found; {where} are {list(found)}")
     return [block for block in found if names is None or block in names]
 
 

@@ -71,7 +71,7 @@ class _ChainTarget(Target):
 
     def _selected(self, graph: fx.Graph, owner: str) -> tuple[list[str], list[str]]:
         chain = block_chain(graph, self.container, owner)
-        return chain, selected_blocks(chain, self.blocks, owner)
+        return chain, selected_blocks(chain, self.blocks, owner, "the chain's blocks")
 
 
 def span_targets(graph: fx.Graph, chain: list[str], selected: list[str], value: str) -> list[CacheTarget]:
