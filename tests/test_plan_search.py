@@ -89,5 +89,9 @@ def test_a_pipeline_tune_under_a_budget_refines_the_plan_on_its_calls():
     assert "validation_psnr" in refined and "validation_psnr" in summary["chosen"]
     with pytest.raises(ValueError, match="exactly one of min_psnr"):
         diffopt.tune(pipe, calls, 30.0, budget=0.5)
+    with pytest.raises(ValueError, match=r"budget is a fraction .* found 1.5"):  # before any candidate runs
+        diffopt.tune(pipe, calls, budget=1.5)
+    with pytest.raises(ValueError, match=r"budget is a fraction .* found 0"):
+        tune("dit-digits", budget=0, candidates=[Configuration("x", (), steps=2)], samples=1)
     with pytest.raises(ValueError, match="use cost='macs' and no metric"):
         diffopt.tune(pipe, calls, budget=0.5, cost="time")

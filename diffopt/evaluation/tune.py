@@ -41,7 +41,15 @@ from diffopt.evaluation.bench import (
 )
 from diffopt.evaluation.runs import time_runs
 from diffopt.measure.plan_search import refined_candidate
-from diffopt.measure.search import Candidate, check_floor, choose, choose_within_budget, pareto, search_space
+from diffopt.measure.search import (
+    Candidate,
+    check_budget,
+    check_floor,
+    choose,
+    choose_within_budget,
+    pareto,
+    search_space,
+)
 from diffopt.models import example_inputs, load
 from diffopt.passes.base import PassError
 
@@ -79,6 +87,8 @@ def tune(
     if budget is not None and cost != "macs":
         raise ValueError("tune(): a budget is a fraction of the reference's MACs: use cost='macs' with it")
     check_floor(min_psnr if budget is None else 1.0, cost)
+    if budget is not None:
+        check_budget(budget)
     scored = score(model_name, candidates, samples, progress)
     model, config, rows, denoisers, skipped = scored.model, scored.config, scored.rows, scored.denoisers, scored.skipped
     if cost == "time":

@@ -164,6 +164,12 @@ def check_floor(min_psnr: Any, cost: Any) -> None:
         raise ValueError(f"cost must be one of {COSTS}, found {cost!r}")
 
 
+def check_budget(budget: Any) -> None:
+    """Refuse a budget a tune cannot use, naming it (before any candidate runs)."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1:
+        raise ValueError(f"the budget is a fraction of the reference's cost in (0, 1], found {budget!r}")
+
+
 def choose(
     rows: Sequence[dict], min_psnr: float, cost: str, validate: Callable[[dict], bool], where: str
 ) -> tuple[dict, list[str]]:
@@ -197,8 +203,7 @@ def choose_within_budget(
     """The row with the best held-out quality (``validate`` gives its held-out PSNR) among the
     ``MAX_VALIDATIONS`` best-scoring rows whose cost is at most ``budget``, and the names of
     the others tried. Raises ``ValueError`` when no row fits the budget."""
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1:
-        raise ValueError(f"the budget is a fraction of the reference's cost in (0, 1], found {budget!r}")
+    check_budget(budget)
     fitting = [row for row in rows if row[COST_KEYS[cost]] <= budget + 1e-9]
     if not fitting:
         cheapest = min(rows, key=lambda r: r[COST_KEYS[cost]]) if rows else None

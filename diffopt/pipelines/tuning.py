@@ -43,7 +43,16 @@ from diffopt.capture import CaptureError
 from diffopt.ir.statistics import CalibrationStatistics
 from diffopt.measure.fidelity import psnr
 from diffopt.measure.plan_search import refined_candidate
-from diffopt.measure.search import Candidate, check_floor, choose, choose_within_budget, pareto, save, search_space
+from diffopt.measure.search import (
+    Candidate,
+    check_budget,
+    check_floor,
+    choose,
+    choose_within_budget,
+    pareto,
+    save,
+    search_space,
+)
 from diffopt.passes.base import PassError
 from diffopt.passes.registry import pass_from_dict
 from diffopt.pipelines.call_key import flatten_arguments
@@ -81,6 +90,8 @@ def tune(
     if budget is not None and (cost != "macs" or metric is not None):
         raise ValueError("tune(): a budget is a fraction of the reference's MACs: use cost='macs' and no metric")
     check_floor(min_psnr if budget is None else 1.0, cost)
+    if budget is not None:
+        check_budget(budget)
     if _components(pipe):
         raise ValueError(f"tune(): diffopt is enabled on {type(pipe).__name__}: pass the plain pipeline")
     if (metric is None) != (min_metric is None):
