@@ -36,13 +36,14 @@ from diffopt.evaluation.baselines import CacheDitBaseline, DiffusersCacheHook, m
 from diffopt.evaluation.bench import measure
 from diffopt.evaluation.metrics.digits import digits_fd
 from diffopt.evaluation.runs import generate
-from diffopt.evaluation.tune import score
+from diffopt.evaluation.tune import LEARNED_FIT_SAMPLES, LEARNED_FIT_SEED, score
 from diffopt.ir.program import StepProgram
 from diffopt.measure.predictor_fit import fit_learned
 from diffopt.measure.search import choose_within_budget
 from diffopt.models import example_inputs, load
 from diffopt.passes.cache import CachePass
 from diffopt.passes.caching.policies import ErrorGated, Periodic, TaylorSeerPlan
+from diffopt.passes.caching.predictors import Learned
 from diffopt.passes.caching.targets import AfterFirst, Blocks, Span
 from diffopt.passes.registry import load_passes, pass_from_dict, pass_to_dict, save_passes
 
@@ -283,6 +284,7 @@ def tune_picks(out: Path, samples: int, name: str, budgets: tuple[float, ...] = 
             validation_psnr=chosen["validation_psnr"],
             mac_fraction=chosen["mac_fraction"],
             plans_tried=chosen.get("plans_tried"),
+            predictor_fitted_on=_fitted_on(chosen),
             command=f"python benchmarks/caching_pareto.py --tune-picks {name}",
         )
         row, images = measure(
@@ -292,6 +294,14 @@ def tune_picks(out: Path, samples: int, name: str, budgets: tuple[float, ...] = 
         record["settings"] = {"tried": tried, "passes": chosen["passes"], "steps": chosen["steps"]}
         _append(out, {**record, "samples": samples, "fd": digits_fd(images), **row})
         print(f"{name:22} {record['name'][:60]:60} {row['psnr']:6.2f} dB", flush=True)
+
+
+def _fitted_on(chosen: dict) -> str | None:
+    """Where the choice's learned predictor's weights (in the pass file) were fitted, if it has one."""
+    predictor = pass_from_dict(chosen["passes"][0]).predictor if chosen["passes"] else None
+    if not isinstance(predictor, Learned):
+        return None
+    return f"{LEARNED_FIT_SAMPLES} samples of seed {LEARNED_FIT_SEED}'s noise (tune's Scored.learned_predictor)"
 
 
 def transferred_picks(graph) -> Iterator[tuple[int, str, dict, Callable]]:

@@ -20,6 +20,7 @@ import torch
 
 from diffopt.capture import CaptureError, capture
 from diffopt.export.onnx import ExportError
+from diffopt.ir.modules import load_installed_plugins, load_plugin, loaded_plugins
 from diffopt.measure.macs import summarize
 from diffopt.models.zoo import UnknownModelError
 from diffopt.passes.base import PassError
@@ -134,6 +135,8 @@ def command_info(args: argparse.Namespace) -> None:
         f"({100 * linear_macs / max(summary.total_macs, 1):.1f}% of all)"
     )
     print("blocks     " + ("; ".join(f"{c}: {len(b)}" for c, b in summary.blocks.items()) or "none found"))
+    for module, source in loaded_plugins().items():
+        print(f"plugin     {module} ({source}): registers {', '.join(_registered_by(module)) or 'nothing'}")
     print("\nops (top 15):")
     print(format_table(["op", "count"], summary.op_counts.most_common(15)))
     if args.layers:
@@ -143,6 +146,20 @@ def command_info(args: argparse.Namespace) -> None:
             for layer in summary.linear_layers
         ]
         print(format_table(["module", "op", "weight", "kMACs"], rows))
+
+
+def _registered_by(module: str) -> list[str]:
+    """The passes and backends that classes of ``module`` registered, as ``pass X`` / ``backend Y``."""
+    from diffopt.passes.registry import registered_passes
+    from diffopt.runtime.backends import registered_backends
+
+    found = [f"pass {name}" for name, cls in registered_passes().items() if cls.__module__ == module]
+    return found + [f"backend {name}" for name, cls in registered_backends().items() if cls.__module__ == module]
+
+
+def _plugin_options() -> str:
+    """The ``--plugin`` options that load this run's command-line plugins again (installed ones load themselves)."""
+    return "".join(f" --plugin {module}" for module, source in loaded_plugins().items() if source == "--plugin")
 
 
 def _timed(run: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float]:
@@ -443,8 +460,9 @@ def command_bench(args: argparse.Namespace) -> None:
         f"--repeats {args.repeats} --reference-seeds {args.reference_seeds}"
         + (" --timing-only" if args.timing_only else "")
         + (" --only " + " ".join(f'"{name}"' for name in args.only) if args.only else "")
+        + _plugin_options()
     )
-    write_results(summary, args.out, title, command)
+    write_results({**summary, "plugins": loaded_plugins()}, args.out, title, command)
     print(f"wrote {args.out}.json, .md" + ("" if args.timing_only else ", .png"))
 
 
@@ -465,7 +483,9 @@ def _bench_pipeline(args: argparse.Namespace) -> None:
         + (f" --pipeline {args.pipeline}" if args.pipeline else f" --model {args.factory}")
         + (f" --calls {args.calls}" if args.calls else "")
         + (f" --steps {args.steps}" if args.steps is not None else "")
+        + _plugin_options()
     )
+    summary["plugins"] = loaded_plugins()
     write_text(Path(f"{args.out}.json"), json.dumps(summary, indent=2, default=str))
     rows = [
         (r["name"], r["steps"], f"{r['mac_fraction']:.3f}", f"{r['psnr']:.1f}", f"{1 / r['time_fraction']:.2f}x")
@@ -520,7 +540,8 @@ def command_tune(args: argparse.Namespace) -> None:
             raise UsageError("tune scores whole sampling runs: give a pipeline (--pipeline, or a factory making one)")
     except ValueError as error:  # nothing meets the floor, or nothing validates
         raise UsageError(str(error)) from None
-    summary["command"] = f"diffopt tune {args.model or ''} {options}".replace("  ", " ")
+    summary["command"] = f"diffopt tune {args.model or ''} {options}{_plugin_options()}".replace("  ", " ")
+    summary["plugins"] = loaded_plugins()
     passes = save(summary, args.out)
     print(format_summary(summary))
     print(f"wrote {args.out}.json, {args.out}.png and the chosen passes to {passes}")
@@ -716,8 +737,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     serve.add_argument("--port", type=_bounded(int, 1, "--port"), default=8000)
     serve.add_argument("--address", help="a Ray cluster to join (default: RAY_ADDRESS, else a local instance)")
     serve.set_defaults(run=command_serve)
+    for command in commands.choices.values():
+        command.add_argument(
+            "--plugin",
+            action="append",
+            default=[],
+            metavar="MODULE",
+            help="import this module first (it registers passes or backends); also DIFFOPT_PLUGINS, entry points",
+        )
     args = parser.parse_args(argv)
     try:
+        load_installed_plugins()
+        for module in args.plugin:
+            load_plugin(module)
         args.run(args)
     except USER_ERRORS as error:
         message = " ".join(str(error).split()) or type(error).__name__

@@ -9,6 +9,7 @@ from diffopt.evaluation.tune import tune
 from diffopt.measure.plan_search import MOVES, plan_mask, refine_mask
 from diffopt.measure.search import Candidate
 from diffopt.passes.caching.policies import StepMask, TaylorSeerPlan
+from diffopt.passes.caching.predictors import Learned
 from diffopt.passes.registry import pass_from_dict
 
 
@@ -47,7 +48,7 @@ def test_a_mask_the_climb_cannot_start_from_is_refused(mask):
         refine_mask(mask, lambda mask: 0.0)
 
 
-def test_tune_under_a_budget_refines_its_choice_plan_and_keeps_it_only_when_held_out_noise_agrees():
+def test_tune_under_a_budget_refines_its_choice_plan_then_predictor_keeping_each_only_when_held_out_noise_agrees():
     cache = {
         "pass": "CachePass",
         "target": {"kind": "span", "value": "output"},
@@ -64,9 +65,14 @@ def test_tune_under_a_budget_refines_its_choice_plan_and_keeps_it_only_when_held
     assert sum(policy.steps) == sum(plan_mask(TaylorSeerPlan(period=4, warmup=1), 8))
     assert refined["mac_fraction"] == pytest.approx(original["mac_fraction"], rel=1e-6)
     assert refined["plans_tried"] > 1
-    chosen = summary["chosen"]
-    better = refined["validation_psnr"] > original["validation_psnr"]
-    assert chosen["name"] == (refined if better else original)["name"]
+    better = refined if refined["validation_psnr"] > original["validation_psnr"] else original
+    learned = rows[f"{better['name']}, learned h2"]  # the predictor fitted for the better plan
+    cache = pass_from_dict(learned["passes"][0])
+    assert isinstance(cache.predictor, Learned) and len(cache.predictor.weights) == 8
+    assert cache.policy == pass_from_dict(better["passes"][0]).policy
+    assert learned["mac_fraction"] == pytest.approx(original["mac_fraction"], rel=1e-6)
+    best = learned if learned["validation_psnr"] > better["validation_psnr"] else better
+    assert summary["chosen"]["name"] == best["name"]
 
 
 def test_a_pipeline_tune_under_a_budget_refines_the_plan_on_its_calls():

@@ -11,7 +11,9 @@
 3. With a budget, the choice's cache plan is then refined (``Scored.refine_plan``: its full
    steps moved, their count and so the MACs kept, ``measure.plan_search``) on a few
    calibration samples, and the refined plan replaces the choice when it also does better
-   on the held-out noise.
+   on the held-out noise. Then its predictor is replaced by a learned one
+   (``Scored.learned_predictor``: fitted for that plan on noise of its own seed,
+   ``measure.predictor_fit``), which replaces the choice on the same condition.
 4. The result lists every candidate, the Pareto set (cost vs PSNR) and the choice;
    ``measure.search.save`` writes it as JSON and PNG and the choice as a pass file
    (``diffopt.passes.registry.load_passes``), so deployment applies exactly that.
@@ -39,8 +41,10 @@ from diffopt.evaluation.bench import (
     reference_calibration,
     with_reference_steps,
 )
-from diffopt.evaluation.runs import time_runs
+from diffopt.evaluation.runs import generate, time_runs
+from diffopt.ir.program import StepProgram
 from diffopt.measure.plan_search import refined_candidate
+from diffopt.measure.predictor_fit import learned_candidate
 from diffopt.measure.search import (
     Candidate,
     check_budget,
@@ -56,6 +60,8 @@ from diffopt.passes.base import PassError
 CALIBRATION_SEED = 0
 VALIDATION_SEED = 1_000_000  # noise no calibration run draws
 PLAN_SEARCH_SAMPLES = 24  # samples per plan the plan search measures
+LEARNED_FIT_SEED = 500_000  # the noise a learned predictor is fitted on (neither scoring's nor validation's)
+LEARNED_FIT_SAMPLES = 16
 
 
 def default_candidates(graph) -> list[Configuration]:
@@ -81,7 +87,8 @@ def tune(
     summary (see the module docstring). With ``min_psnr``: the cheapest candidate over that
     floor on held-out noise (``ValueError`` when none is); with ``budget`` (a fraction of the
     reference's cost) instead: the best on held-out noise of the best-scoring candidates that
-    cost at most that, its cache plan refined when that does better there (``refine_plan``)."""
+    cost at most that, its cache plan refined and its predictor learned where each does better
+    there (``refine_plan``: both steps, or neither)."""
     if (min_psnr is None) == (budget is None):
         raise ValueError("tune(): give exactly one of min_psnr= (a quality floor) or budget= (a cost ceiling)")
     if budget is not None and cost != "macs":
@@ -196,13 +203,32 @@ class Scored:
         self.rows.append({**refined_row, "plans_tried": tried})
         return self.rows[-1]
 
+    def learned_predictor(self, row: dict, progress: bool = False) -> dict | None:
+        """``row``'s cache with a ``Learned`` predictor fitted for its plan on
+        ``LEARNED_FIT_SAMPLES`` samples of ``LEARNED_FIT_SEED``'s noise, scored like every row
+        and added to ``rows``; None when ``row`` is not one cache with a fixed plan."""
+
+        def sample(denoiser, steps):
+            return generate(denoiser, self.config, steps, LEARNED_FIT_SAMPLES, seed=LEARNED_FIT_SEED)
+
+        learned = learned_candidate(row, StepProgram.from_captured(self.graph), sample)
+        if learned is None:
+            return None
+        existing = next((r for r in self.rows if r["name"] == learned.name), None)
+        if existing is None:
+            existing = {**learned.to_dict(), **self.measure(_configuration(learned), self.samples, self.seed)}
+            self.rows.append(existing)
+        return existing
+
     def refine_choice(self, row: dict, validation_samples: int, progress: bool = False) -> dict:
-        """``row``, or its refined plan (``refine_plan``) when that does better on held-out noise."""
-        refined = self.refine_plan(row, progress=progress)
-        if refined is None or refined is row:
-            return row
-        better = self.validate(refined, validation_samples) > self.validate(row, validation_samples)
-        return refined if better else row
+        """``row``, its plan refined (``refine_plan``), then its predictor learned
+        (``learned_predictor``): each step kept when it does better on held-out noise."""
+        for refine in (self.refine_plan, self.learned_predictor):
+            refined = refine(row, progress=progress)
+            if refined is not None and refined is not row:
+                better = self.validate(refined, validation_samples) > self.validate(row, validation_samples)
+                row = refined if better else row
+        return row
 
 
 def _configuration(candidate: Candidate) -> Configuration:

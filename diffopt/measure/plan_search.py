@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from diffopt.ir.specs import FULL
 from diffopt.measure.search import Candidate
+from diffopt.passes.cache import CachePass
 from diffopt.passes.caching.policies import Periodic, Policy, StepMask, TaylorSeerPlan
 from diffopt.passes.registry import pass_from_dict
 
@@ -71,6 +72,15 @@ def refine_mask(
     return mask, best, measured
 
 
+def fixed_plan_cache(row: dict) -> CachePass | None:
+    """The ``CachePass`` that is ``row``'s whole pass list, when its policy is a fixed plan
+    (an adaptive or step-count candidate has no mask to move or fit for); else None."""
+    if len(row["passes"]) != 1 or row["passes"][0].get("pass") != "CachePass":
+        return None
+    cache = pass_from_dict(row["passes"][0])
+    return cache if isinstance(cache.policy, (Periodic, TaylorSeerPlan, StepMask)) else None
+
+
 def refined_candidate(
     row: dict, quality: Callable[[Candidate], float], progress: bool = False
 ) -> tuple[Candidate, int] | None:
@@ -78,10 +88,8 @@ def refined_candidate(
     cache's plan refined by ``refine_mask``, ``quality(candidate)`` measuring each plan tried,
     and how many plans were measured; None when ``row`` is not one ``CachePass`` with a
     fixed plan (an adaptive or step-count candidate has no mask to move)."""
-    if len(row["passes"]) != 1 or row["passes"][0].get("pass") != "CachePass":
-        return None
-    cache = pass_from_dict(row["passes"][0])
-    if not isinstance(cache.policy, (Periodic, TaylorSeerPlan, StepMask)):
+    cache = fixed_plan_cache(row)
+    if cache is None:
         return None
 
     def candidate(mask: tuple[int, ...]) -> Candidate:

@@ -14,11 +14,13 @@
    a ``history x history`` system per step: seconds on a CPU.
 
 The fitted ``Learned`` predictor holds the table (rows of full steps are unused); it is
-fitted for one plan and step count, and saved in pass files like any option.
+fitted for one plan and step count, and saved in pass files like any option (its
+``weights``). ``learned_candidate`` makes a scored tune candidate's cache use one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -28,12 +30,16 @@ from diffopt.ir.blocks import stream_named
 from diffopt.ir.program import StepProgram
 from diffopt.ir.specs import FULL
 from diffopt.measure.interpreter import InstrumentedBackend, NodeHook
+from diffopt.measure.plan_search import fixed_plan_cache
+from diffopt.measure.search import Candidate
 from diffopt.passes.caching.policies import Policy
 from diffopt.passes.caching.predictors import Learned, Newton, Predictor
 from diffopt.passes.caching.rewrite import cache_rewrite
 from diffopt.passes.caching.targets import Target
+from diffopt.passes.registry import pass_to_dict
 from diffopt.runtime.denoiser import OptimizedDenoiser
 
+LEARNED_HISTORY = 2  # full values a tune-fitted predictor weighs
 RIDGE = 1e-8  # relative to the mean diagonal of each system: keeps steps with missing history solvable
 
 
@@ -132,3 +138,21 @@ def fit_learned(
         solved = torch.linalg.solve(system[:used, :used] + ridge * torch.eye(used, dtype=torch.float64), right[:used])
         rows.append(tuple(float(w) for w in solved) + (0.0,) * (history - used))
     return Learned(history=history, weights=tuple(rows))
+
+
+def learned_candidate(
+    row: dict, program: StepProgram, sample: Callable[[OptimizedDenoiser, int], Any], history: int = LEARNED_HISTORY
+) -> Candidate | None:
+    """``row`` (a scored tune candidate) with its cache's predictor replaced by a ``Learned``
+    one fitted for its plan and step count on the runs ``sample(denoiser, steps)`` makes (the
+    caller's calibration inputs; it scores the result on others); None when ``row`` is not
+    one ``CachePass`` with a fixed plan, or already uses a learned predictor."""
+    cache = fixed_plan_cache(row)
+    if cache is None or isinstance(cache.predictor, Learned):
+        return None
+    steps = row["steps"]
+    fitted = fit_learned(
+        program, cache.target, cache.policy, steps, history, lambda denoiser: sample(denoiser, steps), cache.predictor
+    )
+    item = pass_to_dict(dataclasses.replace(cache, predictor=fitted))
+    return Candidate(f"{row['name']}, learned h{history}", (item,), steps, row["family"])

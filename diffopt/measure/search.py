@@ -36,7 +36,7 @@ TUNE_FILES = {"json": ".json", "md": ".md", "png": ".png", "passes": ".passes.js
 STEP_FRACTIONS = (0.4, 0.5, 0.6, 0.7, 0.8)  # plain step reduction
 FORECAST_FEWER_STEPS = 0.7  # caches with a short period are also tried at this fraction of the steps
 CACHE_INTERVALS = (3, 4, 5, 6, 7, 8, 10)  # full steps every i steps (TaylorSeer's plan) ...
-CACHE_WARMUPS = (2, 3, 5)  # ... after D full warm-up steps (the peers' D in {1, 3, 5} and diffopt's 2)
+CACHE_WARMUPS = (1, 2, 3, 5)  # ... after D full warm-up steps (the peers' D in {1, 3, 5} and diffopt's 2)
 
 
 @dataclass(frozen=True)

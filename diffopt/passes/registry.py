@@ -6,9 +6,11 @@ options that differ from their defaults; tuples become lists and come back as tu
 Passes whose options hold tensors or profiles (a length embedding, a Defo profile) are
 refused by name: they are built in code, not from a file.
 
-A pass class joins with ``@register_pass`` (``passes.base``); the built-in passes are loaded
-(every module of ``diffopt.passes``) before a name is looked up, and a pass defined anywhere
-else is known once its module is imported.
+A pass class joins with ``@register_pass`` (``passes.base``); the built-in passes and the
+plugins (``ir.modules``: entry points, ``DIFFOPT_PLUGINS``, ``--plugin``) are loaded before a
+name is looked up, and a pass defined anywhere else is known once its module is imported. A
+pass outside diffopt is written as ``"pass": "package.module:Class"``, which imports its
+module when the file is read, so its pass files need no plugin option.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from diffopt.ir.files import read_json, write_text
-from diffopt.ir.modules import import_package
+from diffopt.ir.modules import class_reference, import_package, imported_class
 from diffopt.passes.base import PASS_TYPES, GraphPass
 
 
@@ -51,10 +53,11 @@ def _tuples(value: Any) -> Any:
 
 def pass_to_dict(graph_pass: GraphPass) -> dict[str, Any]:
     """``graph_pass`` as a JSON-ready dict of its class and non-default options."""
-    name = type(graph_pass).__name__
+    cls = type(graph_pass)
     known = registered_passes()
-    if name not in known:
-        raise ValueError(f"{name} cannot be written to a pass file; passes that can: {sorted(known)}")
+    if known.get(cls.__name__) is not cls:
+        raise ValueError(f"{cls.__name__} cannot be written to a pass file; passes that can: {sorted(known)}")
+    name = cls.__name__ if cls.__module__.startswith("diffopt.") else class_reference(cls)
     options = {}
     for option in dataclasses.fields(graph_pass):
         value = getattr(graph_pass, option.name)
@@ -69,9 +72,12 @@ def pass_from_dict(data: Mapping[str, Any]) -> GraphPass:
     if not isinstance(data, Mapping) or "pass" not in data:
         raise ValueError(f"a pass is a JSON object with a 'pass' key naming its class, found {data!r}")
     name, known = data["pass"], registered_passes()
-    if name not in known:
-        raise ValueError(f"unknown pass {name!r}: expected one of {sorted(known)}")
-    cls = known[name]
+    if isinstance(name, str) and ":" in name:
+        cls = imported_class(name, GraphPass, f"pass {name!r}")
+    elif name in known:
+        cls = known[name]
+    else:
+        raise ValueError(f"unknown pass {name!r}: expected one of {sorted(known)}, or 'package.module:Class'")
     known = {option.name for option in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known - {"pass"})
     if unknown:

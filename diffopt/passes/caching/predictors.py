@@ -30,7 +30,6 @@ Registered (``@register_predictor``, looked up by ``kind`` in pass files):
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ import torch
 from torch import fx
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from diffopt.ir.modules import class_reference, imported_class
 from diffopt.ir.validation import require_int
 
 PREDICTORS: dict[str, type[Predictor]] = {}
@@ -89,9 +89,7 @@ class Predictor:
         raise NotImplementedError
 
     def to_dict(self) -> dict[str, Any]:
-        kind = (
-            self.kind if PREDICTORS.get(self.kind) is type(self) else f"{type(self).__module__}:{type(self).__name__}"
-        )
+        kind = self.kind if PREDICTORS.get(self.kind) is type(self) else class_reference(type(self))
         return {"kind": kind, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}}
 
 
@@ -249,7 +247,7 @@ def part_from_dict(data: Any, base: type, registry: Mapping[str, type], where: s
     kind = data.get("kind") if isinstance(data, Mapping) else None
     cls = registry.get(kind) if isinstance(kind, str) else None
     if cls is None and isinstance(kind, str) and ":" in kind:
-        cls = _imported(kind, base, where)
+        cls = imported_class(kind, base, where)
     if cls is None:
         raise ValueError(f"{where}: an object with a 'kind' in {sorted(registry)}, found {data!r:.80}")
     known = {f.name for f in dataclasses.fields(cls)}
@@ -257,18 +255,6 @@ def part_from_dict(data: Any, base: type, registry: Mapping[str, type], where: s
     if unknown:
         raise ValueError(f"{where}: {kind!r} has no options {unknown}; its options are {sorted(known)}")
     return cls(**{key: _tuples(value) for key, value in data.items() if key != "kind"})
-
-
-def _imported(reference: str, base: type, where: str) -> type:
-    """The class ``"package.module:Class"`` names, which must subclass ``base``."""
-    module, _, name = reference.partition(":")
-    try:
-        cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as error:
-        raise ValueError(f"{where}: cannot import {reference!r}: {error}") from None
-    if not (isinstance(cls, type) and issubclass(cls, base)):
-        raise ValueError(f"{where}: {reference!r} is not a {base.__name__}")
-    return cls
 
 
 def _tuples(value: Any) -> Any:
