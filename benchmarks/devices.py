@@ -32,7 +32,7 @@ from diffopt.measure.fidelity import psnr
 from diffopt.models import example_inputs, load
 from diffopt.passes.block_cache import BlockCachePass, FirstBlockCachePass
 from diffopt.passes.increment_calibrated_cache import IncrementCalibratedCachePass
-from diffopt.runtime.onnxruntime_backend import load_bundle
+from diffopt.runtime.runtimes import load_bundle
 
 CACHES = {
     "block reuse 1-4 p2": lambda depth: [

@@ -40,7 +40,7 @@ from diffopt.models import example_inputs, load
 from diffopt.passes.block_cache import BlockCachePass, FirstBlockCachePass
 from diffopt.passes.increment_calibrated_cache import IncrementCalibratedCachePass
 from diffopt.passes.temporal_difference import TemporalDifferencePass
-from diffopt.runtime.onnxruntime_backend import load_bundle
+from diffopt.runtime.runtimes import load_bundle
 
 RESULTS = Path("benchmarks/results")
 MIDDLE_BLOCKS = tuple(f"transformer_blocks.{i}" for i in range(1, 5))

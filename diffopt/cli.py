@@ -1,9 +1,11 @@
 """The ``diffopt`` command line: ``info`` (what a captured graph holds), ``demo``,
 ``export`` (a reference model, optionally cached, to an ONNX bundle), ``sample``
-(an exported bundle on onnxruntime, without the model's code), ``calibrate`` (temporal
+(an exported bundle on a bundle runtime, without the model's code), ``calibrate`` (temporal
 statistics of a reference model), ``report`` (a temporal-difference program's
 per-layer decisions and cost per run), ``bench`` (a set of configurations measured in one
-run) and ``tune`` (the cheapest configuration over a quality floor)."""
+run), ``tune`` (the cheapest configuration over a quality floor) and ``serve``. Every
+command takes ``--plugin MODULE`` (``ir.modules``: plugins that register passes, backends
+and bundle runtimes)."""
 
 from __future__ import annotations
 
@@ -149,12 +151,18 @@ def command_info(args: argparse.Namespace) -> None:
 
 
 def _registered_by(module: str) -> list[str]:
-    """The passes and backends that classes of ``module`` registered, as ``pass X`` / ``backend Y``."""
+    """What classes of ``module`` registered: ``pass X``, ``backend Y``, ``runtime Z``."""
     from diffopt.passes.registry import registered_passes
     from diffopt.runtime.backends import registered_backends
+    from diffopt.runtime.runtimes import registered_runtimes
 
-    found = [f"pass {name}" for name, cls in registered_passes().items() if cls.__module__ == module]
-    return found + [f"backend {name}" for name, cls in registered_backends().items() if cls.__module__ == module]
+    registries = {"pass": registered_passes(), "backend": registered_backends(), "runtime": registered_runtimes()}
+    return [
+        f"{kind} {name}"
+        for kind, known in registries.items()
+        for name, cls in known.items()
+        if cls.__module__ == module
+    ]
 
 
 def _plugin_options() -> str:
@@ -193,7 +201,7 @@ def command_demo(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as directory:
         try:
             from diffopt.export import to_onnx
-            from diffopt.runtime.onnxruntime_backend import load_bundle
+            from diffopt.runtime.runtimes import load_bundle
 
             print("exporting the forecast program to an ONNX bundle ...", flush=True)
             to_onnx(runners[f"{forecast}, torch"], Path(directory) / "bundle", scheduler_config=scheduler_config)
@@ -293,12 +301,12 @@ def command_export(args: argparse.Namespace) -> None:
 
 def command_sample(args: argparse.Namespace) -> None:
     from diffopt.evaluation.metrics.grid import save_grid
-    from diffopt.runtime.onnxruntime_backend import load_bundle
+    from diffopt.runtime.runtimes import load_bundle
     from diffopt.runtime.schedulers import make_scheduler
     from diffopt.sampling.sequential import Sampler
 
-    denoiser = load_bundle(args.bundle)
-    manifest = denoiser.backend.manifest
+    denoiser = load_bundle(args.bundle, args.runtime)
+    manifest = denoiser.bundle.manifest
     if manifest.scheduler is None:
         raise UsageError("this bundle has no noise-schedule config; export it with scheduler_config=...")
     latent, *_ = next(iter(manifest.variants.values())).inputs
@@ -306,7 +314,7 @@ def command_sample(args: argparse.Namespace) -> None:
         raise UsageError(
             f"`diffopt sample` draws class-conditional samples (one class-label condition); "
             f"this bundle takes {list(manifest.signature.conditions)}: drive it from Python with "
-            f"diffopt.runtime.onnxruntime_backend.load_bundle"
+            f"diffopt.runtime.runtimes.load_bundle"
         )
     labels = torch.arange(args.samples) % 10
     sampler = Sampler(make_scheduler(manifest.scheduler, num_steps=args.steps))
@@ -314,7 +322,7 @@ def command_sample(args: argparse.Namespace) -> None:
     samples, seconds = _timed(lambda: sampler.sample(denoiser, (labels,), shape=shape, seed=args.seed))
     save_grid(samples, args.out)
     print(
-        f"sampled {args.samples} in {seconds:.2f} s on onnxruntime (variants used: "
+        f"sampled {args.samples} in {seconds:.2f} s on {args.runtime} (variants used: "
         f"{sorted(set(sampler.last_stats.variants))}); grid written to {args.out}"
     )
 
@@ -650,8 +658,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     export.add_argument("--calibration", help="from `diffopt calibrate` (for --temporal-difference difference)")
     export.set_defaults(run=command_export)
-    sample = commands.add_parser("sample", help="sample class-conditional digits from a bundle on onnxruntime")
+    sample = commands.add_parser("sample", help="sample class-conditional digits from a bundle (onnxruntime)")
     sample.add_argument("bundle")
+    sample.add_argument("--runtime", default="onnxruntime", help="the bundle runtime (registered name)")
     sample.add_argument("--steps", type=_bounded(int, 1, "--steps"), default=50)
     sample.add_argument("--samples", type=_bounded(int, 1, "--samples"), default=20)
     sample.add_argument("--seed", type=_bounded(int, 0, "--seed"), default=0)

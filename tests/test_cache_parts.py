@@ -178,7 +178,7 @@ class DampedReuse(Predictor):
 def test_a_predictor_defined_in_a_test_runs_through_optimize_a_pass_file_export_and_onnxruntime(tmp_path):
     pytest.importorskip("onnxruntime")
     from diffopt.export.onnx import to_onnx
-    from diffopt.runtime.onnxruntime_backend import load_bundle
+    from diffopt.runtime.runtimes import load_bundle
 
     graph = capture(simple_dit(), (torch.randn(2, 1, 16, 16), torch.tensor([999, 5]), torch.tensor([0, 1])))
     cache = CachePass(target="span", policy={"kind": "periodic", "period": 3}, predictor=DampedReuse(pull=0.2))
@@ -216,7 +216,7 @@ POLICIES = {
 def test_every_predictor_and_policy_exports_and_runs_on_onnxruntime(tmp_path, predictor, policy):
     pytest.importorskip("onnxruntime")
     from diffopt.export.onnx import to_onnx
-    from diffopt.runtime.onnxruntime_backend import load_bundle
+    from diffopt.runtime.runtimes import load_bundle
 
     graph = capture(simple_dit(), (torch.randn(2, 1, 16, 16), torch.tensor([999, 5]), torch.tensor([0, 1])))
     target = "after_first" if policy == "error_gated" else "span"

@@ -154,7 +154,7 @@ def test_composed_schedules_round_trip_through_their_dict(dit_digits):
 def test_first_block_cache_with_static_int8_runs_on_onnxruntime(dit_digits, tmp_path):
     pytest.importorskip("onnxruntime")
     from diffopt.export import to_onnx
-    from diffopt.runtime.onnxruntime_backend import load_bundle
+    from diffopt.runtime.runtimes import load_bundle
 
     config, graph, statistics = dit_digits
     optimized = optimize(
@@ -173,7 +173,7 @@ def test_first_block_cache_with_static_int8_runs_on_onnxruntime(dit_digits, tmp_
 def test_a_composed_program_exports_and_matches_torch_on_onnxruntime(dit_digits, tmp_path):
     pytest.importorskip("onnxruntime")
     from diffopt.export import to_onnx
-    from diffopt.runtime.onnxruntime_backend import load_bundle
+    from diffopt.runtime.runtimes import load_bundle
 
     config, graph, _ = dit_digits
     optimized = optimize(graph, [BlockCachePass(period=3), TemporalDifferencePass("exact")])

@@ -27,7 +27,7 @@ from diffopt.passes.increment_calibrated_cache import IncrementCalibratedCachePa
 from diffopt.passes.temporal_difference import TemporalDifferencePass
 from diffopt.runtime.bundle import CHECKSUMS_NAME, MANIFEST_NAME, BundleError, Manifest, sha256_of
 from diffopt.runtime.denoiser import InputError
-from diffopt.runtime.onnxruntime_backend import load_bundle
+from diffopt.runtime.runtimes import load_bundle
 from diffopt.sampling.speculative import SpeculativeDDPMSampler
 
 pytest.importorskip("onnxruntime")

@@ -11,7 +11,7 @@ from diffopt.evaluation.distillation import ayf_emd_loss, draw_times, r_at
 from diffopt.export.onnx import to_onnx
 from diffopt.models.flow_map import FlowMapTransformer
 from diffopt.models.gaussian_mixture import GaussianMixtureDenoiser
-from diffopt.runtime.onnxruntime_backend import load_bundle
+from diffopt.runtime.runtimes import load_bundle
 from diffopt.sampling.flow_map import FlowMapSampler
 
 MEAN = torch.tensor([[1.0, -0.5, 0.3, 2.0]])

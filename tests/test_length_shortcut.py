@@ -15,7 +15,7 @@ from diffopt.models.length_shortcut import LengthShortcutDiT
 from diffopt.models.simple_dit import timestep_embedding
 from diffopt.passes.base import PassError
 from diffopt.passes.length_shortcut import LengthShortcutPass, depth_schedule
-from diffopt.runtime.onnxruntime_backend import load_bundle
+from diffopt.runtime.runtimes import load_bundle
 
 FLOW = {"kind": "flow", "timestep_scale": 1000.0, "prediction_type": "velocity"}
 MIN_ACCURACY = {2: 0.8, 4: 0.85, 6: 0.85}  # the shipped dit-digits-flow-odel, 10 Euler steps, 40 samples

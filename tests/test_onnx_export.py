@@ -17,7 +17,7 @@ from diffopt.passes.block_cache import BlockCachePass, FirstBlockCachePass
 from diffopt.passes.forecast_cache import ForecastCachePass
 from diffopt.passes.increment_calibrated_cache import IncrementCalibratedCachePass
 from diffopt.passes.temporal_difference import TemporalDifferencePass
-from diffopt.runtime.onnxruntime_backend import load_bundle
+from diffopt.runtime.runtimes import load_bundle
 
 CONFIG = {"kind": "ddpm", "beta_schedule": "squaredcos_cap_v2", "clip_sample": 1.0}
 PASSES = {
@@ -105,9 +105,9 @@ def test_a_bundle_is_sampled_in_a_fresh_process_without_model_code(dit_graph, tm
     script = textwrap.dedent(f"""
         import sys, torch
         from diffopt import Sampler, make_scheduler
-        from diffopt.runtime.onnxruntime_backend import load_bundle
+        from diffopt.runtime.runtimes import load_bundle
         denoiser = load_bundle({str(tmp_path / "bundle")!r})
-        config = denoiser.backend.manifest.scheduler
+        config = denoiser.bundle.manifest.scheduler
         sampler = Sampler(make_scheduler(config, "ddim", 20), progress=False)
         samples = sampler.sample(denoiser, (torch.tensor([3, 1, 4]),), shape=(3, 1, 8, 8), seed=5)
         expected = torch.load({str(tmp_path / "expected.pt")!r})

@@ -1,8 +1,8 @@
-"""Plugins across processes: a pass and a backend, each one file in a package outside the
-repository, reach ``diffopt bench``, ``export`` and ``info`` in a fresh process through
-``--plugin``, ``DIFFOPT_PLUGINS`` and an installed entry point, with no library edit; a bench
-result records them so that its recorded command re-runs; a pass file may name a pass as
-``package.module:Class``."""
+"""Plugins across processes: a pass, a program backend and a bundle runtime, each one file in
+a package outside the repository, reach ``diffopt bench``, ``export``, ``sample`` and
+``info`` in a fresh process through ``--plugin``, ``DIFFOPT_PLUGINS`` and an installed entry
+point, with no library edit; a bench result records them so that its recorded command
+re-runs; a pass file may name a pass as ``package.module:Class``."""
 
 import json
 import os
@@ -13,8 +13,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from models import simple_dit
 
+from diffopt import capture, optimize
+from diffopt.export import to_onnx
+from diffopt.ir.modules import load_plugin
 from diffopt.passes.registry import load_passes, pass_to_dict
+from diffopt.runtime.runtimes import load_bundle
+from diffopt.runtime.schedulers import make_scheduler
+from diffopt.sampling.sequential import Sampler
 
 PLUGIN_SOURCES = Path(__file__).parent / "data" / "toyplug"
 ENTRY_POINTS = """[diffopt.passes]
@@ -22,6 +30,9 @@ plugin-cache = toyplug.toy_pass:PluginOutputCachePass
 
 [diffopt.backends]
 toy-counting = toyplug.toy_backend:CountingBackend
+
+[diffopt.runtimes]
+onnx-reference = toyplug.toy_runtime:ReferenceRuntime
 """
 
 
@@ -92,16 +103,45 @@ def test_an_installed_plugin_reaches_info_and_export_through_its_entry_points(tm
     assert "toyplug.toy_backend (entry point 'toy-counting' in group 'diffopt.backends'): registers backend" in (
         info.stdout
     )
+    assert "toyplug.toy_runtime (entry point 'onnx-reference' in group 'diffopt.runtimes'): registers runtime" in (
+        info.stdout
+    )
     (tmp_path / "cache.passes.json").write_text(json.dumps({"passes": [{"pass": "PluginOutputCachePass"}]}))
     exported = _diffopt(["export", "simple-dit", "bundle", "--passes", "cache.passes.json"], tmp_path, path)
     assert exported.returncode == 0, exported.stderr
     manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
     assert set(manifest["variants"]) == {"full", "cached"}
+    sampled = _diffopt(["sample", "bundle", "--runtime", "onnx-reference", "--steps", "3", "--samples", "2"], tmp_path,
+                       path)  # fmt: skip
+    assert sampled.returncode == 0, sampled.stderr
+    assert "on onnx-reference (variants used: ['cached', 'full'])" in sampled.stdout
+    assert (tmp_path / "samples.png").exists()
 
     named = _diffopt(["info", "simple-dit"], tmp_path, _package(tmp_path / "bare", installed=False),
                      DIFFOPT_PLUGINS="toyplug.toy_backend")  # fmt: skip
     assert named.returncode == 0, named.stderr
     assert "toyplug.toy_backend (DIFFOPT_PLUGINS): registers backend toy-counting" in named.stdout
+
+
+def test_a_bundle_runtime_in_one_file_runs_a_bundle_by_name_like_onnxruntime(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(_package(tmp_path / "plugins", installed=False)))
+    load_plugin("toyplug.toy_runtime")
+    model = simple_dit()
+    optimized = optimize(capture(model, (torch.randn(2, 1, 16, 16), torch.tensor([9, 5]), torch.tensor([0, 1]))))
+    to_onnx(optimized, tmp_path / "bundle")
+    sampler = Sampler(make_scheduler({"kind": "ddpm"}, num_steps=3))
+    labels, shape = (torch.tensor([3, 7]),), (2, 1, 16, 16)
+    samples = {}
+    for runtime in ("onnxruntime", "onnx-reference"):
+        denoiser = load_bundle(tmp_path / "bundle", runtime)
+        assert denoiser.bundle.manifest.variants.keys() == {"full"}  # the manifest rides on the denoiser
+        samples[runtime] = sampler.sample(denoiser, labels, shape=shape, seed=0)
+    torch.testing.assert_close(samples["onnx-reference"], samples["onnxruntime"], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"runtime must be one of \[.*'onnx-reference'.*\], found 'openvino'"):
+        load_bundle(tmp_path / "bundle", "openvino")
+    with pytest.raises(ValueError, match=r"'onnx-reference' is a bundle runtime: export the program"):
+        optimize(capture(model, (torch.randn(2, 1, 16, 16), torch.tensor([9, 5]), torch.tensor([0, 1]))),
+                 backend="onnx-reference")  # fmt: skip
 
 
 def test_a_pass_file_names_a_pass_outside_diffopt_by_module_and_class(tmp_path, monkeypatch):

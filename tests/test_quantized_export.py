@@ -17,7 +17,7 @@ from diffopt.measure.calibration import calibrate
 from diffopt.models import zoo
 from diffopt.passes.temporal_difference import DELTA, TemporalDifferencePass
 from diffopt.quant.ops import ONNX_TRANSLATIONS
-from diffopt.runtime.onnxruntime_backend import load_bundle
+from diffopt.runtime.runtimes import load_bundle
 
 FUSED_INTEGER_MATMULS = {"MatMulIntegerToFloat", "DynamicQuantizeMatMul"}
 SLOW_OR_WEIGHT_ONLY = {"MatMulInteger", "QLinearMatMul", "MatMulNBits"}  # s8 x s8 paths, float activations

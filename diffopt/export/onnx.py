@@ -215,7 +215,7 @@ def _process_alive(pid: int) -> bool:
 def _verify(directory: Path, batch_size: int, example_inputs: Sequence[torch.Tensor] | None) -> None:
     """Load the bundle as a user would (checksums included) and run its step 0, on
     ``example_inputs`` (repeated to ``batch_size``) or on made-up inputs."""
-    from diffopt.runtime.onnxruntime_backend import load_bundle
+    from diffopt.runtime.runtimes import load_bundle
 
     bundle = load_bundle(directory, threads=1)
     specs = bundle.program.inputs

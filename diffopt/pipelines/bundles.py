@@ -31,7 +31,7 @@ from diffopt.optimize import optimize
 from diffopt.passes.base import GraphPass
 from diffopt.runtime.bundle import Manifest
 from diffopt.runtime.denoiser import InputError
-from diffopt.runtime.onnxruntime_backend import load_bundle
+from diffopt.runtime.runtimes import load_bundle
 
 logger = logging.getLogger("diffopt")
 
@@ -142,7 +142,7 @@ def check_static(record: Mapping[str, Any], values: Mapping[str, Any], signature
 def load_for_pipeline(directory: str | Path, **options):
     """(denoiser on onnxruntime, the manifest's call record) of a bundle exported by ``diffopt.export``."""
     denoiser = load_bundle(directory, **options)
-    record = denoiser.backend.manifest.call
+    record = denoiser.bundle.manifest.call
     if record is None:
         raise ValueError(
             f"bundle {directory} was not exported from a pipeline (its manifest has no 'call' section): export it "

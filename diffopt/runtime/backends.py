@@ -1,18 +1,22 @@
-"""Backends execute one variant of a step program: ``run(variant, inputs) -> outputs``.
+"""Executors run one variant of a step program: ``run(variant, inputs) -> outputs``.
 
 ``inputs`` are ``(latent, timestep, *conditions, *state)`` and outputs
-``(out, *new_state)``, exactly the variant signature, so every backend is interchangeable
-under ``OptimizedDenoiser`` and the samplers. ``Backend`` is everything the code uses of one;
-a backend class joins the registry with ``@register_backend`` (its module in
-``diffopt.runtime`` is found and imported by ``registered_backends``), and ``optimize``,
-``enable``, bench files and the CLI accept its name: adding a backend is one file.
+``(out, *new_state)``, exactly the variant signature, so every executor is interchangeable
+under ``OptimizedDenoiser`` and the samplers. ``Executor`` is everything they use of one.
+Two kinds make executors, each with its own registry and factory:
+- a program backend (``ProgramBackend``, here) is built from a ``StepProgram``'s graphs:
+  ``@register_backend``, named by ``optimize``, ``enable``, bench files and the CLI;
+- a bundle runtime (``runtime.runtimes``) opens an exported bundle's files:
+  ``@register_runtime``, named by ``load_bundle(directory, runtime=...)``.
+Each registry imports diffopt's ``runtime`` modules and the plugins (``ir.modules``) before a
+name is looked up: adding either is one file.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from typing import Any, ClassVar, Literal, Protocol
+from typing import ClassVar, Protocol
 
 import torch
 from torch import fx
@@ -21,9 +25,8 @@ from diffopt.ir.modules import import_package
 from diffopt.ir.program import StepProgram
 
 
-class Backend(Protocol):
-    name: ClassVar[str]  # the registry name
-    runs: ClassVar[Literal["program", "bundle"]]  # built from a StepProgram (optimize) or a bundle directory
+class Executor(Protocol):
+    """Runs the variants of one program (its graphs, or a bundle's files)."""
 
     @property
     def device(self) -> torch.device:
@@ -33,49 +36,52 @@ class Backend(Protocol):
     def variants(self) -> tuple[str, ...]:
         """The variants it can run."""
 
-    @property
-    def manifest(self) -> Any:
-        """The bundle's ``Manifest`` (``runtime.bundle``), or None for a backend over graphs."""
-
     def run(self, variant: str, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """Run one variant on flat inputs; return its flat outputs."""
 
+
+class ProgramBackend(Executor, Protocol):
+    """An executor built from a ``StepProgram`` (``cls(program)``)."""
+
+    name: ClassVar[str]  # the registry name
+
     @classmethod
-    def for_program(cls, program: StepProgram, like: Backend) -> Backend:
-        """A backend of this kind, with ``like``'s options, for another program (e.g. placed
-        elsewhere); a bundle's backend raises ``TypeError`` (its graphs are files)."""
+    def for_program(cls, program: StepProgram, like: ProgramBackend) -> ProgramBackend:
+        """A backend of this kind, with ``like``'s options, for another program (e.g. placed elsewhere)."""
 
 
 BACKENDS: dict[str, type] = {}
 
 
 def register_backend(cls: type) -> type:
-    """Class decorator: ``cls`` (a ``Backend``) is known by ``cls.name``."""
-    if not isinstance(getattr(cls, "name", None), str) or getattr(cls, "runs", None) not in ("program", "bundle"):
-        raise TypeError(f"register_backend: {cls!r} needs a str `name` and `runs` = 'program' or 'bundle'")
+    """Class decorator: ``cls`` (a ``ProgramBackend``) is known by ``cls.name``."""
+    if not isinstance(getattr(cls, "name", None), str) or not callable(getattr(cls, "for_program", None)):
+        raise TypeError(f"register_backend: {cls!r} needs a str `name` and a `for_program` class method")
     BACKENDS[cls.name] = cls
     return cls
 
 
 def registered_backends() -> dict[str, type]:
-    """Every registered backend by name (each module of ``diffopt.runtime`` imported first)."""
+    """Every registered program backend by name (diffopt's ``runtime`` modules and the plugins imported first)."""
     import_package("diffopt.runtime")
     return dict(BACKENDS)
 
 
 def program_backend(name: str, where: str) -> type:
     """The backend class ``name`` that runs a ``StepProgram``; a ``ValueError`` naming ``where``
-    and the choices otherwise (a bundle backend says how to get there)."""
+    and the choices otherwise (a bundle runtime's name says how to get there)."""
+    from diffopt.runtime.runtimes import registered_runtimes
+
     known = registered_backends()
-    choices = sorted(n for n, cls in known.items() if cls.runs == "program")
-    if name not in known:
-        raise ValueError(f"{where}: backend must be one of {choices}, found {name!r}")
-    if known[name].runs != "program":
+    if name in known:
+        return known[name]
+    if name in registered_runtimes():
         raise ValueError(
-            f"{where}: the {name!r} backend runs exported bundles: export the program (diffopt.export.to_onnx, "
-            f"or `diffopt export`) and load the bundle; backends for a program: {choices}"
+            f"{where}: {name!r} is a bundle runtime: export the program (diffopt.export.to_onnx, or `diffopt "
+            f"export`) and load the bundle with load_bundle(directory, runtime={name!r}); backends for a program: "
+            f"{sorted(known)}"
         )
-    return known[name]
+    raise ValueError(f"{where}: backend must be one of {sorted(known)}, found {name!r}")
 
 
 @register_backend
@@ -90,8 +96,6 @@ class TorchBackend:
     """
 
     name: ClassVar[str] = "torch"
-    runs: ClassVar[str] = "program"
-    manifest = None
 
     def __init__(self, program: StepProgram):
         self.program = program

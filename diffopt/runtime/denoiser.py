@@ -37,6 +37,7 @@ import dataclasses
 import threading
 import warnings
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -44,8 +45,11 @@ from diffopt.ir.placement import place
 from diffopt.ir.program import ProgramInterface, StepProgram
 from diffopt.ir.schedules import BaseSchedule
 from diffopt.ir.specs import BATCH, StateError, TensorSpec
-from diffopt.runtime.backends import Backend, TorchBackend
+from diffopt.runtime.backends import Executor, TorchBackend
 from diffopt.runtime.streams import RunHistory, RunRecord, StreamTable
+
+if TYPE_CHECKING:
+    from diffopt.runtime.runtimes import Bundle
 
 
 class InputError(ValueError):
@@ -149,14 +153,18 @@ def check_bounds(value: torch.Tensor, spec: TensorSpec) -> None:
 
 
 class OptimizedDenoiser:
-    """Runs ``program`` on ``backend`` (torch by default). A ``ProgramInterface`` (a loaded
-    bundle: no graphs) needs the backend that holds its variants."""
+    """Runs ``program`` on ``backend``, an ``Executor`` (a torch backend by default). A
+    ``ProgramInterface`` (no graphs) needs the executor that holds its variants: a bundle
+    runtime, with the ``bundle`` it opened (``runtime.runtimes.load_bundle``)."""
 
-    def __init__(self, program: StepProgram | ProgramInterface, backend: Backend | None = None):
+    def __init__(
+        self, program: StepProgram | ProgramInterface, backend: Executor | None = None, bundle: Bundle | None = None
+    ):
         if backend is None and not isinstance(program, StepProgram):
             raise TypeError(f"OptimizedDenoiser needs a backend to run a {type(program).__name__} (it has no graphs)")
         self.program = program
         self.backend = backend if backend is not None else TorchBackend(program)
+        self.bundle = bundle  # the bundle's manifest, or None for a program's graphs
         self.inputs = program.inputs
         self._owner = (program.state, program.schedule)
         self._local = threading.local()
@@ -182,10 +190,10 @@ class OptimizedDenoiser:
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> OptimizedDenoiser:
         """A new denoiser running the program placed on ``device`` / cast to ``dtype``
         (``ir.placement.place``) on a backend of the same kind; this one is unchanged."""
-        if not isinstance(self.program, StepProgram):
+        if self.bundle is not None:
             raise TypeError(
-                "a denoiser loaded from a bundle runs where its backend runs: choose onnxruntime's "
-                "providers when loading it instead of calling .to()"
+                "a denoiser loaded from a bundle runs where its runtime runs: choose the runtime's options "
+                "(onnxruntime's providers) when loading it instead of calling .to()"
             )
         placed = place(self.program, device, dtype)
         return OptimizedDenoiser(placed, backend=type(self.backend).for_program(placed, self.backend))
@@ -196,11 +204,12 @@ class OptimizedDenoiser:
         missing = sorted(set(schedule.variants) - set(self._variants))
         if missing:
             raise ValueError(f"the schedule uses variants {missing}; this program has {sorted(self._variants)}")
-        return OptimizedDenoiser(dataclasses.replace(self.program, schedule=schedule), backend=self.backend)
+        program = dataclasses.replace(self.program, schedule=schedule)
+        return OptimizedDenoiser(program, backend=self.backend, bundle=self.bundle)
 
     @property
     def _variants(self) -> tuple[str, ...]:
-        """The variants this denoiser can run (a bundle's backend holds its manifest)."""
+        """The variants this denoiser can run (its executor's: a bundle has no graphs)."""
         return self.backend.variants
 
     @property

@@ -1,21 +1,21 @@
-"""The onnxruntime backend: runs an exported bundle's variants, from its manifest alone.
+"""The onnxruntime bundle runtime: runs an exported bundle's variants, from its manifest alone.
 
-``load_bundle(directory)`` returns an ``OptimizedDenoiser`` over it, so every sampler
-drives an exported bundle exactly like the torch program; no model code is imported.
+``runtime.runtimes.load_bundle(directory)`` (``runtime="onnxruntime"``, the default) returns
+an ``OptimizedDenoiser`` over it, so every sampler drives an exported bundle exactly like the
+torch program; no model code is imported.
 
-Each variant is one ``InferenceSession``; loading checks the bundle (``Manifest.load``:
-checksums, schema) and that every graph's inputs and outputs are the ones the manifest
-declares (names, dtypes, static dimensions), so a manifest that disagrees with its
-graphs is refused instead of binding buffers of the wrong size. Inputs are bound in place
-(IOBinding on the torch tensors' memory) and outputs are written straight into torch
-tensors allocated for that call from the same declared specs: no copies, and no buffer
-is shared between calls, so any number of runs (threads, interleaved functional runs)
-can use one loaded bundle at once.
+Each variant is one ``InferenceSession``. The bundle was checked when it was opened
+(``Manifest.load``: checksums, schema); loading checks that every graph's inputs and
+outputs are the ones the manifest declares (names, dtypes, static dimensions), so a
+manifest that disagrees with its graphs is refused instead of binding buffers of the
+wrong size. Inputs are bound in place (IOBinding on the torch tensors' memory) and
+outputs are written straight into torch tensors allocated for that call from the same
+declared specs: no copies, and no buffer is shared between calls, so any number of runs
+(threads, interleaved functional runs) can use one loaded bundle at once.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar
@@ -24,9 +24,8 @@ import numpy as np
 import torch
 
 from diffopt.ir.specs import BATCH, TensorSpec, concrete_shape
-from diffopt.runtime.backends import register_backend
-from diffopt.runtime.bundle import BundleError, Manifest
-from diffopt.runtime.denoiser import OptimizedDenoiser
+from diffopt.runtime.bundle import BundleError
+from diffopt.runtime.runtimes import Bundle, register_runtime
 
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 ONNX_TYPES = {  # onnxruntime's type strings -> torch dtype names
@@ -42,22 +41,14 @@ ONNX_TYPES = {  # onnxruntime's type strings -> torch dtype names
 }
 
 
-@register_backend
+@register_runtime
 class OnnxRuntimeBackend:
     """Runs a bundle's variants on onnxruntime; inputs, outputs and state live on the device its
     providers run on (``device``): the GPU for CUDA / TensorRT providers, else the CPU."""
 
     name: ClassVar[str] = "onnxruntime"
-    runs: ClassVar[str] = "bundle"
 
-    def __init__(
-        self,
-        bundle: str | Path,
-        *,
-        threads: int | None = None,
-        providers: Sequence[str] | None = None,
-        verify_checksums: bool = True,
-    ):
+    def __init__(self, bundle: Bundle, *, threads: int | None = None, providers: Sequence[str] | None = None):
         import onnxruntime
 
         available = onnxruntime.get_available_providers()
@@ -76,8 +67,7 @@ class OnnxRuntimeBackend:
                 f"onnxruntime providers {providers} run on the GPU, but this torch has no CUDA to hold the inputs "
                 f"and outputs bound to them: install a CUDA torch, or pass providers=['CPUExecutionProvider']"
             )
-        self.directory = Path(bundle)
-        self.manifest = Manifest.load(self.directory, verify_checksums=verify_checksums)
+        self.directory, self.manifest = bundle.directory, bundle.manifest
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -101,13 +91,6 @@ class OnnxRuntimeBackend:
     @property
     def variants(self) -> tuple[str, ...]:
         return tuple(self.manifest.variants)
-
-    @classmethod
-    def for_program(cls, program, like: OnnxRuntimeBackend) -> OnnxRuntimeBackend:
-        raise TypeError(
-            "a bundle runs where its onnxruntime providers run: load it again with other providers instead of "
-            "placing it elsewhere"
-        )
 
     def run(self, variant: str, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         spec = self.manifest.variants[variant]
@@ -163,18 +146,3 @@ def _check_graph_io(directory: Path, file: str, kind: str, found, declared: Sequ
                 f"{where}: {kind} {spec.name!r} is {dtype} {dims} in the graph but {spec.dtype} "
                 f"{list(spec.shape)} in the manifest"
             )
-
-
-def load_bundle(
-    bundle: str | Path,
-    *,
-    threads: int | None = None,
-    providers: Sequence[str] | None = None,
-    verify_checksums: bool = True,
-) -> OptimizedDenoiser:
-    """An ``OptimizedDenoiser`` that runs the exported bundle in ``bundle`` on onnxruntime
-    (``providers``: default ``default_providers``; ``verify_checksums=False`` skips hashing
-    the files, for huge bundles). Inputs and state live on the providers' device."""
-    backend = OnnxRuntimeBackend(bundle, threads=threads, providers=providers, verify_checksums=verify_checksums)
-    interface = dataclasses.replace(backend.manifest.interface(), device=backend.device)
-    return OptimizedDenoiser(interface, backend=backend)

@@ -49,10 +49,10 @@ RETRY_AFTER_S = 1  # what a 503 asks the client to wait
 def _load(source: Any, scheduler_config: Mapping[str, Any] | None, threads: int | None):
     """(denoiser, scheduler config) from a bundle directory or an ``OptimizedDenoiser``."""
     if isinstance(source, (str, os.PathLike)):
-        from diffopt.runtime.onnxruntime_backend import load_bundle
+        from diffopt.runtime.runtimes import load_bundle
 
         denoiser = load_bundle(source, threads=threads)
-        config = scheduler_config or denoiser.backend.manifest.scheduler
+        config = scheduler_config or denoiser.bundle.manifest.scheduler
         if config is None:
             raise ValueError(f"bundle {source} has no noise-schedule config: export it with scheduler_config=...")
         return denoiser, dict(config)

@@ -313,7 +313,7 @@ def _refuse_batch_coupled(denoiser: OptimizedDenoiser) -> None:
             }
         )
     else:  # a bundle: its manifest records what its graphs quantize
-        quantization = getattr(getattr(denoiser.backend, "manifest", None), "quantization", {}) or {}
+        quantization = (denoiser.bundle.manifest.quantization if denoiser.bundle is not None else None) or {}
         coupled = sorted(
             {
                 f"{variant} ({step['layer']})"

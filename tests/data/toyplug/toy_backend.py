@@ -9,7 +9,6 @@ from diffopt.runtime.backends import TorchBackend, register_backend
 @register_backend
 class CountingBackend(TorchBackend):
     name: ClassVar[str] = "toy-counting"
-    runs: ClassVar[str] = "program"
 
     def run(self, variant, inputs):
         with open(os.environ["TOY_BACKEND_LOG"], "a") as log:
