@@ -16,12 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
 import warnings
 from pathlib import Path
 
 import torch
+
+from diffopt.measure.timing import median_times
 
 RESULTS = Path("benchmarks/results")
 SHAPES = {
@@ -65,17 +65,8 @@ def kernels(rows: int, in_features: int, out_features: int) -> dict:
 
 
 def interleaved_medians(functions: dict, repeats: int, number: int = 20) -> dict[str, float]:
-    times = {name: [] for name in functions}
     with torch.no_grad():
-        for function in functions.values():
-            function()
-        for _ in range(repeats):
-            for name, function in functions.items():
-                started = time.perf_counter()
-                for _ in range(number):
-                    function()
-                times[name].append((time.perf_counter() - started) / number)
-    return {name: statistics.median(samples) for name, samples in times.items()}
+        return median_times({name: (lambda _, f=f: f()) for name, f in functions.items()}, repeats, number=number)
 
 
 def main() -> None:

@@ -26,7 +26,6 @@ import copy
 import json
 import os
 import statistics
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -36,6 +35,7 @@ from common import CHUNK, run_metadata
 import diffopt
 from diffopt.evaluation.metrics.digits import class_accuracy, digits_fd
 from diffopt.measure.fidelity import psnr
+from diffopt.measure.timing import interleaved_times
 from diffopt.models import load
 from diffopt.passes.block_cache import FirstBlockCachePass
 from diffopt.passes.forecast_cache import ForecastCachePass
@@ -141,14 +141,10 @@ def main() -> None:
     produced = {name: samples(run, args.samples) for name, run in rows.items()}
     reference = produced["plain pipeline"]
     timing_labels = torch.arange(args.timing_batch) % 10
-    times: dict[str, list[float]] = {name: [] for name in rows}
-    for repeat in range(args.repeats + 1):  # round 0 warms up
-        for name, run in rows.items():
-            started = time.perf_counter()
-            images(run, timing_labels, seed=10_000 + repeat)
-            if repeat:
-                times[name].append(time.perf_counter() - started)
-        print(f"timing round {repeat}/{args.repeats} done", flush=True)
+    timed = {
+        name: (lambda repeat, run=run: images(run, timing_labels, seed=10_000 + repeat)) for name, run in rows.items()
+    }
+    times = interleaved_times(timed, args.repeats, progress=True)  # round 0 warms up
     baseline_s = statistics.median(times["plain pipeline"])
     results = []
     for name, out in produced.items():

@@ -36,6 +36,7 @@ from diffopt.export import to_onnx
 from diffopt.ir.statistics import CalibrationStatistics
 from diffopt.measure.calibration import calibrate
 from diffopt.measure.fidelity import psnr, relative_l2
+from diffopt.measure.timing import interleaved_times, median_times
 from diffopt.models import example_inputs, load
 from diffopt.passes.block_cache import BlockCachePass, FirstBlockCachePass
 from diffopt.passes.increment_calibrated_cache import IncrementCalibratedCachePass
@@ -57,13 +58,7 @@ CALIBRATION_SAMPLES = 50  # temporal calibration (static scales): one 50-step ru
 
 
 def median_call_seconds(function, repeats: int) -> float:
-    function()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+    return median_times({"call": lambda _: function()}, repeats)["call"]
 
 
 def needs_calibration(passes) -> bool:
@@ -127,14 +122,15 @@ def main() -> None:
     for batch in args.batch_sizes:
         labels = torch.arange(batch) % 10
         sampler = Sampler(make_scheduler(config, "ddim", args.steps), progress=False)
-        times = {name: [] for name in runners}
         samples = {}
-        for repeat in range(args.repeats + 1):  # round 0 is the warm-up
-            for name, runner in runners.items():
-                started = time.perf_counter()
+
+        def timed(name, runner, labels=labels, sampler=sampler, batch=batch):
+            def run(repeat):
                 samples[name] = sampler.sample(runner, (labels,), shape=(batch, 1, 16, 16), seed=repeat)
-                if repeat:
-                    times[name].append(time.perf_counter() - started)
+
+            return run
+
+        times = interleaved_times({name: timed(name, runner) for name, runner in runners.items()}, args.repeats)
         baseline = statistics.median(times["torch eager fp32 (diffusers model)"])
         reference = samples["torch eager fp32 (diffusers model)"]
         for name in runners:

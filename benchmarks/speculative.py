@@ -14,27 +14,18 @@ import argparse
 import json
 import os
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
 from diffopt import Sampler, make_scheduler
 from diffopt.evaluation.metrics.two_sample import energy_test
+from diffopt.measure.timing import interleaved_times
 from diffopt.models.gaussian_mixture import two_moons_mixture
 from diffopt.runtime.noise import make_alphas_cumprod
 from diffopt.sampling.speculative import SpeculativeDDPMSampler
 
 OUT = Path("benchmarks/results")
-
-
-def _timed(run, repeats):
-    times, result = [], None
-    for _ in range(repeats):
-        started = time.perf_counter()
-        result = run()
-        times.append(time.perf_counter() - started)
-    return result, statistics.median(times)
 
 
 def _compare(model, config, steps, windows, n, conditions, repeats, quality):
@@ -51,12 +42,19 @@ def _compare(model, config, steps, windows, n, conditions, repeats, quality):
             prediction_type=config.get("prediction_type", "epsilon"),
             clip_sample=config.get("clip_sample"),
         )
-        seq_times, spec_times = [], []
-        for repeat in range(repeats):  # interleaved A B A B
-            seq_samples, t = _timed(lambda: sequential.sample(model, conditions, shape=shape, seed=repeat), 1)
-            seq_times.append(t)
-            spec_samples, t = _timed(lambda: speculative.sample(model, conditions, shape=shape, seed=repeat), 1)
-            spec_times.append(t)
+        produced = {}
+
+        def timed(name, sampler):
+            def run(repeat):
+                produced[name] = sampler.sample(model, conditions, shape=shape, seed=repeat)
+
+            return run
+
+        # interleaved A B A B, no warm-up round (each round draws its own noise, as before)
+        samplers = {"sequential": sequential, "speculative": speculative}
+        times = interleaved_times({name: timed(name, s) for name, s in samplers.items()}, repeats, warmup=0)
+        seq_times, spec_times = times["sequential"], times["speculative"]
+        seq_samples, spec_samples = produced["sequential"], produced["speculative"]
         stats = speculative.last_stats
         row = {
             "steps": steps,

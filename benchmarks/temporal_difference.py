@@ -90,7 +90,7 @@ def build(graph, passes, calibration, defo_context):
 def onnxruntime_times(graph, denoisers, config, batch, repeats) -> dict[str, list[float]]:
     """fp32 and exact-mode bundles on onnxruntime, interleaved; also their agreement with torch."""
     from diffopt.export import to_onnx
-    from diffopt.runtime.onnxruntime_backend import load_bundle
+    from diffopt.runtime.runtimes import load_bundle
 
     runners, agreement = {}, {}
     labels = torch.arange(4) % 10

@@ -24,6 +24,7 @@ from diffopt.capture import CaptureError, capture
 from diffopt.export.onnx import ExportError
 from diffopt.ir.modules import load_installed_plugins, load_plugin, loaded_plugins
 from diffopt.measure.macs import summarize
+from diffopt.measure.timing import interleaved_times, wait_for_device
 from diffopt.models.zoo import UnknownModelError
 from diffopt.passes.base import PassError
 from diffopt.passes.temporal_difference import MODES
@@ -170,12 +171,6 @@ def _plugin_options() -> str:
     return "".join(f" --plugin {module}" for module, source in loaded_plugins().items() if source == "--plugin")
 
 
-def _timed(run: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float]:
-    started = time.perf_counter()
-    result = run()
-    return result, time.perf_counter() - started
-
-
 # the strongest stack measured on dit-digits: forecasting the whole block span (order 1, period 4, 5 warm-up
 # steps) is the fastest configuration over 45 dB in benchmarks/results/forecast_dit-digits.md (49.5 dB, 0.32 of
 # the MACs) and in a DiTPipeline (benchmarks/results/pipelines.md); exported, it runs on onnxruntime
@@ -222,14 +217,15 @@ def command_demo(args: argparse.Namespace) -> None:
             f"({torch.get_num_threads()} threads)",
             flush=True,
         )
-        times: dict[str, list[float]] = {name: [] for name in runners}
         samples = {}
-        for repeat in range(args.repeats + 1):
-            for name, denoiser in runners.items():
-                produced, seconds = _timed(lambda: sampler.sample(denoiser, (labels,), shape=shape, seed=args.seed))
-                samples[name] = produced
-                if repeat:
-                    times[name].append(seconds)
+
+        def timed(name: str, denoiser) -> Callable[[int], None]:
+            def run(_: int) -> None:
+                samples[name] = sampler.sample(denoiser, (labels,), shape=shape, seed=args.seed)
+
+            return run
+
+        times = interleaved_times({name: timed(name, d) for name, d in runners.items()}, args.repeats)
     baseline_name = next(iter(runners))
     baseline = statistics.median(times[baseline_name])
     rows = [
@@ -319,7 +315,10 @@ def command_sample(args: argparse.Namespace) -> None:
     labels = torch.arange(args.samples) % 10
     sampler = Sampler(make_scheduler(manifest.scheduler, num_steps=args.steps))
     shape = (args.samples, *latent.shape[1:])
-    samples, seconds = _timed(lambda: sampler.sample(denoiser, (labels,), shape=shape, seed=args.seed))
+    started = time.perf_counter()
+    samples = sampler.sample(denoiser, (labels,), shape=shape, seed=args.seed)
+    wait_for_device()
+    seconds = time.perf_counter() - started
     save_grid(samples, args.out)
     print(
         f"sampled {args.samples} in {seconds:.2f} s on {args.runtime} (variants used: "

@@ -3,11 +3,11 @@ class-conditional digit generation from seeded noise, and interleaved per-run ti
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Mapping
 
 import torch
 
+from diffopt.measure.timing import interleaved_times
 from diffopt.runtime.schedulers import make_scheduler
 from diffopt.sampling.sequential import Sampler
 
@@ -38,18 +38,12 @@ def time_runs(
     runners: Mapping[str, tuple[Callable, int]], config, batch: int, repeats: int, shape: tuple = DIGIT_SHAPE
 ) -> dict[str, list[float]]:
     """Wall seconds of one ``scheduler`` run of ``batch`` samples of ``shape`` per runner (``name ->
-    (denoiser, steps or a sampler)``): all runners interleaved, ``repeats`` rounds after a discarded
-    warm-up round (CUDA work is waited for before the clock stops)."""
+    (denoiser, steps or a sampler)``), ``measure.timing.interleaved_times``: all runners
+    interleaved, ``repeats`` rounds after a discarded warm-up round, device work waited for."""
     labels = torch.arange(batch) % 10
-    times: dict[str, list[float]] = {name: [] for name in runners}
-    for repeat in range(repeats + 1):
-        for name, (denoiser, steps) in runners.items():
-            sampler = Sampler(scheduler(config, steps), progress=False) if isinstance(steps, int) else steps
-            started = time.perf_counter()
-            result = sampler.sample(denoiser, (labels,), shape=(batch, *shape), seed=10_000 + repeat)
-            if result.is_cuda:
-                torch.cuda.synchronize()
-            if repeat:
-                times[name].append(time.perf_counter() - started)
-        print(f"timing round {repeat}/{repeats} done", flush=True)
-    return times
+
+    def timed(denoiser, steps) -> Callable[[int], torch.Tensor]:
+        sampler = Sampler(scheduler(config, steps), progress=False) if isinstance(steps, int) else steps
+        return lambda round_index: sampler.sample(denoiser, (labels,), shape=(batch, *shape), seed=10_000 + round_index)
+
+    return interleaved_times({name: timed(*runner) for name, runner in runners.items()}, repeats, progress=True)

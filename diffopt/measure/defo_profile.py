@@ -12,8 +12,6 @@ micro-benchmarks) the modelled one. ``DefoPass`` decides from the resulting ``La
 from __future__ import annotations
 
 import dataclasses
-import statistics as stats
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,6 +24,7 @@ from diffopt.ir.program import StepProgram
 from diffopt.ir.specs import FULL
 from diffopt.measure.interpreter import InstrumentedBackend, NodeHook, run_with_hooks
 from diffopt.measure.macs import node_macs
+from diffopt.measure.timing import median_times
 from diffopt.passes.base import PassContext, Pipeline
 from diffopt.passes.temporal_difference import DELTA, GROUP_INPUT_KEY, GROUP_KEY, TemporalDifferencePass
 from diffopt.runtime.denoiser import OptimizedDenoiser
@@ -38,18 +37,11 @@ def _median_seconds(run, repeats: int, number: int = 10) -> float:
 
 
 def _interleaved_medians(runs, repeats: int, number: int = 10) -> list[float]:
-    """``_median_seconds`` of several callables, measured in turns (A B A B ...) so that
-    machine noise hits them alike."""
-    for run in runs:
-        run()
-    times = [[] for _ in runs]
-    for _ in range(repeats):
-        for run, samples in zip(runs, times):
-            started = time.perf_counter()
-            for _ in range(number):
-                run()
-            samples.append((time.perf_counter() - started) / number)
-    return [stats.median(samples) for samples in times]
+    """``_median_seconds`` of several callables, measured in turns (``measure.timing``)."""
+    medians = median_times(
+        {index: (lambda _, run=run: run()) for index, run in enumerate(runs)}, repeats, number=number
+    )
+    return [medians[index] for index in range(len(runs))]
 
 
 def measure_machine(repeats: int = 30) -> MachineModel:

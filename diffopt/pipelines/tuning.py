@@ -30,8 +30,6 @@ import contextlib
 import copy
 import inspect
 import math
-import statistics
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -53,6 +51,7 @@ from diffopt.measure.search import (
     save,
     search_space,
 )
+from diffopt.measure.timing import median_times
 from diffopt.passes.base import PassError
 from diffopt.passes.registry import pass_from_dict
 from diffopt.pipelines.call_key import flatten_arguments
@@ -341,15 +340,13 @@ def _time(runner, rows: list[dict], call: dict, reference_steps: int, calibratio
     for row in rows:
         passes = [pass_from_dict(item) for item in row["passes"]]
         pipes[row["name"]] = (enable(copy.deepcopy(runner.pipe), passes, calibration=calibration), row["steps"])
-    times: dict[str, list[float]] = {name: [] for name in pipes}
-    for repeat in range(repeats + 1):
-        for name, (pipe, steps) in pipes.items():
-            started = time.perf_counter()
-            _PipelineRunner(pipe).run(call, round(runner.steps(call) * steps / reference_steps))
-            if repeat:
-                times[name].append(time.perf_counter() - started)
+
+    def timed(pipe, steps) -> Callable[[int], torch.Tensor]:
+        return lambda _: _PipelineRunner(pipe).run(call, round(runner.steps(call) * steps / reference_steps))
+
+    times = median_times({name: timed(*pipe) for name, pipe in pipes.items()}, repeats)
     for row in rows:
-        row["time_fraction"] = statistics.median(times[row["name"]]) / statistics.median(times["reference"])
+        row["time_fraction"] = times[row["name"]] / times["reference"]
 
 
 def run_call(pipe: Any, call: Mapping[str, Any], steps: int | None = None) -> torch.Tensor:

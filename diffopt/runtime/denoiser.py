@@ -106,6 +106,32 @@ def _conform(value, spec: TensorSpec, batch_size: int, device: torch.device) -> 
     return converted
 
 
+def fed_inputs(specs: Sequence[TensorSpec], values: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The one rule by which a driver feeds a program: floating values take the program's
+    floating dtype (a bf16 program gets bf16 latents, its output goes back to the driver's
+    dtype), other values its dtype where that loses nothing (``widens``); anything else is
+    passed as it is, for ``step`` to refuse by name."""
+    fed = []
+    for value, spec in zip(values, specs, strict=True):
+        dtype = spec.torch_dtype
+        floats = value.is_floating_point() and dtype.is_floating_point
+        fed.append(value.to(dtype) if floats or widens(value.dtype, dtype) else value)
+    return fed
+
+
+def state_batch_axes(program: StepProgram | ProgramInterface) -> tuple[int, ...]:
+    """The batch axis of each state entry: runs are concatenated and split along it
+    (``OptimizedDenoiser.step_many``); a ``ValueError`` names an entry without exactly one."""
+    axes = []
+    for entry in program.state.entries:
+        if entry.shape.count(BATCH) != 1:
+            raise ValueError(
+                f"state {entry.name!r} has shape {entry.shape} without one batch axis, so runs cannot share a forward"
+            )
+        axes.append(entry.shape.index(BATCH))
+    return tuple(axes)
+
+
 def widens(source: torch.dtype, target: torch.dtype) -> bool:
     """Whether every ``source`` value a denoiser input takes converts to ``target`` exactly,
     judged by the dtypes alone (no value is read): bool to anything, integers to floats
@@ -300,8 +326,29 @@ class OptimizedDenoiser:
             signal = probe_signal(signal)
         variant = schedule.variant_at(step_index, signal)
         self._local.last_variant = variant
-        outputs = self.backend.run(variant, (x, t, *conditions, *state))
-        return outputs[0], RunState(outputs[1:], self._owner, step_index + 1)
+        ((out, new_state),) = self.step_many(variant, [((x, t, *conditions), state)])
+        return out, RunState(new_state, self._owner, step_index + 1)
+
+    def step_many(
+        self, variant: str, runs: Sequence[tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]]]
+    ) -> list[tuple[torch.Tensor, tuple[torch.Tensor, ...]]]:
+        """One forward of ``variant`` for several runs, each ``(inputs, state)`` at its own step
+        (inputs: latent, per-sample timesteps, conditions, already checked and fed by
+        ``fed_inputs``): the inputs are concatenated along the batch, each state entry along
+        its batch axis (``state_batch_axes``); each run's output and new state come back
+        split. Every driver runs a variant through here: ``step`` with one run, the serving
+        engine with a group of requests."""
+        if len(runs) == 1:
+            inputs, state = runs[0]
+            outputs = self.backend.run(variant, (*inputs, *state))
+            return [(outputs[0], tuple(outputs[1:]))]
+        axes = state_batch_axes(self.program)
+        sizes = [inputs[0].shape[0] for inputs, _ in runs]
+        inputs = [torch.cat(column) for column in zip(*(inputs for inputs, _ in runs))]
+        state = [torch.cat([run[1][index] for run in runs], dim=axis) for index, axis in enumerate(axes)]
+        outputs = self.backend.run(variant, (*inputs, *state))
+        parts = [outputs[0].split(sizes), *(t.split(sizes, dim=axis) for t, axis in zip(outputs[1:], axes))]
+        return [(parts[0][index], tuple(p[index] for p in parts[1:])) for index in range(len(runs))]
 
     @contextlib.contextmanager
     def stream(self, name: str):

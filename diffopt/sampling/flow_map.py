@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from diffopt.ir.validation import require_int, require_number
 from diffopt.runtime.denoiser import OptimizedDenoiser
+from diffopt.sampling.interface import SamplingLoop
 from diffopt.sampling.sequential import SamplingStats, runner_for, start_run
 
 
@@ -30,7 +31,7 @@ def uniform_times(num_steps: int) -> torch.Tensor:
     return torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
 
 
-class FlowMapSampler:
+class FlowMapSampler(SamplingLoop):
     """N flow-map jumps on ``times`` (default: ``num_steps`` even jumps from 1 to 0)."""
 
     def __init__(
@@ -56,14 +57,13 @@ class FlowMapSampler:
     def num_steps(self) -> int:
         return len(self.times) - 1
 
-    def sample(
+    def _sample(
         self,
         denoiser: OptimizedDenoiser | Callable,
-        conditions: Sequence[torch.Tensor] = (),
-        *,
-        shape: Sequence[int] | None = None,
-        noise: torch.Tensor | None = None,
-        seed: int = 0,
+        conditions: tuple[torch.Tensor, ...],
+        shape: Sequence[int] | None,
+        noise: torch.Tensor | None,
+        seed: int,
     ) -> torch.Tensor:
         """All jumps from ``noise`` (or seeded noise of ``shape``); return the sample at time ``times[-1]``."""
         x, _, conditions = start_run("FlowMapSampler.sample", denoiser, conditions, shape, noise, seed)

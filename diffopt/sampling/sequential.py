@@ -18,8 +18,9 @@ from tqdm import tqdm
 
 from diffopt.ir.signature import first_tensor_output
 from diffopt.ir.validation import require_int, require_number
-from diffopt.runtime.denoiser import OptimizedDenoiser, check_bounds
+from diffopt.runtime.denoiser import OptimizedDenoiser, check_bounds, fed_inputs
 from diffopt.runtime.schedulers import Scheduler
+from diffopt.sampling.interface import SamplingLoop
 
 
 @dataclass
@@ -136,22 +137,18 @@ class _PlainModelRunner:
 
 
 class _StepProgramRunner:
-    """Feeds an ``OptimizedDenoiser`` in its own dtypes (a bf16 program gets bf16 latents)
-    and returns its output in the sampler's dtype."""
+    """Feeds an ``OptimizedDenoiser`` (``fed_inputs``: a bf16 program gets bf16 latents) and
+    returns its output in the sampler's dtype."""
 
     def __init__(self, denoiser: OptimizedDenoiser):
         self.denoiser = denoiser
         self.state: tuple[torch.Tensor, ...] = ()
-        self.dtypes = [spec.torch_dtype for spec in denoiser.inputs]
 
     def start(self, batch_size: int, device: torch.device) -> None:
         self.state = self.denoiser.init_state(batch_size, device)
 
     def __call__(self, step_index, x, t, conditions) -> tuple[torch.Tensor, str]:
-        inputs = [  # floats follow the program's float dtype; anything else is step()'s to check
-            value.to(dtype) if value.is_floating_point() and dtype.is_floating_point else value
-            for value, dtype in zip((x, t, *conditions), self.dtypes)
-        ]
+        inputs = fed_inputs(self.denoiser.inputs, (x, t, *conditions))
         out, self.state = self.denoiser.step(step_index, *inputs, state=self.state)
         return out.to(x.dtype), self.denoiser.last_variant
 
@@ -162,7 +159,7 @@ def runner_for(denoiser: OptimizedDenoiser | Callable) -> _StepProgramRunner | _
     return _StepProgramRunner(denoiser) if isinstance(denoiser, OptimizedDenoiser) else _PlainModelRunner(denoiser)
 
 
-class Sampler:
+class Sampler(SamplingLoop):
     """One sampling loop over any scheduler and any denoiser (optimized or plain)."""
 
     def __init__(
@@ -188,14 +185,13 @@ class Sampler:
         self.progress = progress
         self.last_stats = SamplingStats()
 
-    def sample(
+    def _sample(
         self,
         denoiser: OptimizedDenoiser | Callable,
-        conditions: Sequence[torch.Tensor] = (),
-        *,
-        shape: Sequence[int] | None = None,
-        noise: torch.Tensor | None = None,
-        seed: int = 0,
+        conditions: tuple[torch.Tensor, ...],
+        shape: Sequence[int] | None,
+        noise: torch.Tensor | None,
+        seed: int,
     ) -> torch.Tensor:
         """Run all steps from ``noise`` (or seeded noise of ``shape``); return the final sample."""
         if isinstance(denoiser, OptimizedDenoiser):  # host values, once per run: the step loop never reads them

@@ -38,6 +38,7 @@ from diffopt.ir.signature import first_tensor_output
 from diffopt.ir.validation import require_int, require_number
 from diffopt.runtime.denoiser import OptimizedDenoiser
 from diffopt.runtime.schedulers import PREDICTION_TYPES, split_prediction, trailing_timesteps
+from diffopt.sampling.interface import SamplingLoop
 from diffopt.sampling.sequential import check_null_conditions, combine_guidance, guidance_inputs, initial_noise
 
 
@@ -78,7 +79,7 @@ def _model_call(denoiser: OptimizedDenoiser | Callable, x, t, conditions) -> tor
         return first_tensor_output(denoiser(x, t, *conditions))
 
 
-class SpeculativeDDPMSampler:
+class SpeculativeDDPMSampler(SamplingLoop):
     """Exact parallel sampling of K-step ancestral DDPM (trailing timestep spacing)."""
 
     def __init__(
@@ -140,14 +141,13 @@ class SpeculativeDDPMSampler:
         x0, _ = split_prediction(out, x.double(), abar, self.prediction_type)
         return x0 if self.clip_sample is None else x0.clamp(-self.clip_sample, self.clip_sample)
 
-    def sample(
+    def _sample(
         self,
         denoiser: OptimizedDenoiser | Callable,
-        conditions: Sequence[torch.Tensor] = (),
-        *,
-        shape: Sequence[int] | None = None,
-        noise: torch.Tensor | None = None,
-        seed: int = 0,
+        conditions: tuple[torch.Tensor, ...],
+        shape: Sequence[int] | None,
+        noise: torch.Tensor | None,
+        seed: int,
     ) -> torch.Tensor:
         """Draw a batch of independent samples; ``last_stats`` holds the run's statistics."""
         if isinstance(denoiser, OptimizedDenoiser) and denoiser.is_stateful:

@@ -2,8 +2,9 @@
 
 A step program's cross-step state is explicit (``RunState``), so the engine can hold many
 sampling runs at once and, at every tick, run each group of requests whose next step uses
-the same variant as one batched ``backend.run``: latents, per-sample timesteps, conditions
-and state are concatenated along the batch axis, and outputs and new state are split back.
+the same variant as one batched forward (``OptimizedDenoiser.step_many``: latents,
+per-sample timesteps, conditions and state concatenated along the batch axis, outputs and
+new state split back).
 New requests join at the next tick and finished ones leave at once, as LLM servers batch
 tokens. Diffusion servers batch whole requests instead (a request that arrives one step
 after a batch started waits for the whole batch).
@@ -45,7 +46,7 @@ import torch
 from diffopt.ir.graph_tools import batch_coupled_nodes
 from diffopt.ir.layers import layer_key
 from diffopt.ir.specs import BATCH
-from diffopt.runtime.denoiser import OptimizedDenoiser, check_bounds, widens
+from diffopt.runtime.denoiser import OptimizedDenoiser, check_bounds, fed_inputs, state_batch_axes, widens
 from diffopt.runtime.schedulers import make_scheduler
 from diffopt.sampling.sequential import check_null_conditions, combine_guidance, guidance_inputs, initial_noise
 
@@ -123,8 +124,10 @@ class StepEngine:
         make_scheduler(self.scheduler_config, num_steps=2)  # refuse a config that cannot run, now
         self.max_batch, self.max_waiting = max_batch, max_waiting
         self.max_active = max_batch if max_active is None else max_active
-        self.batch_axes = [_batch_axis(entry) for entry in denoiser.program.state.entries]
-        self.dtypes = [spec.torch_dtype for spec in denoiser.inputs]
+        try:
+            state_batch_axes(denoiser.program)  # requests share forwards: refuse state that cannot be split, now
+        except ValueError as error:
+            raise ValueError(f"StepEngine: {error}") from None
         self._waiting: collections.deque[_Run] = collections.deque()
         self._active: list[_Run] = []
         self._ids = itertools.count()
@@ -256,7 +259,7 @@ class StepEngine:
     def _step(self, variant: str, runs: list[_Run]) -> None:
         """One forward of ``variant`` for ``runs`` (each at its own step), then each run's
         scheduler step on its share of the output."""
-        inputs, splits = [], []
+        fed = []
         for run in runs:
             k = run.step
             t = torch.full((run.x.shape[0],), run.scheduler.timesteps[k].item(), dtype=run.scheduler.timesteps.dtype)
@@ -267,20 +270,16 @@ class StepEngine:
                 run.guidance_scale,
                 run.null_conditions,
             )
-            inputs.append([_as(value, dtype) for value, dtype in zip((x, t, *conditions), self.dtypes)])
-            splits.append(x.shape[0])
-        model_inputs = [torch.cat(column) for column in zip(*inputs)]
-        state = [torch.cat([run.state[index] for run in runs], dim=axis) for index, axis in enumerate(self.batch_axes)]
-        outputs = self.denoiser.backend.run(variant, (*model_inputs, *state))
-        self.forwards.append((str(variant), sum(splits)))
-        out_parts = outputs[0].split(splits)
-        state_parts = [tensor.split(splits, dim=axis) for tensor, axis in zip(outputs[1:], self.batch_axes)]
-        for index, run in enumerate(runs):
-            run.state = tuple(parts[index] for parts in state_parts)
-            guided = combine_guidance(out_parts[index].to(run.x.dtype), run.guidance_scale)
+            fed.append((fed_inputs(self.denoiser.inputs, (x, t, *conditions)), run.state))
+        results = self.denoiser.step_many(variant, fed)
+        rows = sum(inputs[0].shape[0] for inputs, _ in fed)
+        self.forwards.append((str(variant), rows))
+        for run, (out, state) in zip(runs, results):
+            run.state = state
+            guided = combine_guidance(out.to(run.x.dtype), run.guidance_scale)
             run.x = run.scheduler.step(guided, run.step, run.x, run.generator)
             run.variants.append(str(variant))
-            run.batch_rows.append(sum(splits))
+            run.batch_rows.append(rows)
             run.step += 1
 
 
@@ -366,21 +365,6 @@ def checked_request(
         for spec, value, condition in zip(specs, null_conditions, checked)
     )
     return checked, nulls
-
-
-def _as(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Floats follow the program's float dtypes (as ``Sampler`` feeds a program); other inputs
-    were checked at submit."""
-    return value.to(dtype) if value.is_floating_point() and dtype.is_floating_point else value.to(dtype)
-
-
-def _batch_axis(entry) -> int:
-    if entry.shape.count(BATCH) != 1:
-        raise ValueError(
-            f"StepEngine: state {entry.name!r} has shape {entry.shape} without one batch axis, so requests "
-            f"cannot share a forward"
-        )
-    return entry.shape.index(BATCH)
 
 
 def _checked_condition(spec, value: Any, samples: int) -> torch.Tensor:
