@@ -22,7 +22,7 @@ from diffopt import Sampler, make_scheduler
 from diffopt.evaluation.metrics.two_sample import energy_test
 from diffopt.measure.timing import interleaved_times
 from diffopt.models.gaussian_mixture import two_moons_mixture
-from diffopt.runtime.noise import make_alphas_cumprod
+from diffopt.sampling.noise import make_alphas_cumprod
 from diffopt.sampling.speculative import SpeculativeDDPMSampler
 
 OUT = Path("benchmarks/results")

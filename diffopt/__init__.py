@@ -2,11 +2,8 @@
 
 capture -> passes -> step program (explicit state, variants, schedule) -> runtime.
 
-Layers, each importing only those below it (``tests/test_layers.py`` checks it):
-``ir`` (program, specs, schedules, signature, layers, blocks, annotations, policy,
-statistics) < ``quant`` < ``capture`` < ``passes`` / ``runtime`` < ``sampling`` <
-``measure`` < ``export`` < ``optimize`` <
-``pipelines`` (``enable``: drop-in for diffusers pipelines), ``cli``;
+The packages are layers, each importing only those below it; the order and what each may
+import are written once, in ``tests/test_layers.py`` (``ALLOWED``), which checks them.
 ``models`` (reference models) and ``evaluation`` (metrics, data, training, baselines:
 ``pip install diffopt[eval]``) sit on top and are never imported by the core.
 """
@@ -24,8 +21,8 @@ from diffopt.passes.base import GraphPass, PassContext, PassError, PassNotApplic
 from diffopt.pipelines import disable, enable, summary, tune
 from diffopt.pipelines import export as export_pipeline
 from diffopt.runtime.denoiser import OptimizedDenoiser
-from diffopt.runtime.schedulers import DDIMScheduler, DDPMScheduler, FlowEulerScheduler, make_scheduler
 from diffopt.sampling.flow_map import FlowMapSampler
+from diffopt.sampling.schedulers import DDIMScheduler, DDPMScheduler, FlowEulerScheduler, make_scheduler
 from diffopt.sampling.sequential import Sampler
 from diffopt.version import __version__
 

@@ -4,7 +4,7 @@
 statistics of a reference model), ``report`` (a temporal-difference program's
 per-layer decisions and cost per run), ``bench`` (a set of configurations measured in one
 run), ``tune`` (the cheapest configuration over a quality floor) and ``serve``. Every
-command takes ``--plugin MODULE`` (``ir.modules``: plugins that register passes, backends
+command takes ``--plugin MODULE`` (``util.plugins``: plugins that register passes, backends
 and bundle runtimes)."""
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ import torch
 
 from diffopt.capture import CaptureError, capture
 from diffopt.export.onnx import ExportError
-from diffopt.ir.modules import load_installed_plugins, load_plugin, loaded_plugins
 from diffopt.measure.macs import summarize
 from diffopt.measure.timing import interleaved_times, wait_for_device
 from diffopt.models.zoo import UnknownModelError
 from diffopt.passes.base import PassError
 from diffopt.passes.temporal_difference import MODES
 from diffopt.runtime.bundle import PROFILES
+from diffopt.util.plugins import load_installed_plugins, load_plugin, loaded_plugins
 
 SERVE_SHUTDOWN_S = 20  # diffopt serve: how long Ctrl-C waits for Ray Serve to stop its replicas
 
@@ -186,7 +186,7 @@ def command_demo(args: argparse.Namespace) -> None:
     from diffopt.models.zoo import NULL_CLASS
     from diffopt.optimize import optimize
     from diffopt.passes.forecast_cache import ForecastCachePass
-    from diffopt.runtime.schedulers import make_scheduler
+    from diffopt.sampling.schedulers import make_scheduler
     from diffopt.sampling.sequential import Sampler
 
     model, inputs, scheduler_config = _load_model(args.model, require_weights=True)
@@ -298,7 +298,7 @@ def command_export(args: argparse.Namespace) -> None:
 def command_sample(args: argparse.Namespace) -> None:
     from diffopt.evaluation.metrics.grid import save_grid
     from diffopt.runtime.runtimes import load_bundle
-    from diffopt.runtime.schedulers import make_scheduler
+    from diffopt.sampling.schedulers import make_scheduler
     from diffopt.sampling.sequential import Sampler
 
     denoiser = load_bundle(args.bundle, args.runtime)
@@ -329,7 +329,7 @@ def command_sample(args: argparse.Namespace) -> None:
 def _digits_run(args: argparse.Namespace):
     """(baseline program, DDIM sampler, class-label conditions, latent shape) for a reference model."""
     from diffopt.optimize import optimize
-    from diffopt.runtime.schedulers import make_scheduler
+    from diffopt.sampling.schedulers import make_scheduler
     from diffopt.sampling.sequential import Sampler
 
     model, inputs, scheduler_config = _load_model(args.model, require_weights=True)
@@ -477,8 +477,8 @@ def _bench_pipeline(args: argparse.Namespace) -> None:
     """``bench --pipeline``/``--model``: the bench file's pass configurations on a pipeline's calls."""
     import json
 
-    from diffopt.ir.files import write_text
     from diffopt.pipelines.tuning import compare
+    from diffopt.util.files import write_text
 
     kind, source = _source(args)
     if kind != "pipeline":

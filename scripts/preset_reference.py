@@ -15,7 +15,7 @@ import torch
 
 from diffopt import capture, optimize
 from diffopt.models import example_inputs, load
-from diffopt.runtime.schedulers import make_scheduler
+from diffopt.sampling.schedulers import make_scheduler
 from diffopt.sampling.sequential import Sampler
 
 PRESETS = {  # preset -> (the pass class, sampling steps, its settings)

@@ -96,7 +96,7 @@ def test_the_presets_equal_the_implementations_they_replaced(preset):
 
     from diffopt.models import example_inputs, load
     from diffopt.passes.registry import registered_passes
-    from diffopt.runtime.schedulers import make_scheduler
+    from diffopt.sampling.schedulers import make_scheduler
     from diffopt.sampling.sequential import Sampler
 
     file, pass_name, steps = PRESET_REFERENCES[preset]
@@ -263,7 +263,7 @@ def test_the_learned_predictor_beats_newton_on_held_out_seeds_at_a_quarter_of_th
 
 @pytest.mark.parametrize("predictor", PREDICTORS)
 def test_the_serving_engine_batches_every_fixed_plan_cache_like_solo_runs(predictor):
-    from diffopt.runtime.schedulers import make_scheduler
+    from diffopt.sampling.schedulers import make_scheduler
     from diffopt.sampling.sequential import Sampler
     from diffopt.serving.engine import StepEngine
 
@@ -292,7 +292,7 @@ def test_the_committed_tune_picks_rebuild_from_their_pass_files_alone():
     from pathlib import Path
 
     from diffopt.models import example_inputs, load
-    from diffopt.runtime.schedulers import make_scheduler
+    from diffopt.sampling.schedulers import make_scheduler
     from diffopt.sampling.sequential import Sampler
 
     files = sorted(

@@ -465,7 +465,7 @@ def test_an_export_killed_between_its_two_renames_is_recovered_at_the_next_load(
             rename(source, target)
             if ".old-" in str(target):
                 os.kill(os.getpid(), signal.SIGKILL)
-        exporter.os.rename = rename_then_die
+        os.rename = rename_then_die  # every module renames through it, the bundle transaction too
         graph = capture(simple_dit(seed=9), (torch.randn(2, 1, 16, 16), torch.tensor([999, 5]), torch.tensor([0, 1])))
         exporter.to_onnx(optimize(graph), {str(bundle)!r})
     """)

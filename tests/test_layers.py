@@ -9,6 +9,7 @@ import diffopt
 
 PACKAGE = Path(diffopt.__file__).parent
 CORE = (
+    "util",
     "ir",
     "quant",
     "capture",
@@ -22,24 +23,25 @@ CORE = (
     "serving",
 )
 # what each layer may import (besides itself); anything not listed is refused
-CORE_TOOLS = {"ir", "quant", "capture", "passes", "runtime", "sampling", "measure", "export", "optimize"}
+CORE_TOOLS = {"util", "ir", "quant", "capture", "passes", "runtime", "sampling", "measure", "export", "optimize"}
 ALLOWED = {
     "version": set(),
-    "ir": set(),
-    "quant": {"ir"},
-    "capture": {"ir"},
-    "passes": {"ir", "quant"},
-    "runtime": {"ir"},
-    "sampling": {"ir", "runtime"},
-    "measure": {"ir", "quant", "passes", "runtime", "sampling"},
-    "export": {"ir", "quant", "runtime"},
-    "optimize": {"ir", "capture", "passes", "runtime"},
+    "util": set(),
+    "ir": {"util"},
+    "quant": {"util", "ir"},
+    "capture": {"util", "ir"},
+    "passes": {"util", "ir", "quant"},
+    "runtime": {"util", "ir"},
+    "sampling": {"util", "ir", "runtime"},
+    "measure": {"util", "ir", "quant", "passes", "runtime", "sampling"},
+    "export": {"util", "ir", "quant", "runtime"},
+    "optimize": {"util", "ir", "capture", "passes", "runtime"},
     "pipelines": CORE_TOOLS - {"quant"},
-    "models": {"ir", "runtime", "sampling"},
+    "models": {"util", "ir", "runtime", "sampling"},
     "evaluation": CORE_TOOLS | {"models"},
-    "serving": {"ir", "runtime", "sampling"},
+    "serving": {"util", "ir", "runtime", "sampling"},
     "cli": CORE_TOOLS | {"pipelines", "serving", "models", "evaluation"},
-    "__init__": {"ir", "capture", "passes", "runtime", "sampling", "measure", "optimize", "pipelines"},
+    "__init__": {"util", "ir", "capture", "passes", "runtime", "sampling", "measure", "optimize", "pipelines"},
 }
 
 

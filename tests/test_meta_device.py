@@ -15,8 +15,8 @@ import diffopt.runtime.denoiser as denoiser_module
 from diffopt import calibrate, capture, optimize
 from diffopt.models.flow_map import FlowMapTransformer
 from diffopt.passes.registry import registered_passes
-from diffopt.runtime.schedulers import make_scheduler
 from diffopt.sampling.flow_map import FlowMapSampler
+from diffopt.sampling.schedulers import make_scheduler
 from diffopt.sampling.sequential import Sampler
 
 BUILT_IN = {name: cls for name, cls in registered_passes().items() if cls.__module__.startswith("diffopt.passes.")}

@@ -18,11 +18,11 @@ from models import simple_dit
 
 from diffopt import capture, optimize
 from diffopt.export import to_onnx
-from diffopt.ir.modules import load_plugin
 from diffopt.passes.registry import load_passes, pass_to_dict
 from diffopt.runtime.runtimes import load_bundle
-from diffopt.runtime.schedulers import make_scheduler
+from diffopt.sampling.schedulers import make_scheduler
 from diffopt.sampling.sequential import Sampler
+from diffopt.util.plugins import load_plugin
 
 PLUGIN_SOURCES = Path(__file__).parent / "data" / "toyplug"
 ENTRY_POINTS = """[diffopt.passes]

@@ -15,7 +15,7 @@ import torch
 
 from diffopt import Sampler, capture, make_scheduler, optimize
 from diffopt.models.gaussian_mixture import GaussianMixtureDenoiser
-from diffopt.runtime.noise import make_alphas_cumprod
+from diffopt.sampling.noise import make_alphas_cumprod
 
 CONFIG = {"kind": "ddpm", "beta_schedule": "squaredcos_cap_v2", "num_train_timesteps": 1000}
 SHAPE = (3, 1, 4, 4)

@@ -10,7 +10,7 @@ from models import simple_dit
 from diffopt import capture, optimize
 from diffopt.passes.block_cache import BlockCachePass, FirstBlockCachePass
 from diffopt.passes.forecast_cache import ForecastCachePass
-from diffopt.runtime.schedulers import make_scheduler
+from diffopt.sampling.schedulers import make_scheduler
 from diffopt.sampling.sequential import Sampler
 from diffopt.serving.engine import Overloaded, RequestError, StepEngine
 

@@ -29,7 +29,7 @@ from diffopt import capture, optimize
 from diffopt.export.onnx import to_onnx
 from diffopt.passes.block_cache import BlockCachePass
 from diffopt.runtime.runtimes import load_bundle
-from diffopt.runtime.schedulers import make_scheduler
+from diffopt.sampling.schedulers import make_scheduler
 from diffopt.sampling.sequential import Sampler
 from diffopt.serving.http import ServingError, post_sample
 

@@ -7,7 +7,7 @@ from toy_passes import StepCounterPass
 from diffopt import Sampler, capture, make_scheduler, optimize
 from diffopt.evaluation.metrics.two_sample import energy_test
 from diffopt.models.gaussian_mixture import two_moons_mixture
-from diffopt.runtime.noise import make_alphas_cumprod
+from diffopt.sampling.noise import make_alphas_cumprod
 from diffopt.sampling.speculative import SpeculativeDDPMSampler
 
 CONFIG = {"kind": "ddpm", "beta_schedule": "squaredcos_cap_v2"}

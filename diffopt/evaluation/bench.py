@@ -32,8 +32,6 @@ import torch
 from diffopt.capture import capture
 from diffopt.evaluation.metrics.digits import class_accuracy, digits_fd, label_agreement
 from diffopt.evaluation.runs import generate, scheduler, time_runs
-from diffopt.ir.files import read_json, replacing, write_text
-from diffopt.ir.validation import require_int
 from diffopt.measure.calibration import calibrate
 from diffopt.measure.fidelity import psnr, relative_l2
 from diffopt.measure.macs import count_macs
@@ -44,6 +42,8 @@ from diffopt.optimize import optimize
 from diffopt.passes.registry import pass_from_dict
 from diffopt.runtime.backends import program_backend
 from diffopt.sampling.sequential import Sampler
+from diffopt.util.files import read_json, replacing, write_text
+from diffopt.util.validation import require_int
 
 BASELINE_KINDS = ("diffusers-hook", "cache-dit")
 REFERENCE_STEPS = 50  # the zoo models' reference run

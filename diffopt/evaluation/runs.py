@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping
 import torch
 
 from diffopt.measure.timing import interleaved_times
-from diffopt.runtime.schedulers import make_scheduler
+from diffopt.sampling.schedulers import make_scheduler
 from diffopt.sampling.sequential import Sampler
 
 CHUNK = 200  # samples per sampling call in the quality runs

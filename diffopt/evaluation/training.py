@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from diffopt.evaluation.data import load_digits_split
-from diffopt.ir.files import replacing
 from diffopt.models.zoo import NULL_CLASS, ReferenceModelSpec, build_architecture
-from diffopt.runtime.noise import make_alphas_cumprod
+from diffopt.sampling.noise import make_alphas_cumprod
+from diffopt.util.files import replacing
 
 
 def _model_output(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor):

@@ -21,9 +21,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from importlib import resources
@@ -37,14 +34,8 @@ from diffopt.ir.graph_tools import attribute
 from diffopt.ir.program import StepProgram
 from diffopt.ir.specs import BATCH, TensorSpec, concrete_shape
 from diffopt.quant.ops import ONNX_TRANSLATIONS, quantization_summary
-from diffopt.runtime.bundle import (
-    PROFILES,
-    Manifest,
-    VariantFile,
-    recover_interrupted_swap,
-    retired_name,
-    sha256_of,
-)
+from diffopt.runtime.bundle import PROFILES, Manifest, VariantFile, sha256_of
+from diffopt.runtime.bundle_writing import ExportError, write_bundle
 from diffopt.runtime.denoiser import OptimizedDenoiser
 from diffopt.version import __version__
 
@@ -53,13 +44,8 @@ _NARROW_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 EXPORTER_REGISTRATION_LOGGER = "torch.onnx._internal.exporter._registration"
 WEIGHTS_FILE = "weights.bin"
-OWNER_FILE = ".export-pid"  # in a staging directory: the exporting process, for stale-staging cleanup
 INLINE_LIMIT = 1024  # bytes: smaller tensors stay inside the graph files
 ALIGNMENT = 64
-
-
-class ExportError(RuntimeError):
-    """A variant cannot be exported for the requested profile."""
 
 
 def to_onnx(
@@ -74,12 +60,11 @@ def to_onnx(
 ) -> Manifest:
     """Write the bundle for ``optimized`` into ``directory`` and return its manifest.
 
-    The bundle is written into a hidden sibling directory, verified there (loaded with its
-    checksums, and step 0 run on onnxruntime), and only then swapped in by renaming: a
-    bundle already in ``directory`` is never removed before its replacement is complete,
-    and a refused, failed or killed export leaves it as it was. ``directory`` must be
-    missing, empty or hold a bundle and nothing else (other files are never touched: the
-    export is refused instead). ``scheduler_config`` (the model's ``make_scheduler``
+    The bundle is written and verified (loaded with its checksums, and step 0 run on
+    onnxruntime) in the transaction of ``runtime.bundle_writing.write_bundle``: a bundle
+    already in ``directory`` is never removed before its replacement is complete, and a
+    refused, failed or killed export leaves it as it was; ``directory`` must be missing,
+    empty or hold a bundle and nothing else. ``scheduler_config`` (the model's ``make_scheduler``
     config) travels in the manifest so the bundle can be sampled without the model's code;
     ``call`` (``pipelines.bundles.call_record``) records the pipeline call it was captured at.
     ``example_inputs`` (latent, timestep, *conditions: a real call's, e.g. the captured one's)
@@ -100,23 +85,11 @@ def to_onnx(
         raise TypeError(f"scheduler_config must be a mapping (make_scheduler's config), found {scheduler_config!r}")
     program = _float64_tables_in_float32(program)
     _require_no_float64(program)
-    directory = Path(directory)
-    if directory.is_symlink():  # a link to where the user keeps bundles: the bundle goes there, the link stays
-        directory = directory.resolve()
-    recover_interrupted_swap(directory)
-    _check_target(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_partials(directory)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.partial-", dir=directory.parent))
-    (staging / OWNER_FILE).write_text(str(os.getpid()))
-    try:
-        manifest = _write_bundle(program, staging, profile, export_batch, scheduler_config, call)
-        _verify(staging, export_batch, example_inputs)
-        _swap_in(staging, directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return manifest
+    return write_bundle(
+        directory,
+        lambda staging: _write_bundle(program, staging, profile, export_batch, scheduler_config, call),
+        lambda staging: _verify(staging, export_batch, example_inputs),
+    )
 
 
 def _write_bundle(
@@ -164,54 +137,6 @@ def _write_bundle(
     return manifest
 
 
-def _check_target(directory: Path) -> None:
-    """Refuse, before any work, a target that is a file, that is not a loadable diffopt bundle,
-    or that holds files besides its bundle's: only a bundle of ours is ever replaced."""
-    if directory.exists() and not directory.is_dir():
-        raise ExportError(f"{directory} exists and is not a directory: choose a directory for the bundle")
-    if not directory.exists():
-        return
-    present = {entry.name for entry in directory.iterdir()}
-    if not present:
-        return
-    try:
-        bundle_files = set(Manifest.load(directory, verify_checksums=False).files)
-    except (FileNotFoundError, ValueError) as error:
-        raise ExportError(
-            f"{directory} is not empty and holds no loadable diffopt bundle ({error}); its files {sorted(present)[:8]} "
-            f"are left alone: export into a new or empty directory (nothing was written)"
-        ) from None
-    others = sorted(present - bundle_files)
-    if others:
-        raise ExportError(
-            f"{directory} holds files that are not part of a diffopt bundle: {others[:8]}; export into a new or "
-            f"empty directory (nothing was written)"
-        )
-
-
-def _remove_stale_partials(directory: Path) -> None:
-    """Remove the staging directories of earlier exports to ``directory`` whose process is gone
-    (killed exports); a running export's staging (its process alive) is left alone."""
-    for staging in directory.parent.glob(f".{directory.name}.partial-*"):
-        owner = staging / OWNER_FILE
-        try:
-            pid = int(owner.read_text())
-        except (OSError, ValueError):
-            pid = None
-        if pid is None or not _process_alive(pid):
-            shutil.rmtree(staging, ignore_errors=True)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _verify(directory: Path, batch_size: int, example_inputs: Sequence[torch.Tensor] | None) -> None:
     """Load the bundle as a user would (checksums included) and run its step 0, on
     ``example_inputs`` (repeated to ``batch_size``) or on made-up inputs."""
@@ -254,25 +179,6 @@ def _repeated(value: torch.Tensor, spec: TensorSpec, batch_size: int) -> torch.T
     if BATCH in spec.shape and value.dim() > 0:
         value = value[torch.arange(batch_size) % value.shape[0]]
     return value
-
-
-def _swap_in(staging: Path, directory: Path) -> None:
-    """Replace ``directory`` by ``staging``: the old bundle is renamed away, the new one
-    renamed in, and only then is the old one removed. A process killed between the two
-    renames leaves the old bundle at ``retired_name``, which the next load or export of
-    ``directory`` renames back (``bundle.recover_interrupted_swap``)."""
-    (staging / OWNER_FILE).unlink()
-    if not directory.exists():
-        os.rename(staging, directory)
-        return
-    retired = retired_name(directory)
-    os.rename(directory, retired)
-    try:
-        os.rename(staging, directory)
-    except BaseException:
-        os.rename(retired, directory)
-        raise
-    shutil.rmtree(retired)
 
 
 def _node_dtype(node: torch.fx.Node) -> torch.dtype | None:

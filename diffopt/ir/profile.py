@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from diffopt.ir.files import read_json, write_text
+from diffopt.util.files import read_json, write_text
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from diffopt.ir.files import read_json, write_text
+from diffopt.util.files import read_json, write_text
 
 FORMAT = "diffopt-calibration"
 FORMAT_VERSION = 1

@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 
-from diffopt.ir.files import read_json, replacing_together
 from diffopt.ir.layers import find_blocks
 from diffopt.passes.registry import load_passes, pass_from_dict
+from diffopt.util.files import read_json, replacing_together
 
 logger = logging.getLogger("diffopt")
 
@@ -222,7 +222,7 @@ def save(summary: dict[str, Any], stem: str | os.PathLike) -> Path:
     ``<stem>.png`` (where matplotlib is installed) and the chosen pass list
     ``<stem>.passes.json`` (with its step count and the reference's); returns the pass file's
     path. The files are one set: all are written before any replaces an earlier run's
-    (``ir.files.replacing_together``), and each carries the run's id (``load_result`` checks it)."""
+    (``util.files.replacing_together``), and each carries the run's id (``load_result`` checks it)."""
     files = tune_files(stem)
     files["json"].parent.mkdir(parents=True, exist_ok=True)
     summary["run_id"] = summary.get("run_id") or uuid.uuid4().hex

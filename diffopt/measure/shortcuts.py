@@ -21,15 +21,15 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from diffopt.ir.files import read_json, write_text
 from diffopt.ir.program import StepProgram
-from diffopt.ir.validation import require_int
 from diffopt.measure.fidelity import psnr
 from diffopt.measure.macs import macs_per_run
 from diffopt.passes.length_shortcut import depth_schedule, depth_variant
 from diffopt.runtime.denoiser import OptimizedDenoiser
-from diffopt.runtime.schedulers import make_scheduler
+from diffopt.sampling.schedulers import make_scheduler
 from diffopt.sampling.sequential import Sampler
+from diffopt.util.files import read_json, write_text
+from diffopt.util.validation import require_int
 
 
 @dataclass(frozen=True)

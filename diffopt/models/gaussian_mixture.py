@@ -19,7 +19,7 @@ import math
 import torch
 from torch import nn
 
-from diffopt.runtime.noise import make_alphas_cumprod
+from diffopt.sampling.noise import make_alphas_cumprod
 
 OUTPUTS = ("epsilon", "sample", "velocity")
 

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from diffopt.ir.program import StepProgram
-from diffopt.ir.validation import block_names, chain_names, require_int, require_number
 from diffopt.passes.base import (
     PassContext,
     PassKind,
@@ -36,6 +35,7 @@ from diffopt.passes.caching.policies import ErrorGated, Periodic
 from diffopt.passes.caching.predictors import Reuse
 from diffopt.passes.caching.rewrite import cache_rewrite
 from diffopt.passes.caching.targets import AfterFirst, Blocks
+from diffopt.util.validation import block_names, chain_names, require_int, require_number
 
 
 @register_pass

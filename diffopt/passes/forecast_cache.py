@@ -50,12 +50,12 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from diffopt.ir.program import StepProgram
-from diffopt.ir.validation import block_names, chain_names, require_int
 from diffopt.passes.base import PassContext, PassKind, VariantPass, register_pass
 from diffopt.passes.caching.policies import Periodic
 from diffopt.passes.caching.predictors import Newton
 from diffopt.passes.caching.rewrite import cache_rewrite
 from diffopt.passes.caching.targets import Modules, Span
+from diffopt.util.validation import block_names, chain_names, require_int
 
 MAX_ORDER = 4  # highest forecast order accepted (see ForecastCachePass.__post_init__)
 TARGET_KINDS = ("modules", "blocks")

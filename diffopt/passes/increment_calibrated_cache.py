@@ -45,7 +45,6 @@ from diffopt.ir.layers import linear_layers
 from diffopt.ir.program import StepProgram
 from diffopt.ir.schedules import AdaptiveSchedule, Schedule
 from diffopt.ir.specs import CALIBRATED, FULL, PROBE, StateEntry
-from diffopt.ir.validation import block_names, require_int, require_number
 from diffopt.passes.base import (
     PassContext,
     PassKind,
@@ -54,6 +53,7 @@ from diffopt.passes.base import (
     register_pass,
 )
 from diffopt.passes.low_rank import low_rank_factors, ranks_under_budget
+from diffopt.util.validation import block_names, require_int, require_number
 
 aten = torch.ops.aten
 FACTORIZATIONS = {"svd": None, "channel-aware": "input", "channel-aware-increment": "increment"}

@@ -48,8 +48,8 @@ from diffopt.ir.graph_tools import add_variant, module_scopes, node_named, remov
 from diffopt.ir.program import StepProgram
 from diffopt.ir.schedules import ListSchedule
 from diffopt.ir.specs import FULL
-from diffopt.ir.validation import chain_names, require_int
 from diffopt.passes.base import PassContext, PassKind, PassNotApplicable, VariantPass, register_pass
+from diffopt.util.validation import chain_names, require_int
 
 aten = torch.ops.aten
 DIT_CONDITIONING = "norm1.emb"  # diffusers' ada_norm_zero blocks embed (timestep, class) here

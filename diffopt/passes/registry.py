@@ -7,7 +7,7 @@ Passes whose options hold tensors or profiles (a length embedding, a Defo profil
 refused by name: they are built in code, not from a file.
 
 A pass class joins with ``@register_pass`` (``passes.base``); the built-in passes and the
-plugins (``ir.modules``: entry points, ``DIFFOPT_PLUGINS``, ``--plugin``) are loaded before a
+plugins (``util.plugins``: entry points, ``DIFFOPT_PLUGINS``, ``--plugin``) are loaded before a
 name is looked up, and a pass defined anywhere else is known once its module is imported. A
 pass outside diffopt is written as ``"pass": "package.module:Class"``, which imports its
 module when the file is read, so its pass files need no plugin option.
@@ -22,9 +22,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from diffopt.ir.files import read_json, write_text
-from diffopt.ir.modules import class_reference, import_package, imported_class
 from diffopt.passes.base import PASS_TYPES, GraphPass
+from diffopt.util.files import read_json, write_text
+from diffopt.util.plugins import class_reference, import_package, imported_class
 
 
 def registered_passes() -> dict[str, type[GraphPass]]:

@@ -46,7 +46,6 @@ from diffopt.ir.layers import linear_layers, op_name
 from diffopt.ir.program import StepProgram
 from diffopt.ir.schedules import Schedule
 from diffopt.ir.specs import DELTA, FULL, StateEntry
-from diffopt.ir.validation import require_int, require_number
 from diffopt.passes.base import PassContext, PassKind, VariantPass, register_pass
 from diffopt.passes.composition import rewrite_every_variant
 from diffopt.passes.linear_ops import (
@@ -60,6 +59,7 @@ from diffopt.passes.linear_ops import (
 )
 from diffopt.quant.arithmetic import insert_quantize, quantize_weight_per_channel, symmetric_scale
 from diffopt.quant.ops import insert_dequantize_weight, insert_fake_quantize
+from diffopt.util.validation import require_int, require_number
 
 aten = torch.ops.aten
 GROUP_KEY = "diffopt_layer_group"  # node meta: the layer group (first layer's name) a delta node computes for

@@ -8,7 +8,7 @@ Two kinds make executors, each with its own registry and factory:
   ``@register_backend``, named by ``optimize``, ``enable``, bench files and the CLI;
 - a bundle runtime (``runtime.runtimes``) opens an exported bundle's files:
   ``@register_runtime``, named by ``load_bundle(directory, runtime=...)``.
-Each registry imports diffopt's ``runtime`` modules and the plugins (``ir.modules``) before a
+Each registry imports diffopt's ``runtime`` modules and the plugins (``util.plugins``) before a
 name is looked up: adding either is one file.
 """
 
@@ -21,8 +21,8 @@ from typing import ClassVar, Protocol
 import torch
 from torch import fx
 
-from diffopt.ir.modules import import_package
 from diffopt.ir.program import StepProgram
+from diffopt.util.plugins import import_package
 
 
 class Executor(Protocol):

@@ -21,20 +21,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from diffopt.ir.files import read_json
+from diffopt.ir.noise_schedule import check_scheduler_config
 from diffopt.ir.program import ProgramInterface
 from diffopt.ir.schedules import BaseSchedule, schedule_from_dict
 from diffopt.ir.signature import Signature
 from diffopt.ir.specs import StateEntry, StateSpec, TensorSpec
-from diffopt.runtime.schedulers import make_scheduler
+from diffopt.util.files import read_json
 
 FORMAT = "diffopt-bundle"
 FORMAT_VERSION = 3  # 3: the manifest holds each graph file's and the weights' sha256
@@ -134,6 +132,8 @@ class Manifest:
 
     @classmethod
     def load(cls, directory: Path | str, *, verify_checksums: bool = True) -> Manifest:
+        from diffopt.runtime.bundle_writing import recover_interrupted_swap
+
         directory = Path(directory)
         recover_interrupted_swap(directory)
         path = directory / MANIFEST_NAME
@@ -169,27 +169,6 @@ class Manifest:
                         f"or replaced; re-export the bundle"
                     )
         return manifest
-
-
-def retired_name(directory: Path) -> Path:
-    """Where an export moves the bundle it replaces, for the moment between its two renames."""
-    return directory.with_name(f".{directory.name}.old-{uuid.uuid4().hex[:8]}")
-
-
-def recover_interrupted_swap(directory: Path) -> bool:
-    """If ``directory`` is missing but an export that replaced it was killed between its two
-    renames (``retired_name`` exists), rename the retired bundle back. Returns whether it did."""
-    directory = Path(directory)
-    if directory.exists() or directory.is_symlink():
-        return False
-    retired = sorted(directory.parent.glob(f".{directory.name}.old-*"), key=lambda p: p.stat().st_mtime)
-    if not retired:
-        return False
-    try:
-        os.rename(retired[-1], directory)
-    except FileExistsError:  # another process recovered it first
-        return False
-    return True
 
 
 def sha256_of(path: Path) -> str:
@@ -308,9 +287,9 @@ def _checked_call(call: dict | None) -> dict | None:
 
 
 def _checked_scheduler_config(config: dict | None) -> dict | None:
-    """The noise-schedule config, refused unless ``make_scheduler`` accepts it."""
+    """The noise-schedule config, refused unless it is one (``ir.noise_schedule``)."""
     if config is not None:
-        make_scheduler(config)
+        check_scheduler_config(config)
     return config
 
 

@@ -6,7 +6,7 @@ manifest, checked by ``Manifest.load``), builds the runtime registered under tha
 ``OptimizedDenoiser`` that runs it and carries the ``Bundle``, so callers read the manifest
 from ``denoiser.bundle``, never from the executor. A runtime joins with
 ``@register_runtime`` in any module diffopt imports: its own ``runtime`` package, a plugin
-(``ir.modules``: the ``diffopt.runtimes`` entry point group, ``DIFFOPT_PLUGINS``,
+(``util.plugins``: the ``diffopt.runtimes`` entry point group, ``DIFFOPT_PLUGINS``,
 ``--plugin``). Adding one (OpenVINO, TensorRT) is one file.
 """
 
@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from diffopt.ir.modules import import_package
 from diffopt.runtime.bundle import Manifest
 from diffopt.runtime.denoiser import OptimizedDenoiser
+from diffopt.util.plugins import import_package
 
 DEFAULT_RUNTIME = "onnxruntime"
 RUNTIMES: dict[str, type] = {}

@@ -19,10 +19,10 @@ from collections.abc import Callable, Sequence
 import torch
 from tqdm import tqdm
 
-from diffopt.ir.validation import require_int, require_number
 from diffopt.runtime.denoiser import OptimizedDenoiser
 from diffopt.sampling.interface import SamplingLoop
 from diffopt.sampling.sequential import SamplingStats, runner_for, start_run
+from diffopt.util.validation import require_int, require_number
 
 
 def uniform_times(num_steps: int) -> torch.Tensor:

@@ -17,10 +17,10 @@ import torch
 from tqdm import tqdm
 
 from diffopt.ir.signature import first_tensor_output
-from diffopt.ir.validation import require_int, require_number
 from diffopt.runtime.denoiser import OptimizedDenoiser, check_bounds, fed_inputs
-from diffopt.runtime.schedulers import Scheduler
 from diffopt.sampling.interface import SamplingLoop
+from diffopt.sampling.schedulers import Scheduler
+from diffopt.util.validation import require_int, require_number
 
 
 @dataclass

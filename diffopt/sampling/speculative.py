@@ -35,11 +35,11 @@ import torch
 from tqdm import tqdm
 
 from diffopt.ir.signature import first_tensor_output
-from diffopt.ir.validation import require_int, require_number
 from diffopt.runtime.denoiser import OptimizedDenoiser
-from diffopt.runtime.schedulers import PREDICTION_TYPES, split_prediction, trailing_timesteps
 from diffopt.sampling.interface import SamplingLoop
+from diffopt.sampling.schedulers import PREDICTION_TYPES, split_prediction, trailing_timesteps
 from diffopt.sampling.sequential import check_null_conditions, combine_guidance, guidance_inputs, initial_noise
+from diffopt.util.validation import require_int, require_number
 
 
 @dataclass

@@ -47,7 +47,7 @@ from diffopt.ir.graph_tools import batch_coupled_nodes
 from diffopt.ir.layers import layer_key
 from diffopt.ir.specs import BATCH
 from diffopt.runtime.denoiser import OptimizedDenoiser, check_bounds, fed_inputs, state_batch_axes, widens
-from diffopt.runtime.schedulers import make_scheduler
+from diffopt.sampling.schedulers import make_scheduler
 from diffopt.sampling.sequential import check_null_conditions, combine_guidance, guidance_inputs, initial_noise
 
 MAX_STEPS = 1000  # a request for more steps is refused (it would hold its slot for minutes)

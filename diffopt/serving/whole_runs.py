@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from diffopt.runtime.schedulers import make_scheduler
+from diffopt.sampling.schedulers import make_scheduler
 from diffopt.sampling.sequential import Sampler, initial_noise
 from diffopt.serving.deployment import _load
 from diffopt.serving.engine import RequestError, Result, checked_request

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffopt.ir.files import replacing
+from diffopt.util.files import replacing
 
 
 def save_grid(images: torch.Tensor, path: str | Path, columns: int = 10, scale: int = 3) -> None:

@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 
 from diffopt.ir.schedules import AdaptiveSchedule, BaseSchedule, ListSchedule, Schedule
 from diffopt.ir.specs import FULL, PROBE
-from diffopt.ir.validation import require_int, require_number
+from diffopt.util.validation import require_int, require_number
 
 POLICIES: dict[str, type[Policy]] = {}
 

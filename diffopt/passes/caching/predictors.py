@@ -39,8 +39,8 @@ import torch
 from torch import fx
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from diffopt.ir.modules import class_reference, imported_class
-from diffopt.ir.validation import require_int
+from diffopt.util.plugins import class_reference, imported_class
+from diffopt.util.validation import require_int
 
 PREDICTORS: dict[str, type[Predictor]] = {}
 Clock = Mapping[str, torch.Tensor]  # "t", "step": per-sample float32 columns

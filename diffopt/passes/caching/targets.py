@@ -22,8 +22,8 @@ from typing import Any, ClassVar
 from torch import fx
 
 from diffopt.ir.blocks import all_blocks, block_chain, block_streams, first_and_last_streams, selected_blocks
-from diffopt.ir.validation import block_names, chain_names
 from diffopt.passes.base import PassNotApplicable
+from diffopt.util.validation import block_names, chain_names
 
 TARGETS: dict[str, type[Target]] = {}
 VALUES = ("residual", "output")

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from diffopt.ir.validation import require_int
+from diffopt.util.validation import require_int
 
 
 def is_diffusers_scheduler(value: Any) -> bool:

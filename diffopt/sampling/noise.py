@@ -11,7 +11,7 @@ import math
 
 import torch
 
-BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+from diffopt.ir.noise_schedule import BETA_SCHEDULES
 
 
 def make_betas(

@@ -23,16 +23,15 @@ from typing import Any, Protocol
 
 import torch
 
-from diffopt.ir.validation import require_int, require_number
-from diffopt.runtime.diffusers_schedulers import (
+from diffopt.ir.noise_schedule import CONFIG_KEYS, PREDICTION_TYPES, check_scheduler_config
+from diffopt.sampling.diffusers_schedulers import (
     DiffusersScheduler,
     is_diffusers_scheduler,
     scheduler_class_by_keys,
     scheduler_from_config,
 )
-from diffopt.runtime.noise import make_alphas_cumprod
-
-PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+from diffopt.sampling.noise import make_alphas_cumprod
+from diffopt.util.validation import require_int, require_number
 
 
 class Scheduler(Protocol):
@@ -173,19 +172,6 @@ class FlowEulerScheduler(_UnscaledInput):
 
 
 SAMPLER_KINDS = ("ddpm", "ddim", "flow-euler")
-CONFIG_KEYS = {  # diffopt's own scheduler config (diffopt.models.zoo)
-    "kind",
-    "num_train_timesteps",
-    "beta_schedule",
-    "prediction_type",
-    "clip_sample",
-    "clip_sample_range",
-    "timestep_scale",
-}
-MAX_TRAIN_TIMESTEPS = 100_000  # a schedule's training steps (1000 in practice); beyond: a typo, and minutes of work
-
-
-DIFFUSERS_CONFIG_MARKERS = {"_use_default_values", "_diffusers_version"}  # keys only a diffusers config carries
 
 
 def make_scheduler(
@@ -204,38 +190,23 @@ def make_scheduler(
             raise ValueError(f"make_scheduler: a diffusers scheduler samples as itself; drop kind={kind!r}")
         scheduler = config if is_diffusers_scheduler(config) else scheduler_from_config(config)
         return DiffusersScheduler(scheduler, num_steps)
-    if not isinstance(config, Mapping):
-        raise TypeError(
-            f"make_scheduler: config must be a mapping (a model's scheduler config) or a diffusers scheduler, "
-            f"found {config!r:.80}"
-        )
-    unknown = sorted(set(config) - CONFIG_KEYS)
-    copied = unknown and DIFFUSERS_CONFIG_MARKERS & set(config)  # dict(pipe.scheduler.config): its keys name it
-    diffusers_class = scheduler_class_by_keys(config) if copied else None
-    if diffusers_class is not None:  # a diffusers config copied without its _class_name: its keys name it
+    model_kind = check_scheduler_config(config)
+    if model_kind == "diffusers":  # a diffusers config copied without its _class_name: its keys name it
+        diffusers_class = scheduler_class_by_keys(config)
+        if diffusers_class is None:
+            raise ValueError(
+                f"make_scheduler: config has keys {sorted(set(config) - CONFIG_KEYS)} that diffopt's scheduler "
+                f"config does not have, and no diffusers scheduler takes them: pass the scheduler object or its saved "
+                f"config (with _class_name)"
+            )
         if kind is not None:
             raise ValueError(f"make_scheduler: a diffusers scheduler samples as itself; drop kind={kind!r}")
         return DiffusersScheduler(diffusers_class.from_config(dict(config)), num_steps)
-    if unknown:  # never silently read as another scheduler
-        raise ValueError(
-            f"make_scheduler: config has keys {unknown} that diffopt's scheduler config does not have (its keys: "
-            f"{sorted(CONFIG_KEYS)}); for a diffusers scheduler pass the object or its saved config (with _class_name)"
-        )
-    model_kind = config.get("kind", "ddpm")
     if model_kind == "flow":
         if kind not in (None, "flow-euler"):
             raise ValueError(f"a flow-matching model samples with 'flow-euler', not {kind!r}")
         return FlowEulerScheduler(num_steps, config.get("timestep_scale", 1000.0))
-    if model_kind != "ddpm":
-        raise ValueError(f"unknown scheduler config kind {model_kind!r}: expected 'ddpm' or 'flow'")
-    num_train_timesteps = config.get("num_train_timesteps", 1000)
-    require_int("make_scheduler: config", "num_train_timesteps", num_train_timesteps, minimum=2)
-    if num_train_timesteps > MAX_TRAIN_TIMESTEPS:
-        raise ValueError(
-            f"make_scheduler: config.num_train_timesteps {num_train_timesteps} is above {MAX_TRAIN_TIMESTEPS}: "
-            f"not a noise schedule diffusion models are trained with"
-        )
-    alphas_cumprod = make_alphas_cumprod(config.get("beta_schedule", "linear"), num_train_timesteps)
+    alphas_cumprod = make_alphas_cumprod(config.get("beta_schedule", "linear"), config.get("num_train_timesteps", 1000))
     prediction_type = config.get("prediction_type", "epsilon")
     clip_sample = config.get("clip_sample")
     if isinstance(clip_sample, bool):  # diffusers' flag with its range
