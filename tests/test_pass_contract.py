@@ -9,10 +9,11 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from models import simple_dit
+from models import dit_pipeline, simple_dit
 from test_pipeline_cli import _save
 from test_pipelines import CASES
 
+import diffopt
 from diffopt import capture, optimize
 from diffopt.cli import main
 from diffopt.ir.graph_tools import add_variant, output_values, remove_dead_code, state_shape, thread_state
@@ -30,6 +31,7 @@ from diffopt.passes.base import (
 from diffopt.passes.block_cache import BlockCachePass
 from diffopt.passes.length_shortcut import LengthShortcutPass
 from diffopt.passes.registry import load_passes, save_passes
+from diffopt.pipelines.component import OptimizedComponent
 
 
 @register_pass
@@ -131,3 +133,24 @@ def test_a_pass_is_its_parameters():
     assert LengthShortcutPass(group_size=2, length_embedding=other).identity != same.identity
     assert BlockCachePass(period=2).identity == "BlockCachePass(blocks=None, period=2)"
     assert PassKind.CACHE == "cache" and f"{PassKind.TEMPORAL_DIFFERENCE}" == "temporal-difference"
+
+
+@dataclass(frozen=True)
+class _WantsAModule(ToyOutputCachePass):
+    """A pass whose setting names a module: its ``check_model`` hook refuses a model without it."""
+
+    module: str = "no_such_module"
+
+    def check_model(self, model):
+        if self.module not in dict(model.named_modules()):
+            raise ValueError(f"{self.name}: module {self.module!r} is not in {type(model).__name__}")
+
+
+def test_enable_asks_each_pass_whether_it_fits_the_model_before_any_capture():
+    pipe = dit_pipeline()
+    with pytest.raises(ValueError, match="_WantsAModule: module 'no_such_module' is not in"):
+        diffopt.enable(pipe, [_WantsAModule()])
+    assert not isinstance(pipe.transformer, OptimizedComponent)  # nothing was installed
+    diffopt.enable(pipe, [_WantsAModule(module="transformer_blocks.0")])
+    assert isinstance(pipe.transformer, OptimizedComponent)
+    diffopt.disable(pipe)

@@ -158,3 +158,41 @@ def test_annotations_follow_the_policy_through_optimize():
             next(iter(n for n in optimized.program.variants[FULL].graph.nodes if annotation_of(n) is not None))
         )
     )
+
+
+@dataclass(frozen=True)
+class DeclaresCalibrationPass(GraphPass):
+    """Declares its need once (``needs_calibration``); the base class derives ``requires``."""
+
+    needs_calibration = True
+
+    def call(self, program, context):
+        return PassResult(program, False)
+
+
+def test_requires_is_derived_from_needs_calibration():
+    with pytest.raises(PassError, match="DeclaresCalibrationPass needs calibration statistics"):
+        optimize(_program(), [DeclaresCalibrationPass()])
+    optimize(_program(), [DeclaresCalibrationPass()], calibration=CalibrationStatistics())
+
+
+def test_a_pass_runs_on_its_own_with_the_pipelines_copy_and_checks():
+    program = _program()
+    before = program.fingerprint()
+    result = StepCounterPass()(program)
+    assert result.modified and result.program.fingerprint() != before
+    assert program.fingerprint() == before  # it edited a copy
+    assert StepCounterPass()(result.program).modified is False  # the same pass again changes nothing
+    with pytest.raises(PassError, match="pass 'AliasingPass' failed: .*returns its inputs"):
+        AliasingPass()(program)  # verified like inside a pipeline
+    assert program.fingerprint() == before
+
+
+def test_pipelines_nest_and_equal_the_flat_pipeline():
+    flat, flat_records = Pipeline([StepCounterPass(), AnnotateLinearsPass()]).run(_program())
+    nested, records = Pipeline([StepCounterPass(), Pipeline([AnnotateLinearsPass()])]).run(_program())
+    assert nested.fingerprint() == flat.fingerprint()
+    assert [r.modified for r in records] == [r.modified for r in flat_records] == [True, True]
+    assert records[1].name == "Pipeline"
+    with pytest.raises(PassError, match="'AliasingPass' \\(#1 of 1.*returns its inputs"):
+        Pipeline([Pipeline([AliasingPass()])]).run(_program())

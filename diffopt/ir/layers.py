@@ -11,6 +11,7 @@ policy, annotations and reports all use these names.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 import torch
 from torch import fx
@@ -132,3 +133,19 @@ def choose_chain(found: dict[str, list[str]], container: str | tuple[str, ...] |
             f"{owner}: no chain of blocks named {missing}; chains: {sorted(found)}" + (unet_hint if is_unet else "")
         )
     return [block for name in names for block in found[name]]
+
+
+def require_chain(model: torch.nn.Module, container: str | tuple[str, ...] | None, owner: str) -> None:
+    """Refuse (``ValueError`` naming ``owner``) a ``container`` that names no chain of
+    ``model``'s module tree (``choose_chain`` on ``module_chains``): a pass's check before capture."""
+    choose_chain(module_chains(model), container, owner)
+
+
+def require_blocks(model: torch.nn.Module, blocks: Sequence[str] | None, owner: str) -> None:
+    """Refuse (``ValueError`` naming ``owner``) ``blocks`` that are not blocks of ``model``."""
+    if blocks is None:
+        return
+    known = {block for members in module_chains(model).values() for block in members}
+    missing = sorted(set(blocks) - known)
+    if missing:
+        raise ValueError(f"{owner}: blocks {missing} are not in {type(model).__name__}; its blocks are {sorted(known)}")

@@ -1,13 +1,13 @@
 """What a step program's graphs take and thread: tensor specs (``"batch"`` marks the batch
 dimension), the state entries a pass adds (``StateEntry``, ``StateSpec``), and the roles
-that name variants (``Role``).
+that name variants (registered names, ``register_role``).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from enum import Enum
 from typing import Any
 
 import torch
@@ -16,25 +16,26 @@ from torch import fx
 BATCH = "batch"  # marks the batch dimension in a StateEntry shape
 
 
-class Role(str, Enum):
-    """What a variant does for the pass that made it; a variant's name is its roles joined
-    by ``+`` in pass order (``cached+delta``), the refresh role of a later pass adding nothing."""
-
-    FULL = "full"  # computes the unmodified model (and, after passes, refreshes their state)
-    PROBE = "probe"  # computes an AdaptiveSchedule's signal
-    CACHED = "cached"  # reuses cached block outputs
-    CALIBRATED = "calibrated"  # cached linear outputs corrected by a low-rank increment
-    DELTA = "delta"  # temporal-difference linear layers
-    FORECAST = "forecast"  # block or layer outputs extrapolated from earlier full steps
-
-    def __str__(self) -> str:
-        return self.value
-
-    def __repr__(self) -> str:  # logs and errors show 'full' (as variant names are written), not <Role.FULL: 'full'>
-        return repr(self.value)
+Role = str  # a variant role is its name: variants are named by plain strings, one type
+ROLES: set[str] = set()  # the registered roles; a plugin's pass registers its own
 
 
-FULL, PROBE, CACHED, CALIBRATED, DELTA, FORECAST = Role  # in definition order
+def register_role(name: str) -> str:
+    """Register the variant role ``name`` (a lowercase word, ``-`` allowed) and return it."""
+    if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9-]*", name):
+        raise ValueError(f"a variant role is a lowercase word (letters, digits, '-'), found {name!r}")
+    ROLES.add(name)
+    return name
+
+
+# What a variant does for the pass that made it; a variant's name is its roles joined by ``+`` in
+# pass order (``cached+delta``), the refresh role of a later pass adding nothing.
+FULL = register_role("full")  # computes the unmodified model (and, after passes, refreshes their state)
+PROBE = register_role("probe")  # computes an AdaptiveSchedule's signal
+CACHED = register_role("cached")  # reuses cached block outputs
+CALIBRATED = register_role("calibrated")  # cached linear outputs corrected by a low-rank increment
+DELTA = register_role("delta")  # temporal-difference linear layers
+FORECAST = register_role("forecast")  # block or layer outputs extrapolated from earlier full steps
 
 
 def combined_name(variant: str, role: str, refresh: str) -> str:

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any, ClassVar
 
 import torch
@@ -45,16 +45,25 @@ class PassNotApplicableError(PassError, PassNotApplicable):
     """``PassNotApplicable`` raised inside a ``Pipeline``, with where it happened."""
 
 
-class PassKind(str, Enum):
-    """What a variant-creating pass does; one pass of each kind per program, in an order
+PASS_KINDS: set[str] = set()  # the registered kinds; a plugin's pass registers its own
+
+
+def register_pass_kind(name: str) -> str:
+    """Register the pass kind ``name`` (a lowercase word, ``-`` allowed) and return it."""
+    if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9-]*", name):
+        raise ValueError(f"a pass kind is a lowercase word (letters, digits, '-'), found {name!r}")
+    PASS_KINDS.add(name)
+    return name
+
+
+class PassKind:
+    """The built-in pass kinds: what a variant-creating pass does, as an open, registered name
+    (``register_pass_kind``); one pass of each kind per program, in an order
     (``GraphPass.after``)."""
 
-    CACHE = "cache"
-    TEMPORAL_DIFFERENCE = "temporal-difference"
-    LENGTH = "length"
-
-    def __str__(self) -> str:
-        return self.value
+    CACHE = register_pass_kind("cache")
+    TEMPORAL_DIFFERENCE = register_pass_kind("temporal-difference")
+    LENGTH = register_pass_kind("length")
 
 
 class ProgramInvariantError(ValueError):
@@ -99,8 +108,8 @@ class GraphPass:
     (``VariantPass`` does it): the same pass again changes nothing, another pass of the same
     kind (or a cache after temporal differences) is refused with the reason."""
 
-    kind: ClassVar[PassKind | None] = None  # set by passes that create variants
-    after: ClassVar[tuple[PassKind, ...]] = ()  # kinds that must not have been applied before this one
+    kind: ClassVar[str | None] = None  # set by passes that create variants: a registered kind (PassKind's, or new)
+    after: ClassVar[tuple[str, ...]] = ()  # kinds that must not have been applied before this one
     in_place: ClassVar[bool] = True  # call() may edit the program it is given: the Pipeline gives it a copy
 
     @property
@@ -154,7 +163,20 @@ class GraphPass:
         return dataclasses.replace(program, applied=(*program.applied, (self.kind, self.identity)))
 
     def requires(self, program: StepProgram, context: PassContext) -> None:
-        """Raise if the program or context is not ready for this pass."""
+        """Raise if the program or context is not ready for this pass: by default, when it
+        ``needs_calibration`` and the context has no statistics."""
+        if self.needs_calibration:
+            context.require_statistics(self.name)
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        """Raise ``ValueError``, naming this pass and its setting, when a setting cannot fit
+        ``model``'s module tree (e.g. a chain or block it names): ``enable`` calls it before
+        any capture. By default there is nothing to check."""
+
+    def __call__(self, program: StepProgram, context: PassContext | None = None) -> PassResult:
+        """This pass alone, with what ``Pipeline.run`` gives every pass: a copy of ``program``
+        to edit, verification after it, a truthful ``modified``."""
+        return run_checked(self, program, context or PassContext(), f"pass {self.name!r}")
 
     def call(self, program: StepProgram, context: PassContext) -> PassResult:
         raise NotImplementedError
@@ -207,6 +229,11 @@ def register_pass(cls: type[GraphPass]) -> type[GraphPass]:
     files by its class name; its options must be numbers, strings, None or lists of them."""
     if not (isinstance(cls, type) and issubclass(cls, GraphPass) and dataclasses.is_dataclass(cls)):
         raise TypeError(f"register_pass takes a GraphPass dataclass, found {cls!r}")
+    unknown = sorted({kind for kind in (cls.kind, *cls.after) if kind is not None} - PASS_KINDS)
+    if unknown:
+        raise ValueError(
+            f"{cls.__name__}: pass kinds {unknown} are not registered (register_pass_kind); known: {sorted(PASS_KINDS)}"
+        )
     known = PASS_TYPES.get(cls.__name__)
     if known is not None and known.__qualname__ != cls.__qualname__:
         raise ValueError(f"a pass named {cls.__name__} is registered already ({known.__module__})")
@@ -270,11 +297,57 @@ def pass_list(passes: Sequence[GraphPass]) -> tuple[GraphPass, ...]:
     return tuple(passes)
 
 
-class Pipeline:
-    """Runs passes in order with verification after each."""
+def run_checked(graph_pass: GraphPass, program: StepProgram, context: PassContext, where: str) -> PassResult:
+    """``graph_pass`` on ``program`` (a copy, for an ``in_place`` pass) with its checks: its
+    ``requires``, the program recompiled and verified after it, its ``ensures``, and
+    ``modified`` checked against the fingerprint; failures name ``where``."""
+    fingerprint = program.fingerprint()
+    given = program.copy() if graph_pass.in_place else program
+    try:
+        graph_pass.requires(given, context)
+        result = graph_pass.call(given, context)
+        for module in result.program.variants.values():
+            module.recompile()
+        verify_program(result.program)
+        graph_pass.ensures(result.program, context)
+    except PassNotApplicable as error:
+        raise PassNotApplicableError(f"{where} does not apply: {error}") from error
+    except Exception as error:
+        raise PassError(f"{where} failed: {type(error).__name__}: {error}") from error
+    changed = result.program.fingerprint() != fingerprint
+    if not result.modified and not changed:
+        return PassResult(program, False)  # unchanged: keep the graphs the caller gave (no copy)
+    if changed != result.modified:
+        raise PassError(
+            f"{where} reported modified={result.modified}, but the program {'changed' if changed else 'did not change'}"
+        )
+    return result
+
+
+class Pipeline(GraphPass):
+    """Runs passes in order with verification after each (``run_checked``). A pipeline is a
+    pass too, so pipelines nest: ``Pipeline([a, Pipeline([b, c])])`` runs a, b, c."""
+
+    in_place: ClassVar[bool] = False  # each pass inside gets its own copy
 
     def __init__(self, passes: Sequence[GraphPass]):
         self.passes = pass_list(passes)
+
+    @property
+    def identity(self) -> str:
+        return f"Pipeline({', '.join(p.identity for p in self.passes)})"
+
+    @property
+    def needs_calibration(self) -> bool:
+        return any(p.needs_calibration for p in self.passes)
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        for graph_pass in self.passes:
+            graph_pass.check_model(model)
+
+    def call(self, program: StepProgram, context: PassContext) -> PassResult:
+        result, records = self.run(program, context)
+        return PassResult(result, any(record.modified for record in records))
 
     def run(self, program: StepProgram, context: PassContext | None = None) -> tuple[StepProgram, list[PassRecord]]:
         context = context or PassContext()
@@ -285,27 +358,7 @@ class Pipeline:
             where = (
                 f"pass {graph_pass.name!r} (#{index + 1} of {len(self.passes)}; passes before it: {before or 'none'})"
             )
-            fingerprint = program.fingerprint()
-            given = program.copy() if graph_pass.in_place else program
-            try:
-                graph_pass.requires(given, context)
-                result = graph_pass.call(given, context)
-                for module in result.program.variants.values():
-                    module.recompile()
-                verify_program(result.program)
-                graph_pass.ensures(result.program, context)
-            except PassNotApplicable as error:
-                raise PassNotApplicableError(f"{where} does not apply: {error}") from error
-            except Exception as error:
-                raise PassError(f"{where} failed: {type(error).__name__}: {error}") from error
-            changed = result.program.fingerprint() != fingerprint
-            if not result.modified and not changed:
-                result = PassResult(program, False)  # unchanged: keep the graphs the caller gave (no copy)
-            if changed != result.modified:
-                raise PassError(
-                    f"{where} reported modified={result.modified}, but the program "
-                    f"{'changed' if changed else 'did not change'}"
-                )
+            result = run_checked(graph_pass, program, context, where)
             program = result.program
             records.append(PassRecord(graph_pass.name, result.modified))
         return program, records

@@ -24,6 +24,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
+
+from diffopt.ir.layers import require_blocks, require_chain
 from diffopt.ir.program import StepProgram
 from diffopt.passes.base import (
     PassContext,
@@ -41,8 +44,8 @@ from diffopt.util.validation import block_names, chain_names, require_int, requi
 @register_pass
 @dataclass(frozen=True)
 class BlockCachePass(VariantPass):
-    kind: ClassVar[PassKind] = PassKind.CACHE
-    after: ClassVar[tuple[PassKind, ...]] = (PassKind.TEMPORAL_DIFFERENCE,)
+    kind: ClassVar[str] = PassKind.CACHE
+    after: ClassVar[tuple[str, ...]] = (PassKind.TEMPORAL_DIFFERENCE,)
 
     blocks: tuple[str, ...] | None = None  # e.g. ("transformer_blocks.1", ...); None: every block
     period: int = 2
@@ -50,6 +53,9 @@ class BlockCachePass(VariantPass):
     def __post_init__(self) -> None:
         require_int(self.name, "period", self.period, minimum=1)
         object.__setattr__(self, "blocks", block_names(self.name, self.blocks))
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        require_blocks(model, self.blocks, self.name)
 
     def rewrite(self, program: StepProgram, context: PassContext) -> StepProgram:
         """The preset: each selected block's residual (or output) reused between refreshes
@@ -67,8 +73,8 @@ class BlockCachePass(VariantPass):
 @register_pass
 @dataclass(frozen=True)
 class FirstBlockCachePass(VariantPass):
-    kind: ClassVar[PassKind] = PassKind.CACHE
-    after: ClassVar[tuple[PassKind, ...]] = (PassKind.TEMPORAL_DIFFERENCE,)
+    kind: ClassVar[str] = PassKind.CACHE
+    after: ClassVar[tuple[str, ...]] = (PassKind.TEMPORAL_DIFFERENCE,)
 
     threshold: float = 0.05
     container: str | tuple[str, ...] | None = None  # the chain(s) of blocks, see block_chain; None: the only chain
@@ -76,6 +82,9 @@ class FirstBlockCachePass(VariantPass):
     def __post_init__(self) -> None:
         require_number(self.name, "threshold", self.threshold, minimum=0.0)
         object.__setattr__(self, "container", chain_names(self.name, self.container))
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        require_chain(model, self.container, self.name)
 
     def rewrite(self, program: StepProgram, context: PassContext) -> StepProgram:
         """The preset: the residual of the blocks after the first reused while the first

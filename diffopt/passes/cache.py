@@ -27,8 +27,8 @@ from diffopt.passes.caching.targets import TARGETS, Target
 @register_pass
 @dataclass(frozen=True)
 class CachePass(VariantPass):
-    kind: ClassVar[PassKind] = PassKind.CACHE
-    after: ClassVar[tuple[PassKind, ...]] = (PassKind.TEMPORAL_DIFFERENCE,)
+    kind: ClassVar[str] = PassKind.CACHE
+    after: ClassVar[tuple[str, ...]] = (PassKind.TEMPORAL_DIFFERENCE,)
 
     target: Any = "span"  # a Target, or its pass-file dict / kind
     policy: Any = "periodic"  # a Policy, likewise

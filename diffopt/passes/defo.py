@@ -23,7 +23,7 @@ from diffopt.ir.policy import LayerPolicy
 from diffopt.ir.profile import LayerProfile
 from diffopt.ir.program import StepProgram
 from diffopt.ir.specs import DELTA, FULL
-from diffopt.passes.base import PassContext, PassKind, VariantPass
+from diffopt.passes.base import PassContext, VariantPass
 from diffopt.passes.temporal_difference import TemporalDifferencePass
 
 COSTS = ("model", "measured")
@@ -43,15 +43,12 @@ class DefoPass(VariantPass):
         if self.profile.difference != dataclasses.asdict(self.difference):
             raise ValueError(f"the profile was measured for {self.profile.difference}, not for {self.difference}")
 
-    kind: ClassVar[PassKind] = TemporalDifferencePass.kind
+    kind: ClassVar[str] = TemporalDifferencePass.kind
     first_variants: ClassVar[bool] = TemporalDifferencePass.first_variants
 
     @property
     def needs_calibration(self) -> bool:
         return self.difference.needs_calibration
-
-    def requires(self, program: StepProgram, context: PassContext) -> None:
-        self.difference.requires(program, context)
 
     def decisions(self, context: PassContext) -> dict[str, dict[str, str]]:
         """Per layer: ``{"mode": ..., "reason": ...}`` (the user's policy wins where it sets a mode)."""

@@ -49,6 +49,9 @@ import re
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
+
+from diffopt.ir.layers import require_chain
 from diffopt.ir.program import StepProgram
 from diffopt.passes.base import PassContext, PassKind, VariantPass, register_pass
 from diffopt.passes.caching.policies import Periodic
@@ -64,8 +67,8 @@ TARGET_KINDS = ("modules", "blocks")
 @register_pass
 @dataclass(frozen=True)
 class ForecastCachePass(VariantPass):
-    kind: ClassVar[PassKind] = PassKind.CACHE
-    after: ClassVar[tuple[PassKind, ...]] = (PassKind.TEMPORAL_DIFFERENCE,)
+    kind: ClassVar[str] = PassKind.CACHE
+    after: ClassVar[tuple[str, ...]] = (PassKind.TEMPORAL_DIFFERENCE,)
 
     order: int = 1  # degree of the forecast polynomial; 0 is plain reuse
     period: int = 3  # a full step every `period` steps after the warm-up
@@ -99,6 +102,9 @@ class ForecastCachePass(VariantPass):
                     re.compile(pattern)
                 except re.error as error:
                     raise ValueError(f"{self.name}.modules: {pattern!r} is not a regular expression: {error}") from None
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        require_chain(model, self.container, self.name)
 
     def rewrite(self, program: StepProgram, context: PassContext) -> StepProgram:
         """The preset: Newton's forecast of the targets, refreshed periodically."""

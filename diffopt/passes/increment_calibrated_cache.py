@@ -41,7 +41,7 @@ from diffopt.ir.graph_tools import (
     state_shape,
     thread_state,
 )
-from diffopt.ir.layers import linear_layers
+from diffopt.ir.layers import linear_layers, require_blocks
 from diffopt.ir.program import StepProgram
 from diffopt.ir.schedules import AdaptiveSchedule, Schedule
 from diffopt.ir.specs import CALIBRATED, FULL, PROBE, StateEntry
@@ -62,8 +62,8 @@ FACTORIZATIONS = {"svd": None, "channel-aware": "input", "channel-aware-incremen
 @register_pass
 @dataclass(frozen=True)
 class IncrementCalibratedCachePass(VariantPass):
-    kind: ClassVar[PassKind] = PassKind.CACHE
-    after: ClassVar[tuple[PassKind, ...]] = (PassKind.TEMPORAL_DIFFERENCE,)
+    kind: ClassVar[str] = PassKind.CACHE
+    after: ClassVar[tuple[str, ...]] = (PassKind.TEMPORAL_DIFFERENCE,)
 
     rank: int | None = 32  # None: full rank (exact); 0: plain reuse of cached outputs
     period: int = 2
@@ -88,9 +88,8 @@ class IncrementCalibratedCachePass(VariantPass):
     def needs_calibration(self) -> bool:
         return FACTORIZATIONS[self.factorization] is not None
 
-    def requires(self, program: StepProgram, context: PassContext) -> None:
-        if self.needs_calibration:
-            context.require_statistics(self.name)
+    def check_model(self, model: torch.nn.Module) -> None:
+        require_blocks(model, self.blocks, self.name)
 
     def _block_members(self, graph: fx.Graph) -> list[str]:
         return selected_blocks(all_blocks(graph), self.blocks, self.name)

@@ -45,6 +45,7 @@ from torch import fx
 
 from diffopt.ir.blocks import block_boundary, block_chain
 from diffopt.ir.graph_tools import add_variant, module_scopes, node_named, remove_dead_code
+from diffopt.ir.layers import require_chain
 from diffopt.ir.program import StepProgram
 from diffopt.ir.schedules import ListSchedule
 from diffopt.ir.specs import FULL
@@ -72,8 +73,8 @@ def depth_schedule(depths: int | Sequence[int]) -> ListSchedule:
 @register_pass
 @dataclass(frozen=True)
 class LengthShortcutPass(VariantPass):
-    kind: ClassVar[PassKind] = PassKind.LENGTH
-    after: ClassVar[tuple[PassKind, ...]] = (PassKind.CACHE, PassKind.TEMPORAL_DIFFERENCE)
+    kind: ClassVar[str] = PassKind.LENGTH
+    after: ClassVar[tuple[str, ...]] = (PassKind.CACHE, PassKind.TEMPORAL_DIFFERENCE)
 
     group_size: int = 1
     depths: tuple[int, ...] | None = None  # None: every multiple of group_size up to the chain's length
@@ -96,6 +97,9 @@ class LengthShortcutPass(VariantPass):
             raise ValueError(f"{self.name}: length_embedding must be a 2-d tensor (D // G + 1, dim)")
         if isinstance(self.schedule, list):
             object.__setattr__(self, "schedule", tuple(self.schedule))
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        require_chain(model, self.container, self.name)
 
     def _depths(self, num_blocks: int) -> tuple[int, ...]:
         supported = tuple(range(self.group_size, num_blocks + 1, self.group_size))

@@ -44,9 +44,6 @@ class StaticQuantizationPass(GraphPass):
     def needs_calibration(self) -> bool:
         return True
 
-    def requires(self, program: StepProgram, context: PassContext) -> None:
-        context.require_statistics(self.name)
-
     def call(self, program: StepProgram, context: PassContext) -> PassResult:
         statistics = context.require_statistics(self.name).temporal
         modified = False

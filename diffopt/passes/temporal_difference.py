@@ -71,7 +71,7 @@ CALIBRATION_FREE_MODES = ("exact", "dynamic")
 @register_pass
 @dataclass(frozen=True)
 class TemporalDifferencePass(VariantPass):
-    kind: ClassVar[PassKind] = PassKind.TEMPORAL_DIFFERENCE
+    kind: ClassVar[str] = PassKind.TEMPORAL_DIFFERENCE
     first_variants: ClassVar[bool] = False  # composes over the variants of a cache pass before it
 
     mode: str = "exact"
@@ -93,10 +93,6 @@ class TemporalDifferencePass(VariantPass):
     @property
     def needs_calibration(self) -> bool:
         return self.mode not in CALIBRATION_FREE_MODES or self.row_threshold is not None
-
-    def requires(self, program: StepProgram, context: PassContext) -> None:
-        if self.needs_calibration:
-            context.require_statistics(self.name)
 
     def selected_layers(self, graph: fx.Graph, context: PassContext) -> dict[fx.Node, str]:
         """Ops to rewrite (with their layer names); the others are annotated with the

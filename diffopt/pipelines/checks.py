@@ -1,7 +1,7 @@
 """What ``enable`` checks against the model before any capture: that its family can be
 captured (``UNSUPPORTED_FAMILIES`` are refused by name, with the reason), and that pass
-settings fit its module tree: a chain pass (one with ``container``) must find its chain(s)
-of blocks, and a ``BlockCachePass`` its named blocks. The messages are the ones the passes
+settings fit its module tree (each pass's ``check_model`` hook: a chain pass must find its
+chain(s) of blocks, a block cache its named blocks). The messages are the ones the passes
 give on the graph (``ir.layers.choose_chain``), seconds instead of minutes earlier."""
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from collections.abc import Sequence
 
 import torch
 
-from diffopt.ir.layers import choose_chain, module_chains
 from diffopt.passes.base import GraphPass
 
 UNSUPPORTED_FAMILIES = {  # model class -> why capture cannot make one graph of it
@@ -33,19 +32,9 @@ def check_family(model: torch.nn.Module) -> None:
 
 
 def check_passes_fit(model: torch.nn.Module, passes: Sequence[GraphPass]) -> None:
-    """Raise ``ValueError`` naming the pass and the setting that does not fit ``model``."""
-    chains = module_chains(model)
-    blocks = {block for members in chains.values() for block in members}
+    """Raise ``ValueError`` naming the pass and the setting that does not fit ``model``: each
+    pass's own ``check_model`` hook."""
     for graph_pass in passes:
         if not isinstance(graph_pass, GraphPass):
             raise TypeError(f"passes must be GraphPass instances, found {type(graph_pass).__name__}: {graph_pass!r}")
-        if hasattr(graph_pass, "container"):
-            choose_chain(chains, graph_pass.container, graph_pass.name)
-        named = getattr(graph_pass, "blocks", None)
-        if named is not None and not hasattr(graph_pass, "container"):
-            missing = sorted(set(named) - blocks)
-            if missing:
-                raise ValueError(
-                    f"{graph_pass.name}: blocks {missing} are not in {type(model).__name__}; its blocks are "
-                    f"{sorted(blocks)}"
-                )
+        graph_pass.check_model(model)
