@@ -5,13 +5,14 @@ that name variants (registered names, ``register_role``).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import fx
+
+from diffopt.util.validation import register_word
 
 BATCH = "batch"  # marks the batch dimension in a StateEntry shape
 
@@ -22,10 +23,7 @@ ROLES: set[str] = set()  # the registered roles; a plugin's pass registers its o
 
 def register_role(name: str) -> str:
     """Register the variant role ``name`` (a lowercase word, ``-`` allowed) and return it."""
-    if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9-]*", name):
-        raise ValueError(f"a variant role is a lowercase word (letters, digits, '-'), found {name!r}")
-    ROLES.add(name)
-    return name
+    return register_word(ROLES, name, "a variant role")
 
 
 # What a variant does for the pass that made it; a variant's name is its roles joined by ``+`` in

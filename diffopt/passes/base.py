@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -31,6 +30,7 @@ from diffopt.ir.graph_tools import output_values, placeholders
 from diffopt.ir.policy import LayerPolicy
 from diffopt.ir.program import StepProgram
 from diffopt.ir.statistics import CalibrationStatistics
+from diffopt.util.validation import register_word
 
 
 class PassError(RuntimeError):
@@ -50,10 +50,7 @@ PASS_KINDS: set[str] = set()  # the registered kinds; a plugin's pass registers 
 
 def register_pass_kind(name: str) -> str:
     """Register the pass kind ``name`` (a lowercase word, ``-`` allowed) and return it."""
-    if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9-]*", name):
-        raise ValueError(f"a pass kind is a lowercase word (letters, digits, '-'), found {name!r}")
-    PASS_KINDS.add(name)
-    return name
+    return register_word(PASS_KINDS, name, "a pass kind")
 
 
 class PassKind:

@@ -22,7 +22,7 @@ import torch
 from torch import fx
 
 from diffopt.ir.program import StepProgram
-from diffopt.util.plugins import import_package
+from diffopt.util.plugins import import_package, register_named
 
 
 class Executor(Protocol):
@@ -55,10 +55,7 @@ BACKENDS: dict[str, type] = {}
 
 def register_backend(cls: type) -> type:
     """Class decorator: ``cls`` (a ``ProgramBackend``) is known by ``cls.name``."""
-    if not isinstance(getattr(cls, "name", None), str) or not callable(getattr(cls, "for_program", None)):
-        raise TypeError(f"register_backend: {cls!r} needs a str `name` and a `for_program` class method")
-    BACKENDS[cls.name] = cls
-    return cls
+    return register_named(BACKENDS, cls, "register_backend", ("for_program",))
 
 
 def registered_backends() -> dict[str, type]:

@@ -19,7 +19,7 @@ from typing import Any
 
 from diffopt.runtime.bundle import Manifest
 from diffopt.runtime.denoiser import OptimizedDenoiser
-from diffopt.util.plugins import import_package
+from diffopt.util.plugins import import_package, register_named
 
 DEFAULT_RUNTIME = "onnxruntime"
 RUNTIMES: dict[str, type] = {}
@@ -43,10 +43,7 @@ class Bundle:
 def register_runtime(cls: type) -> type:
     """Class decorator: ``cls`` (built as ``cls(bundle, **options)``, an ``Executor``) is
     known by ``cls.name``."""
-    if not isinstance(getattr(cls, "name", None), str):
-        raise TypeError(f"register_runtime: {cls!r} needs a str `name`")
-    RUNTIMES[cls.name] = cls
-    return cls
+    return register_named(RUNTIMES, cls, "register_runtime")
 
 
 def registered_runtimes() -> dict[str, type]:

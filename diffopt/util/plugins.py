@@ -67,6 +67,16 @@ def loaded_plugins() -> dict[str, str]:
     return dict(_LOADED)
 
 
+def register_named(registry: dict[str, type], cls: type, decorator: str, methods: tuple[str, ...] = ()) -> type:
+    """``registry[cls.name] = cls`` for a class decorator named ``decorator``; a ``TypeError``
+    when ``cls`` has no str ``name`` or lacks one of ``methods``."""
+    missing = [method for method in methods if not callable(getattr(cls, method, None))]
+    if not isinstance(getattr(cls, "name", None), str) or missing:
+        raise TypeError(f"{decorator}: {cls!r} needs a str `name`" + "".join(f" and a `{m}` method" for m in missing))
+    registry[cls.name] = cls
+    return cls
+
+
 def imported_class(reference: str, base: type, where: str) -> type:
     """The class ``"package.module:Class"`` names, which must subclass ``base``; a
     ``ValueError`` naming ``where`` otherwise."""

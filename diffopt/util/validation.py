@@ -4,6 +4,8 @@ was expected and what was found."""
 from __future__ import annotations
 
 import math
+import re
+from typing import Any
 
 
 def require_int(owner: str, field: str, value, minimum: int | None = None, optional: bool = False) -> None:
@@ -58,3 +60,12 @@ def block_names(owner: str, blocks, field: str = "blocks") -> tuple[str, ...] | 
     if not blocks:
         raise ValueError(f"{owner}.{field} is empty: pass None for every one, or name some")
     return tuple(blocks)
+
+
+def register_word(registry: set[str], name: Any, what: str) -> str:
+    """Add ``name`` to ``registry`` and return it; a ``ValueError`` naming ``what`` unless it is a
+    lowercase word (letters, digits, ``-``). Open vocabularies (variant roles, pass kinds) use it."""
+    if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9-]*", name):
+        raise ValueError(f"{what} is a lowercase word (letters, digits, '-'), found {name!r}")
+    registry.add(name)
+    return name
