@@ -31,12 +31,13 @@ from pathlib import Path
 
 import torch
 from common import run_metadata
-from pipelines import STEPS, HookedPipeline, PixelSpace
+from pipelines import STEPS, HookedPipeline
 
 import diffopt
 from diffopt.measure.fidelity import psnr
 from diffopt.measure.macs import count_macs
 from diffopt.models import load
+from diffopt.models.pipelines import PixelSpace
 from diffopt.passes.registry import pass_from_dict
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))  # the tiny PixArt-Sigma of the test models

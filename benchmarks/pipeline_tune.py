@@ -16,11 +16,12 @@ import time
 
 import torch
 from common import run_metadata
-from pipelines import STEPS, PixelSpace
+from pipelines import STEPS
 
 import diffopt
 from diffopt.measure.search import format_summary, save
 from diffopt.models import load
+from diffopt.models.pipelines import PixelSpace
 
 
 def main() -> None:

@@ -27,7 +27,6 @@ import json
 import os
 import statistics
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from common import CHUNK, run_metadata
@@ -37,6 +36,7 @@ from diffopt.evaluation.metrics.digits import class_accuracy, digits_fd
 from diffopt.measure.fidelity import psnr
 from diffopt.measure.timing import interleaved_times
 from diffopt.models import load
+from diffopt.models.pipelines import PixelSpace
 from diffopt.passes.block_cache import FirstBlockCachePass
 from diffopt.passes.forecast_cache import ForecastCachePass
 
@@ -50,18 +50,6 @@ TAYLORSEER = {  # the "diffusers TaylorSeer interval 3" row of benchmarks/config
     "taylor_factors_dtype": torch.float32,
     "cache_identifiers": [r"transformer_blocks\.\d+\.(attn1|ff)"],
 }
-
-
-class PixelSpace(torch.nn.Module):
-    """The pipeline's "VAE" for a model that denoises pixels: decoding passes latents through."""
-
-    def __init__(self):
-        super().__init__()
-        self.config = SimpleNamespace(scaling_factor=1.0)
-        self.device, self.dtype = torch.device("cpu"), torch.float32  # what pipelines ask their components
-
-    def decode(self, latents: torch.Tensor) -> SimpleNamespace:
-        return SimpleNamespace(sample=latents)
 
 
 class HookedPipeline:

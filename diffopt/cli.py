@@ -628,9 +628,11 @@ def _add_sources(parser: argparse.ArgumentParser, model_help: str | None) -> Non
     )
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The ``diffopt`` parser: every command with its options (``scripts/cli_docs.py`` writes
+    ``docs/cli.md`` from it)."""
     parser = argparse.ArgumentParser(prog="diffopt", description="graph compiler for diffusion denoisers")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     info = commands.add_parser("info", help="summarise a captured denoiser graph")
     _add_sources(info, "reference model name (dit-digits, unet-digits, dit-digits-flow) or simple-dit")
     info.add_argument("--layers", action="store_true", help="list every linear layer")
@@ -753,6 +755,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             metavar="MODULE",
             help="import this module first (it registers passes or backends); also DIFFOPT_PLUGINS, entry points",
         )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         load_installed_plugins()

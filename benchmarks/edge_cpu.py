@@ -1,0 +1,136 @@
+"""Edge CPU: dit-digits bundles on onnxruntime and OpenVINO (f32, bf16) against the diffusers model.
+
+    python benchmarks/edge_cpu.py     # writes benchmarks/results/edge_cpu.{json,md}
+
+Programs: no passes, the strongest forecast cache over the block span (order 2, period 4,
+warm-up 2) and dit-digits' tune pick at a quarter of the MACs (its pass file). Each is
+exported once and loaded on onnxruntime (fp32) and OpenVINO (f32, and bf16 as OpenVINO's
+inference precision). Baselines: the diffusers model in torch eager fp32 (the speed-ups'
+denominator) and under bf16 autocast.
+
+Time: a 50-step DDIM run at batch 1 and at batch 32, every runner interleaved
+(``measure.timing``), one warm-up round, medians, ``--threads`` threads. Quality, per run
+(not per step): PSNR of ``--samples`` samples against the plain 50-step fp32 samples from
+the same noise, digits FD and classifier accuracy; the plain model's FD on two other seeds
+gives the teacher's seed noise. Run it on a quiet machine: OpenVINO's pinned threads slow
+down several-fold when another process shares the cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+from pathlib import Path
+
+import torch
+from common import Bf16Autocast, generate, run_metadata, time_runs
+
+from diffopt import capture, optimize
+from diffopt.evaluation.metrics.digits import class_accuracy, digits_fd
+from diffopt.export import to_onnx
+from diffopt.measure.fidelity import psnr
+from diffopt.models import example_inputs, load
+from diffopt.passes.forecast_cache import ForecastCachePass
+from diffopt.passes.registry import load_passes
+from diffopt.runtime.runtimes import load_bundle
+
+RESULTS = Path("benchmarks/results")
+STEPS = 50
+TUNE_PICK = RESULTS / "caching_pareto" / "dit-digits_0.25.passes.json"
+RUNTIMES = {"onnxruntime fp32": ("onnxruntime", {}), "OpenVINO f32": ("openvino", {"precision": "f32"})}
+RUNTIMES["OpenVINO bf16"] = ("openvino", {"precision": "bf16"})
+
+
+def programs(graph) -> dict[str, tuple[list, int]]:
+    """Program name -> (passes, steps)."""
+    pick, fields = load_passes(TUNE_PICK)
+    return {
+        "no passes": ([], STEPS),
+        "forecast span o2 p4 w2": ([ForecastCachePass(order=2, period=4, warmup=2, targets="blocks")], STEPS),
+        "tune pick <= 0.25 MACs": (pick, fields["steps"]),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=200)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model, config = load("dit-digits")
+    graph = capture(model, example_inputs("dit-digits"))
+    runners = {
+        "diffusers model, torch eager fp32": (model, STEPS),
+        "diffusers model, bf16 autocast": (Bf16Autocast(model), STEPS),
+    }
+    with tempfile.TemporaryDirectory() as workdir:
+        for name, (passes, steps) in programs(graph).items():
+            directory = Path(workdir) / name.replace(" ", "_")
+            to_onnx(optimize(graph, passes), directory, scheduler_config=config)
+            for runtime_name, (runtime, options) in RUNTIMES.items():
+                denoiser = load_bundle(directory, runtime, threads=args.threads, **options)
+                runners[f"{name}, {runtime_name}"] = (denoiser, steps)
+        reference = generate(model, config, STEPS, args.samples, seed=0)
+        noise_band = [digits_fd(generate(model, config, STEPS, args.samples, seed=s)) for s in (1, 2)]
+        labels = torch.arange(args.samples) % 10
+        rows = {}
+        for name, (denoiser, steps) in runners.items():
+            images = generate(denoiser, config, steps, args.samples, seed=0)
+            rows[name] = {
+                "name": name,
+                "steps": steps,
+                "psnr": psnr(images, reference),
+                "fd": digits_fd(images),
+                "accuracy": class_accuracy(images, labels),
+            }
+            print(json.dumps(rows[name]), flush=True)
+        for batch in args.batch_sizes:
+            times = time_runs(runners, config, batch, args.repeats)
+            baseline = statistics.median(times["diffusers model, torch eager fp32"])
+            for name, seconds in times.items():
+                rows[name][f"batch {batch} s"] = statistics.median(seconds)
+                rows[name][f"batch {batch} speed-up"] = baseline / statistics.median(seconds)
+            print(f"batch {batch} timed", flush=True)
+    summary = {
+        **run_metadata("edge_cpu.py", args),
+        "cpu_count": os.cpu_count(),
+        "teacher_fd_seed_noise": noise_band,
+        "rows": list(rows.values()),
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "edge_cpu.json").write_text(json.dumps(summary, indent=2))
+    (RESULTS / "edge_cpu.md").write_text(markdown(summary, args.batch_sizes))
+    print(markdown(summary, args.batch_sizes))
+
+
+def markdown(summary: dict, batch_sizes: list[int]) -> str:
+    headers = ["runner", "steps", "PSNR vs plain (dB)", "FD", "accuracy"]
+    headers += [f"batch {b}: s / speed-up" for b in batch_sizes]
+    lines = [
+        "# Edge CPU: dit-digits on onnxruntime and OpenVINO",
+        "",
+        f"`{summary['command']}`",
+        "",
+        f"{summary['samples']} samples per row for quality (PSNR against the plain 50-step fp32 samples from the same "
+        f"noise); times: 50-step DDIM runs, interleaved, median of {summary['repeats']} after a warm-up round, "
+        f"{summary['threads']} threads, torch {summary['torch']}. The teacher's FD on two other seeds: "
+        f"{', '.join(f'{v:.2f}' for v in summary['teacher_fd_seed_noise'])}. Speed-ups are against the diffusers "
+        f"model in torch eager fp32, measured in the same run. int8 bundles are not part of this run (not built yet).",
+        "",
+        "| " + " | ".join(headers) + " |",
+        "|" + "---|" * len(headers),
+    ]
+    for row in summary["rows"]:
+        cells = [row["name"], str(row["steps"]), f"{row['psnr']:.2f}", f"{row['fd']:.2f}", f"{row['accuracy']:.3f}"]
+        cells += [f"{row[f'batch {b} s']:.3f} / {row[f'batch {b} speed-up']:.2f}x" for b in batch_sizes]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
