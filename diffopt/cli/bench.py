@@ -1,0 +1,107 @@
+"""``diffopt bench``: a set of configurations measured in one run (zoo models or pipelines)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from diffopt.cli.common import (
+    UsageError,
+    add_sources,
+    bench_file,
+    bounded,
+    candidates_of,
+    format_table,
+    output_file,
+    pipeline_calls,
+    plugin_options,
+    source_of,
+)
+from diffopt.util.plugins import loaded_plugins
+
+
+def add_parser(commands) -> None:
+    """The ``bench`` command and its options."""
+    parser = commands.add_parser(
+        "bench", help="run configurations (passes x backends x step counts, baselines) on a model in one run"
+    )
+    parser.add_argument("config", help="bench file, e.g. benchmarks/configs/caching_dit-digits.json")
+    add_sources(parser, None)
+    parser.add_argument("--out", type=output_file, required=True, help="results stem: writes .json, .md, .png")
+    parser.add_argument("--samples", type=bounded(int, 10, "--samples"), default=600)
+    parser.add_argument("--timing-batch", type=bounded(int, 1, "--timing-batch"), default=50)
+    parser.add_argument("--repeats", type=bounded(int, 1, "--repeats"), default=3)
+    parser.add_argument("--timing-only", action="store_true", help="wall time only, no quality runs")
+    parser.add_argument(
+        "--reference-seeds",
+        type=bounded(int, 1, "--reference-seeds"),
+        default=3,
+        help="noise seeds of the reference's FD (its seed noise)",
+    )
+    parser.add_argument("--only", nargs="+", help="run only these configurations (and the first, the reference)")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    from diffopt.evaluation.bench import run_bench, write_results
+
+    if args.pipeline or args.factory:
+        return _bench_pipeline(args)
+    model, title, configurations = bench_file(args.config)
+    if model is None:
+        raise UsageError(f'{args.config} names no reference model: add "model" or give --pipeline DIR / --model')
+    if args.only:
+        unknown = sorted(set(args.only) - {c.name for c in configurations})
+        if unknown:
+            raise UsageError(f"--only names no configuration of {args.config}: {unknown}")
+        configurations = [c for i, c in enumerate(configurations) if i == 0 or c.name in args.only]
+    summary = run_bench(
+        model,
+        configurations,
+        samples=args.samples,
+        timing_batch=args.timing_batch,
+        repeats=args.repeats,
+        timing_only=args.timing_only,
+        reference_seeds=args.reference_seeds,
+    )
+    command = (
+        f"diffopt bench {args.config} --out {args.out} --samples {args.samples} --timing-batch {args.timing_batch} "
+        f"--repeats {args.repeats} --reference-seeds {args.reference_seeds}"
+        + (" --timing-only" if args.timing_only else "")
+        + (" --only " + " ".join(f'"{name}"' for name in args.only) if args.only else "")
+        + plugin_options()
+    )
+    write_results({**summary, "plugins": loaded_plugins()}, args.out, title, command)
+    print(f"wrote {args.out}.json, .md" + ("" if args.timing_only else ", .png"))
+
+
+def _bench_pipeline(args: argparse.Namespace) -> None:
+    """``bench --pipeline``/``--model``: the bench file's pass configurations on a pipeline's calls."""
+    import json
+
+    from diffopt.pipelines.tuning import compare
+    from diffopt.util.files import write_text
+
+    kind, source = source_of(args)
+    if kind != "pipeline":
+        raise UsageError("bench --model runs pipeline calls: the factory must return a diffusers pipeline")
+    candidates = [c for c in candidates_of(args.config) if not args.only or c.name in args.only]
+    summary = compare(source, pipeline_calls(args, source), candidates, repeats=args.repeats)
+    summary["command"] = (
+        f"diffopt bench {args.config} --out {args.out} --repeats {args.repeats}"
+        + (f" --pipeline {args.pipeline}" if args.pipeline else f" --model {args.factory}")
+        + (f" --calls {args.calls}" if args.calls else "")
+        + (f" --steps {args.steps}" if args.steps is not None else "")
+        + plugin_options()
+    )
+    summary["plugins"] = loaded_plugins()
+    write_text(Path(f"{args.out}.json"), json.dumps(summary, indent=2, default=str))
+    rows = [
+        (r["name"], r["steps"], f"{r['mac_fraction']:.3f}", f"{r['psnr']:.1f}", f"{1 / r['time_fraction']:.2f}x")
+        for r in summary["rows"]
+    ]
+    table = format_table(["configuration", "steps", "MACs vs plain", "PSNR vs plain (dB)", "speed-up"], rows)
+    lines = [f"# diffopt bench on {summary['model']}", "", f"`{summary['command']}`", "", "```", table, "```"]
+    write_text(Path(f"{args.out}.md"), "\n".join(lines) + "\n")
+    print(table)
+    print(f"wrote {args.out}.json, .md" + (f"; skipped: {summary['skipped']}" if summary["skipped"] else ""))
