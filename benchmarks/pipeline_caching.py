@@ -211,10 +211,28 @@ def main() -> None:
     OUT.parent.mkdir(parents=True, exist_ok=True)
     payload = {**run_metadata("pipeline_caching.py", args), "pipelines": []}
     payload["command"] = "python benchmarks/pipeline_caching.py " + " ".join(sys.argv[1:])
+    earlier = json.loads(OUT.with_suffix(".json").read_text()) if OUT.with_suffix(".json").exists() else None
+    if earlier is not None:  # a run of some pipelines or budgets keeps the other results it did not redo
+        payload["pipelines"] = earlier["pipelines"]
+        payload["earlier_commands"] = [*earlier.get("earlier_commands", []), earlier["command"]]
     for name in args.pipelines:
-        payload["pipelines"].append(measure_pipeline(name, args.budgets))
+        merge(payload["pipelines"], measure_pipeline(name, args.budgets))
         OUT.with_suffix(".json").write_text(json.dumps(payload, indent=1, default=str))
         OUT.with_suffix(".md").write_text(markdown(payload))
+
+
+def merge(results: list[dict], result: dict) -> None:
+    """``result`` (one pipeline's) into ``results``: its rows replace rows of the same name and its
+    budgets' comparisons replace those budgets'; the other budgets' stay."""
+    old = next((r for r in results if r["pipeline"] == result["pipeline"]), None)
+    if old is None:
+        results.append(result)
+        return
+    names = {row["name"] for row in result["rows"]}
+    redone = tuple(f"tune pick <= {budget}:" for budget in result["comparison"])
+    kept = [row for row in old["rows"] if row["name"] not in names and not row["name"].startswith(redone)]
+    old["rows"] = kept + result["rows"]
+    old["comparison"] = {**old["comparison"], **result["comparison"]}
 
 
 if __name__ == "__main__":
