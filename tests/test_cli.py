@@ -71,3 +71,17 @@ def test_an_unknown_reference_model_is_a_clean_error(capsys, tmp_path):
             main(argv)
         assert exit_info.value.code == 2
         assert "error: unknown reference model 'nope': available are ['dit-digits'" in capsys.readouterr().err
+
+
+def test_every_command_writes_to_its_documented_default_files():
+    from diffopt.cli import build_parser
+
+    parser = build_parser()
+    defaults = {
+        ("demo",): "demo.png",
+        ("sample", "bundle/"): "samples.png",
+        ("calibrate", "dit-digits"): "calibration.json",
+        ("tune", "dit-digits", "--budget", "0.3"): "tune",
+    }
+    for argv, out in defaults.items():
+        assert parser.parse_args(list(argv)).out == out, argv

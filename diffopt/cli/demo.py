@@ -22,7 +22,7 @@ def add_parser(commands) -> None:
     parser.add_argument("--guidance", type=bounded(float, 0.0, "--guidance"), default=1.0)
     parser.add_argument("--seed", type=bounded(int, 0, "--seed"), default=0)
     parser.add_argument("--repeats", type=bounded(int, 1, "--repeats"), default=3, help="timed runs per row")
-    parser.add_argument("--out", type=output_file, default="parser.png", help="PNG grid: plain (top) vs optimized")
+    parser.add_argument("--out", type=output_file, default="demo.png", help="PNG grid: plain (top) vs optimized")
     parser.set_defaults(run=run)
 
 
