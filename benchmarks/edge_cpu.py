@@ -1,11 +1,13 @@
-"""Edge CPU: dit-digits bundles on onnxruntime and OpenVINO (f32, bf16) against the diffusers model.
+"""Edge CPU: dit-digits bundles in fp32, bf16 and int8 on onnxruntime and OpenVINO against the diffusers model.
 
     python benchmarks/edge_cpu.py     # writes benchmarks/results/edge_cpu.{json,md}
 
 Programs: no passes, the strongest forecast cache over the block span (order 2, period 4,
 warm-up 2) and dit-digits' tune pick at a quarter of the MACs (its pass file). Each is
-exported once and loaded on onnxruntime (fp32) and OpenVINO (f32, and bf16 as OpenVINO's
-inference precision). Baselines: the diffusers model in torch eager fp32 (the speed-ups'
+exported in fp32 (loaded on onnxruntime, OpenVINO f32 and OpenVINO bf16: a bf16 bundle's files
+are the fp32 ones, its manifest asks OpenVINO for bfloat16 inference precision) and in
+int8-dynamic (``to_onnx(precision="int8-dynamic")``, loaded on onnxruntime and OpenVINO).
+Baselines: the diffusers model in torch eager fp32 (the speed-ups'
 denominator) and under bf16 autocast.
 
 Time: a 50-step DDIM run at batch 1 and at batch 32, every runner interleaved
@@ -40,8 +42,13 @@ from diffopt.runtime.runtimes import load_bundle
 RESULTS = Path("benchmarks/results")
 STEPS = 50
 TUNE_PICK = RESULTS / "caching_pareto" / "dit-digits_0.25.passes.json"
-RUNTIMES = {"onnxruntime fp32": ("onnxruntime", {}), "OpenVINO f32": ("openvino", {"precision": "f32"})}
-RUNTIMES["OpenVINO bf16"] = ("openvino", {"precision": "bf16"})
+RUNTIMES = {  # runner name -> (bundle precision, runtime, its options)
+    "onnxruntime fp32": ("fp32", "onnxruntime", {}),
+    "OpenVINO f32": ("fp32", "openvino", {"precision": "f32"}),
+    "OpenVINO bf16": ("fp32", "openvino", {"precision": "bf16"}),
+    "onnxruntime int8-dynamic": ("int8-dynamic", "onnxruntime", {}),
+    "OpenVINO int8-dynamic": ("int8-dynamic", "openvino", {}),
+}
 
 
 def programs(graph) -> dict[str, tuple[list, int]]:
@@ -70,9 +77,12 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory() as workdir:
         for name, (passes, steps) in programs(graph).items():
-            directory = Path(workdir) / name.replace(" ", "_")
-            to_onnx(optimize(graph, passes), directory, scheduler_config=config)
-            for runtime_name, (runtime, options) in RUNTIMES.items():
+            optimized = optimize(graph, passes)
+            for precision in dict.fromkeys(precision for precision, _, _ in RUNTIMES.values()):
+                directory = Path(workdir) / f"{name}_{precision}".replace(" ", "_")
+                to_onnx(optimized, directory, scheduler_config=config, precision=precision)
+            for runtime_name, (precision, runtime, options) in RUNTIMES.items():
+                directory = Path(workdir) / f"{name}_{precision}".replace(" ", "_")
                 denoiser = load_bundle(directory, runtime, threads=args.threads, **options)
                 runners[f"{name}, {runtime_name}"] = (denoiser, steps)
         reference = generate(model, config, STEPS, args.samples, seed=0)
@@ -120,7 +130,8 @@ def markdown(summary: dict, batch_sizes: list[int]) -> str:
         f"noise); times: 50-step DDIM runs, interleaved, median of {summary['repeats']} after a warm-up round, "
         f"{summary['threads']} threads, torch {summary['torch']}. The teacher's FD on two other seeds: "
         f"{', '.join(f'{v:.2f}' for v in summary['teacher_fd_seed_noise'])}. Speed-ups are against the diffusers "
-        f"model in torch eager fp32, measured in the same run. int8 bundles are not part of this run (not built yet).",
+        f"model in torch eager fp32, measured in the same run. int8-dynamic: onnxruntime's dynamic quantization of "
+        f"every matrix product but the first and last (int8 weights per channel, activations at run time).",
         "",
         "| " + " | ".join(headers) + " |",
         "|" + "---|" * len(headers),

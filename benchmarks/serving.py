@@ -18,21 +18,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import socket
 import statistics
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-from common import run_metadata
+from common import poisson_load, run_metadata
 
 from diffopt import capture, optimize
 from diffopt.export.onnx import to_onnx
 from diffopt.models import example_inputs, load
 from diffopt.passes.forecast_cache import ForecastCachePass
-from diffopt.serving.http import ServingError, post_sample
+from diffopt.serving.http import post_sample
 
 RESULTS = Path("benchmarks/results")
 FORECAST = {"order": 1, "period": 4, "warmup": 5, "targets": "blocks"}
@@ -62,53 +60,15 @@ def servers(bundle: Path, replicas: int, max_batch: int) -> dict:
     }
 
 
-def run_load(url: str, rate: float, seconds: float, steps: int, seed: int) -> dict:
-    """Poisson arrivals at ``rate`` per second for ``seconds``; what each request saw."""
-    rng = random.Random(seed)
-    arrivals, now = [], 0.0
-    while now < seconds:
-        now += rng.expovariate(rate)
-        arrivals.append(now)
-    records: list[dict] = []
-    lock = threading.Lock()
-    start = time.perf_counter()
+def _sample_sender(url: str, steps: int):
+    """``poisson_load``'s ``send``: one digit at ``steps`` steps; the rows its forwards had."""
 
-    def request(index: int, at: float) -> None:
-        time.sleep(max(0.0, start + at - time.perf_counter()))
-        sent = time.perf_counter()
+    def send(index: int) -> dict:
         payload = {"class_labels": [index % 10], "seed": index, "steps": steps}
-        try:
-            _, headers = post_sample(f"{url}/sample", payload, retries=4, timeout=300)
-            record = {"latency": time.perf_counter() - sent, "rows": float(headers["x-diffopt-batch-rows"])}
-        except ServingError as error:
-            record = {"error": str(error)[:200]}
-        record["done"] = time.perf_counter() - start
-        with lock:
-            records.append(record)
+        _, headers = post_sample(f"{url}/sample", payload, retries=4, timeout=300)
+        return {"rows": float(headers["x-diffopt-batch-rows"])}
 
-    threads = [threading.Thread(target=request, args=(i, at)) for i, at in enumerate(arrivals)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    ok = [r for r in records if "latency" in r]
-    latencies = sorted(r["latency"] for r in ok)
-
-    def percentile(q: float) -> float:
-        return latencies[min(len(latencies) - 1, int(q * len(latencies)))] if latencies else float("nan")
-
-    span = max(r["done"] for r in records) - arrivals[0] if records else float("nan")
-    return {
-        "rate": rate,
-        "requests": len(arrivals),
-        "completed": len(ok),
-        "errors": [r["error"] for r in records if "error" in r][:5],
-        "throughput": len(ok) / span,
-        "p50": percentile(0.50),
-        "p95": percentile(0.95),
-        "p99": percentile(0.99),
-        "mean_batch_rows": statistics.mean(r["rows"] for r in ok) if ok else float("nan"),
-    }
+    return send
 
 
 def main() -> None:
@@ -147,7 +107,8 @@ def main() -> None:
                         lone = statistics.median(times)
                         print(f"lone request: {lone * 1000:.1f} ms", flush=True)
                     for multiple in args.rates:
-                        result = run_load(url, multiple / lone, args.seconds, args.steps, seed=int(multiple * 1000))
+                        send = _sample_sender(url, args.steps)
+                        result = poisson_load(send, multiple / lone, args.seconds, seed=int(multiple * 1000))
                         rows.append({"server": name, "replicas": replicas, "rate_multiple": multiple, **result})
                         print(json.dumps(rows[-1]), flush=True)
                     serve.delete("bench")

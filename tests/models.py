@@ -353,3 +353,61 @@ def stable_diffusion_pipeline():
         feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+def tiny_clip(seed: int):
+    """(text encoder, tokenizer): a random one-layer CLIP text model (8 wide, 4-wide projection)
+    and a byte-level CLIP tokenizer of single characters, built offline."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for char in bytes_to_unicode().values():
+        vocab[char], vocab[char + "</w>"] = len(vocab), len(vocab) + 1
+    config = CLIPTextConfig(
+        vocab_size=len(vocab),
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        projection_dim=4,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    torch.manual_seed(seed)
+    return CLIPTextModelWithProjection(config).eval(), CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def sd3_pipeline_with_clip():
+    """A StableDiffusion3Pipeline with two tiny random CLIP text encoders (no T5: SD3 fills
+    its tokens with zeros), the tiny SD3 transformer and VAE: prompts in, images out."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    (encoder, tokenizer), (encoder_2, tokenizer_2) = tiny_clip(1), tiny_clip(2)
+    return StableDiffusion3Pipeline(
+        transformer=diffusers_sd3(seed=1),
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=tiny_vae(4),
+        text_encoder=encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=encoder_2,
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+
+
+def pixart_sigma_pipeline():
+    """A PixArtSigmaPipeline around the tiny PixArt-Sigma transformer and VAE (DPM-Solver++,
+    prompt embeddings, no text encoder)."""
+    from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline
+
+    return PixArtSigmaPipeline(
+        tokenizer=None,
+        text_encoder=None,
+        vae=tiny_vae(4),
+        transformer=diffusers_pixart_sigma(seed=1),
+        scheduler=DPMSolverMultistepScheduler(),
+    )

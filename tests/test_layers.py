@@ -39,7 +39,7 @@ ALLOWED = {
     "pipelines": CORE_TOOLS - {"quant"},
     "models": {"util", "ir", "runtime", "sampling"},
     "evaluation": CORE_TOOLS | {"models"},
-    "serving": {"util", "ir", "runtime", "sampling"},
+    "serving": {"util", "ir", "runtime", "sampling", "passes", "pipelines"},
     "cli": CORE_TOOLS | {"pipelines", "serving", "models", "evaluation"},
     "__init__": {"util", "ir", "capture", "passes", "runtime", "sampling", "measure", "optimize", "pipelines"},
 }

@@ -293,3 +293,206 @@ def test_a_client_that_disconnects_aborts_its_request(server):
     while (health := _health(url))["aborted"] == before and time.monotonic() < deadline:
         time.sleep(0.1)
     assert health["aborted"] == before + 1 and health["active"] == 0
+
+
+# Pipelines: OpenAI's images endpoint in front of saved diffusers pipelines (prompts in, images out)
+
+PIPELINE_CALL = {"height": 8, "width": 8}
+
+
+def _embeddings(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def pipelines(server, tmp_path_factory):
+    """{name: (url, saved pipeline, pass file, call defaults)}: a tiny SD3 with CLIP text
+    encoders (prompts) and a tiny PixArt-Sigma without one (prompt embeddings), each saved
+    with ``save_pretrained`` and served with a block cache from a pass file."""
+    from models import pixart_sigma_pipeline, sd3_pipeline_with_clip
+
+    from diffopt.passes.registry import save_passes
+    from diffopt.serving.pipeline_server import pipeline_deployment
+
+    url, _ = server
+    directory = tmp_path_factory.mktemp("pipelines")
+    passes = save_passes(directory / "block_cache.passes.json", [BlockCachePass(period=2)])
+    served = {}
+    for name, build, defaults in (
+        ("sd3", sd3_pipeline_with_clip, PIPELINE_CALL),
+        ("pixart", pixart_sigma_pipeline, {**PIPELINE_CALL, "use_resolution_binning": False}),
+    ):
+        build().save_pretrained(directory / name)
+        app = pipeline_deployment(
+            str(directory / name), passes=str(passes), call_defaults=defaults, max_batch=16, threads=1
+        )
+        serve.run(app, name=name, route_prefix=f"/{name}")
+        served[name] = (f"{url}/{name}", directory / name, passes, defaults)
+    yield served
+    for name in served:
+        serve.delete(name)
+
+
+def _assert_same_image(actual, expected):
+    """Equal within 1e-5 of the largest |value|."""
+    actual, expected = np.asarray(actual, dtype=np.float64), np.asarray(expected, dtype=np.float64)
+    assert actual.shape == expected.shape
+    assert np.abs(actual - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+_solo_pipelines: dict = {}  # saved pipeline -> the enabled pipeline the solo calls run on
+
+
+def _pipeline_solo(served, payload):
+    """The images ``pipe(...)`` makes for ``payload`` alone: the same saved pipeline and passes."""
+    from diffopt.serving.images_api import parse_images_request
+    from diffopt.serving.pipeline_engine import call_parameters
+    from diffopt.serving.pipeline_server import load_served_pipeline
+
+    _, directory, passes, defaults = served
+    pipe = _solo_pipelines.get(directory) or _solo_pipelines.setdefault(
+        directory, load_served_pipeline(str(directory), str(passes))
+    )
+    pipe.set_progress_bar_config(disable=True)
+    request = parse_images_request(json.dumps(payload).encode(), call_parameters(pipe))
+    generator = torch.Generator().manual_seed(request.seed)
+    return pipe(**defaults, **request.call, generator=generator).images
+
+
+def _images_concurrently(url, payloads, retries=8, timeout=300.0):
+    """Each payload posted from its own thread with ``post_images``; its answer or the error."""
+    from diffopt.serving.images_api import ImagesError, post_images
+
+    results = [None] * len(payloads)
+
+    def post(index):
+        try:
+            results[index] = post_images(url, payloads[index], retries=retries, timeout=timeout)
+        except ImagesError as error:
+            results[index] = error
+
+    threads = [threading.Thread(target=post, args=(i,)) for i in range(len(payloads))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=max(300.0, timeout + 60))
+    return results
+
+
+def _pixart_embeddings(index, tokens=5):
+    """A request's prompt embeddings (a padded mask) and the negative ones, as base64 .npy."""
+    mask = np.ones((1, tokens), dtype=np.int64)
+    mask[0, 3 + index % 2 :] = 0
+    return {
+        "prompt_embeds": _npy(_embeddings(1, tokens, 20, seed=index).numpy()),
+        "prompt_attention_mask": _npy(mask),
+        "negative_prompt_embeds": _npy(_embeddings(1, tokens, 20, seed=50 + index).numpy()),
+        "negative_prompt_attention_mask": _npy(np.ones((1, tokens), dtype=np.int64)),
+    }
+
+
+def _six_requests(name):
+    """Six requests with different prompts, step counts and guidance scales (SD3: prompts through
+    its text encoders; PixArt-Sigma: embeddings, one of another prompt length)."""
+    payloads = []
+    for i in range(6):
+        payload = {"seed": 10 + i, "num_inference_steps": 3 + i, "guidance_scale": 1.0 + i % 3, "output_format": "npy"}
+        if name == "sd3":
+            payload["prompt"] = ["a cat", "a red car", "a lake at dawn", "fruit", "a dog", "snow"][i]
+        else:
+            payload["embeddings"] = _pixart_embeddings(i, tokens=7 if i == 5 else 5)
+        payloads.append(payload)
+    return payloads
+
+
+@pytest.mark.parametrize("name", ["sd3", "pixart"])
+def test_six_concurrent_pipeline_requests_each_equal_their_own_pipeline_call(pipelines, name):
+    served = pipelines[name]
+    payloads = _six_requests(name)
+    results = _images_concurrently(served[0], payloads)
+    for payload, result in zip(payloads, results):
+        assert not isinstance(result, Exception), result
+        expected = _pipeline_solo(served, payload)
+        assert result.body["seed"] == payload["seed"] and len(result.images) == 1
+        _assert_same_image(result.images[0], expected[0])
+    health = json.loads(urllib.request.urlopen(f"{served[0]}/health", timeout=30).read())
+    assert health["status"] == "ok" and health["load"] == 0
+    (png,) = _images_concurrently(served[0], [{**payloads[0], "output_format": "png"}])
+    assert png.images[0].dtype == np.uint8 and png.images[0].shape == (8, 8, 3)
+
+
+@pytest.mark.parametrize(
+    "payload, param",
+    [
+        ({"prompt": "a cat", "size": "8 by 8"}, "size"),
+        ({"prompt": "a cat", "n": 0}, "n"),
+        ({"prompt": "a cat", "response_format": "url"}, "response_format"),
+        ({"prompt": "a cat", "num_inference_steps": 10**6}, "num_inference_steps"),
+        ({"prompt": "a cat", "quality": "hd"}, "quality"),
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": "a cat", "embeddings": {"prompt_embeds": "not base64!"}}, "embeddings.prompt_embeds"),
+    ],
+)
+def test_a_malformed_pipeline_request_gets_openais_error_shape_naming_the_field(pipelines, payload, param):
+    from diffopt.serving.images_api import ImagesError
+
+    (result,) = _images_concurrently(pipelines["sd3"][0], [payload])
+    assert isinstance(result, ImagesError) and "HTTP 400" in str(result)
+    assert result.error["type"] == "invalid_request_error" and result.error["param"] == param, result.error
+
+
+def test_a_full_pipeline_server_answers_503_in_openais_shape(pipelines):
+    from diffopt.serving.pipeline_server import pipeline_deployment
+
+    _, directory, passes, defaults = pipelines["pixart"]
+    app = pipeline_deployment(str(directory), passes=str(passes), call_defaults=defaults, max_batch=1, max_waiting=1)
+    serve.run(app, name="small-pipeline", route_prefix="/small-pipeline")
+    url = pipelines["pixart"][0].rsplit("/", 1)[0] + "/small-pipeline"
+    try:
+        payload = {"embeddings": _pixart_embeddings(0), "num_inference_steps": 400, "seed": 1}
+        answers = [None] * 8
+
+        def post(index):
+            request = urllib.request.Request(
+                url + "/v1/images/generations", data=json.dumps({**payload, "seed": index}).encode(), method="POST"
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=300) as response:
+                    answers[index] = (response.status, response.read())
+            except urllib.error.HTTPError as error:
+                answers[index] = (error.code, error.read())
+
+        threads = [threading.Thread(target=post, args=(i,)) for i in range(len(answers))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=300)
+    finally:
+        serve.delete("small-pipeline")
+    statuses = sorted(status for status, _ in answers)
+    assert 200 in statuses and 503 in statuses and set(statuses) <= {200, 503}, statuses
+    full = json.loads(next(body for status, body in answers if status == 503))
+    assert full["error"]["type"] == "server_error" and full["error"]["message"]
+
+
+def test_a_pipeline_replica_killed_mid_load_still_answers_every_request_with_its_image(pipelines):
+    served = pipelines["sd3"]
+    payloads = [
+        {"prompt": f"a cat number {i}", "seed": 200 + i, "num_inference_steps": 150, "output_format": "npy"}
+        for i in range(6)
+    ]
+    results = [None]
+    thread = threading.Thread(target=lambda: results.__setitem__(0, _images_concurrently(served[0], payloads)))
+    thread.start()
+    deadline = time.monotonic() + 60
+    while (health := json.loads(urllib.request.urlopen(f"{served[0]}/health", timeout=30).read()))[
+        "load"
+    ] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert health["load"] > 0, "the load never reached the replica"
+    os.kill(health["pid"], signal.SIGKILL)  # the replica, with requests in flight
+    thread.join(timeout=1000)
+    assert not thread.is_alive()
+    for payload, result in zip(payloads, results[0]):
+        assert not isinstance(result, Exception), f"request {payload['seed']} ended without its image: {result}"
+        _assert_same_image(result.images[0], _pipeline_solo(served, payload)[0])

@@ -16,7 +16,7 @@ from diffopt.cli.common import (
     run_enabled,
     source_of,
 )
-from diffopt.runtime.bundle import PROFILES
+from diffopt.runtime.bundle import PRECISIONS, PROFILES
 
 
 def add_parser(commands) -> None:
@@ -26,6 +26,12 @@ def add_parser(commands) -> None:
     parser.add_argument("out", type=bundle_directory, help="bundle directory to write")
     parser.add_argument("--passes", metavar="FILE", help="a pass file (what `diffopt tune` writes)")
     parser.add_argument("--profile", choices=PROFILES, default=PROFILES[0])
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=PRECISIONS[0],
+        help="bf16: OpenVINO runs the bundle at bfloat16; int8-dynamic: int8 matrix products on onnxruntime",
+    )
     parser.add_argument(
         "--temporal-difference",
         choices=("exact", "dynamic", "difference"),
@@ -57,7 +63,7 @@ def run(args: argparse.Namespace) -> None:
         if "steps" in extra and args.steps is None:
             call["num_inference_steps"] = extra["steps"]
         run_enabled(source, call, passes)
-        manifest = export_pipeline(source, args.out, profile=args.profile)
+        manifest = export_pipeline(source, args.out, profile=args.profile, precision=args.precision)
         name = f"the {source.__class__.__name__} denoiser"
     else:
         if kind == "bare":
@@ -65,10 +71,12 @@ def run(args: argparse.Namespace) -> None:
         else:
             model, inputs, scheduler_config = load_model(source, require_weights=True)
         optimized = optimize(capture(model, inputs), passes, calibration=calibration)
-        manifest = to_onnx(optimized, args.out, profile=args.profile, scheduler_config=scheduler_config)
+        manifest = to_onnx(
+            optimized, args.out, profile=args.profile, scheduler_config=scheduler_config, precision=args.precision
+        )
         name = args.model or args.factory
     print(
         f"exported {name} (passes: {', '.join(map(str, passes)) or 'none'}) to {args.out} "
         f"in {time.perf_counter() - started:.1f} s: variants {list(manifest.variants)}, {len(manifest.state)} state "
-        f"tensors, profile {manifest.profile}"
+        f"tensors, profile {manifest.profile}, precision {manifest.precision}"
     )

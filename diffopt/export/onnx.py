@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from diffopt.export.precision import check_precision, quantize_variant
 from diffopt.ir.graph_tools import attribute
 from diffopt.ir.program import StepProgram
 from diffopt.ir.specs import BATCH, TensorSpec, concrete_shape
@@ -57,6 +58,7 @@ def to_onnx(
     scheduler_config: Mapping[str, Any] | None = None,
     call: Mapping[str, Any] | None = None,
     example_inputs: Sequence[torch.Tensor] | None = None,
+    precision: str = "fp32",
 ) -> Manifest:
     """Write the bundle for ``optimized`` into ``directory`` and return its manifest.
 
@@ -69,7 +71,9 @@ def to_onnx(
     ``call`` (``pipelines.bundles.call_record``) records the pipeline call it was captured at.
     ``example_inputs`` (latent, timestep, *conditions: a real call's, e.g. the captured one's)
     are what the verification runs step 0 on; without them it runs on random floats and ones
-    for integer and boolean inputs (a mask of zeros would hide every token)."""
+    for integer and boolean inputs (a mask of zeros would hide every token). ``precision``
+    (``fp32``, ``bf16``, ``int8-dynamic``) is what the variants compute in
+    (``export.precision``); the manifest records it."""
     program = optimized.program if isinstance(optimized, OptimizedDenoiser) else optimized
     if profile not in PROFILES:
         raise ValueError(f"unknown export profile {profile!r}: expected one of {PROFILES}")
@@ -81,13 +85,14 @@ def to_onnx(
         )
     if isinstance(export_batch, bool) or not isinstance(export_batch, int) or export_batch < 1:
         raise ValueError(f"export_batch must be an int >= 1, found {export_batch!r}")
+    check_precision(precision, profile)
     if scheduler_config is not None and not isinstance(scheduler_config, Mapping):
         raise TypeError(f"scheduler_config must be a mapping (make_scheduler's config), found {scheduler_config!r}")
     program = _float64_tables_in_float32(program)
     _require_no_float64(program)
     return write_bundle(
         directory,
-        lambda staging: _write_bundle(program, staging, profile, export_batch, scheduler_config, call),
+        lambda staging: _write_bundle(program, staging, profile, export_batch, scheduler_config, call, precision),
         lambda staging: _verify(staging, export_batch, example_inputs),
     )
 
@@ -99,6 +104,7 @@ def _write_bundle(
     export_batch: int,
     scheduler_config: Mapping | None,
     call: Mapping | None,
+    precision: str,
 ) -> Manifest:
     import onnx
 
@@ -110,13 +116,16 @@ def _write_bundle(
         output_names = ["signal" if name in probes else "out", *(f"next.{n}" for n in program.state.names)]
         models[name] = _export_variant(program.variants[name], example, input_specs, output_names, name)
     _store_weights_once(models, directory / WEIGHTS_FILE)
-    for name, model in models.items():
+    quantization = quantization_summary({name: module.graph for name, module in program.variants.items()})
+    for name, model in tqdm(models.items(), desc=f"writing variants ({precision})", leave=False):
         model.graph.ClearField("value_info")  # stale intermediate shapes break onnxruntime.quantization's tools
         path = directory / f"{name}.onnx"
         onnx.save(model, str(path))
         onnx.checker.check_model(str(path), full_check=True)
         if profile == "tensorrt":
             check_tensorrt_ready(model, name)
+        if precision == "int8-dynamic":
+            quantization[name] = [*quantization.get(name, []), *quantize_variant(path)]
         variant_files[name] = VariantFile(path.name, tuple(input_specs), _output_specs(model), sha256_of(path))
     manifest = Manifest(
         program.signature,
@@ -129,9 +138,10 @@ def _write_bundle(
         __version__,
         program.model_class,
         _opset(next(iter(models.values()))),
-        quantization_summary({name: module.graph for name, module in program.variants.items()}),
+        quantization,
         scheduler=dict(scheduler_config) if scheduler_config is not None else None,
         call=dict(call) if call is not None else None,
+        precision=precision,
     )
     manifest.save(directory)
     return manifest

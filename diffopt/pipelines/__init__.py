@@ -166,7 +166,7 @@ def export(
 ) -> Manifest:
     """Export the denoiser program an enabled pipeline captured at its most recent call (the
     arguments it really passes) as an ONNX bundle in ``directory``: with the passes it was
-    enabled with, or ``passes``. ``options`` go to ``export.onnx.to_onnx`` (``profile``,
+    enabled with, or ``passes``. ``options`` go to ``export.onnx.to_onnx`` (``profile``, ``precision``,
     ``scheduler_config``). Run it with ``enable(pipe, bundle=directory)``."""
     components = _components(pipe)
     if not components:

@@ -39,6 +39,10 @@ FORMAT_VERSION = 3  # 3: the manifest holds each graph file's and the weights' s
 MANIFEST_NAME = "manifest.json"
 CHECKSUMS_NAME = "SHA256SUMS"
 PROFILES = ("onnxruntime", "tensorrt")
+# fp32: float32 graphs. bf16: float32 graphs that OpenVINO runs at bfloat16 inference precision
+# (onnxruntime runs them in float32). int8-dynamic: onnxruntime's dynamic quantization (int8
+# weights per channel, activations quantized at run time) of each variant's matrix products.
+PRECISIONS = ("fp32", "bf16", "int8-dynamic")
 
 
 class BundleError(ValueError):
@@ -94,6 +98,7 @@ class Manifest:
     quantization: dict[str, Any] = field(default_factory=dict)  # quant.ops.quantization_summary; {} without
     scheduler: dict[str, Any] | None = None  # the model's noise-schedule config (make_scheduler), if given
     call: dict[str, Any] | None = None  # exported from a pipeline: its non-tensor arguments and output type
+    precision: str = "fp32"  # one of PRECISIONS: what the variant files compute in
 
     def interface(self) -> ProgramInterface:
         """The step program's interface (signature, inputs, state, schedule) without graphs."""
@@ -124,6 +129,7 @@ class Manifest:
             "quantization": self.quantization,
             "scheduler": self.scheduler,
             "call": self.call,
+            "precision": self.precision,
         }
         (directory / MANIFEST_NAME).write_text(json.dumps(data, indent=2))
         sums = "".join(f"{sha256_of(directory / name)}  {name}\n" for name in self.files[:-1])
@@ -259,12 +265,19 @@ def _parse(path: Path, data: Any) -> Manifest:
         quantization=_field(path, data, "quantization", dict),
         scheduler=_field(path, data, "scheduler", (dict, type(None)), _checked_scheduler_config),
         call=_field(path, data, "call", (dict, type(None)), _checked_call),
+        precision=_field(path, {"precision": "fp32", **data}, "precision", str, _checked_precision),
     )
     _check_consistency(path, manifest)
     return manifest
 
 
 CALL_FIELDS = {"static", "output_type", "weights"}
+
+
+def _checked_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"expected one of {PRECISIONS}, found {precision!r:.40}")
+    return precision
 
 
 def _checked_call(call: dict | None) -> dict | None:

@@ -33,10 +33,11 @@ read fails.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -50,6 +51,25 @@ from diffopt.runtime.streams import RunHistory, RunRecord, StreamTable
 
 if TYPE_CHECKING:
     from diffopt.runtime.runtimes import Bundle
+
+
+# Where ``step`` sends its forward in this context: None runs it here; a serving batcher
+# (``serving.forward_batcher``) collects the forwards of many concurrent runs into one.
+StepForwards = Callable[["OptimizedDenoiser", str, tuple, tuple], tuple]
+_STEP_FORWARDS: contextvars.ContextVar[StepForwards | None] = contextvars.ContextVar("step_forwards", default=None)
+
+
+@contextlib.contextmanager
+def forwards_through(route: StepForwards) -> Iterator[None]:
+    """Inside, every ``step`` of every denoiser hands its variant's forward to
+    ``route(denoiser, variant, inputs, state) -> (out, new_state)`` instead of running it: a
+    sampling run driven by code that is not ours (a diffusers pipeline's loop) can then share
+    forwards with other runs. The step's checks, probe and state bookkeeping stay here."""
+    token = _STEP_FORWARDS.set(route)
+    try:
+        yield
+    finally:
+        _STEP_FORWARDS.reset(token)
 
 
 class InputError(ValueError):
@@ -326,7 +346,11 @@ class OptimizedDenoiser:
             signal = probe_signal(signal)
         variant = schedule.variant_at(step_index, signal)
         self._local.last_variant = variant
-        ((out, new_state),) = self.step_many(variant, [((x, t, *conditions), state)])
+        route = _STEP_FORWARDS.get()
+        if route is None:
+            ((out, new_state),) = self.step_many(variant, [((x, t, *conditions), state)])
+        else:
+            out, new_state = route(self, variant, (x, t, *conditions), tuple(state))
         return out, RunState(new_state, self._owner, step_index + 1)
 
     def step_many(

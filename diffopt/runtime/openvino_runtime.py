@@ -4,7 +4,9 @@
 reads the bundle's ONNX files directly (the shared weights file included); each variant is
 compiled once for the CPU, with ``precision`` as its inference precision hint: ``"bf16"``
 runs the matrix products in bfloat16 on CPUs that have it (AVX-512 BF16, AMX), ``"f32"``
-keeps float32. State is threaded exactly as on onnxruntime: inputs ``(latent, timestep,
+keeps float32. By default it is the bundle's: ``"bf16"`` for a bundle exported with
+``precision="bf16"``, else ``"f32"`` (an int8 bundle's integer products stay integer).
+State is threaded exactly as on onnxruntime: inputs ``(latent, timestep,
 *conditions, *state)`` by the manifest's names, outputs ``(out, *new_state)`` in its order.
 The outputs are copied out of OpenVINO's buffers (the next inference reuses them), so any
 number of runs can interleave on one loaded bundle; each call makes its own infer request,
@@ -32,11 +34,12 @@ class OpenVinoRuntime:
     name: ClassVar[str] = "openvino"
     device = torch.device("cpu")
 
-    def __init__(self, bundle: Bundle, *, threads: int | None = None, precision: str = "f32"):
+    def __init__(self, bundle: Bundle, *, threads: int | None = None, precision: str | None = None):
         try:
             import openvino
         except ImportError as error:
             raise ImportError(f"the openvino runtime needs OpenVINO: pip install diffopt[openvino] ({error})") from None
+        precision = precision or ("bf16" if bundle.manifest.precision == "bf16" else "f32")
         if precision not in PRECISIONS:
             raise ValueError(f"openvino runtime: precision must be one of {sorted(PRECISIONS)}, found {precision!r}")
         self.manifest, self.precision = bundle.manifest, precision

@@ -121,8 +121,9 @@ class EngineServer:
 class HttpIngress:
     """The HTTP front: hands each request to an engine replica (see the module docstring)."""
 
-    def __init__(self, engine):
-        self.engine = engine  # a DeploymentHandle of the EngineServer deployment
+    def __init__(self, engine, error_body=None):
+        self.engine = engine  # a DeploymentHandle of an EngineServer or PipelineServer deployment
+        self.error_body = error_body or (lambda message, status, param=None: {"error": message})  # the API's shape
         self.replica_died_at = -math.inf  # when a request last found its engine replica dead (monotonic)
 
     async def __call__(self, request):
@@ -151,7 +152,9 @@ class HttpIngress:
             if time.monotonic() > deadline:
                 break
             await asyncio.sleep(min(0.25 * 2**attempt, 2.0))
-        status, content, content_type, headers = _json(503, {"error": message}, {"Retry-After": str(RETRY_AFTER_S)})
+        status, content, content_type, headers = _json(
+            503, self.error_body(message, 503), {"Retry-After": str(RETRY_AFTER_S)}
+        )
         return Response(content, status_code=status, media_type=content_type, headers=headers)
 
 

@@ -61,7 +61,12 @@ class Overloaded(RuntimeError):
 
 
 class RequestError(ValueError):
-    """A request does not fit the program; the message names the field."""
+    """A request does not fit the program; the message names the field, ``param`` too where
+    the API reports it apart (OpenAI's error shape)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass(eq=False)  # a run is itself: compared by identity, never by its tensors
@@ -296,37 +301,42 @@ def _settle(future: Future, *, result: Any = None, error: BaseException | None =
 
 def _refuse_batch_coupled(denoiser: OptimizedDenoiser) -> None:
     """Refuse, by name, a program whose result for one sample depends on the others in its batch."""
-    program = denoiser.program
-    if program.schedule.probes:
+    if denoiser.program.schedule.probes:
         raise ValueError(
             "StepEngine: this program's schedule is adaptive (its probe decides for the whole batch), so a "
             "request's result would depend on the others: serve a program with a fixed schedule"
         )
-    variants = getattr(program, "variants", None)
-    if isinstance(variants, Mapping):
-        coupled = sorted(
-            {
-                f"{variant} ({layer_key(node)})"
-                for variant, module in variants.items()
-                for node in batch_coupled_nodes(module.graph)
-            }
-        )
-    else:  # a bundle: its manifest records what its graphs quantize
-        quantization = (denoiser.bundle.manifest.quantization if denoiser.bundle is not None else None) or {}
-        coupled = sorted(
-            {
-                f"{variant} ({step['layer']})"
-                for variant, steps in quantization.items()
-                for step in steps
-                if str(step.get("scheme", "")).startswith(BATCH_COUPLED_SCHEMES)
-            }
-        )
+    coupled = batch_coupled_layers(denoiser)
     if coupled:
         raise ValueError(
             f"StepEngine: variants {coupled[:4]} quantize with one scale per batch (dynamic quantization), so a "
             f"request's result would depend on the others in its forward: serve a program without "
             f"TemporalDifferencePass('dynamic'), or static quantization"
         )
+
+
+def batch_coupled_layers(denoiser: OptimizedDenoiser) -> list[str]:
+    """``"variant (layer)"`` of every layer whose result for one sample depends on the other
+    samples of its forward (a dynamic quantization scale over the whole batch)."""
+    program = denoiser.program
+    variants = getattr(program, "variants", None)
+    if isinstance(variants, Mapping):
+        return sorted(
+            {
+                f"{variant} ({layer_key(node)})"
+                for variant, module in variants.items()
+                for node in batch_coupled_nodes(module.graph)
+            }
+        )
+    quantization = (denoiser.bundle.manifest.quantization if denoiser.bundle is not None else None) or {}
+    return sorted(  # a bundle: its manifest records what its graphs quantize
+        {
+            f"{variant} ({step['layer']})"
+            for variant, steps in quantization.items()
+            for step in steps
+            if str(step.get("scheme", "")).startswith(BATCH_COUPLED_SCHEMES)
+        }
+    )
 
 
 def checked_request(
