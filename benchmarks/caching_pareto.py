@@ -33,13 +33,15 @@ import torch
 
 from diffopt import capture, optimize
 from diffopt.evaluation.baselines import CacheDitBaseline, DiffusersCacheHook, mag_cache_ratios
-from diffopt.evaluation.bench import measure
 from diffopt.evaluation.metrics.digits import digits_fd
 from diffopt.evaluation.runs import generate
-from diffopt.evaluation.tune import LEARNED_FIT_SAMPLES, LEARNED_FIT_SEED, score
+from diffopt.evaluation.workload import LEARNED_FIT_SAMPLES, LEARNED_FIT_SEED, DigitsWorkload, counted_run
 from diffopt.ir.program import StepProgram
+from diffopt.measure.fidelity import psnr
 from diffopt.measure.predictor_fit import fit_learned
 from diffopt.measure.search import choose_within_budget
+from diffopt.measure.tuning import Measurements, candidate_list
+from diffopt.measure.workload import Configuration
 from diffopt.models import example_inputs, load
 from diffopt.passes.cache import CachePass
 from diffopt.passes.caching.policies import ErrorGated, Periodic, TaylorSeerPlan
@@ -225,6 +227,13 @@ def run(out: Path, samples: int, models: tuple[str, ...], stages: tuple[int, ...
         run_stage(out, samples, models, 2)
 
 
+def measured(denoiser, config, steps: int, samples: int, reference: torch.Tensor | None) -> tuple[dict, torch.Tensor]:
+    """A row (PSNR against ``reference``, or none for the reference itself; MACs per sample)
+    and the images of ``samples`` digits of the scored noise."""
+    images, macs = counted_run(denoiser, config, steps, samples, SEED)
+    return {"macs_per_sample": macs / samples, "psnr": psnr(images, images if reference is None else reference)}, images
+
+
 def run_stage(out: Path, samples: int, models: tuple[str, ...], stage: int) -> None:
     """Measure the rows of ``stage`` of ``models`` not yet in ``out/rows.jsonl``."""
     done = {(r["model"], r["name"]) for r in _rows(out)}
@@ -238,11 +247,11 @@ def run_stage(out: Path, samples: int, models: tuple[str, ...], stage: int) -> N
         todo = [row for row in rows if row[0] == stage and (name, row[1]) not in done]
         if not todo:
             continue
-        _, reference = measure(model, config, STEPS, samples, SEED, None, distribution=False)
+        _, reference = measured(model, config, STEPS, samples, None)
         for _, row_name, settings, build in todo:
             started = time.perf_counter()
             steps = settings.get("steps", STEPS)
-            row, images = measure(build(), config, steps, samples, SEED, reference, distribution=False)
+            row, images = measured(build(), config, steps, samples, reference)
             record = {
                 "model": name,
                 "name": row_name,
@@ -261,18 +270,20 @@ def tune_picks(out: Path, samples: int, name: str, budgets: tuple[float, ...] = 
     """diffopt tune's pick for each budget on ``name``: every candidate of the default search
     space scored once on ``TUNE_SAMPLES`` samples of ``TUNE_SEED`` noise (not the benchmark's), the best
     ``MAX_VALIDATIONS`` under each budget checked on held-out noise (tune's), the choice's plan
-    refined (``Scored.refine_choice``), the pick written as ``<name>_<budget>.passes.json``
+    refined (``measure.tuning.Measurements.refine_choice``), the pick written as ``<name>_<budget>.passes.json``
     and measured like every other row. Replaces the rows of an earlier tune of ``name`` at ``budgets``."""
     redone = tuple(f"tune pick <= {budget}:" for budget in budgets)
     kept = [r for r in _rows(out) if not (r["model"] == name and r["name"].startswith(redone))]
     _write_rows(out, kept)
     model, config = load(name)
-    scored = score(name, None, TUNE_SAMPLES, progress=True, seed=TUNE_SEED)
-    _, reference = measure(model, config, STEPS, samples, SEED, None, distribution=False)
+    workload = DigitsWorkload(name, samples=TUNE_SAMPLES, validation_samples=200, seed=TUNE_SEED)
+    scored = Measurements(workload)
+    scored.score(candidate_list(workload, None), progress=True)
+    _, reference = measured(model, config, STEPS, samples, None)
     grid = list(scored.rows)  # each budget refines a choice of the search space, not another budget's plan
     for budget in budgets:
-        chosen, tried = choose_within_budget(grid, budget, "macs", lambda row: scored.validate(row, 200), name)
-        chosen = scored.refine_choice(chosen, 200)
+        chosen, tried = choose_within_budget(grid, budget, "macs", scored.validate, name)
+        chosen = scored.refine_choice(chosen)
         save_passes(
             out / f"{name}_{budget}.passes.json",
             [pass_from_dict(item) for item in chosen["passes"]],
@@ -287,8 +298,8 @@ def tune_picks(out: Path, samples: int, name: str, budgets: tuple[float, ...] = 
             predictor_fitted_on=_fitted_on(chosen),
             command=f"python benchmarks/caching_pareto.py --tune-picks {name}",
         )
-        row, images = measure(
-            scored.denoisers[chosen["name"]], config, chosen["steps"], samples, SEED, reference, False
+        row, images = measured(
+            workload.denoiser(Configuration.of_row(chosen)), config, chosen["steps"], samples, reference
         )
         record = {"model": name, "name": f"tune pick <= {budget}: {chosen['name']}", "library": "diffopt tune"}
         record["settings"] = {"tried": tried, "passes": chosen["passes"], "steps": chosen["steps"]}
@@ -301,7 +312,7 @@ def _fitted_on(chosen: dict) -> str | None:
     predictor = pass_from_dict(chosen["passes"][0]).predictor if chosen["passes"] else None
     if not isinstance(predictor, Learned):
         return None
-    return f"{LEARNED_FIT_SAMPLES} samples of seed {LEARNED_FIT_SEED}'s noise (tune's Scored.learned_predictor)"
+    return f"{LEARNED_FIT_SAMPLES} samples of seed {LEARNED_FIT_SEED}'s noise (the digits workload's fit inputs)"
 
 
 def transferred_picks(graph) -> Iterator[tuple[int, str, dict, Callable]]:

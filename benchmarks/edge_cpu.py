@@ -5,8 +5,12 @@
 Programs: no passes, the strongest forecast cache over the block span (order 2, period 4,
 warm-up 2) and dit-digits' tune pick at a quarter of the MACs (its pass file). Each is
 exported in fp32 (loaded on onnxruntime, OpenVINO f32 and OpenVINO bf16: a bf16 bundle's files
-are the fp32 ones, its manifest asks OpenVINO for bfloat16 inference precision) and in
-int8-dynamic (``to_onnx(precision="int8-dynamic")``, loaded on onnxruntime and OpenVINO).
+are the fp32 ones, its manifest asks OpenVINO for bfloat16 inference precision), in
+int8-dynamic (``to_onnx(precision="int8-dynamic")``, loaded on onnxruntime and OpenVINO) and in
+int8-static (the program plus ``StaticQuantizationPass(weight_form="qdq", float_ends=True)``
+with calibration statistics of the plain model on other noise and labels than the quality
+run's; Q/DQ graphs, loaded on onnxruntime, on OpenVINO f32 and on OpenVINO with the bf16 hint,
+which keeps the int8 products integer and runs the rest in bfloat16).
 Baselines: the diffusers model in torch eager fp32 (the speed-ups'
 denominator) and under bf16 autocast.
 
@@ -28,15 +32,17 @@ import tempfile
 from pathlib import Path
 
 import torch
-from common import Bf16Autocast, generate, run_metadata, time_runs
+from common import DIGIT_SHAPE, Bf16Autocast, generate, run_metadata, scheduler, time_runs
 
-from diffopt import capture, optimize
+from diffopt import Sampler, capture, optimize
 from diffopt.evaluation.metrics.digits import class_accuracy, digits_fd
 from diffopt.export import to_onnx
+from diffopt.measure.calibration import calibrate
 from diffopt.measure.fidelity import psnr
 from diffopt.models import example_inputs, load
 from diffopt.passes.forecast_cache import ForecastCachePass
 from diffopt.passes.registry import load_passes
+from diffopt.passes.static_quantization import StaticQuantizationPass
 from diffopt.runtime.runtimes import load_bundle
 
 RESULTS = Path("benchmarks/results")
@@ -48,7 +54,12 @@ RUNTIMES = {  # runner name -> (bundle precision, runtime, its options)
     "OpenVINO bf16": ("fp32", "openvino", {"precision": "bf16"}),
     "onnxruntime int8-dynamic": ("int8-dynamic", "onnxruntime", {}),
     "OpenVINO int8-dynamic": ("int8-dynamic", "openvino", {}),
+    "onnxruntime int8-static": ("int8-static", "onnxruntime", {}),
+    "OpenVINO int8-static": ("int8-static", "openvino", {"precision": "f32"}),
+    "OpenVINO int8-static, bf16 hint": ("int8-static", "openvino", {"precision": "bf16"}),
 }
+INT8_STATIC = StaticQuantizationPass(weight_form="qdq", float_ends=True)
+CALIBRATION_SAMPLES, CALIBRATION_SEED = 64, 7
 
 
 def programs(graph) -> dict[str, tuple[list, int]]:
@@ -75,10 +86,19 @@ def main() -> None:
         "diffusers model, torch eager fp32": (model, STEPS),
         "diffusers model, bf16 autocast": (Bf16Autocast(model), STEPS),
     }
+    calibration = calibrate(
+        optimize(graph).program,
+        Sampler(scheduler(config, STEPS), progress=False),
+        (torch.arange(CALIBRATION_SAMPLES) % 10,),
+        (CALIBRATION_SAMPLES, *DIGIT_SHAPE),
+        seeds=(CALIBRATION_SEED,),
+        progress=False,
+    )
     with tempfile.TemporaryDirectory() as workdir:
         for name, (passes, steps) in programs(graph).items():
-            optimized = optimize(graph, passes)
             for precision in dict.fromkeys(precision for precision, _, _ in RUNTIMES.values()):
+                static = precision == "int8-static"
+                optimized = optimize(graph, [*passes, INT8_STATIC] if static else passes, calibration=calibration)
                 directory = Path(workdir) / f"{name}_{precision}".replace(" ", "_")
                 to_onnx(optimized, directory, scheduler_config=config, precision=precision)
             for runtime_name, (precision, runtime, options) in RUNTIMES.items():
@@ -131,7 +151,8 @@ def markdown(summary: dict, batch_sizes: list[int]) -> str:
         f"{summary['threads']} threads, torch {summary['torch']}. The teacher's FD on two other seeds: "
         f"{', '.join(f'{v:.2f}' for v in summary['teacher_fd_seed_noise'])}. Speed-ups are against the diffusers "
         f"model in torch eager fp32, measured in the same run. int8-dynamic: onnxruntime's dynamic quantization of "
-        f"every matrix product but the first and last (int8 weights per channel, activations at run time).",
+        f"every matrix product but the first and last (int8 weights per channel, activations at run time). "
+        f"int8-static: Q/DQ graphs of the same layers with calibrated activation scales.",
         "",
         "| " + " | ".join(headers) + " |",
         "|" + "---|" * len(headers),

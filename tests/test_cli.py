@@ -61,6 +61,15 @@ def test_calibrate_then_report_a_temporal_difference_program(capsys, tmp_path):
     unoptimized = next(line for line in out.splitlines() if line.startswith("unoptimized"))
     integer = next(line for line in out.splitlines() if line.startswith("TemporalDifferencePass"))
     assert float(integer.split()[-3]) < float(unoptimized.split()[-3])  # fewer bit-operations than fp32
+    int8 = ["export", "dit-digits", str(tmp_path / "int8"), "--precision", "int8-static"]
+    main([*int8, "--calibration", str(calibration), "--float-layers", "3"])
+    out = capsys.readouterr().out
+    assert "StaticQuantizationPass" in out and "precision int8-static" in out
+    kept = out.split("kept float by measured int8 error: ")[1].splitlines()[0].split(", ")
+    errors = [float(layer.split(" (")[1].rstrip("%)")) for layer in kept]
+    assert len(kept) == 3 and errors == sorted(errors, reverse=True) and errors[-1] > 0  # the largest, measured
+    assert not any(layer.startswith(("pos_embed.proj", "proj_out_2")) for layer in kept)  # float already (the ends)
+    assert json.loads((tmp_path / "int8" / "manifest.json").read_text())["precision"] == "int8-static"
 
 
 def test_an_unknown_reference_model_is_a_clean_error(capsys, tmp_path):

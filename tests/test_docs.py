@@ -1,9 +1,11 @@
 """The README and docs/ as a newcomer meets them: every Python block runs on its own, as
-written, from the repository root; every relative link resolves; docs/cli.md is what the
-parsers print today; the README stays a landing page (at most 150 lines).
+written, from the repository root; every ``bash`` block runs as written in a fresh directory
+that sees the repository's ``benchmarks/``; every relative link resolves; docs/cli.md is what
+the parsers print today; the README stays a landing page (at most 150 lines).
 
-Shell blocks are not run here: each one installs packages, needs the user's own files
-(``my_pipe/``) or a running server; their commands are exercised by the CLI tests."""
+Shell blocks that install packages, need the user's own files (``my_pipe/``) or a running
+server are ``console`` blocks: shown, not run (their commands are exercised by the CLI and
+serving tests)."""
 
 import os
 import re
@@ -19,6 +21,11 @@ BLOCKS = [
     (page.relative_to(ROOT), block)
     for page in PAGES
     for block in re.findall(r"```python\n(.*?)```", page.read_text(), re.S)
+]
+SHELL_BLOCKS = [
+    (page.relative_to(ROOT), block)
+    for page in PAGES
+    for block in re.findall(r"```bash\n(.*?)```", page.read_text(), re.S)
 ]
 sys.path.insert(0, str(ROOT / "scripts"))
 from cli_docs import DOCS, cli_markdown  # noqa: E402
@@ -44,6 +51,24 @@ def test_a_python_block_runs_on_its_own(index, tmp_path):
         env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"},
     )
     assert result.returncode == 0, f"{page} block {index}:\n{block}\n{result.stderr[-3000:]}"
+
+
+@pytest.mark.parametrize(
+    "index", range(len(SHELL_BLOCKS)), ids=lambda i: f"{SHELL_BLOCKS[i][0]}:{SHELL_BLOCKS[i][1][:30]}"
+)
+def test_a_bash_block_runs_as_written(index, tmp_path):
+    page, block = SHELL_BLOCKS[index]
+    (tmp_path / "benchmarks").symlink_to(ROOT / "benchmarks")
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"  # the diffopt this Python runs
+    result = subprocess.run(
+        ["bash", "-e", "-c", block],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PATH": path},
+    )
+    assert result.returncode == 0, f"{page}:\n{block}\n{result.stderr[-3000:]}"
 
 
 def test_every_relative_link_resolves():

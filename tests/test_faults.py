@@ -391,6 +391,11 @@ CLI_FAULTS = {
     "calibrate one step": (["calibrate", "dit-digits", "--steps", "1"], "--steps must be >= 2"),
     "calibrate into a missing directory": (["calibrate", "dit-digits", "--out", "{tmp}/no/x.json"], "does not exist"),
     "export into a missing parent": (["export", "dit-digits", "{tmp}/no/such/bundle"], "does not exist"),
+    "export int8-static uncalibrated": (
+        ["export", "dit-digits", "{tmp}/b", "--precision", "int8-static"],
+        "needs --calibration",
+    ),
+    "float layers without int8-static": (["export", "dit-digits", "{tmp}/b", "--float-layers", "2"], "--float-layers"),
     "sample a corrupt bundle": (["sample", "{corrupt}"], "changed after export"),
 }
 
@@ -698,6 +703,7 @@ BENCH_FAULTS = {
     "zero steps": ({"name": "x", "steps": 0}, r"configuration 'x'.steps must be an int >= 1"),
     "passes as an object": ({"name": "x", "passes": {"pass": "BlockCachePass"}}, "passes is a list of pass objects"),
     "baseline as text": ({"name": "x", "baseline": "cache-dit"}, "baseline is an object"),
+    "unknown baseline": ({"name": "x", "baseline": {"kind": "magic"}}, r"configurations \['x'\]: a baseline's kind"),
     "nameless": ({"name": ""}, "name is a non-empty string"),
 }
 

@@ -13,7 +13,7 @@ from diffopt.cli import main
 from diffopt.measure.search import search_space
 from diffopt.passes.registry import load_passes
 from diffopt.pipelines.loading import load_pipeline
-from diffopt.pipelines.tuning import run_call
+from diffopt.pipelines.workload import run_call
 
 STEPS = 6
 TUNED = {  # a saved tiny pipeline of each family, the arguments of its calls, and the search's candidates

@@ -11,7 +11,7 @@ from diffopt.cli import main
 from diffopt.passes.block_cache import BlockCachePass
 from diffopt.passes.registry import save_passes
 from diffopt.pipelines.loading import load_pipeline
-from diffopt.pipelines.tuning import run_call
+from diffopt.pipelines.workload import run_call
 
 pytest.importorskip("onnxruntime")
 

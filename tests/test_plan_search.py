@@ -4,10 +4,10 @@ import pytest
 from models import dit_pipeline
 
 import diffopt
-from diffopt.evaluation.bench import Configuration
-from diffopt.evaluation.tune import tune
+from diffopt.evaluation.workload import DigitsWorkload
 from diffopt.measure.plan_search import MOVES, plan_mask, refine_mask
-from diffopt.measure.search import Candidate
+from diffopt.measure.tuning import tune
+from diffopt.measure.workload import Configuration
 from diffopt.passes.caching.policies import StepMask, TaylorSeerPlan
 from diffopt.passes.caching.predictors import Learned
 from diffopt.passes.registry import pass_from_dict
@@ -56,7 +56,9 @@ def test_tune_under_a_budget_refines_its_choice_plan_then_predictor_keeping_each
         "predictor": {"kind": "newton", "order": 1},
     }
     candidates = [Configuration("forecast D1 i4", (cache,), steps=8, family="forecast cache")]
-    summary = tune("dit-digits", budget=0.6, candidates=candidates, samples=4, validation_samples=4, progress=False)
+    summary = tune(
+        DigitsWorkload("dit-digits", samples=4, validation_samples=4), budget=0.6, candidates=candidates, progress=False
+    )
     rows = {row["name"]: row for row in summary["rows"]}
     original = rows["forecast D1 i4"]
     refined = next(row for name, row in rows.items() if name.startswith("forecast D1 i4, plan "))
@@ -85,7 +87,10 @@ def test_a_pipeline_tune_under_a_budget_refines_the_plan_on_its_calls():
         "policy": {"kind": "periodic", "warmup": 1, "period": 3},
         "predictor": {"kind": "newton", "order": 1},
     }
-    candidates = [Candidate("forecast p3", (cache,), None, "forecast cache"), Candidate("3 steps", (), 3, "steps")]
+    candidates = [
+        Configuration("forecast p3", (cache,), family="forecast cache"),
+        Configuration("3 steps", (), 3, family="steps"),
+    ]
     summary = diffopt.tune(pipe, calls, budget=0.8, candidates=candidates, progress=False)
     rows = {row["name"]: row for row in summary["rows"]}
     refined = next(row for name, row in rows.items() if name.startswith("forecast p3, plan "))
@@ -98,6 +103,6 @@ def test_a_pipeline_tune_under_a_budget_refines_the_plan_on_its_calls():
     with pytest.raises(ValueError, match=r"budget is a fraction .* found 1.5"):  # before any candidate runs
         diffopt.tune(pipe, calls, budget=1.5)
     with pytest.raises(ValueError, match=r"budget is a fraction .* found 0"):
-        tune("dit-digits", budget=0, candidates=[Configuration("x", (), steps=2)], samples=1)
+        tune(DigitsWorkload("dit-digits", samples=10), budget=0, candidates=[Configuration("x", (), steps=2)])
     with pytest.raises(ValueError, match="use cost='macs' and no metric"):
         diffopt.tune(pipe, calls, budget=0.5, cost="time")

@@ -13,6 +13,7 @@ import diffopt
 from diffopt.cli import main
 from diffopt.measure import search
 from diffopt.measure.macs import count_macs
+from diffopt.measure.workload import Configuration
 from diffopt.passes.block_cache import BlockCachePass, FirstBlockCachePass
 from diffopt.passes.forecast_cache import ForecastCachePass
 from diffopt.pipelines.tuning import VALIDATION_SEED_OFFSET, held_out_calls
@@ -166,7 +167,7 @@ def test_tune_names_nan_inputs_nan_metrics_and_a_floor_that_is_no_psnr(capsys):
     embeddings["prompt_embeds"][0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"calls\[0\].prompt_embeds holds NaN"):
         diffopt.tune(pipe, [embeddings], 30.0)
-    candidates = [search.Candidate("2 steps", (), 2, "steps")]
+    candidates = [Configuration("2 steps", (), 2, family="steps")]
     with pytest.raises(ValueError, match="the metric gave NaN for candidate '2 steps'"):
         diffopt.tune(
             pipe, [call], 1.0, candidates=candidates, metric=lambda o, r: float("nan"), min_metric=0, progress=False

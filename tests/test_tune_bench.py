@@ -8,9 +8,11 @@ import torch
 
 from diffopt import Sampler, make_scheduler, optimize
 from diffopt.cli import main
-from diffopt.evaluation.bench import Configuration, load_configurations, run_bench, write_results
-from diffopt.evaluation.tune import tune
+from diffopt.evaluation.bench import load_configurations, run_bench, write_results
+from diffopt.evaluation.workload import DigitsWorkload
 from diffopt.measure.search import pareto, save
+from diffopt.measure.tuning import tune
+from diffopt.measure.workload import Configuration
 from diffopt.passes.block_cache import BlockCachePass, FirstBlockCachePass
 from diffopt.passes.forecast_cache import ForecastCachePass
 from diffopt.passes.increment_calibrated_cache import IncrementCalibratedCachePass
@@ -106,7 +108,9 @@ def test_tune_picks_the_cheapest_validated_configuration_and_saves_its_passes(tm
         Configuration("reuse p2", ({"pass": "IncrementCalibratedCachePass", "rank": 0},)),  # over it, dearer
         Configuration("forecast", ({"pass": "ForecastCachePass", "period": 4, "warmup": 5},)),
     ]
-    summary = tune("dit-digits", 40.0, candidates=candidates, samples=10, validation_samples=10, progress=False)
+    summary = tune(
+        DigitsWorkload("dit-digits", samples=10, validation_samples=10), 40.0, candidates=candidates, progress=False
+    )
     chosen = summary["chosen"]
     assert chosen["name"] == "forecast" and chosen["psnr"] >= 40 and chosen["validation_psnr"] >= 40
     assert {r["name"]: r["psnr"] >= 40 for r in summary["rows"]} == {
@@ -119,7 +123,12 @@ def test_tune_picks_the_cheapest_validated_configuration_and_saves_its_passes(tm
     assert passes == [ForecastCachePass(period=4, warmup=5)] and extra["steps"] == 50
     assert (tmp_path / "tune.png").exists()
     with pytest.raises(ValueError, match="no candidate reaches 99.0 dB"):
-        tune("dit-digits", 99.0, candidates=candidates[:1], samples=10, validation_samples=10, progress=False)
+        tune(
+            DigitsWorkload("dit-digits", samples=10, validation_samples=10),
+            99.0,
+            candidates=candidates[:1],
+            progress=False,
+        )
 
 
 def test_a_saved_pass_file_reproduces_the_tuned_program(tmp_path):

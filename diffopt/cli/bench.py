@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from diffopt.cli.common import (
     UsageError,
     add_sources,
     bench_file,
     bounded,
-    candidates_of,
-    format_table,
     output_file,
     pipeline_calls,
     plugin_options,
@@ -43,65 +40,49 @@ def add_parser(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    """One bench for every source: the bench file's configurations on a zoo model's digits
+    or a pipeline's calls (``measure.tuning.bench``), written as JSON, markdown and a plot."""
     from diffopt.evaluation.bench import run_bench, write_results
+    from diffopt.measure.tuning import bench
+    from diffopt.measure.workload import Configuration
+    from diffopt.pipelines.tuning import pipeline_workload
 
-    if args.pipeline or args.factory:
-        return _bench_pipeline(args)
     model, title, configurations = bench_file(args.config)
-    if model is None:
-        raise UsageError(f'{args.config} names no reference model: add "model" or give --pipeline DIR / --model')
     if args.only:
         unknown = sorted(set(args.only) - {c.name for c in configurations})
         if unknown:
             raise UsageError(f"--only names no configuration of {args.config}: {unknown}")
         configurations = [c for i, c in enumerate(configurations) if i == 0 or c.name in args.only]
-    summary = run_bench(
-        model,
-        configurations,
-        samples=args.samples,
-        timing_batch=args.timing_batch,
-        repeats=args.repeats,
-        timing_only=args.timing_only,
-        reference_seeds=args.reference_seeds,
-    )
-    command = (
-        f"diffopt bench {args.config} --out {args.out} --samples {args.samples} --timing-batch {args.timing_batch} "
-        f"--repeats {args.repeats} --reference-seeds {args.reference_seeds}"
-        + (" --timing-only" if args.timing_only else "")
-        + (" --only " + " ".join(f'"{name}"' for name in args.only) if args.only else "")
-        + plugin_options()
-    )
+    if configurations[0].passes is not None or configurations[0].baseline is not None:
+        configurations.insert(0, Configuration("unmodified"))  # the reference is the plain model
+    command = f"diffopt bench {args.config} --out {args.out} --repeats {args.repeats}"
+    if args.pipeline or args.factory:
+        kind, source = source_of(args)
+        if kind != "pipeline":
+            raise UsageError("bench --model runs pipeline calls: the factory must return a diffusers pipeline")
+        summary = bench(pipeline_workload(source, pipeline_calls(args, source)), configurations, repeats=args.repeats)
+        command += (
+            (f" --pipeline {args.pipeline}" if args.pipeline else f" --model {args.factory}")
+            + (f" --calls {args.calls}" if args.calls else "")
+            + (f" --steps {args.steps}" if args.steps is not None else "")
+        )
+    else:
+        if model is None:
+            raise UsageError(f'{args.config} names no reference model: add "model" or give --pipeline DIR / --model')
+        summary = run_bench(
+            model,
+            configurations,
+            samples=args.samples,
+            timing_batch=args.timing_batch,
+            repeats=args.repeats,
+            timing_only=args.timing_only,
+            reference_seeds=args.reference_seeds,
+        )
+        command += (
+            f" --samples {args.samples} --timing-batch {args.timing_batch} --reference-seeds {args.reference_seeds}"
+            + (" --timing-only" if args.timing_only else "")
+        )
+    command += (" --only " + " ".join(f'"{name}"' for name in args.only) if args.only else "") + plugin_options()
     write_results({**summary, "plugins": loaded_plugins()}, args.out, title, command)
-    print(f"wrote {args.out}.json, .md" + ("" if args.timing_only else ", .png"))
-
-
-def _bench_pipeline(args: argparse.Namespace) -> None:
-    """``bench --pipeline``/``--model``: the bench file's pass configurations on a pipeline's calls."""
-    import json
-
-    from diffopt.pipelines.tuning import compare
-    from diffopt.util.files import write_text
-
-    kind, source = source_of(args)
-    if kind != "pipeline":
-        raise UsageError("bench --model runs pipeline calls: the factory must return a diffusers pipeline")
-    candidates = [c for c in candidates_of(args.config) if not args.only or c.name in args.only]
-    summary = compare(source, pipeline_calls(args, source), candidates, repeats=args.repeats)
-    summary["command"] = (
-        f"diffopt bench {args.config} --out {args.out} --repeats {args.repeats}"
-        + (f" --pipeline {args.pipeline}" if args.pipeline else f" --model {args.factory}")
-        + (f" --calls {args.calls}" if args.calls else "")
-        + (f" --steps {args.steps}" if args.steps is not None else "")
-        + plugin_options()
-    )
-    summary["plugins"] = loaded_plugins()
-    write_text(Path(f"{args.out}.json"), json.dumps(summary, indent=2, default=str))
-    rows = [
-        (r["name"], r["steps"], f"{r['mac_fraction']:.3f}", f"{r['psnr']:.1f}", f"{1 / r['time_fraction']:.2f}x")
-        for r in summary["rows"]
-    ]
-    table = format_table(["configuration", "steps", "MACs vs plain", "PSNR vs plain (dB)", "speed-up"], rows)
-    lines = [f"# diffopt bench on {summary['model']}", "", f"`{summary['command']}`", "", "```", table, "```"]
-    write_text(Path(f"{args.out}.md"), "\n".join(lines) + "\n")
-    print(table)
-    print(f"wrote {args.out}.json, .md" + (f"; skipped: {summary['skipped']}" if summary["skipped"] else ""))
+    skipped = f"; skipped: {summary['skipped']}" if summary["skipped"] else ""
+    print(f"wrote {args.out}.json, .md" + ("" if args.timing_only else ", .png") + skipped)

@@ -80,7 +80,7 @@ def pipeline_calls(args: argparse.Namespace, pipe) -> list[dict]:
 def run_enabled(pipe, call: dict, passes=()) -> object:
     """Enable ``pipe`` with ``passes``, run ``call`` once, and return the program it captured."""
     from diffopt.pipelines import _components, enable
-    from diffopt.pipelines.tuning import run_call
+    from diffopt.pipelines.workload import run_call
 
     enable(pipe, passes)
     run_call(pipe, call)
@@ -170,14 +170,6 @@ def bench_file(path: str):
         return load_configurations(path)
     except ValueError as error:
         raise UsageError(str(error)) from None
-
-
-def candidates_of(path: str):
-    """The configurations of a bench file, as search candidates (those with passes)."""
-    from diffopt.measure.search import Candidate
-
-    configurations = bench_file(path)[2]
-    return [Candidate(c.name, c.passes, c.steps, c.family) for c in configurations if c.passes is not None]
 
 
 def add_sources(parser: argparse.ArgumentParser, model_help: str | None) -> None:

@@ -9,6 +9,7 @@ from diffopt.capture import capture
 from diffopt.cli.common import (
     UsageError,
     add_sources,
+    bounded,
     bundle_directory,
     load_model,
     pass_file,
@@ -30,7 +31,8 @@ def add_parser(commands) -> None:
         "--precision",
         choices=PRECISIONS,
         default=PRECISIONS[0],
-        help="bf16: OpenVINO runs the bundle at bfloat16; int8-dynamic: int8 matrix products on onnxruntime",
+        help="bf16: OpenVINO runs the bundle at bfloat16; int8-dynamic: int8 matrix products on onnxruntime; "
+        "int8-static: Q/DQ graphs with calibrated scales (OpenVINO, TensorRT), needs --calibration",
     )
     parser.add_argument(
         "--temporal-difference",
@@ -38,7 +40,15 @@ def add_parser(commands) -> None:
         help="Ditto layers: dynamic = int8 differences on onnxruntime's integer kernels; "
         "difference = static int8 scales (TensorRT profile), needs --calibration",
     )
-    parser.add_argument("--calibration", help="from `diffopt calibrate` (for --temporal-difference difference)")
+    parser.add_argument(
+        "--calibration", help="from `diffopt calibrate` (for --temporal-difference difference, --precision int8-static)"
+    )
+    parser.add_argument(
+        "--float-layers",
+        type=bounded(int, 0, "--float-layers"),
+        default=0,
+        help="int8-static: also keep float the N layers whose int8 error, measured one layer at a time, is largest",
+    )
     parser.set_defaults(run=run)
 
 
@@ -46,13 +56,22 @@ def run(args: argparse.Namespace) -> None:
     from diffopt.export import to_onnx
     from diffopt.ir.statistics import CalibrationStatistics
     from diffopt.optimize import optimize
+    from diffopt.passes.static_quantization import StaticQuantizationPass
     from diffopt.passes.temporal_difference import TemporalDifferencePass
 
     passes, extra = pass_file(args.passes) if args.passes else ([], {})
     if args.temporal_difference:
         passes.append(TemporalDifferencePass(args.temporal_difference))
-    calibration = CalibrationStatistics.load(args.calibration) if args.calibration else None
     kind, source = source_of(args)
+    if args.float_layers and args.precision != "int8-static":
+        raise UsageError("--float-layers chooses the float layers of --precision int8-static")
+    if args.precision == "int8-static":
+        if kind == "pipeline":
+            raise UsageError("--precision int8-static is for reference models: use bf16 or int8-dynamic")
+        if not args.calibration:
+            raise UsageError("--precision int8-static needs --calibration FILE (from `diffopt calibrate`)")
+        passes.append(StaticQuantizationPass(weight_form="qdq", float_ends=True))
+    calibration = CalibrationStatistics.load(args.calibration) if args.calibration else None
     started = time.perf_counter()
     if kind == "pipeline":
         from diffopt.pipelines import export as export_pipeline
@@ -70,7 +89,9 @@ def run(args: argparse.Namespace) -> None:
             model, inputs, scheduler_config = source.model, source.inputs, source.scheduler_config
         else:
             model, inputs, scheduler_config = load_model(source, require_weights=True)
-        optimized = optimize(capture(model, inputs), passes, calibration=calibration)
+        graph = capture(model, inputs)
+        policy = _measured_float_policy(graph, inputs, passes[-1], calibration, args.float_layers)
+        optimized = optimize(graph, passes, calibration=calibration, policy=policy)
         manifest = to_onnx(
             optimized, args.out, profile=args.profile, scheduler_config=scheduler_config, precision=args.precision
         )
@@ -80,3 +101,22 @@ def run(args: argparse.Namespace) -> None:
         f"in {time.perf_counter() - started:.1f} s: variants {list(manifest.variants)}, {len(manifest.state)} state "
         f"tensors, profile {manifest.profile}, precision {manifest.precision}"
     )
+
+
+def _measured_float_policy(graph, inputs, quantization, calibration, count: int):
+    """The layer policy keeping float the ``count`` layers with the largest int8 error, each
+    measured alone on the model's example inputs at timesteps 900, 500 and 100 (None for 0)."""
+    if not count:
+        return None
+    import torch
+
+    from diffopt.ir.program import StepProgram
+    from diffopt.measure.quantization_error import float_policy, int8_layer_errors, largest_errors
+
+    latent, timestep, *conditions = inputs
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(0))
+    step_inputs = [(noise, torch.full_like(timestep, t), *conditions) for t in (900, 500, 100)]
+    errors = int8_layer_errors(StepProgram.from_captured(graph), quantization, calibration, step_inputs)
+    kept = largest_errors(errors, count)
+    print(f"kept float by measured int8 error: {', '.join(f'{layer} ({errors[layer]:.2%})' for layer in kept)}")
+    return float_policy(kept)

@@ -9,7 +9,6 @@ from diffopt.cli.common import (
     add_sources,
     bench_file,
     bounded,
-    candidates_of,
     output_file,
     pipeline_calls,
     plugin_options,
@@ -36,7 +35,10 @@ def add_parser(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    from diffopt.evaluation.workload import DigitsWorkload
     from diffopt.measure.search import format_summary, save
+    from diffopt.measure.tuning import tune
+    from diffopt.pipelines.tuning import pipeline_workload
 
     kind, source = source_of(args)
     options = " ".join(
@@ -46,27 +48,15 @@ def run(args: argparse.Namespace) -> None:
         and value is not None
     )
     try:
+        candidates = bench_file(args.candidates)[2] if args.candidates else None
         if kind == "pipeline":
-            from diffopt.pipelines import tune
-
-            candidates = candidates_of(args.candidates) if args.candidates else None
-            calls = pipeline_calls(args, source)
-            summary = tune(source, calls, args.min_psnr, budget=args.budget, cost=args.cost, candidates=candidates)
+            workload = pipeline_workload(source, pipeline_calls(args, source))
         elif kind == "zoo":
-            from diffopt.evaluation.tune import tune
-
-            summary = tune(
-                source,
-                args.min_psnr,
-                budget=args.budget,
-                candidates=bench_file(args.candidates)[2] if args.candidates else None,
-                cost=args.cost,
-                samples=args.samples,
-                validation_samples=args.validation_samples,
-            )
+            workload = DigitsWorkload(source, samples=args.samples, validation_samples=args.validation_samples)
             options += f" --samples {args.samples} --validation-samples {args.validation_samples}"
         else:
             raise UsageError("tune scores whole sampling runs: give a pipeline (--pipeline, or a factory making one)")
+        summary = tune(workload, args.min_psnr, budget=args.budget, cost=args.cost, candidates=candidates)
     except ValueError as error:  # nothing meets the floor, or nothing validates
         raise UsageError(str(error)) from None
     summary["command"] = f"diffopt tune {args.model or ''} {options}{plugin_options()}".replace("  ", " ")

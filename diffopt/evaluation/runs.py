@@ -1,4 +1,4 @@
-"""Sampling runs the benchmarks and ``diffopt bench`` / ``diffopt tune`` share:
+"""Sampling runs the benchmarks and the digits workload (``evaluation.workload``) share:
 class-conditional digit generation from seeded noise, and interleaved per-run timing."""
 
 from __future__ import annotations
@@ -40,10 +40,13 @@ def time_runs(
     """Wall seconds of one ``scheduler`` run of ``batch`` samples of ``shape`` per runner (``name ->
     (denoiser, steps or a sampler)``), ``measure.timing.interleaved_times``: all runners
     interleaved, ``repeats`` rounds after a discarded warm-up round, device work waited for."""
+    timed = {name: timed_run(denoiser, config, steps, batch, shape) for name, (denoiser, steps) in runners.items()}
+    return interleaved_times(timed, repeats, progress=True)
+
+
+def timed_run(denoiser, config, steps, batch: int, shape: tuple = DIGIT_SHAPE) -> Callable[[int], torch.Tensor]:
+    """One run of ``batch`` digits (labels cycling 0..9) of ``steps`` steps (or a sampler), given
+    the timing round's index (its noise seed)."""
     labels = torch.arange(batch) % 10
-
-    def timed(denoiser, steps) -> Callable[[int], torch.Tensor]:
-        sampler = Sampler(scheduler(config, steps), progress=False) if isinstance(steps, int) else steps
-        return lambda round_index: sampler.sample(denoiser, (labels,), shape=(batch, *shape), seed=10_000 + round_index)
-
-    return interleaved_times({name: timed(*runner) for name, runner in runners.items()}, repeats, progress=True)
+    sampler = Sampler(scheduler(config, steps), progress=False) if isinstance(steps, int) else steps
+    return lambda round_index: sampler.sample(denoiser, (labels,), shape=(batch, *shape), seed=10_000 + round_index)

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from diffopt.export.precision import check_precision, quantize_variant
+from diffopt.export.precision import check_precision, quantize_variant, require_static_quantization
 from diffopt.ir.graph_tools import attribute
 from diffopt.ir.program import StepProgram
 from diffopt.ir.specs import BATCH, TensorSpec, concrete_shape
@@ -72,7 +72,7 @@ def to_onnx(
     ``example_inputs`` (latent, timestep, *conditions: a real call's, e.g. the captured one's)
     are what the verification runs step 0 on; without them it runs on random floats and ones
     for integer and boolean inputs (a mask of zeros would hide every token). ``precision``
-    (``fp32``, ``bf16``, ``int8-dynamic``) is what the variants compute in
+    (``fp32``, ``bf16``, ``int8-dynamic``, ``int8-static``) is what the variants compute in
     (``export.precision``); the manifest records it."""
     program = optimized.program if isinstance(optimized, OptimizedDenoiser) else optimized
     if profile not in PROFILES:
@@ -88,6 +88,7 @@ def to_onnx(
     check_precision(precision, profile)
     if scheduler_config is not None and not isinstance(scheduler_config, Mapping):
         raise TypeError(f"scheduler_config must be a mapping (make_scheduler's config), found {scheduler_config!r}")
+    require_static_quantization(precision, quantization_summary({n: m.graph for n, m in program.variants.items()}))
     program = _float64_tables_in_float32(program)
     _require_no_float64(program)
     return write_bundle(

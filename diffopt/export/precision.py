@@ -12,6 +12,12 @@
   projection, where the error shows most). The activation scale spans the whole batch, so
   the manifest records these layers as dynamic: the serving engines run such a bundle's
   requests alone, never batched together.
+- ``int8-static``: the graphs as the program holds them, which must already be Q/DQ: a program
+  optimized with ``StaticQuantizationPass(weight_form="qdq")`` and calibration statistics
+  (``diffopt export --precision int8-static --calibration FILE`` adds it). Activations are
+  quantized with fixed calibrated scales (QuantizeLinear / DequantizeLinear, zero point 0),
+  weights are int8 per output channel (DequantizeLinear): the explicit quantization TensorRT
+  reads, which OpenVINO runs as integer kernels. Each sample is scaled alone, so requests batch.
 """
 
 from __future__ import annotations
@@ -37,6 +43,18 @@ def check_precision(precision: Any, profile: str) -> str:
             "export the tensorrt profile in fp32"
         )
     return precision
+
+
+def require_static_quantization(precision: str, quantization: dict[str, list[dict[str, Any]]]) -> None:
+    """For ``int8-static``: a ``ValueError`` unless some variant (``quant.ops.quantization_summary``)
+    has int8 weights behind a static activation scale."""
+    schemes = {step["scheme"] for steps in quantization.values() for step in steps}
+    if precision == "int8-static" and not {"static symmetric", "int8 per output channel"} <= schemes:
+        raise ValueError(
+            "precision 'int8-static' exports Q/DQ graphs, and this program has none: optimize it with "
+            "StaticQuantizationPass(weight_form='qdq') and calibration statistics (or run "
+            "`diffopt export --precision int8-static --calibration FILE`)"
+        )
 
 
 def quantize_variant(path: Path) -> list[dict[str, Any]]:

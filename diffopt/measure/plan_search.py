@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from tqdm import tqdm
 
 from diffopt.ir.specs import FULL
-from diffopt.measure.search import Candidate
+from diffopt.measure.workload import Configuration
 from diffopt.passes.cache import CachePass
 from diffopt.passes.caching.policies import Periodic, Policy, StepMask, TaylorSeerPlan
 from diffopt.passes.registry import pass_from_dict
@@ -82,8 +82,8 @@ def fixed_plan_cache(row: dict) -> CachePass | None:
 
 
 def refined_candidate(
-    row: dict, quality: Callable[[Candidate], float], progress: bool = False
-) -> tuple[Candidate, int] | None:
+    row: dict, quality: Callable[[Configuration], float], progress: bool = False
+) -> tuple[Configuration, int] | None:
     """``row`` (a scored candidate: ``name``, ``passes``, ``steps``, ``family``) with its
     cache's plan refined by ``refine_mask``, ``quality(candidate)`` measuring each plan tried,
     and how many plans were measured; None when ``row`` is not one ``CachePass`` with a
@@ -92,10 +92,10 @@ def refined_candidate(
     if cache is None:
         return None
 
-    def candidate(mask: tuple[int, ...]) -> Candidate:
+    def candidate(mask: tuple[int, ...]) -> Configuration:
         item = {**row["passes"][0], "policy": StepMask(steps=mask).to_dict()}
         plan = "".join(map(str, mask))
-        return Candidate(f"{row['name']}, plan {plan}", (item,), row["steps"], row["family"])
+        return Configuration(f"{row['name']}, plan {plan}", (item,), row["steps"], family=row["family"])
 
     start = plan_mask(cache.policy, row["steps"])
     mask, _, measured = refine_mask(start, lambda mask: quality(candidate(mask)), progress=progress)

@@ -31,7 +31,7 @@ from diffopt.ir.program import StepProgram
 from diffopt.ir.specs import FULL
 from diffopt.measure.interpreter import InstrumentedBackend, NodeHook
 from diffopt.measure.plan_search import fixed_plan_cache
-from diffopt.measure.search import Candidate
+from diffopt.measure.workload import Configuration
 from diffopt.passes.caching.policies import Policy
 from diffopt.passes.caching.predictors import Learned, Newton, Predictor
 from diffopt.passes.caching.rewrite import cache_rewrite
@@ -142,7 +142,7 @@ def fit_learned(
 
 def learned_candidate(
     row: dict, program: StepProgram, sample: Callable[[OptimizedDenoiser, int], Any], history: int = LEARNED_HISTORY
-) -> Candidate | None:
+) -> Configuration | None:
     """``row`` (a scored tune candidate) with its cache's predictor replaced by a ``Learned``
     one fitted for its plan and step count on the runs ``sample(denoiser, steps)`` makes (the
     caller's calibration inputs; it scores the result on others); None when ``row`` is not
@@ -155,4 +155,4 @@ def learned_candidate(
         program, cache.target, cache.policy, steps, history, lambda denoiser: sample(denoiser, steps), cache.predictor
     )
     item = pass_to_dict(dataclasses.replace(cache, predictor=fitted))
-    return Candidate(f"{row['name']}, learned h{history}", (item,), steps, row["family"])
+    return Configuration(f"{row['name']}, learned h{history}", (item,), steps, family=row["family"])

@@ -1,29 +1,28 @@
 """The search behind ``diffopt tune``: candidate pass lists for a captured graph, the Pareto
 set of scored candidates, the validated choice, and the files a tune writes.
 
-A candidate is a pass list (pass-file dicts, ``passes.registry``) and a step count, relative
-to a reference run of ``steps`` steps. Scoring is the caller's: the shipped digits models
-(``evaluation.tune``) or any diffusers pipeline (``pipelines.tuning``). A scored candidate is
-a row: a dict with at least ``name``, ``family``, ``passes``, ``steps``, ``psnr`` and
-``mac_fraction`` (its MACs over the reference run's).
+A candidate is a ``measure.workload.Configuration``: a pass list (pass-file dicts,
+``passes.registry``) and a step count, relative to a reference run of ``steps`` steps.
+Scoring is ``measure.tuning``'s, on any workload. A scored candidate is a row: a dict with
+at least ``name``, ``family``, ``passes``, ``steps``, ``psnr`` and ``mac_fraction`` (its MACs
+over the reference run's).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
 import os
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from diffopt.ir.layers import find_blocks
+from diffopt.measure.workload import Configuration
 from diffopt.passes.registry import load_passes, pass_from_dict
 from diffopt.util.files import read_json, replacing_together
 
@@ -39,29 +38,7 @@ CACHE_INTERVALS = (3, 4, 5, 6, 7, 8, 10)  # full steps every i steps (TaylorSeer
 CACHE_WARMUPS = (1, 2, 3, 5)  # ... after D full warm-up steps (the peers' D in {1, 3, 5} and diffopt's 2)
 
 
-@dataclass(frozen=True)
-class Candidate:
-    """A pass list (as pass-file dicts) and the step count it samples with (None: the
-    reference's own, ``for_reference`` fills it in)."""
-
-    name: str
-    passes: tuple[dict, ...]
-    steps: int | None
-    family: str
-
-    def for_reference(self, steps: int) -> Candidate:
-        """This candidate, sampling ``steps`` steps when it names none."""
-        return self if self.steps is not None else dataclasses.replace(self, steps=steps)
-
-    @property
-    def needs_calibration(self) -> bool:
-        return any(pass_from_dict(item).needs_calibration for item in self.passes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "passes": list(self.passes)}
-
-
-def search_space(graph: torch.fx.GraphModule, steps: int = 50) -> list[Candidate]:
+def search_space(graph: torch.fx.GraphModule, steps: int = 50) -> list[Configuration]:
     """Candidates that fit ``graph`` for a reference of ``steps`` steps: fewer steps; caches of
     the product target x plan x predictor (``cache_candidates``); ICC and plain layer reuse;
     block caching of each block chain ``ir.layers.find_blocks`` sees (transformer chains, UNet
@@ -77,41 +54,41 @@ def search_space(graph: torch.fx.GraphModule, steps: int = 50) -> list[Candidate
     unet = {"down_blocks", "up_blocks"} <= set(chains)
     chain = {"container": joined} if len(joined) > 1 and not unet else {}
     fewer = sorted({max(1, round(steps * f)) for f in STEP_FRACTIONS} - {steps})
-    candidates = [Candidate(f"{n} steps", (), n, "steps") for n in fewer]
+    candidates = [Configuration(f"{n} steps", (), n, family="steps") for n in fewer]
     candidates += cache_candidates(chains, chain, unet, steps)
     for rank in (0, 8, 16):
         for period in (2, 3):
             candidates.append(
-                Candidate(
+                Configuration(
                     f"ICC r{rank} p{period}",
                     ({"pass": "IncrementCalibratedCachePass", "rank": rank, "period": period},),
                     steps,
-                    "ICC" if rank else "plain reuse",
+                    family="ICC" if rank else "plain reuse",
                 )
             )
     for name, blocks in chains.items():
         for period in (2, 3):
             candidates.append(
-                Candidate(
+                Configuration(
                     f"block cache {name} p{period}",
                     ({"pass": "BlockCachePass", "blocks": blocks[1:-1] or blocks, "period": period},),
                     steps,
-                    "block cache",
+                    family="block cache",
                 )
             )
     for threshold in (0.05, 0.1):
         candidates.append(
-            Candidate(
+            Configuration(
                 f"first-block cache {threshold}",
                 ({"pass": "FirstBlockCachePass", "threshold": threshold, **chain},),
                 steps,
-                "first-block cache",
+                family="first-block cache",
             )
         )
     return candidates
 
 
-def cache_candidates(chains: dict[str, list[str]], chain: dict, unet: bool, steps: int) -> list[Candidate]:
+def cache_candidates(chains: dict[str, list[str]], chain: dict, unet: bool, steps: int) -> list[Configuration]:
     """``CachePass`` candidates, the product of: targets (a chain's span, its residual or its
     output; a UNet's up blocks), plans (TaylorSeer's first-D-then-every-i, the shape the peers
     win with, and periodic ones, at fewer steps too) and predictors (Newton order 1,
@@ -136,7 +113,9 @@ def cache_candidates(chains: dict[str, list[str]], chain: dict, unet: bool, step
                     suffix = f", {n} steps" if n != steps else ""
                     cache = {"pass": "CachePass", "target": target, "policy": plan, "predictor": predictor}
                     candidates.append(
-                        Candidate(f"{target_name} {plan_name} {predictor_name}{suffix}", (cache,), n, "forecast cache")
+                        Configuration(
+                            f"{target_name} {plan_name} {predictor_name}{suffix}", (cache,), n, family="forecast cache"
+                        )
                     )
     return candidates
 

@@ -1,7 +1,7 @@
 """Graph helpers for passes that rewrite linear ops (``aten.linear``, ``aten.conv1d/2d``):
 which ops are eligible, how to call one with other operands, integer (A8W8) arithmetic, and
 the statically quantized form of an op (``quantize_op``, used by static quantization and
-by temporal differences).
+by temporal differences), and int8 weight columns for Q/DQ matrix products.
 
 Integer arithmetic keeps codes in float64: products of int8 codes summed over any
 realistic reduction stay far below 2**53, so float64 accumulation is exact and the
@@ -17,10 +17,11 @@ from diffopt.ir.annotations import NodeAnnotation, annotate
 from diffopt.ir.graph_tools import attribute
 from diffopt.ir.layers import op_name
 from diffopt.quant.arithmetic import insert_quantize, quantize_weight_per_channel
-from diffopt.quant.ops import insert_fake_quantize
+from diffopt.quant.ops import insert_dequantize_weight, insert_fake_quantize
 
 aten = torch.ops.aten
 WEIGHT_BITS = 8
+WEIGHT_FORMS = ("integer", "qdq")  # A8W8 arithmetic: exact float64 integer emulation, or Q/DQ operators
 
 
 def call_like(
@@ -76,6 +77,33 @@ class IntegerLinear:
         )
 
 
+def int8_weight_columns(module: fx.GraphModule, op: fx.Node) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 codes K x N, scale per column) of linear op ``op``'s weight: the right operand
+    of ``x @ W8`` as a MatMul reads it (no transpose), one scale per output channel."""
+    weight = attribute(module, op.args[1].target)
+    codes, scale = quantize_weight_per_channel(weight, WEIGHT_BITS)
+    return codes.t().contiguous().to(torch.int8), scale.to(weight.dtype)
+
+
+def _qdq_linear(
+    module: fx.GraphModule, op: fx.Node, activation: fx.Node, layer: str, prefix: str
+) -> tuple[fx.Node, fx.Node]:
+    """(the product, the result) of ``activation @ DequantizeLinear(W8, s_w) + b``: linear op
+    ``op`` with its weight as int8 codes per output channel, the form TensorRT's explicit
+    quantization and OpenVINO's low-precision transformations turn into integer GEMMs."""
+    graph = module.graph
+    codes, scale = int8_weight_columns(module, op)
+    weight = insert_dequantize_weight(
+        graph,
+        constant(module, graph, f"{prefix}_weight_codes", codes),
+        constant(module, graph, f"{prefix}_weight_scale", scale),
+        layer,
+    )
+    matmul = graph.call_function(aten.matmul.default, (activation, weight))
+    bias = op.args[2] if len(op.args) > 2 else None
+    return matmul, matmul if bias is None else graph.call_function(aten.add.Tensor, (matmul, bias))
+
+
 def operand_bits(activation_bits: int | str, weight_bits: int, code_scale: float = 1.0) -> dict:
     """Annotation details cost accounting reads: operand widths of a matmul. ``"codes"``:
     the activation holds integer codes times ``code_scale``; their widths are counted at run time."""
@@ -93,12 +121,18 @@ def quantize_op(
     owner: str,
     mode: str = "quantized",
     reason: str | None = None,
+    weight_form: str = "integer",
 ) -> None:
     """Replace linear op ``op`` by its statically quantized form (``passes.static_quantization``
-    describes it): fake-quantized activations, or integer codes with A8W8 arithmetic."""
+    describes it): fake-quantized activations, or integer codes with A8W8 arithmetic
+    (``weight_form="integer"``), or both operands as Q/DQ (``"qdq"``, linear ops; a
+    convolution keeps float weights)."""
     graph = module.graph
     with graph.inserting_before(op):
-        if weight_bits is None:
+        if weight_bits is not None and weight_form == "qdq" and op_name(op) == "linear":
+            activation = insert_fake_quantize(graph, op.args[0], scale, activation_bits, layer)
+            (matmul, result), bits = _qdq_linear(module, op, activation, layer, prefix), operand_bits(8, WEIGHT_BITS)
+        elif weight_bits is None or weight_form == "qdq":
             matmul = call_like(
                 graph,
                 op,

@@ -41,7 +41,7 @@ import torch
 from torch import fx
 
 from diffopt.ir.annotations import NodeAnnotation, annotate, annotation_of
-from diffopt.ir.graph_tools import add_variant, attribute, node_named, remove_dead_code, state_shape, thread_state
+from diffopt.ir.graph_tools import add_variant, node_named, remove_dead_code, state_shape, thread_state
 from diffopt.ir.layers import linear_layers, op_name
 from diffopt.ir.program import StepProgram
 from diffopt.ir.schedules import Schedule
@@ -49,15 +49,15 @@ from diffopt.ir.specs import DELTA, FULL, StateEntry
 from diffopt.passes.base import PassContext, PassKind, VariantPass, register_pass
 from diffopt.passes.composition import rewrite_every_variant
 from diffopt.passes.linear_ops import (
-    WEIGHT_BITS,
     IntegerLinear,
     call_like,
     constant,
+    int8_weight_columns,
     operand_bits,
     quantize_op,
     to_dtype,
 )
-from diffopt.quant.arithmetic import insert_quantize, quantize_weight_per_channel, symmetric_scale
+from diffopt.quant.arithmetic import insert_quantize, symmetric_scale
 from diffopt.quant.ops import insert_dequantize_weight, insert_fake_quantize
 from diffopt.util.validation import require_int, require_number
 
@@ -192,7 +192,7 @@ class _LayerGroup:
             self.difference_scale = symmetric_scale(statistics.difference_range(self.layer), spec.bits)
         if spec.mode == "dynamic":
             self.difference_scale = None  # computed per call
-            self.weights = [_int8_weight_columns(self.full_module, op) for op in self.ops]
+            self.weights = [int8_weight_columns(self.full_module, op) for op in self.ops]
         # onnxruntime turns a 2-D MatMul + Add into a float Gemm before its integer fusions run, so
         # dynamic mode quantizes a (batch, channels) difference as (batch, 1, channels)
         self.rows_as_matrix = spec.mode == "dynamic" and len(self.input_shape) == 2
@@ -369,11 +369,3 @@ def layer_decisions(program: StepProgram) -> dict[str, tuple[str, str | None]]:
         if annotation is not None and "layer" in annotation.details:
             decided[annotation.details["layer"]] = (annotation.mode, annotation.reason)
     return decided
-
-
-def _int8_weight_columns(module: fx.GraphModule, op: fx.Node) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int8 codes K x N, scale per column) of linear op ``op``'s weight: the right operand
-    of ``d @ W8`` stored as onnxruntime's integer GEMM reads it (no transpose)."""
-    weight = attribute(module, op.args[1].target)
-    codes, scale = quantize_weight_per_channel(weight, WEIGHT_BITS)
-    return codes.t().contiguous().to(torch.int8), scale.to(weight.dtype)

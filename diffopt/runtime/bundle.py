@@ -42,7 +42,8 @@ PROFILES = ("onnxruntime", "tensorrt")
 # fp32: float32 graphs. bf16: float32 graphs that OpenVINO runs at bfloat16 inference precision
 # (onnxruntime runs them in float32). int8-dynamic: onnxruntime's dynamic quantization (int8
 # weights per channel, activations quantized at run time) of each variant's matrix products.
-PRECISIONS = ("fp32", "bf16", "int8-dynamic")
+# int8-static: Q/DQ graphs with fixed calibrated activation scales and int8 weights per channel.
+PRECISIONS = ("fp32", "bf16", "int8-dynamic", "int8-static")
 
 
 class BundleError(ValueError):
