@@ -64,6 +64,12 @@ def test_configurations_are_checked_when_read(tmp_path):
         Configuration("x", ({"pass": "NoSuchCachePass"},))
     with pytest.raises(ValueError, match="a baseline has no passes"):
         Configuration("x", (), baseline={"kind": "cache-dit"})
+    with pytest.raises(ValueError, match=r"bundle.runtime must be one of \['onnxruntime', 'openvino'\]"):
+        Configuration("x", (), bundle={"runtime": "tensorrt"})
+    with pytest.raises(ValueError, match="bundle.precision must be one of"):
+        Configuration("x", (), bundle={"precision": "int4"})
+    with pytest.raises(ValueError, match="bundle exports a program: give passes"):
+        Configuration("x", bundle={})
     path = tmp_path / "bench.json"
     path.write_text(json.dumps({"model": "dit-digits", "configurations": [{"name": "a"}, {"name": "a"}]}))
     with pytest.raises(ValueError, match=r"names repeat: \['a'\]"):
@@ -100,6 +106,25 @@ def test_bench_measures_every_configuration_against_the_first(tmp_path):
     assert "| forecast | 50 | 0.328 |" in table and "Seed noise of the FD: DDIM 50 over 2 noise seeds" in table
     assert (tmp_path / "out.png").stat().st_size > 0
     assert json.loads((tmp_path / "out.json").read_text())["command"] == "pytest"
+
+
+def test_a_bench_row_can_be_a_bundle_in_any_precision_on_either_runtime():
+    forecast = ({"pass": "ForecastCachePass", "period": 4, "warmup": 3},)
+    bundles = {
+        "onnxruntime fp32": {"runtime": "onnxruntime"},
+        "onnxruntime int8-dynamic": {"runtime": "onnxruntime", "precision": "int8-dynamic"},
+        "OpenVINO int8-static": {"runtime": "openvino", "precision": "int8-static"},
+    }
+    configurations = [Configuration("DDIM 10", steps=10), Configuration("forecast, torch", forecast, steps=10)]
+    configurations += [Configuration(f"forecast, {n}", forecast, steps=10, bundle=b) for n, b in bundles.items()]
+    summary = run_bench("dit-digits", configurations, samples=10, timing_batch=2, repeats=1)
+    rows = {row["name"]: row for row in summary["rows"]}
+    torch_row = rows["forecast, torch"]
+    for name in bundles:  # a bundle is charged its program's MACs; fp32 runs the same arithmetic, int8 close to it
+        row = rows[f"forecast, {name}"]
+        assert row["mac_fraction"] == pytest.approx(torch_row["mac_fraction"]) and row["mac_fraction"] < 0.7
+        assert row["psnr"] > (torch_row["psnr"] - 0.5 if name.endswith("fp32") else 25), name
+    assert rows["forecast, onnxruntime fp32"]["bundle"] == {"runtime": "onnxruntime"}
 
 
 def test_tune_picks_the_cheapest_validated_configuration_and_saves_its_passes(tmp_path):

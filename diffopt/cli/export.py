@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> None:
     from diffopt.export import to_onnx
     from diffopt.ir.statistics import CalibrationStatistics
     from diffopt.optimize import optimize
-    from diffopt.passes.static_quantization import StaticQuantizationPass
+    from diffopt.passes.static_quantization import INT8_STATIC
     from diffopt.passes.temporal_difference import TemporalDifferencePass
 
     passes, extra = pass_file(args.passes) if args.passes else ([], {})
@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> None:
             raise UsageError("--precision int8-static is for reference models: use bf16 or int8-dynamic")
         if not args.calibration:
             raise UsageError("--precision int8-static needs --calibration FILE (from `diffopt calibrate`)")
-        passes.append(StaticQuantizationPass(weight_form="qdq", float_ends=True))
+        passes.append(INT8_STATIC)
     calibration = CalibrationStatistics.load(args.calibration) if args.calibration else None
     started = time.perf_counter()
     if kind == "pipeline":

@@ -10,13 +10,16 @@ adaptive methods are charged for the decisions they made. A timed run samples
 ``timing_batch`` digits. Bench's further metrics: digits FD, classifier accuracy, relative L2
 and predicted-label agreement with the reference's samples.
 
-Configurations: pass lists on a backend, the unmodified model, or a baseline from another
-library (``baseline={"kind": "diffusers-hook" | "cache-dit", ...}``).
+Configurations: pass lists on a backend or exported as a bundle (in a temporary directory,
+removed with the workload), the unmodified model, or a baseline from another library
+(``baseline={"kind": "diffusers-hook" | "cache-dit", ...}``).
 """
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,6 +36,7 @@ from diffopt.measure.workload import Configuration, Run, Workload
 from diffopt.models import example_inputs, load
 from diffopt.optimize import optimize
 from diffopt.passes.registry import pass_from_dict
+from diffopt.passes.static_quantization import INT8_STATIC
 from diffopt.sampling.sequential import Sampler
 
 BASELINE_KINDS = ("diffusers-hook", "cache-dit")
@@ -74,6 +78,8 @@ class DigitsWorkload(Workload):
         )
         self.denoisers: dict[str, Callable] = {}  # by configuration name
         self._calibration = None
+        self._bundles = None  # the exported configurations' bundles, removed with the workload
+        self._programs: dict[str, Callable] = {}  # each bundle configuration's program in torch (its MACs)
 
     def graph(self) -> torch.fx.GraphModule:
         return self.captured
@@ -88,8 +94,14 @@ class DigitsWorkload(Workload):
         }[role]
 
     def run(self, configuration: Configuration, inputs: str) -> Run:
+        """The run's digits and MACs; a bundle's MACs are its program's, counted on a torch run
+        of the same inputs (onnxruntime and OpenVINO run outside torch's counters)."""
         samples, seed = self.inputs(inputs)
-        return counted_run(self.denoiser(configuration), self.config, configuration.steps, samples, seed)
+        run = counted_run(self.denoiser(configuration), self.config, configuration.steps, samples, seed)
+        if configuration.bundle is None:
+            return run
+        program = self._programs[configuration.name]
+        return Run(run.outputs, counted_run(program, self.config, configuration.steps, samples, seed).work)
 
     def denoiser(self, configuration: Configuration) -> Callable:
         """What a ``Sampler`` drives for ``configuration`` (built once)."""
@@ -157,4 +169,23 @@ class DigitsWorkload(Workload):
             return self.model
         passes = [pass_from_dict(item) for item in configuration.passes]
         calibration = self.calibration() if configuration.needs_calibration else None
-        return optimize(self.captured, passes, calibration=calibration, backend=configuration.backend)
+        if configuration.bundle is None:
+            return optimize(self.captured, passes, calibration=calibration, backend=configuration.backend)
+        return self._exported(configuration, passes, calibration)
+
+    def _exported(self, configuration: Configuration, passes: list, calibration) -> Callable:
+        """The configuration's program exported in its bundle's precision (``int8-static``:
+        its Q/DQ pass added) and loaded on its runtime, from a directory the workload keeps."""
+        from diffopt.export import to_onnx
+        from diffopt.runtime.runtimes import load_bundle
+
+        precision = configuration.bundle.get("precision", "fp32")
+        if precision == "int8-static":
+            passes = [*passes, INT8_STATIC]
+        if self._bundles is None:
+            self._bundles = tempfile.TemporaryDirectory(prefix="diffopt-bundles-")
+        directory = Path(self._bundles.name) / str(len(self.denoisers))
+        optimized = self._programs[configuration.name] = optimize(self.captured, passes, calibration=calibration)
+        to_onnx(optimized, directory, scheduler_config=self.config, precision=precision)
+        runtime = configuration.bundle.get("runtime", "onnxruntime")
+        return load_bundle(directory, runtime, threads=torch.get_num_threads())

@@ -2,7 +2,9 @@
 
 A configuration is a pass list (pass-file dicts, ``passes.registry``) on a backend at a step
 count, the unmodified model (``passes=None``), or a baseline from another library
-(``baseline={"kind": ...}``, where the workload knows it). A workload is one model with the
+(``baseline={"kind": ...}``, where the workload knows it). With ``bundle={"runtime": ...,
+"precision": ...}`` the pass list's program is exported (``to_onnx`` in that precision) and
+its bundle runs on that bundle runtime: precision and runtime are one more axis. A workload is one model with the
 inputs it is judged on: a shipped digits model with seeded noise and class labels
 (``evaluation.workload.DigitsWorkload``), or a diffusers pipeline with the user's calls
 (``pipelines.workload.PipelineWorkload``). Each run returns its outputs and its work (MACs
@@ -29,6 +31,7 @@ import torch
 from diffopt.measure.fidelity import psnr
 from diffopt.passes.registry import pass_from_dict
 from diffopt.runtime.backends import program_backend
+from diffopt.runtime.bundle import PRECISIONS
 from diffopt.util.validation import require_int
 
 INPUTS = ("scoring", "held-out", "plan", "fit")
@@ -37,8 +40,9 @@ INPUTS = ("scoring", "held-out", "plan", "fit")
 @dataclass(frozen=True)
 class Configuration:
     """One thing to run: ``passes`` (None: the unmodified model; ``()``: the captured graph,
-    no passes) on ``backend`` at ``steps`` (None: the reference's), or another library's
-    ``baseline``; ``family`` groups rows in plots."""
+    no passes) on ``backend`` at ``steps`` (None: the reference's), or exported as a
+    ``bundle`` (``{"runtime": name, "precision": one of PRECISIONS}``, both optional), or
+    another library's ``baseline``; ``family`` groups rows in plots."""
 
     name: str
     passes: tuple[dict, ...] | None = None
@@ -46,6 +50,7 @@ class Configuration:
     backend: str = "torch"
     baseline: dict | None = None
     family: str = ""
+    bundle: dict | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -65,10 +70,26 @@ class Configuration:
         program_backend(self.backend, f"configuration {self.name!r}")
         if self.baseline is not None and self.passes is not None:
             raise ValueError(f"configuration {self.name!r}: a baseline has no passes, found {self.passes!r:.80}")
+        if self.bundle is not None:
+            self._check_bundle()
         if self.passes is not None:
             object.__setattr__(self, "passes", tuple(self.passes))
             for item in self.passes:
                 pass_from_dict(item)  # an unknown pass or option fails here, naming it
+
+    def _check_bundle(self) -> None:
+        from diffopt.runtime.runtimes import registered_runtimes
+
+        where = f"configuration {self.name!r}: bundle"
+        if not isinstance(self.bundle, dict) or set(self.bundle) - {"runtime", "precision"}:
+            raise ValueError(f"{where} is an object with 'runtime' and 'precision', found {self.bundle!r:.80}")
+        if self.passes is None:
+            raise ValueError(f"{where} exports a program: give passes ([] for the captured graph)")
+        runtimes = sorted(registered_runtimes())
+        if self.bundle.get("runtime", "onnxruntime") not in runtimes:
+            raise ValueError(f"{where}.runtime must be one of {runtimes}, found {self.bundle['runtime']!r:.40}")
+        if self.bundle.get("precision", "fp32") not in PRECISIONS:
+            raise ValueError(f"{where}.precision must be one of {PRECISIONS}, found {self.bundle['precision']!r:.40}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Configuration:
@@ -88,7 +109,9 @@ class Configuration:
 
     @property
     def needs_calibration(self) -> bool:
-        return any(pass_from_dict(item).needs_calibration for item in self.passes or ())
+        """Whether its passes, or its bundle's precision (``int8-static``), read calibration statistics."""
+        static = (self.bundle or {}).get("precision") == "int8-static"
+        return static or any(pass_from_dict(item).needs_calibration for item in self.passes or ())
 
     @classmethod
     def of_row(cls, row: dict) -> Configuration:

@@ -92,6 +92,9 @@ class StaticQuantizationPass(GraphPass):
         return {layers[0], layers[-1]} if layers else set()
 
 
+INT8_STATIC = StaticQuantizationPass(weight_form="qdq", float_ends=True)  # what bundle precision int8-static runs
+
+
 def _quantized(op: fx.Node) -> bool:
     """Whether a pass already quantized ``op`` (or this pass left it alone on purpose)."""
     annotation = annotation_of(op)

@@ -88,8 +88,8 @@ class PipelineWorkload(Workload):
             disable(self.pipe)
 
     def unavailable(self, configuration: Configuration) -> str | None:
-        if configuration.baseline is not None:
-            return "baselines run on the digits models only"
+        if configuration.baseline is not None or configuration.bundle is not None:
+            return "baselines and bundle configurations run on the digits models only"
         if configuration.needs_calibration and self.calibration is None:
             return "needs calibration statistics (pass calibration=)"
         return None
