@@ -58,6 +58,8 @@ PERTURBATION_SEED = 20261207
 PERTURBATION = 0.05  # each weight += 0.05 x its tensor's std x N(0, 1)
 BUDGETS = (0.15, 0.20, 0.25, 0.30, 0.35, 0.40, 0.50)
 MODELS = ("dit-digits", "dit-digits-perturbed", "unet-digits")
+CADENCES = (3, 4, 5, 6, 7, 8, 10)  # the hook's cache intervals i
+LONG_WARMUPS = ((8, 3), (10, 3))  # (D, i): full steps for 0.45-0.50 of the MACs, for diffopt and the hook alike
 RESULTS = Path(__file__).parent / "results" / "caching_pareto"
 ROWS = "rows.jsonl"
 
@@ -111,6 +113,11 @@ def diffopt_rows(name: str, graph, config) -> Iterator[tuple[int, str, dict, Cal
                 yield _cache_row(
                     graph, "after first output", AfterFirst(value="output"), name, policy, predictor_name, predictor
                 )
+    for target_name, target in targets.items():  # plans filling 0.45-0.50 of the MACs (the hook gets them too)
+        for d, i in LONG_WARMUPS:
+            for predictor_name, predictor in predictors.items():
+                plan, name = TaylorSeerPlan(period=i, warmup=d), f"TaylorSeer plan D{d} i{i}"
+                yield _cache_row(graph, target_name, target, name, plan, predictor_name, predictor)
     # the rest of the peers' plan grid (D in {1, 5}, i = 7), on the target the hook forecasts (UNet: stage 2)
     target_name, target = next(iter(targets.items()))
     for d, i in [(d, i) for d in (1, 5) for i in (3, 4, 5, 6, 7, 8, 10)] + [(2, 7), (3, 7)]:
@@ -161,22 +168,22 @@ def peer_rows(name: str, model, config) -> Iterator[tuple[int, str, dict, Callab
     )
     for target, (stage, pattern) in identifiers.items():
         narrow = target == "mid+up_blocks"  # the issue's grid only: D in {1, 3, 5}, i in 3..8
-        for d in (1, 3, 5) if narrow else (1, 2, 3, 5):  # the issue's D in {1, 3, 5}, and D = 2 as diffopt's use
-            for i in range(3, 9) if narrow else (3, 4, 5, 6, 7, 8, 10):
-                for order in (1, 2):
-                    options = {
-                        "cache_interval": i,
-                        "disable_cache_before_step": d,
-                        "max_order": order,
-                        "taylor_factors_dtype": torch.float32,
-                        "cache_identifiers": [pattern],
-                    }
-                    yield (
-                        stage,
-                        f"diffusers TaylorSeer {target} D{d} i{i} o{order}",
-                        ({"library": "diffusers", **{k: str(v) for k, v in options.items()}}),
-                        lambda options=options: DiffusersCacheHook(model, "taylorseer", **options),
-                    )
+        grid = [(d, i) for d in ((1, 3, 5) if narrow else (1, 2, 3, 5)) for i in (range(3, 9) if narrow else CADENCES)]
+        for d, i in grid + (list(LONG_WARMUPS) if stage == 1 else []):  # D = 2: diffopt's; long warm-ups: both
+            for order in (1, 2):
+                options = {
+                    "cache_interval": i,
+                    "disable_cache_before_step": d,
+                    "max_order": order,
+                    "taylor_factors_dtype": torch.float32,
+                    "cache_identifiers": [pattern],
+                }
+                yield (
+                    stage,
+                    f"diffusers TaylorSeer {target} D{d} i{i} o{order}",
+                    ({"library": "diffusers", **{k: str(v) for k, v in options.items()}}),
+                    lambda options=options: DiffusersCacheHook(model, "taylorseer", **options),
+                )
     if unet:
         return
     for threshold in (0.05, 0.1, 0.2, 0.3, 0.5):

@@ -1,6 +1,7 @@
 """Edge CPU: dit-digits bundles in fp32, bf16 and int8 on onnxruntime and OpenVINO against the diffusers model.
 
     python benchmarks/edge_cpu.py     # writes benchmarks/results/edge_cpu.{json,md}
+    python benchmarks/edge_cpu.py --model unet-digits --batch-sizes 1   # edge_cpu_unet-digits.{json,md}
 
 Programs: no passes, the strongest forecast cache over the block span (order 2, period 4,
 warm-up 2) and dit-digits' tune pick at a quarter of the MACs (its pass file). Each is
@@ -47,7 +48,7 @@ from diffopt.runtime.runtimes import load_bundle
 
 RESULTS = Path("benchmarks/results")
 STEPS = 50
-TUNE_PICK = RESULTS / "caching_pareto" / "dit-digits_0.25.passes.json"
+TUNE_PICKS = RESULTS / "caching_pareto"  # <model>_0.25.passes.json: tune's pick at a quarter of the MACs
 RUNTIMES = {  # runner name -> (bundle precision, runtime, its options)
     "onnxruntime fp32": ("fp32", "onnxruntime", {}),
     "OpenVINO f32": ("fp32", "openvino", {"precision": "f32"}),
@@ -62,26 +63,28 @@ INT8_STATIC = StaticQuantizationPass(weight_form="qdq", float_ends=True)
 CALIBRATION_SAMPLES, CALIBRATION_SEED = 64, 7
 
 
-def programs(graph) -> dict[str, tuple[list, int]]:
-    """Program name -> (passes, steps)."""
-    pick, fields = load_passes(TUNE_PICK)
+def programs(model_name: str) -> dict[str, tuple[list, int]]:
+    """Program name -> (passes, steps); the block-span forecast cache for the DiT only (a UNet has no span)."""
+    pick, fields = load_passes(TUNE_PICKS / f"{model_name}_0.25.passes.json")
+    span = {"forecast span o2 p4 w2": ([ForecastCachePass(order=2, period=4, warmup=2, targets="blocks")], STEPS)}
     return {
         "no passes": ([], STEPS),
-        "forecast span o2 p4 w2": ([ForecastCachePass(order=2, period=4, warmup=2, targets="blocks")], STEPS),
+        **(span if model_name == "dit-digits" else {}),
         "tune pick <= 0.25 MACs": (pick, fields["steps"]),
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="dit-digits", choices=("dit-digits", "unet-digits"))
     parser.add_argument("--samples", type=int, default=200)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model, config = load("dit-digits")
-    graph = capture(model, example_inputs("dit-digits"))
+    model, config = load(args.model)
+    graph = capture(model, example_inputs(args.model))
     runners = {
         "diffusers model, torch eager fp32": (model, STEPS),
         "diffusers model, bf16 autocast": (Bf16Autocast(model), STEPS),
@@ -95,7 +98,7 @@ def main() -> None:
         progress=False,
     )
     with tempfile.TemporaryDirectory() as workdir:
-        for name, (passes, steps) in programs(graph).items():
+        for name, (passes, steps) in programs(args.model).items():
             for precision in dict.fromkeys(precision for precision, _, _ in RUNTIMES.values()):
                 static = precision == "int8-static"
                 optimized = optimize(graph, [*passes, INT8_STATIC] if static else passes, calibration=calibration)
@@ -133,8 +136,9 @@ def main() -> None:
         "rows": list(rows.values()),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "edge_cpu.json").write_text(json.dumps(summary, indent=2))
-    (RESULTS / "edge_cpu.md").write_text(markdown(summary, args.batch_sizes))
+    stem = RESULTS / ("edge_cpu" if args.model == "dit-digits" else f"edge_cpu_{args.model}")
+    stem.with_suffix(".json").write_text(json.dumps(summary, indent=2))
+    stem.with_suffix(".md").write_text(markdown(summary, args.batch_sizes))
     print(markdown(summary, args.batch_sizes))
 
 
@@ -142,7 +146,7 @@ def markdown(summary: dict, batch_sizes: list[int]) -> str:
     headers = ["runner", "steps", "PSNR vs plain (dB)", "FD", "accuracy"]
     headers += [f"batch {b}: s / speed-up" for b in batch_sizes]
     lines = [
-        "# Edge CPU: dit-digits on onnxruntime and OpenVINO",
+        f"# Edge CPU: {summary['model']} on onnxruntime and OpenVINO",
         "",
         f"`{summary['command']}`",
         "",
